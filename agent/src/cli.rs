@@ -1,0 +1,72 @@
+//! Command line (clap). Every `run` flag can also be given as an `EDDY_*` environment
+//! variable. Parsing ends here: `config::Config::from_args` validates once into the
+//! immutable config the rest of the agent uses.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "eddy", version, about = "Transparent, fail-open container registry cache")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "EDDY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach to containerd's cgroup and serve redirected connections.
+    Run(RunArgs),
+    /// Show what is attached where, the BPF counters and the heartbeat age.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// cgroup v2 directory whose processes get redirected, or `auto` to find containerd's.
+    #[arg(long, env = "EDDY_CGROUP", default_value = "auto")]
+    pub cgroup: String,
+    /// Proxy listen address (IPv4). eddy also listens on [::1] with the same port when it can,
+    /// for native IPv6 destinations.
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:15443")]
+    pub listen: SocketAddr,
+    /// Destination port to intercept. Repeatable (env: comma-separated).
+    #[arg(long = "intercept-port", env = "EDDY_INTERCEPT_PORT", value_delimiter = ',', default_values_t = [443u16])]
+    pub intercept_ports: Vec<u16>,
+    /// Admin HTTP address serving /metrics, /healthz and /readyz.
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
+    /// Directory for eddy's state (CA, content store).
+    #[arg(long, env = "EDDY_DATA_DIR", default_value = "/var/lib/eddy")]
+    pub data_dir: PathBuf,
+    /// bpffs directory where the maps are pinned.
+    #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// SO_MARK put on eddy's own upstream sockets so the hooks never redirect them.
+    #[arg(long, env = "EDDY_SOCKET_MARK", default_value_t = 0xedd1)]
+    pub socket_mark: u32,
+    /// Redirects stop when eddy's heartbeat is older than this many milliseconds.
+    #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 1500)]
+    pub heartbeat_timeout_ms: u64,
+    /// On SIGTERM, wait at most this many seconds for open connections to finish.
+    #[arg(long, env = "EDDY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub drain_timeout_secs: u64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// bpffs directory where the maps are pinned.
+    #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

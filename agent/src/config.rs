@@ -1,0 +1,148 @@
+//! The validated, immutable configuration of `eddy run`.
+use std::{
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
+
+use crate::{
+    cgroup::{self, Cgroup, CgroupError},
+    cli::RunArgs,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error("--listen {addr}: must be an IPv4 address (eddy adds [::1] itself)")]
+    ListenNotV4 { addr: SocketAddr },
+    #[error("--intercept-port: at least one port is required")]
+    NoPorts,
+    #[error("--intercept-port 0 is not a port")]
+    PortZero,
+    #[error("--intercept-port: at most {max} ports are supported, got {got}")]
+    TooManyPorts { max: usize, got: usize },
+    #[error("--heartbeat-timeout-ms {ms}: must be between 300 and 2500 so a hung eddy is bypassed within 3 s")]
+    HeartbeatTimeout { ms: u64 },
+    #[error("--socket-mark must not be 0")]
+    MarkZero,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cgroup: Cgroup,
+    pub listen: SocketAddrV4,
+    /// `[::1]:<listen port>`, for clients that dial native IPv6 destinations.
+    pub listen6: SocketAddr,
+    pub intercept_ports: Vec<u16>,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    pub pin_dir: PathBuf,
+    pub socket_mark: u32,
+    pub heartbeat_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// Validate the command line. Resolves `--cgroup auto` to containerd's cgroup.
+    pub fn from_args(args: &RunArgs) -> Result<Self, ConfigError> {
+        let listen = match args.listen {
+            SocketAddr::V4(v4) => v4,
+            addr @ SocketAddr::V6(_) => return Err(ConfigError::ListenNotV4 { addr }),
+        };
+        let mut ports = args.intercept_ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.is_empty() {
+            return Err(ConfigError::NoPorts);
+        }
+        if ports.contains(&0) {
+            return Err(ConfigError::PortZero);
+        }
+        let max = eddy_common::PORTS_CAPACITY as usize;
+        if ports.len() > max {
+            return Err(ConfigError::TooManyPorts {
+                max,
+                got: ports.len(),
+            });
+        }
+        if !(300..=2500).contains(&args.heartbeat_timeout_ms) {
+            return Err(ConfigError::HeartbeatTimeout {
+                ms: args.heartbeat_timeout_ms,
+            });
+        }
+        if args.socket_mark == 0 {
+            return Err(ConfigError::MarkZero);
+        }
+        Ok(Config {
+            cgroup: cgroup::resolve(&args.cgroup)?,
+            listen,
+            listen6: SocketAddr::from((Ipv6Addr::LOCALHOST, listen.port())),
+            intercept_ports: ports,
+            admin: args.admin,
+            data_dir: args.data_dir.clone(),
+            pin_dir: args.bpf_pin_dir.clone(),
+            socket_mark: args.socket_mark,
+            heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        })
+    }
+
+    /// How often the heartbeat is refreshed: several beats per timeout, so one late tick
+    /// (a busy node) does not bypass a healthy eddy.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_timeout / 4
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut argv = vec!["eddy", "run", "--cgroup", "/nonexistent"];
+        argv.extend_from_slice(extra);
+        match crate::cli::Cli::try_parse_from(argv).unwrap().command {
+            crate::cli::Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let a = args(&[]);
+        assert_eq!(a.listen.to_string(), "127.0.0.1:15443");
+        assert_eq!(a.intercept_ports, vec![443]);
+        assert_eq!(a.admin.to_string(), "127.0.0.1:15090");
+    }
+
+    #[test]
+    fn rejects_bad_values_before_touching_the_system() {
+        let e = Config::from_args(&args(&["--listen", "[::1]:1"])).unwrap_err();
+        assert!(matches!(e, ConfigError::ListenNotV4 { .. }));
+        let e = Config::from_args(&args(&["--intercept-port", "0"])).unwrap_err();
+        assert!(matches!(e, ConfigError::PortZero));
+        let e = Config::from_args(&args(&["--heartbeat-timeout-ms", "5000"])).unwrap_err();
+        assert!(matches!(e, ConfigError::HeartbeatTimeout { .. }));
+        let e = Config::from_args(&args(&["--socket-mark", "0"])).unwrap_err();
+        assert!(matches!(e, ConfigError::MarkZero));
+    }
+
+    #[test]
+    fn missing_cgroup_is_reported() {
+        let e = Config::from_args(&args(&[])).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn ports_are_deduplicated() {
+        let a = args(&["--intercept-port", "443", "--intercept-port", "443"]);
+        assert_eq!(a.intercept_ports, vec![443, 443]);
+        // dedup happens in from_args; the cgroup error comes after port validation.
+        assert!(matches!(
+            Config::from_args(&a).unwrap_err(),
+            ConfigError::Cgroup(_)
+        ));
+    }
+}

@@ -1,0 +1,40 @@
+//! `cargo xtask <command>`: eddy's build, test, demo and benchmark orchestration.
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build_ebpf;
+mod demo;
+mod test;
+mod util;
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "eddy's build, test, demo and benchmark tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build the eBPF object (installs or checks its prerequisites first).
+    BuildEbpf(build_ebpf::Options),
+    /// Build the eBPF object and the release `eddy` binary with it embedded.
+    Build,
+    /// Run every test: unit tests, then the privileged end-to-end tests (root, cgroup v2, BPF).
+    Test(test::Options),
+    /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
+    Demo(demo::Options),
+    /// Measure eddy against direct upstream (and a distribution pull-through cache).
+    Bench(bench::Options),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(drop),
+        Command::Build => util::build_release().map(drop),
+        Command::Test(opts) => test::run(&opts),
+        Command::Demo(opts) => demo::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
+    }
+}

@@ -1,0 +1,79 @@
+//! Shared helpers: locating the workspace and target directory, running commands.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+
+/// The workspace root (the parent of xtask/).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+/// Cargo's target directory for the workspace (honours CARGO_TARGET_DIR).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        _ => workspace_root().join("target"),
+    }
+}
+
+/// Where `build-ebpf` leaves the eBPF object, and where agent/build.rs looks for it.
+pub fn ebpf_object() -> PathBuf {
+    target_dir().join("eddy-ebpf.o")
+}
+
+/// The release `eddy` binary.
+pub fn eddy_bin() -> PathBuf {
+    target_dir().join("release").join("eddy")
+}
+
+/// The `cargo` that runs this xtask.
+pub fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Run a command to completion; fail with its description if it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {what}"))?;
+    if !status.success() {
+        bail!("{what} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Build the eBPF object, then the release agent with it embedded. Returns the binary.
+pub fn build_release() -> Result<PathBuf> {
+    crate::build_ebpf::run(&crate::build_ebpf::Options::default())?;
+    eprintln!("xtask: building the release eddy binary");
+    run(cargo()
+        .current_dir(workspace_root())
+        .args(["build", "--release", "-p", "agent"]))?;
+    let bin = eddy_bin();
+    if !bin.exists() {
+        bail!("expected {} after the build", bin.display());
+    }
+    Ok(bin)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
+    extern "C" {
+        fn geteuid() -> u32;
+    }
+    unsafe { geteuid() == 0 }
+}
