@@ -77,3 +77,68 @@ pub fn is_root() -> bool {
     }
     unsafe { geteuid() == 0 }
 }
+
+/// Programs the tests, demo and benchmarks drive, and the Debian package of each.
+pub const RUNTIME_PACKAGES: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("docker-registry", "docker-registry"),
+    ("skopeo", "skopeo"),
+    ("busybox", "busybox-static"),
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("openssl", "openssl"),
+    ("protoc", "protobuf-compiler"),
+];
+
+/// Install the Debian packages whose programs are missing (as root), or fail with the
+/// exact command to run.
+pub fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = programs
+        .iter()
+        .filter(|(prog, _)| !on_path(prog))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!("apt-get install -y {}", missing.join(" "));
+    if !is_root() {
+        bail!("missing programs; install them with: {install}");
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        run(Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if apt(&["install", "-y", "--no-install-recommends"]
+        .iter()
+        .chain(missing.iter())
+        .copied()
+        .collect::<Vec<_>>())
+    .is_err()
+    {
+        // A fresh machine has no package lists yet.
+        apt(&["update"])?;
+        apt(&["install", "-y", "--no-install-recommends"]
+            .iter()
+            .chain(missing.iter())
+            .copied()
+            .collect::<Vec<_>>())
+        .with_context(|| format!("install with: {install}"))?;
+    }
+    Ok(())
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(program).is_file())
+}
