@@ -1,9 +1,89 @@
-//! `cargo xtask test` (to be written).
-use anyhow::Result;
+//! `cargo xtask test`: unit tests, then the privileged end-to-end tests.
+//!
+//! The privileged tests (tests/tests/*.rs in the eddy-tests crate) need root, cgroup v2 and
+//! BPF, and drive the release `eddy` binary through `EDDY_BIN`. They run one at a time:
+//! each attaches BPF programs and builds network namespaces, and timing-sensitive checks
+//! (heartbeat, fail-open) should not compete with each other for the two CPUs.
+use anyhow::{bail, Result};
+
+use crate::util::{self, cargo, workspace_root};
+
+/// What the privileged tests drive besides eddy (program, Debian package).
+pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("unshare", "util-linux"),
+];
 
 #[derive(clap::Args, Default)]
-pub struct Options {}
+pub struct Options {
+    /// Run only the unit tests; the privileged end-to-end tests are NOT run.
+    #[arg(long)]
+    pub unit_only: bool,
+    /// Run only the privileged end-to-end tests.
+    #[arg(long, conflicts_with = "unit_only")]
+    pub privileged_only: bool,
+    /// Extra arguments for the privileged test run (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
 
-pub fn run(_opts: &Options) -> Result<()> {
-    anyhow::bail!("xtask test is not written yet")
+pub fn run(opts: &Options) -> Result<()> {
+    let allow_skip = std::env::var("EDDY_ALLOW_SKIP").as_deref() == Ok("1");
+    if !opts.unit_only && !util::is_root() && !allow_skip {
+        bail!(
+            "the privileged tests need root (cgroups, BPF, network namespaces).\n  \
+             Run `cargo xtask test` as root, or `cargo xtask test --unit-only` for the unit \
+             tests alone, or set EDDY_ALLOW_SKIP=1 to let them report SKIPPED."
+        );
+    }
+
+    if !opts.unit_only {
+        util::ensure_programs(PRIVILEGED_TEST_PROGRAMS)?;
+    }
+    // The agent embeds the eBPF object at compile time, so even its unit tests need it.
+    let eddy = if opts.unit_only {
+        crate::build_ebpf::run(&Default::default())?;
+        None
+    } else {
+        Some(util::build_release()?)
+    };
+
+    if !opts.privileged_only {
+        eprintln!("xtask: unit tests");
+        util::run(cargo().current_dir(workspace_root()).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "eddy-tests",
+        ]))?;
+    }
+
+    let Some(eddy) = eddy else {
+        eprintln!();
+        eprintln!("xtask: ==========================================================");
+        eprintln!("xtask: --unit-only: the privileged end-to-end tests were NOT run.");
+        eprintln!("xtask: ==========================================================");
+        return Ok(());
+    };
+
+    eprintln!(
+        "xtask: privileged end-to-end tests with EDDY_BIN={}",
+        eddy.display()
+    );
+    util::run(
+        cargo()
+            .current_dir(workspace_root())
+            .args([
+                "test",
+                "-p",
+                "eddy-tests",
+                "--release",
+                "--",
+                "--test-threads=1",
+            ])
+            .args(&opts.test_args)
+            .env("EDDY_BIN", &eddy),
+    )?;
+    Ok(())
 }

@@ -1,0 +1,536 @@
+//! eddy-probe: the client and server the privileged tests and benchmarks drive.
+//!
+//! Every client subcommand prints exactly one JSON line (the `eddy_tests::wire` report types)
+//! and exits 0 only if everything it measured succeeded. `--join-cgroup DIR` moves the probe
+//! into a cgroup before it creates any socket, because eddy's hooks see a socket's cgroup
+//! when the socket is created.
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use eddy_tests::wire::{self, DownloadReport, EchoReport, LatencyReport, ManyReport, Mode};
+use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+/// Upper bounds on what one invocation may do, so a typo cannot start an endless run.
+const MAX_CONNS: u64 = 10_000;
+const MAX_COUNT: u64 = 100_000;
+const MAX_BYTES: u64 = 16 << 30;
+
+#[derive(Parser)]
+#[command(
+    name = "eddy-probe",
+    about = "Test client and server for eddy's end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo/download server (run it inside the upstream netns with `ip netns exec`).
+    Serve {
+        #[arg(long, num_args = 1.., required = true)]
+        listen: Vec<SocketAddr>,
+        /// Exit after this many seconds even if nobody stops the server.
+        #[arg(long, default_value_t = 1800)]
+        max_secs: u64,
+    },
+    /// One checksummed echo round trip.
+    Echo {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Wait this long between connect() and sending: a connection that is open across
+        /// some event (eddy's SIGTERM drain) and must still work after it.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
+    /// Many concurrent checksummed echoes.
+    Many {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        conns: u64,
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+        /// Bound on the whole run.
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
+    /// Sequential connect() timings (connect, then close).
+    ConnectLatency {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Bound on each connect().
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+        /// Pause between samples, so that a slow acceptor is measured at a rate it can
+        /// keep up with (back-to-back connects overflow its accept queue instead).
+        #[arg(long, default_value_t = 0)]
+        pause_us: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
+    /// Download `bytes` from the server and report the throughput.
+    Download {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    raise_nofile_limit();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Serve { listen, max_secs } => serve(listen, Duration::from_secs(max_secs)),
+        Cmd::Echo {
+            connect,
+            bytes,
+            timeout_ms,
+            delay_ms,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            check_at_most("--bytes", bytes, MAX_BYTES)?;
+            check_at_most("--delay-ms", delay_ms, 60_000)?;
+            let report = echo(
+                connect,
+                bytes,
+                Duration::from_millis(timeout_ms),
+                Duration::from_millis(delay_ms),
+            );
+            print_json(&report, report.ok)
+        }),
+        Cmd::Many {
+            connect,
+            conns,
+            bytes,
+            timeout_ms,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            check_at_most("--conns", conns, MAX_CONNS)?;
+            check_at_most("--bytes", bytes, MAX_BYTES / MAX_CONNS)?;
+            let report = many(connect, conns, bytes, Duration::from_millis(timeout_ms))?;
+            print_json(&report, report.ok == conns)
+        }),
+        Cmd::ConnectLatency {
+            connect,
+            count,
+            timeout_ms,
+            pause_us,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            check_at_most("--count", count, MAX_COUNT)?;
+            check_at_most("--pause-us", pause_us, 1_000_000)?;
+            let report = connect_latency(
+                connect,
+                count,
+                Duration::from_millis(timeout_ms),
+                Duration::from_micros(pause_us),
+            );
+            print_json(&report, report.failed == 0)
+        }),
+        Cmd::Download {
+            connect,
+            bytes,
+            timeout_ms,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            check_at_most("--bytes", bytes, MAX_BYTES)?;
+            let report = download(connect, bytes, Duration::from_millis(timeout_ms));
+            print_json(&report, report.ok)
+        }),
+    };
+    match result {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("eddy-probe: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn check_at_most(flag: &str, value: u64, max: u64) -> Result<()> {
+    if value > max {
+        bail!("{flag} {value} is above the limit of {max}");
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(report: &T, ok: bool) -> Result<bool> {
+    println!("{}", serde_json::to_string(report)?);
+    Ok(ok)
+}
+
+/// Thousand-connection runs need more descriptors than the usual soft limit of 1024.
+fn raise_nofile_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Move this process into a cgroup. Must happen before any socket exists.
+fn join(cgroup: Option<&Path>) -> Result<()> {
+    if let Some(dir) = cgroup {
+        let procs = dir.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining cgroup: write {}", procs.display()))?;
+    }
+    Ok(())
+}
+
+fn random_payload(len: u64) -> Vec<u8> {
+    let mut payload = vec![0u8; len as usize];
+    rand::thread_rng().fill(&mut payload[..]);
+    payload
+}
+
+// ---------------------------------------------------------------------------------------
+// Server
+
+fn serve(listen: Vec<SocketAddr>, max: Duration) -> Result<bool> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let mut listeners = Vec::new();
+        for addr in &listen {
+            let socket = if addr.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(*addr).with_context(|| format!("bind {addr}"))?;
+            // A deep backlog: the many-connection test opens 1000 at once.
+            listeners.push(socket.listen(4096)?);
+            println!("listening {addr}");
+        }
+        // The harness waits for this line before it starts clients.
+        println!("ready");
+        io::stdout().flush()?;
+
+        let accept_all = async {
+            let mut tasks = tokio::task::JoinSet::new();
+            for listener in listeners {
+                tasks.spawn(accept_loop(listener));
+            }
+            while tasks.join_next().await.is_some() {}
+        };
+        // Bounded lifetime: a leaked server goes away by itself.
+        let _ = tokio::time::timeout(max, accept_all).await;
+        Ok(true)
+    })
+}
+
+async fn accept_loop(listener: tokio::net::TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    // Bounded per connection; errors are the client's business (it reports).
+                    let _ = tokio::time::timeout(Duration::from_secs(600), handle(stream)).await;
+                });
+            }
+            // EMFILE and friends: back off instead of spinning.
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn handle(mut stream: tokio::net::TcpStream) -> io::Result<()> {
+    let local = stream.local_addr()?;
+    let peer = stream.peer_addr()?;
+    let mut header = [0u8; wire::HEADER_LEN];
+    stream.read_exact(&mut header).await?;
+    let (mode, len) = wire::decode_header(&header)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad header"))?;
+    stream
+        .write_all(wire::server_line(local, peer).as_bytes())
+        .await?;
+    let (mut reader, mut writer) = stream.split();
+    match mode {
+        Mode::Echo => {
+            let copied = tokio::io::copy(&mut (&mut reader).take(len), &mut writer).await?;
+            if copied != len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Mode::Download => {
+            let chunk = vec![0x5a_u8; 256 * 1024];
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                writer.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+        }
+    }
+    writer.shutdown().await
+}
+
+// ---------------------------------------------------------------------------------------
+// Blocking clients (one connection at a time: precise timings, simple code)
+
+fn echo(target: SocketAddr, bytes: u64, timeout: Duration, delay: Duration) -> EchoReport {
+    let mut report = EchoReport {
+        target: Some(target),
+        bytes,
+        ..Default::default()
+    };
+    match echo_inner(&mut report, target, bytes, timeout, delay) {
+        Ok(()) => report.ok = report.sha256_match,
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    report
+}
+
+fn echo_inner(
+    r: &mut EchoReport,
+    target: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    delay: Duration,
+) -> Result<()> {
+    let start = Instant::now();
+    let stream = TcpStream::connect_timeout(&target, timeout).context("connect")?;
+    r.connect_us = start.elapsed().as_micros() as u64;
+    r.peer = stream.peer_addr().ok();
+    r.local = stream.local_addr().ok();
+    // Per-call timeouts: every blocking read or write below waits at most `timeout`.
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    thread::sleep(delay);
+
+    let payload = random_payload(bytes);
+    let expected = Sha256::digest(&payload);
+    // Write on another thread while reading here, so large payloads cannot deadlock on
+    // full socket buffers.
+    let mut writer = stream.try_clone()?;
+    let sender = thread::spawn(move || -> io::Result<()> {
+        writer.write_all(&wire::encode_header(Mode::Echo, bytes))?;
+        writer.write_all(&payload)
+    });
+    let mut reader = BufReader::new(&stream);
+    let (server_local, server_peer) = read_server_line(&mut reader)?;
+    r.server_local = Some(server_local);
+    r.server_peer = Some(server_peer);
+    let mut hasher = Sha256::new();
+    let got = io::copy(&mut (&mut reader).take(bytes), &mut hasher).context("reading echo")?;
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender thread panicked"))?
+        .context("sending payload")?;
+    if got != bytes {
+        bail!("short echo: {got} of {bytes} bytes");
+    }
+    r.sha256_match = hasher.finalize() == expected;
+    Ok(())
+}
+
+fn read_server_line(reader: &mut impl BufRead) -> Result<(SocketAddr, SocketAddr)> {
+    let mut line = Vec::new();
+    reader
+        .take(wire::MAX_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .context("reading the server line")?;
+    let text = String::from_utf8_lossy(&line);
+    wire::parse_server_line(text.trim_end())
+        .with_context(|| format!("unexpected server line {text:?}"))
+}
+
+fn connect_latency(
+    target: SocketAddr,
+    count: u64,
+    timeout: Duration,
+    pause: Duration,
+) -> LatencyReport {
+    let mut report = LatencyReport {
+        count,
+        ..Default::default()
+    };
+    let mut samples = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        let start = Instant::now();
+        match TcpStream::connect_timeout(&target, timeout) {
+            Ok(stream) => {
+                samples.push(start.elapsed().as_micros() as u64);
+                report.peer = stream.peer_addr().ok();
+            }
+            Err(e) => {
+                report.failed += 1;
+                let msg = e.to_string();
+                if report.errors.len() < 5 && !report.errors.contains(&msg) {
+                    report.errors.push(msg);
+                }
+            }
+        }
+        if !pause.is_zero() {
+            thread::sleep(pause);
+        }
+    }
+    report.ok = samples.len() as u64;
+    samples.sort_unstable();
+    if let (Some(&min), Some(&max)) = (samples.first(), samples.last()) {
+        report.min_us = min;
+        report.max_us = max;
+        report.median_us = samples[samples.len() / 2];
+        report.p90_us = samples[(samples.len() * 9 / 10).min(samples.len() - 1)];
+    }
+    report
+}
+
+fn download(target: SocketAddr, bytes: u64, timeout: Duration) -> DownloadReport {
+    let mut report = DownloadReport {
+        bytes,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let result = (|| -> Result<()> {
+        let mut stream = TcpStream::connect_timeout(&target, timeout).context("connect")?;
+        report.peer = stream.peer_addr().ok();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(&wire::encode_header(Mode::Download, bytes))?;
+        let mut reader = BufReader::with_capacity(256 * 1024, &stream);
+        read_server_line(&mut reader)?;
+        let got = io::copy(&mut (&mut reader).take(bytes), &mut io::sink())?;
+        if got != bytes {
+            bail!("short download: {got} of {bytes} bytes");
+        }
+        Ok(())
+    })();
+    report.elapsed_us = start.elapsed().as_micros() as u64;
+    match result {
+        Ok(()) => {
+            report.ok = true;
+            report.mib_per_s =
+                bytes as f64 / (1 << 20) as f64 / (report.elapsed_us.max(1) as f64 / 1e6);
+        }
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    report
+}
+
+// ---------------------------------------------------------------------------------------
+// Concurrent client
+
+fn many(target: SocketAddr, conns: u64, bytes: u64, timeout: Duration) -> Result<ManyReport> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            tasks.spawn(tokio::time::timeout_at(deadline, one_echo(target, bytes)));
+        }
+        let mut report = ManyReport {
+            conns,
+            ..Default::default()
+        };
+        let mut peers = BTreeMap::new();
+        while let Some(joined) = tasks.join_next().await {
+            let outcome = match joined {
+                Ok(Ok(result)) => result,
+                Ok(Err(_elapsed)) => Err(anyhow::anyhow!("timed out after {timeout:?}")),
+                Err(e) => Err(anyhow::anyhow!("task failed: {e}")),
+            };
+            match outcome {
+                Ok((peer, matched)) => {
+                    *peers.entry(peer.to_string()).or_insert(0) += 1;
+                    if matched {
+                        report.ok += 1;
+                    } else {
+                        report.mismatched += 1;
+                    }
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    let msg = format!("{e:#}");
+                    if report.errors.len() < 5 && !report.errors.contains(&msg) {
+                        report.errors.push(msg);
+                    }
+                }
+            }
+        }
+        report.peers = peers;
+        report.elapsed_ms = start.elapsed().as_millis() as u64;
+        Ok(report)
+    })
+}
+
+/// One echo; returns getpeername() and whether the echoed bytes matched.
+async fn one_echo(target: SocketAddr, bytes: u64) -> Result<(SocketAddr, bool)> {
+    let stream = tokio::net::TcpStream::connect(target)
+        .await
+        .context("connect")?;
+    let peer = stream.peer_addr()?;
+    let payload = random_payload(bytes);
+    let expected = Sha256::digest(&payload);
+    let (reader, mut writer) = stream.into_split();
+    let send = async {
+        writer
+            .write_all(&wire::encode_header(Mode::Echo, bytes))
+            .await?;
+        writer.write_all(&payload).await
+    };
+    let receive = async {
+        let mut reader = tokio::io::BufReader::new(reader);
+        let mut line = Vec::new();
+        (&mut reader)
+            .take(wire::MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
+        let text = String::from_utf8_lossy(&line);
+        wire::parse_server_line(text.trim_end())
+            .with_context(|| format!("unexpected server line {text:?}"))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            let want = (bytes - got).min(buf.len() as u64) as usize;
+            let n = reader.read(&mut buf[..want]).await?;
+            if n == 0 {
+                bail!("short echo: {got} of {bytes} bytes");
+            }
+            hasher.update(&buf[..n]);
+            got += n as u64;
+        }
+        Ok(hasher.finalize() == expected)
+    };
+    let (sent, matched) = tokio::join!(send, receive);
+    sent.context("sending payload")?;
+    Ok((peer, matched?))
+}

@@ -1,0 +1,400 @@
+//! Running eddy under test: unique ports, pin dir and data dir; readiness, metrics, status.
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::process::{run_bounded, ProcessGuard};
+
+/// The eddy binary under test, from `EDDY_BIN`. Panics with instructions when unset.
+pub fn eddy_bin() -> PathBuf {
+    match std::env::var_os("EDDY_BIN") {
+        Some(bin) if !bin.is_empty() => PathBuf::from(bin),
+        _ => panic!(
+            "EDDY_BIN is not set. Run the privileged tests with `cargo xtask test`, which \
+             builds eddy and sets EDDY_BIN (or set EDDY_BIN=/path/to/target/release/eddy)."
+        ),
+    }
+}
+
+/// How to start eddy. `EddyConfig::new(cgroup)` gives the defaults the tests use.
+#[derive(Clone, Debug)]
+pub struct EddyConfig {
+    /// `--cgroup`: a path, or `auto`.
+    pub cgroup: String,
+    pub intercept_ports: Vec<u16>,
+    /// `--listen`; a free loopback port when None.
+    pub listen: Option<SocketAddr>,
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// Start eddy as a member of this cgroup (the loop-guard test).
+    pub run_in_cgroup: Option<PathBuf>,
+    /// A program and arguments to run eddy under, e.g. `unshare --pid --fork --mount-proc`.
+    pub wrapper: Vec<String>,
+}
+
+impl EddyConfig {
+    pub fn new(cgroup: &Path) -> Self {
+        Self {
+            cgroup: cgroup.display().to_string(),
+            intercept_ports: vec![crate::INTERCEPTED_PORT],
+            listen: None,
+            heartbeat_timeout_ms: None,
+            run_in_cgroup: None,
+            wrapper: Vec::new(),
+        }
+    }
+}
+
+/// A running (or exited) eddy. Dropping it kills eddy and removes any pins it left behind.
+pub struct Eddy {
+    process: ProcessGuard,
+    bin: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub pin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    stderr_path: PathBuf,
+    // Holds the data dir and the logs; removed last.
+    _work: tempfile::TempDir,
+}
+
+impl Eddy {
+    /// Start eddy and wait (bounded) until /readyz answers 200.
+    pub fn start(bin: &Path, config: &EddyConfig) -> Result<Self> {
+        let mut eddy = Self::spawn(bin, config)?;
+        eddy.wait_ready(Duration::from_secs(20))?;
+        Ok(eddy)
+    }
+
+    /// Start eddy without waiting for it.
+    pub fn spawn(bin: &Path, config: &EddyConfig) -> Result<Self> {
+        let listen = match config.listen {
+            Some(addr) => addr,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
+        let work = tempfile::Builder::new().prefix("eddy-test-").tempdir()?;
+        let data_dir = work.path().join("data");
+        fs::create_dir(&data_dir)?;
+
+        let mut argv: Vec<OsString> = Vec::new();
+        if let Some(cgroup) = &config.run_in_cgroup {
+            // The shell joins the cgroup, then becomes eddy: eddy's pid is the child's pid,
+            // and eddy creates every socket from inside the cgroup.
+            argv.extend(["sh", "-c", r#"echo $$ > "$0" && exec "$@""#].map(OsString::from));
+            argv.push(cgroup.join("cgroup.procs").into());
+        }
+        argv.extend(config.wrapper.iter().map(OsString::from));
+        argv.push(bin.into());
+        argv.extend(["run", "--cgroup", &config.cgroup].map(OsString::from));
+        argv.extend(["--listen".into(), listen.to_string().into()]);
+        for port in &config.intercept_ports {
+            argv.extend(["--intercept-port".into(), port.to_string().into()]);
+        }
+        argv.extend(["--admin".into(), admin.to_string().into()]);
+        argv.extend([OsString::from("--data-dir"), data_dir.clone().into()]);
+        argv.extend([OsString::from("--bpf-pin-dir"), pin_dir.clone().into()]);
+        if let Some(ms) = config.heartbeat_timeout_ms {
+            argv.extend(["--heartbeat-timeout-ms".into(), ms.to_string().into()]);
+        }
+
+        let stdout_path = work.path().join("eddy.stdout");
+        let stderr_path = work.path().join("eddy.stderr");
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout_path)?)
+            .stderr(fs::File::create(&stderr_path)?)
+            // Tests pass everything as flags; an inherited EDDY_* must not change the setup.
+            .env_remove("EDDY_CGROUP")
+            .env_remove("EDDY_LISTEN")
+            .env_remove("EDDY_INTERCEPT_PORT")
+            .env_remove("EDDY_ADMIN")
+            .env_remove("EDDY_DATA_DIR")
+            .env_remove("EDDY_BPF_PIN_DIR");
+        eprintln!("starting eddy: {}", shell_words(&argv));
+        let process = ProcessGuard::spawn("eddy", &mut cmd)?;
+        Ok(Self {
+            process,
+            bin: bin.to_path_buf(),
+            listen,
+            admin,
+            pin_dir,
+            data_dir,
+            stderr_path,
+            _work: work,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The proxy address a redirected IPv4 client sees as its peer.
+    pub fn listen_v6(&self) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.listen.port()))
+    }
+
+    /// The proxy address a redirected v4-mapped client sees as its peer.
+    pub fn listen_v4_mapped(&self) -> SocketAddr {
+        match self.listen {
+            SocketAddr::V4(v4) => SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port())),
+            v6 => v6,
+        }
+    }
+
+    /// Everything eddy wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
+        self.process.signal(signal)
+    }
+
+    pub fn kill_and_wait(&mut self) -> Result<ExitStatus> {
+        self.process.kill_and_wait()
+    }
+
+    /// Wait at most `timeout` for eddy to exit; error (with its stderr) if it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        match self.process.wait_timeout(timeout)? {
+            Some(status) => Ok(status),
+            None => bail!(
+                "eddy did not exit within {timeout:?}; stderr:\n{}",
+                tail(&self.stderr(), 40)
+            ),
+        }
+    }
+
+    /// Poll /readyz until it answers 200, eddy exits, or `timeout` passes.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!(
+                    "eddy exited ({status}) before it was ready; stderr:\n{}",
+                    tail(&self.stderr(), 40)
+                );
+            }
+            let last = match http_get(self.admin, "/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "eddy was not ready within {timeout:?} (last /readyz: {last}); stderr:\n{}",
+                    tail(&self.stderr(), 40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// GET a path on the admin server.
+    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path)
+    }
+
+    /// The Prometheus text from /metrics.
+    pub fn metrics(&self) -> Result<String> {
+        match self.admin_get("/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => bail!("/metrics answered {code}: {body}"),
+        }
+    }
+
+    /// One series, e.g. `eddy_connections_total{route="passthrough"}`. A series that has not
+    /// been created yet reads as 0 (label sets appear on first use); tests that need it to
+    /// exist assert a positive value.
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+    }
+
+    /// `eddy_bpf_events_total{event="<event>"}`.
+    pub fn bpf_event(&self, event: &str) -> Result<u64> {
+        Ok(self.metric(&bpf_event_series(event))? as u64)
+    }
+
+    /// `eddy_connections_total{route="passthrough"}`.
+    pub fn passthrough_connections(&self) -> Result<u64> {
+        Ok(self.metric(PASSTHROUGH_SERIES)? as u64)
+    }
+
+    /// Poll a series until it reaches `min` (counters may be read from BPF maps on an
+    /// interval). Returns the last value read; the caller asserts on it.
+    pub fn wait_metric_at_least(&self, series: &str, min: f64, timeout: Duration) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(series)?;
+            if value >= min || Instant::now() >= deadline {
+                return Ok(value);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `eddy status --json` for this instance's pin dir; fails if the command fails.
+    pub fn status(&self) -> Result<Status> {
+        let out = status_command(&self.bin, &self.pin_dir)?;
+        if !out.status.success() {
+            bail!(
+                "eddy status failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text).with_context(|| format!("parsing eddy status --json: {text}"))
+    }
+}
+
+impl Drop for Eddy {
+    fn drop(&mut self) {
+        let _ = self.process.kill_and_wait();
+        // Shown only when the test fails (libtest captures it otherwise).
+        eprintln!(
+            "--- eddy stderr (last 40 lines) ---\n{}",
+            tail(&self.stderr(), 40)
+        );
+        // SIGKILL leaves the pinned maps behind; the programs went with the link.
+        if self.pin_dir.exists() {
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+pub const PASSTHROUGH_SERIES: &str = r#"eddy_connections_total{route="passthrough"}"#;
+
+pub fn bpf_event_series(event: &str) -> String {
+    format!(r#"eddy_bpf_events_total{{event="{event}"}}"#)
+}
+
+/// Run `eddy status --bpf-pin-dir DIR --json` (bounded), whatever its outcome.
+pub fn status_command(bin: &Path, pin_dir: &Path) -> Result<std::process::Output> {
+    run_bounded(
+        Command::new(bin)
+            .args(["status", "--json", "--bpf-pin-dir"])
+            .arg(pin_dir),
+        Duration::from_secs(10),
+    )
+}
+
+/// `eddy status --json`, per the CLI contract.
+#[derive(Debug, Deserialize)]
+pub struct Status {
+    pub pin_dir: PathBuf,
+    pub running: bool,
+    pub pid: u32,
+    pub cgroup: StatusCgroup,
+    pub attached: Vec<Attached>,
+    pub listen: String,
+    pub intercept_ports: Vec<u16>,
+    pub heartbeat_age_ms: Option<u64>,
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatusCgroup {
+    pub id: u64,
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Attached {
+    pub attach_type: String,
+    pub prog_id: u32,
+    pub name: String,
+}
+
+/// The value of one series in Prometheus text format.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        // `series value [timestamp]`; the space rules out a longer name with this prefix.
+        let value = rest.strip_prefix(' ')?.split_whitespace().next()?;
+        value.parse().ok()
+    })
+}
+
+/// A loopback port free on both 127.0.0.1 and [::1] (eddy listens on both).
+pub fn free_port() -> Result<u16> {
+    for _ in 0..50 {
+        let v4 = TcpListener::bind("127.0.0.1:0")?;
+        let port = v4.local_addr()?.port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no loopback port free on both 127.0.0.1 and [::1]")
+}
+
+/// Minimal HTTP/1.0 GET: HTTP/1.0 makes the server close after the body, without chunking.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connect to admin {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = Vec::new();
+    stream
+        .take(16 << 20)
+        .read_to_end(&mut response)
+        .with_context(|| format!("reading GET {path}"))?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP response to GET {path}: {head:?}"))?;
+    Ok((code, body.to_string()))
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn shell_words(argv: &[OsString]) -> String {
+    argv.iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_labelled_series() {
+        let text = "# HELP eddy_bpf_events_total events\n\
+                    eddy_bpf_events_total{event=\"redirected\"} 12\n\
+                    eddy_bpf_events_total{event=\"skipped_loop\"} 3\n\
+                    eddy_connections_total{route=\"passthrough\"} 7.0\n";
+        assert_eq!(
+            metric_value(text, &bpf_event_series("redirected")),
+            Some(12.0)
+        );
+        assert_eq!(
+            metric_value(text, &bpf_event_series("skipped_loop")),
+            Some(3.0)
+        );
+        assert_eq!(metric_value(text, PASSTHROUGH_SERIES), Some(7.0));
+        assert_eq!(metric_value(text, &bpf_event_series("skipped_netns")), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! Harness for eddy's privileged end-to-end tests and benchmarks.
+//!
+//! Every resource a test makes is an RAII guard that cleans up on drop: a child cgroup
+//! ([`cgroup::CgroupGuard`]), an upstream host in a network namespace ([`netns::Netns`]),
+//! child processes ([`process::ProcessGuard`]) and eddy itself ([`eddy::Eddy`]). Names,
+//! ports and pin dirs are unique per process and per test, so a crashed run cannot collide
+//! with the next one.
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::Result;
+
+pub mod cgroup;
+pub mod eddy;
+pub mod netns;
+pub mod privileges;
+pub mod probe;
+pub mod process;
+pub mod wire;
+
+pub use cgroup::CgroupGuard;
+pub use eddy::{Eddy, EddyConfig};
+pub use netns::Netns;
+pub use privileges::require_privileges;
+pub use probe::Probe;
+pub use process::ProcessGuard;
+
+/// The port eddy intercepts in the tests (its default).
+pub const INTERCEPTED_PORT: u16 = 443;
+/// A port the upstream also serves but eddy does not intercept.
+pub const OTHER_PORT: u16 = 8080;
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A number unique within this process.
+pub fn next_id() -> u32 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `<pid>-<n>`: unique across concurrent test processes and within one.
+pub fn unique_suffix() -> String {
+    format!("{}-{}", std::process::id(), next_id())
+}
+
+/// What every privileged test needs: the binaries under test.
+pub struct Ctx {
+    pub eddy_bin: PathBuf,
+    pub probe: Probe,
+}
+
+impl Ctx {
+    /// `probe_bin`: `env!("CARGO_BIN_EXE_eddy-probe")`. Panics if EDDY_BIN is unset.
+    pub fn new(probe_bin: impl Into<PathBuf>) -> Self {
+        Self {
+            eddy_bin: eddy::eddy_bin(),
+            probe: Probe::new(probe_bin),
+        }
+    }
+
+    pub fn start_eddy(&self, config: &EddyConfig) -> Result<Eddy> {
+        Eddy::start(&self.eddy_bin, config)
+    }
+}
+
+/// A test's world: a fresh cgroup to hook, and an upstream host in a netns serving echo
+/// on the intercepted and the other port, over IPv4 and IPv6.
+///
+/// Fields drop in declaration order: the server first (it keeps the netns busy), then the
+/// netns, then the cgroup.
+pub struct World {
+    pub server: ProcessGuard,
+    pub netns: Netns,
+    pub cgroup: CgroupGuard,
+}
+
+impl World {
+    pub fn new(probe: &Probe) -> Result<Self> {
+        let cgroup = CgroupGuard::new()?;
+        let netns = Netns::new()?;
+        let listen = [
+            netns.v4(INTERCEPTED_PORT),
+            netns.v6(INTERCEPTED_PORT),
+            netns.v4(OTHER_PORT),
+            netns.v6(OTHER_PORT),
+        ];
+        let server = probe.serve(&netns, &listen)?;
+        Ok(Self {
+            server,
+            netns,
+            cgroup,
+        })
+    }
+}
