@@ -51,8 +51,10 @@ pub fn run(opts: &Options) -> Result<()> {
 
     if !opts.privileged_only {
         eprintln!("xtask: unit tests");
+        // --release shares the dependency builds with the release binary.
         util::run(cargo().current_dir(workspace_root()).args([
             "test",
+            "--release",
             "--workspace",
             "--exclude",
             "eddy-tests",
