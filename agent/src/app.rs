@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -18,10 +18,15 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminState},
     bpf::Bpf,
-    config::Config,
-    metrics::{BpfCounters, ProxyMetrics},
+    catalog::Catalog,
+    config::{Config, Registries},
+    metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges},
     proxy::Proxy,
+    registry::Registry,
+    store::Store,
     sys,
+    tls::{Ca, TlsError},
+    upstream::Upstream,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,25 +44,21 @@ pub enum AppError {
     },
     #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
 
 pub async fn run(config: Config) -> Result<(), AppError> {
-    info!(
-        cgroup = %config.cgroup.path.display(),
-        listen = %config.listen,
-        ports = ?config.intercept_ports,
-        admin = %config.admin,
-        data_dir = %config.data_dir.display(),
-        pin_dir = %config.pin_dir.display(),
-        heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
-        "starting eddy"
-    );
     sys::raise_nofile_limit();
 
     let listener = bind("--listen", config.listen.into()).await?;
-    let listener6 = match TcpListener::bind(config.listen6).await {
+    let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
         Err(e) => {
             warn!(addr = %config.listen6, error = %e, "no IPv6 listener: native IPv6 destinations go direct");
@@ -65,10 +66,36 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     };
     let admin_listener = bind("--admin", config.admin).await?;
+    info!(
+        cgroup = %config.cgroup.path.display(),
+        listen = %config.listen,
+        ports = ?config.intercept_ports,
+        registries = ?config.registries.hosts,
+        registry_addrs = ?config.registries.addrs,
+        admin = %config.admin,
+        data_dir = %config.data_dir.display(),
+        pin_dir = %config.pin_dir.display(),
+        heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
+        "starting eddy"
+    );
     std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
         path: config.data_dir.clone(),
         source,
     })?;
+    let ca = Arc::new(load_ca(&config.data_dir, &config.registries, config.ca_unconstrained)?);
+    let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
+    let store = Arc::new(Store::open(&config.data_dir)?);
+    // Re-hash what an earlier run left, in the background: open only checks sizes.
+    tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let evicted = store.scrub().await;
+            if evicted > 0 {
+                warn!(evicted, "store scrub evicted blobs that did not match their digest");
+            }
+        }
+    });
+    let catalog = Arc::new(Catalog::open(&config.data_dir)?);
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
@@ -81,9 +108,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let bpf = Arc::new(bpf);
     info!(cgroup = %config.cgroup.path.display(), "attached connect4, connect6 and sock_ops");
 
-    let mut registry = Registry::default();
+    let mut registry = MetricsRegistry::default();
     let metrics = ProxyMetrics::register(&mut registry);
+    let registry_metrics = RegistryMetrics::register(&mut registry);
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
+    registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
+    let oci = Arc::new(Registry::new(
+        Upstream::new(upstream_tls, config.socket_mark),
+        store,
+        catalog,
+        registry_metrics,
+    ));
     let admin_state = Arc::new(AdminState {
         registry,
         ready: false.into(),
@@ -91,9 +126,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let heartbeat = tokio::spawn(heartbeat(Arc::clone(&bpf), config.heartbeat_interval(), stop_rx.clone()));
-    let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state), stop_rx.clone()));
+    // The admin server outlives the drain, so /readyz answers 503 (not connection refused)
+    // while connections finish.
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state), admin_stop_rx));
 
-    let proxy = Arc::new(Proxy::new(Arc::clone(&bpf), metrics, config.socket_mark));
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&bpf),
+        metrics,
+        config.socket_mark,
+        config.registries.clone(),
+        ca,
+        oci,
+    ));
     let connections = TaskTracker::new();
     let mut acceptors = vec![tokio::spawn(Arc::clone(&proxy).serve(listener, stop_rx.clone(), connections.clone()))];
     if let Some(l6) = listener6 {
@@ -120,17 +165,34 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if tokio::time::timeout(config.drain_timeout, connections.wait()).await.is_err() {
         warn!(open = connections.len(), "drain timeout; closing remaining connections");
     }
-    let _ = admin_task.await;
     bpf.unpin();
+    let _ = admin_stop_tx.send(true);
+    let _ = admin_task.await;
     info!("stopped");
     Ok(())
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AppError::Bind { what, addr, source })
+/// The node's CA, constrained to the configured registries unless told otherwise.
+pub fn load_ca(data_dir: &std::path::Path, registries: &Registries, unconstrained: bool) -> Result<Ca, TlsError> {
+    let names = registries.names();
+    Ca::load_or_create(data_dir, (!unconstrained).then_some(names.as_slice()))
 }
+
+/// Bind with a deep accept queue: pulls start many connections at once, and an overflow
+/// costs the client a 1 s SYN retransmit.
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
+    let err = |source| AppError::Bind { what, addr, source };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
+}
+
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Refresh the heartbeat until shutdown. A missed beat is harmless: the timeout spans
 /// several intervals.

@@ -27,6 +27,52 @@ pub enum Command {
     Run(RunArgs),
     /// Show what is attached where, the BPF counters and the heartbeat age.
     Status(StatusArgs),
+    /// eddy's certificate authority: export it, or install it into a host trust bundle.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// The registries served through TLS termination, and the CA that signs for them.
+#[derive(Args, Debug, Clone)]
+pub struct TrustArgs {
+    /// Directory for eddy's state (CA, content store).
+    #[arg(long, env = "EDDY_DATA_DIR", default_value = "/var/lib/eddy")]
+    pub data_dir: PathBuf,
+    /// A registry whose TLS eddy terminates and caches: a host name, or IP[:PORT] for
+    /// registries clients dial by address. Repeatable (env: comma-separated).
+    #[arg(long = "registry", env = "EDDY_REGISTRY", value_delimiter = ',', default_values_t = DEFAULT_REGISTRIES.map(String::from))]
+    pub registries: Vec<String>,
+    /// Create the CA without name constraints (by default it can only sign for the
+    /// configured registries, so a leaked key cannot impersonate other hosts).
+    #[arg(long, env = "EDDY_CA_UNCONSTRAINED")]
+    pub ca_unconstrained: bool,
+}
+
+/// The public registries eddy serves by default.
+pub const DEFAULT_REGISTRIES: [&str; 9] = [
+    "docker.io",
+    "registry-1.docker.io",
+    "index.docker.io",
+    "ghcr.io",
+    "quay.io",
+    "registry.k8s.io",
+    "gcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+];
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA if it does not exist yet.
+    Export(TrustArgs),
+    /// Add the CA certificate to a host trust bundle, idempotently.
+    Install {
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// The trust bundle file, e.g. /etc/ssl/certs/ca-certificates.crt.
+        #[arg(long, env = "EDDY_CA_BUNDLE")]
+        bundle: PathBuf,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,9 +90,12 @@ pub struct RunArgs {
     /// Admin HTTP address serving /metrics, /healthz and /readyz.
     #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
     pub admin: SocketAddr,
-    /// Directory for eddy's state (CA, content store).
-    #[arg(long, env = "EDDY_DATA_DIR", default_value = "/var/lib/eddy")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// Extra CA certificate (PEM) trusted for upstream registries, beside the system roots.
+    /// Repeatable.
+    #[arg(long = "upstream-ca", env = "EDDY_UPSTREAM_CA", value_delimiter = ',')]
+    pub upstream_ca: Vec<PathBuf>,
     /// bpffs directory where the maps are pinned.
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,

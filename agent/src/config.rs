@@ -1,6 +1,6 @@
 //! The validated, immutable configuration of `eddy run`.
 use std::{
-    net::{Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -26,6 +26,70 @@ pub enum ConfigError {
     HeartbeatTimeout { ms: u64 },
     #[error("--socket-mark must not be 0")]
     MarkZero,
+    #[error("--registry {value:?}: not a host name or IP[:PORT]")]
+    BadRegistry { value: String },
+}
+
+/// The registries whose connections eddy terminates, as configured with `--registry`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registries {
+    /// Lower-case host names, matched exactly against the TLS SNI.
+    pub hosts: Vec<String>,
+    /// Registries dialled by address (no SNI); port None matches any intercepted port.
+    pub addrs: Vec<(IpAddr, Option<u16>)>,
+}
+
+impl Registries {
+    pub fn parse(values: &[String]) -> Result<Self, ConfigError> {
+        let mut out = Registries::default();
+        for raw in values {
+            let v = raw.trim().to_ascii_lowercase();
+            if v.is_empty() {
+                continue;
+            }
+            if let Ok(sa) = v.parse::<SocketAddr>() {
+                out.addrs.push((sa.ip(), Some(sa.port())));
+            } else if let Ok(ip) = v.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+                out.addrs.push((ip, None));
+            } else if is_host_name(&v) {
+                out.hosts.push(v);
+            } else {
+                return Err(ConfigError::BadRegistry { value: raw.clone() });
+            }
+        }
+        out.hosts.sort();
+        out.hosts.dedup();
+        Ok(out)
+    }
+
+    pub fn has_host(&self, sni: &str) -> bool {
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(sni))
+    }
+
+    pub fn has_addr(&self, dst: SocketAddr) -> bool {
+        self.addrs
+            .iter()
+            .any(|(ip, port)| *ip == dst.ip() && port.is_none_or(|p| p == dst.port()))
+    }
+
+    /// The names a constrained CA must be able to sign for.
+    pub fn names(&self) -> Vec<crate::tls::RegistryName> {
+        let mut names: Vec<_> = self.hosts.iter().cloned().map(crate::tls::RegistryName::Dns).collect();
+        names.extend(self.addrs.iter().map(|(ip, _)| crate::tls::RegistryName::Ip(*ip)));
+        names
+    }
+}
+
+fn is_host_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +101,9 @@ pub struct Config {
     pub intercept_ports: Vec<u16>,
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
+    pub registries: Registries,
+    pub ca_unconstrained: bool,
+    pub upstream_ca: Vec<PathBuf>,
     pub pin_dir: PathBuf,
     pub socket_mark: u32,
     pub heartbeat_timeout: Duration,
@@ -74,13 +141,17 @@ impl Config {
         if args.socket_mark == 0 {
             return Err(ConfigError::MarkZero);
         }
+        let registries = Registries::parse(&args.trust.registries)?;
         Ok(Config {
             cgroup: cgroup::resolve(&args.cgroup)?,
+            registries,
+            ca_unconstrained: args.trust.ca_unconstrained,
+            upstream_ca: args.upstream_ca.clone(),
             listen,
             listen6: SocketAddr::from((Ipv6Addr::LOCALHOST, listen.port())),
             intercept_ports: ports,
             admin: args.admin,
-            data_dir: args.data_dir.clone(),
+            data_dir: args.trust.data_dir.clone(),
             pin_dir: args.bpf_pin_dir.clone(),
             socket_mark: args.socket_mark,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
@@ -133,6 +204,34 @@ mod tests {
     fn missing_cgroup_is_reported() {
         let e = Config::from_args(&args(&[])).unwrap_err();
         assert!(e.to_string().contains("/nonexistent"), "{e}");
+    }
+
+    #[test]
+    fn registries_parse_hosts_and_addresses() {
+        let r = Registries::parse(&[
+            "GHCR.io".into(),
+            "10.0.0.1:32000".into(),
+            "10.0.0.2".into(),
+            "[fd00::1]:5000".into(),
+        ])
+        .unwrap();
+        assert!(r.has_host("ghcr.io"));
+        assert!(!r.has_host("evil.io"));
+        assert!(r.has_addr("10.0.0.1:32000".parse().unwrap()));
+        assert!(!r.has_addr("10.0.0.1:443".parse().unwrap()));
+        assert!(r.has_addr("10.0.0.2:443".parse().unwrap()));
+        assert!(r.has_addr("[fd00::1]:5000".parse().unwrap()));
+        assert!(matches!(
+            Registries::parse(&["not a host".into()]),
+            Err(ConfigError::BadRegistry { .. })
+        ));
+    }
+
+    #[test]
+    fn default_registries_include_docker_hub() {
+        let a = args(&[]);
+        let r = Registries::parse(&a.trust.registries).unwrap();
+        assert!(r.has_host("registry-1.docker.io") && r.has_host("ghcr.io"));
     }
 
     #[test]

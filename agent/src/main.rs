@@ -1,8 +1,8 @@
-use std::process::ExitCode;
+use std::{io::IsTerminal, process::ExitCode};
 
 use agent::{
-    cli::{Cli, Command, LogFormat},
-    config::Config,
+    cli::{CaCommand, Cli, Command, LogFormat, TrustArgs},
+    config::{Config, Registries},
     status,
 };
 use anyhow::Context;
@@ -14,8 +14,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the whole error chain.
-            eprintln!("eddy: error: {e:#}");
+            eprintln!("eddy: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
@@ -36,15 +35,53 @@ fn run(command: Command) -> anyhow::Result<()> {
                 print!("{}", status::render_text(&s));
             }
         }
+        Command::Ca(CaCommand::Export(trust)) => {
+            print!("{}", load_ca(&trust)?.cert_pem());
+        }
+        Command::Ca(CaCommand::Install { trust, bundle }) => {
+            let ca = load_ca(&trust)?;
+            let added = agent::tls::install_into_bundle(&bundle, ca.cert_pem())?;
+            if added {
+                println!("added eddy's CA to {}", bundle.display());
+            } else {
+                println!("eddy's CA is already in {}", bundle.display());
+            }
+            println!(
+                "containerd reads its trust roots once: start it after the CA is in place, or restart it once now"
+            );
+        }
     }
     Ok(())
+}
+
+fn load_ca(trust: &TrustArgs) -> anyhow::Result<agent::tls::Ca> {
+    let registries = Registries::parse(&trust.registries)?;
+    Ok(agent::app::load_ca(&trust.data_dir, &registries, trust.ca_unconstrained)?)
+}
+
+/// The error and its causes on one line. Many of eddy's messages already name their cause,
+/// so a cause whose text is already there is not repeated.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // No colour codes in files, pipes and container logs.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

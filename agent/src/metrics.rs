@@ -5,7 +5,13 @@ use std::sync::Arc;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
-    metrics::{counter::ConstCounter, counter::Counter, family::Family, gauge::Gauge},
+    metrics::{
+        counter::ConstCounter,
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::Registry,
 };
 
@@ -21,12 +27,32 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: &'static str,
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 /// Route labels of `eddy_connections_total`.
 pub mod route {
     /// Spliced to the original destination untouched.
     pub const PASSTHROUGH: &str = "passthrough";
     /// Accepted, but no original destination was recorded for it (not a redirect).
     pub const NO_ORIG_DST: &str = "no_orig_dst";
+    /// TLS terminated for a registry host; served by the registry handler.
+    pub const REGISTRY_TLS: &str = "registry_tls";
+    /// A plain-HTTP registry request; served by the registry handler.
+    pub const REGISTRY_HTTP: &str = "registry_http";
 }
 
 /// Metrics of the proxy's connection handling.
@@ -101,4 +127,95 @@ pub fn encode(registry: &Registry) -> String {
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, registry);
     out
+}
+
+/// Metrics of the registry handler.
+#[derive(Clone)]
+pub struct RegistryMetrics {
+    requests: Family<RequestLabels, Counter>,
+    bytes: Family<SourceLabels, Counter>,
+    upstream_latency: Family<KindLabels, Histogram>,
+    stale_manifests: Counter,
+}
+
+impl RegistryMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = RegistryMetrics {
+            requests: Family::default(),
+            bytes: Family::default(),
+            upstream_latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 16))
+            }),
+            stale_manifests: Counter::default(),
+        };
+        registry.register(
+            "eddy_requests",
+            "Registry API requests by kind (manifest, blob, other) and where the answer came from",
+            m.requests.clone(),
+        );
+        registry.register(
+            "eddy_bytes",
+            "Content bytes: received from upstream, or served to clients from the store",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "eddy_upstream_latency_seconds",
+            "Time to upstream response headers, by request kind",
+            m.upstream_latency.clone(),
+        );
+        registry.register(
+            "eddy_stale_manifests_served",
+            "Manifests by tag served from the last known record because upstream was unreachable",
+            m.stale_manifests.clone(),
+        );
+        m
+    }
+
+    pub fn request(&self, kind: &'static str, source: &'static str) {
+        self.requests.get_or_create(&RequestLabels { kind, source }).inc();
+    }
+
+    pub fn bytes(&self, source: &'static str, n: u64) {
+        self.bytes.get_or_create(&SourceLabels { source }).inc_by(n);
+    }
+
+    pub fn upstream_latency(&self, kind: &'static str, elapsed: std::time::Duration) {
+        self.upstream_latency
+            .get_or_create(&KindLabels { kind })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn stale_manifest(&self) {
+        self.stale_manifests.inc();
+    }
+}
+
+/// Store size and in-flight fetches, read at scrape time.
+pub struct StoreGauges(pub Arc<crate::store::Store>);
+
+impl std::fmt::Debug for StoreGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreGauges")
+    }
+}
+
+impl Collector for StoreGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let size = ConstGauge::new(self.0.size_bytes() as i64);
+        let metric = encoder.encode_descriptor(
+            "eddy_store_bytes",
+            "Bytes of committed content in the store",
+            None,
+            size.metric_type(),
+        )?;
+        size.encode(metric)?;
+        let inflight = ConstGauge::new(self.0.in_flight_count() as i64);
+        let metric = encoder.encode_descriptor(
+            "eddy_inflight_fetches",
+            "Upstream fetches in progress (each shared by every client waiting for it)",
+            None,
+            inflight.metric_type(),
+        )?;
+        inflight.encode(metric)
+    }
 }

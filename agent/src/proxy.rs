@@ -1,6 +1,9 @@
 //! The proxy listener: accept redirected connections, recover their original destination
-//! and hand them to a route. For now the only route is the transparent passthrough, which
-//! splices bytes to the original destination untouched.
+//! and pick a route from the connection's first bytes:
+//! - a TLS ClientHello for a configured registry (by SNI, or by address when there is no
+//!   SNI): terminate TLS with a leaf from eddy's CA and serve the registry API;
+//! - a plain-HTTP `/v2` request: serve the registry API over HTTP;
+//! - anything else: the transparent passthrough, bytes spliced to the original destination.
 use std::{
     net::SocketAddr,
     sync::{
@@ -10,7 +13,14 @@ use std::{
     time::Duration,
 };
 
+use http::Request;
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     sync::watch,
 };
@@ -19,7 +29,11 @@ use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
     bpf::Bpf,
+    config::Registries,
     metrics::{route, DirectionLabels, ProxyMetrics},
+    peek::{self, Hello},
+    registry::{Origin, Registry},
+    tls::{self, Ca, RegistryName},
     upstream,
 };
 
@@ -32,15 +46,39 @@ pub struct Proxy {
     pub bpf: Arc<Bpf>,
     pub metrics: ProxyMetrics,
     pub socket_mark: u32,
+    pub registries: Registries,
+    pub ca: Arc<Ca>,
+    pub registry: Arc<Registry>,
+    tls_by_sni: Arc<rustls::ServerConfig>,
     next_id: AtomicU64,
 }
 
+/// Where a connection goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Passthrough,
+    /// Terminate TLS for this registry; `ip` when the client sent no SNI.
+    Tls { authority: String, ip: Option<std::net::IpAddr> },
+    Http,
+}
+
 impl Proxy {
-    pub fn new(bpf: Arc<Bpf>, metrics: ProxyMetrics, socket_mark: u32) -> Self {
+    pub fn new(
+        bpf: Arc<Bpf>,
+        metrics: ProxyMetrics,
+        socket_mark: u32,
+        registries: Registries,
+        ca: Arc<Ca>,
+        registry: Arc<Registry>,
+    ) -> Self {
         Proxy {
             bpf,
             metrics,
             socket_mark,
+            registries,
+            tls_by_sni: tls::server_config(Arc::clone(&ca)),
+            ca,
+            registry,
             next_id: AtomicU64::new(1),
         }
     }
@@ -89,12 +127,88 @@ impl Proxy {
             debug!("no original destination recorded; closing");
             return;
         };
-        self.metrics.connection(route::PASSTHROUGH);
         self.metrics.active.inc();
-        if let Err(e) = self.passthrough(client, orig).await {
-            debug!(dst = %orig, error = %e, "passthrough ended with an error");
+        let hello = peek::classify(&client).await;
+        match self.route(&hello, orig) {
+            Route::Passthrough => {
+                self.metrics.connection(route::PASSTHROUGH);
+                if let Err(e) = self.passthrough(client, orig).await {
+                    debug!(dst = %orig, error = %e, "passthrough ended with an error");
+                }
+            }
+            Route::Tls { authority, ip } => {
+                self.metrics.connection(route::REGISTRY_TLS);
+                self.registry.upstream().pins.pin(&authority, orig);
+                let config = match ip {
+                    Some(ip) => tls::server_config_for_ip(Arc::clone(&self.ca), ip),
+                    None => Arc::clone(&self.tls_by_sni),
+                };
+                match tokio_rustls::TlsAcceptor::from(config).accept(client).await {
+                    Ok(tls) => {
+                        let origin = Origin { scheme: http::uri::Scheme::HTTPS, authority };
+                        self.serve_http(tls, Some(Arc::new(origin)), orig).await;
+                    }
+                    Err(e) => debug!(error = %e, "TLS handshake with the client failed"),
+                }
+            }
+            Route::Http => {
+                self.metrics.connection(route::REGISTRY_HTTP);
+                self.serve_http(client, None, orig).await;
+            }
         }
         self.metrics.active.dec();
+    }
+
+    fn route(&self, hello: &Hello, orig: SocketAddr) -> Route {
+        let name = match hello {
+            Hello::Tls { sni: Some(sni) } if self.registries.has_host(sni) => {
+                RegistryName::Dns(sni.clone())
+            }
+            Hello::Tls { sni: None } if self.registries.has_addr(orig) => RegistryName::Ip(orig.ip()),
+            Hello::HttpRegistry => return Route::Http,
+            _ => return Route::Passthrough,
+        };
+        if !self.ca.covers(&name) {
+            // The CA's name constraints predate this registry: terminating would only
+            // produce certificate errors, so leave the connection alone.
+            warn!(?name, "registry not covered by the CA's name constraints; passing through");
+            return Route::Passthrough;
+        }
+        match name {
+            RegistryName::Dns(host) => Route::Tls {
+                authority: upstream::authority(&host, orig.port(), true),
+                ip: None,
+            },
+            RegistryName::Ip(ip) => Route::Tls {
+                authority: upstream::authority(&upstream::ip_host(ip), orig.port(), true),
+                ip: Some(ip),
+            },
+        }
+    }
+
+    /// Serve the registry API on a (decrypted) stream, HTTP/1.1 or HTTP/2.
+    async fn serve_http<IO>(&self, io: IO, origin: Option<Arc<Origin>>, orig: SocketAddr)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let registry = Arc::clone(&self.registry);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let origin = match &origin {
+                Some(o) => Arc::clone(o),
+                None => Arc::new(plain_http_origin(&req, orig, &registry)),
+            };
+            let registry = Arc::clone(&registry);
+            async move { Ok::<_, std::convert::Infallible>(registry.handle(origin, req).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http2()
+            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(8 << 20)
+            .max_frame_size(1 << 20);
+        if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+            debug!(error = %e, "registry connection ended with an error");
+        }
     }
 
     async fn passthrough(&self, mut client: TcpStream, orig: SocketAddr) -> std::io::Result<()> {
@@ -127,5 +241,26 @@ impl Proxy {
             })
             .inc_by(down);
         Ok(())
+    }
+}
+
+/// A plain-HTTP request names its registry in the Host header; the connection's original
+/// destination is where that registry lives.
+fn plain_http_origin(req: &Request<Incoming>, orig: SocketAddr, registry: &Registry) -> Origin {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_ascii_lowercase())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_ascii_lowercase)
+        })
+        .unwrap_or_else(|| upstream::authority(&orig.ip().to_string(), orig.port(), false));
+    registry.upstream().pins.pin(&authority, orig);
+    Origin {
+        scheme: http::uri::Scheme::HTTP,
+        authority,
     }
 }

@@ -1,0 +1,729 @@
+//! The OCI distribution API, pull side, as a transparent caching proxy.
+//!
+//! containerd believes it talks to the registry itself, and has no fallback, so every
+//! answer must be one the registry could have given: cached content is served with the
+//! exact headers, and anything eddy does not cache (or doubts) goes upstream verbatim.
+//!
+//! - blobs and manifests by digest: from the store, else one shared upstream fetch
+//!   (single-flight, streamed to every waiting client as it arrives);
+//! - manifests by tag: revalidated upstream with HEAD on every request, served from the store
+//!   when the digest is known, and from the last known record while upstream is unreachable;
+//! - private content: served from the store only to a client whose credentials upstream
+//!   accepts for that repository (a HEAD upstream, remembered briefly).
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use http::{
+    header::{self, HeaderMap, HeaderName},
+    Method, Request, Response, StatusCode, Uri,
+};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, warn};
+
+use crate::{
+    catalog::{Catalog, TagRecord},
+    digest::Digest,
+    metrics::RegistryMetrics,
+    store::Store,
+    upstream::{empty, Body, BoxError, Upstream, UpstreamError},
+};
+
+/// How long an upstream "yes" to a client's credentials for a repository is trusted.
+const AUTH_TTL: Duration = Duration::from_secs(60);
+/// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
+const MAX_MANIFEST: usize = 8 << 20;
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+
+/// The registry a downstream connection is talking to.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// `https` or `http`.
+    pub scheme: http::uri::Scheme,
+    /// `host[:port]` as clients name it (SNI, or Host for plain HTTP).
+    pub authority: String,
+}
+
+/// The parts of the API path eddy understands.
+#[derive(Debug, PartialEq, Eq)]
+enum Api<'a> {
+    Base,
+    Manifest { repo: &'a str, reference: &'a str },
+    Blob { repo: &'a str, digest: &'a str },
+    Other,
+}
+
+fn parse_path(path: &str) -> Api<'_> {
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return if path == "/v2" { Api::Base } else { Api::Other };
+    };
+    if rest.is_empty() {
+        return Api::Base;
+    }
+    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        if !repo.is_empty() && !reference.is_empty() && !reference.contains('/') {
+            return Api::Manifest { repo, reference };
+        }
+    }
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        if !repo.is_empty() && !digest.is_empty() && !digest.contains('/') && !repo.ends_with("/blobs") {
+            return Api::Blob { repo, digest };
+        }
+    }
+    Api::Other
+}
+
+pub struct Registry {
+    upstream: Upstream,
+    store: Arc<Store>,
+    catalog: Arc<Catalog>,
+    metrics: RegistryMetrics,
+    /// (repository, credentials hash) → when upstream last accepted them.
+    auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
+}
+
+impl Registry {
+    pub fn new(upstream: Upstream, store: Arc<Store>, catalog: Arc<Catalog>, metrics: RegistryMetrics) -> Self {
+        Registry {
+            upstream,
+            store,
+            catalog,
+            metrics,
+            auth_ok: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub async fn handle(self: Arc<Self>, origin: Arc<Origin>, req: Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path().to_string();
+        let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
+        match parse_path(&path) {
+            Api::Blob { repo, digest } if is_read => match digest.parse::<Digest>() {
+                Ok(digest) => self.content(&origin, repo, &digest, Kind::Blob, req).await,
+                Err(_) => self.forward(&origin, req, "blob").await,
+            },
+            Api::Manifest { repo, reference } if is_read => match reference.parse::<Digest>() {
+                Ok(digest) => self.content(&origin, repo, &digest, Kind::Manifest, req).await,
+                Err(_) if reference.starts_with("sha256:") || reference.contains(':') => {
+                    self.forward(&origin, req, "manifest").await
+                }
+                Err(_) => self.manifest_by_tag(&origin, repo, reference, req).await,
+            },
+            Api::Base => self.base(&origin, req).await,
+            _ => self.forward(&origin, req, "other").await,
+        }
+    }
+
+    /// `/v2/`: passed through. While upstream is unreachable, answer as a registry would so
+    /// that pulls of cached images can go on.
+    async fn base(&self, origin: &Origin, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        match self.send_upstream(origin, req).await {
+            Ok(resp) => resp,
+            Err(e) if e.is_unreachable() && (method == Method::GET || method == Method::HEAD) => {
+                debug!(error = %e, "upstream unreachable; answering /v2/ locally");
+                let body = if method == Method::HEAD { empty() } else { full(Bytes::from_static(b"{}")) };
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(API_VERSION, "registry/2.0")
+                    .body(body)
+                    .expect("valid response")
+            }
+            Err(e) => bad_gateway(&e),
+        }
+    }
+
+    /// A blob, or a manifest by digest: content-addressed, so cacheable.
+    async fn content(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        digest: &Digest,
+        kind: Kind,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let repo_key = format!("{}/{repo}", origin.authority);
+        let meta = self.catalog.content(digest);
+        let cached = self.store.get(digest);
+
+        // A manifest is only served from the store in a media type the client accepts.
+        if kind == Kind::Manifest {
+            let acceptable = meta
+                .as_ref()
+                .and_then(|m| m.media_type.as_deref())
+                .is_some_and(|mt| accepts(req.headers(), mt));
+            if !acceptable {
+                return self.fetch_manifest(origin, repo, &repo_key, Some(digest), req).await;
+            }
+        }
+
+        if cached.is_some() || meta.is_some() {
+            if let Err(denied) = self
+                .authorize(origin, repo, &repo_key, kind, digest, meta.as_ref().is_some_and(|m| m.public), req.headers())
+                .await
+            {
+                return denied;
+            }
+        }
+
+        let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
+        if let Some(blob) = cached {
+            self.metrics.request(kind.label(), "store");
+            let len = blob.len();
+            return self.serve_cached(req.method(), req.headers(), digest, media_type.as_deref(), len, |s, e| {
+                blob.read_range(s, e).boxed()
+            });
+        }
+
+        if kind == Kind::Manifest {
+            return self.fetch_manifest(origin, repo, &repo_key, Some(digest), req).await;
+        }
+        if req.method() == Method::HEAD {
+            self.metrics.request(kind.label(), "upstream");
+            return self.forward_following(origin, req).await;
+        }
+        self.fill_blob(origin, &repo_key, digest, req).await
+    }
+
+    /// A blob miss: start (or join) the one shared upstream fetch and stream from it.
+    async fn fill_blob(&self, origin: &Origin, repo_key: &str, digest: &Digest, req: Request<Incoming>) -> Response<Body> {
+        let uri = upstream_uri(origin, req.uri());
+        let headers = request_headers(req.headers());
+        let public = !headers.contains_key(header::AUTHORIZATION);
+        let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
+        let owned = Arc::new(AtomicBool::new(false));
+
+        let fill = {
+            let upstream = self.upstream.clone();
+            let catalog = Arc::clone(&self.catalog);
+            let metrics = self.metrics.clone();
+            let (digest_c, repo_key, owned) = (digest.clone(), repo_key.to_string(), Arc::clone(&owned));
+            self.store.fill(digest, move || async move {
+                owned.store(true, Ordering::Relaxed);
+                let started = Instant::now();
+                let resp = upstream
+                    .fetch_following(Method::GET, uri, &headers)
+                    .await
+                    .map_err(|e| -> BoxError { Box::new(e) })?;
+                metrics.upstream_latency(Kind::Blob.label(), started.elapsed());
+                if resp.status() != StatusCode::OK {
+                    let status = resp.status();
+                    let _ = refused_tx.send(resp);
+                    let refused: BoxError = format!("upstream answered {status}").into();
+                    return Err(refused);
+                }
+                if let Err(e) = catalog.record_content(&digest_c, None, &repo_key, public) {
+                    warn!(error = %e, "recording blob metadata failed");
+                }
+                let len = content_length(resp.headers());
+                let counted = metrics.clone();
+                let body = resp
+                    .into_body()
+                    .into_data_stream()
+                    .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64))
+                    .map_err(|e| -> BoxError { Box::new(e) });
+                Ok((body, len))
+            })
+        };
+
+        let len = match fill.len().await {
+            Ok(len) => len,
+            Err(e) => {
+                return match refused_rx.await {
+                    // Upstream said no (401, 404, ...): the client gets exactly that.
+                    Ok(resp) => passthrough_response(resp),
+                    Err(_) => {
+                        warn!(%digest, error = %e, "blob fetch failed");
+                        let status = StatusCode::BAD_GATEWAY;
+                        error_response(status, &format!("eddy: upstream fetch of {digest} failed: {e}"))
+                    }
+                };
+            }
+        };
+        // We joined someone else's fetch: make sure this client may see it.
+        if !owned.load(Ordering::Relaxed) {
+            let public = self.catalog.content(digest).is_some_and(|m| m.public);
+            let repo = repo_key.split_once('/').map(|(_, r)| r).unwrap_or(repo_key);
+            if let Err(denied) = self.authorize(origin, repo, repo_key, Kind::Blob, digest, public, req.headers()).await {
+                return denied;
+            }
+            self.metrics.request(Kind::Blob.label(), "store");
+        } else {
+            self.metrics.request(Kind::Blob.label(), "upstream");
+        }
+        self.serve_cached(req.method(), req.headers(), digest, None, len, |s, e| fill.read_range(s, e).boxed())
+    }
+
+    /// GET a manifest (by digest, or by tag after revalidation) from upstream, store it if it
+    /// verifies, and answer with upstream's headers.
+    async fn fetch_manifest(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        repo_key: &str,
+        expected: Option<&Digest>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let _ = repo;
+        self.metrics.request(Kind::Manifest.label(), "upstream");
+        let method = req.method().clone();
+        let uri = upstream_uri(origin, req.uri());
+        let headers = request_headers(req.headers());
+        let public = !headers.contains_key(header::AUTHORIZATION);
+        let started = Instant::now();
+        let resp = match self.upstream.fetch_following(method.clone(), uri, &headers).await {
+            Ok(r) => r,
+            Err(e) => return bad_gateway(&e),
+        };
+        self.metrics.upstream_latency(Kind::Manifest.label(), started.elapsed());
+        if resp.status() != StatusCode::OK || method == Method::HEAD {
+            return passthrough_response(resp);
+        }
+        let (parts, body) = resp.into_parts();
+        let bytes = match http_body_util::Limited::new(body, MAX_MANIFEST).collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("eddy: reading manifest: {e}")),
+        };
+        self.metrics.bytes("upstream", bytes.len() as u64);
+        let computed: Digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+            .parse()
+            .expect("sha256 digests parse");
+        let claimed = parts.headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok());
+        let verified = expected.map_or(true, |d| *d == computed) && claimed.is_none_or(|c| c == computed.to_string());
+        let media_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if verified {
+            if let Some(mt) = &media_type {
+                self.remember_manifest(&computed, mt, repo_key, public, bytes.clone()).await;
+            }
+        } else {
+            warn!(%computed, ?expected, ?claimed, "manifest digest mismatch; not cached");
+        }
+        Response::from_parts(strip_hop_by_hop(parts), full(bytes))
+    }
+
+    async fn remember_manifest(&self, digest: &Digest, media_type: &str, repo_key: &str, public: bool, bytes: Bytes) {
+        if let Err(e) = self.catalog.record_content(digest, Some(media_type), repo_key, public) {
+            warn!(error = %e, "recording manifest metadata failed");
+            return;
+        }
+        if self.store.get(digest).is_some() {
+            return;
+        }
+        let len = bytes.len() as u64;
+        let fill = self.store.fill(digest, move || async move {
+            let body = futures_util::stream::once(async move { Ok::<_, BoxError>(bytes) });
+            Ok::<_, BoxError>((body, Some(len)))
+        });
+        if let Err(e) = fill.done().await {
+            warn!(%digest, error = %e, "storing manifest failed");
+        }
+    }
+
+    /// Manifests by tag: always revalidated upstream (HEAD, which registries do not count
+    /// as a pull); the content itself comes from the store when the digest is known.
+    async fn manifest_by_tag(&self, origin: &Origin, repo: &str, tag: &str, req: Request<Incoming>) -> Response<Body> {
+        let repo_key = format!("{}/{repo}", origin.authority);
+        let headers = request_headers(req.headers());
+        let public = !headers.contains_key(header::AUTHORIZATION);
+        let started = Instant::now();
+        let head = self
+            .upstream
+            .fetch_following(Method::HEAD, upstream_uri(origin, req.uri()), &headers)
+            .await;
+        let head = match head {
+            Ok(h) => h,
+            Err(e) if e.is_unreachable() => return self.stale_tag(&repo_key, tag, &req, &e),
+            Err(e) => return bad_gateway(&e),
+        };
+        self.metrics.upstream_latency("tag", started.elapsed());
+        let digest = head
+            .headers()
+            .get(DOCKER_CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| d.parse::<Digest>().ok());
+        let media_type = head.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (Some(digest), Some(media_type), true) = (digest, media_type, head.status() == StatusCode::OK) else {
+            // Not something we can cache (a 401 challenge, 404, ...): the client gets
+            // upstream's own answer to its own request.
+            if req.method() == Method::HEAD {
+                return passthrough_response(head);
+            }
+            return self.forward(origin, req, "manifest").await;
+        };
+        let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone(), public };
+        if let Err(e) = self.catalog.record_tag(&repo_key, tag, &record) {
+            warn!(error = %e, "recording tag failed");
+        }
+        if req.method() == Method::HEAD {
+            self.metrics.request(Kind::Manifest.label(), "upstream");
+            return passthrough_response(head);
+        }
+        if let Some(blob) = self.store.get(&digest) {
+            // Upstream just accepted this client's credentials for the repository.
+            let _ = self.catalog.record_content(&digest, Some(&media_type), &repo_key, public);
+            self.metrics.request(Kind::Manifest.label(), "store");
+            let len = blob.len();
+            return self.serve_cached(req.method(), req.headers(), &digest, Some(&media_type), len, |s, e| {
+                blob.read_range(s, e).boxed()
+            });
+        }
+        self.fetch_manifest(origin, repo, &repo_key, Some(&digest), req).await
+    }
+
+    /// Upstream is unreachable: serve the tag's last known manifest if we may.
+    fn stale_tag(&self, repo_key: &str, tag: &str, req: &Request<Incoming>, cause: &UpstreamError) -> Response<Body> {
+        let usable = self.catalog.tag(repo_key, tag).and_then(|rec| {
+            let digest: Digest = rec.digest.parse().ok()?;
+            // Private content needs upstream's word on the credentials, which we cannot get.
+            let ok = rec.public && accepts(req.headers(), &rec.media_type);
+            ok.then(|| self.store.get(&digest).map(|blob| (digest, rec.media_type, blob)))?
+        });
+        let Some((digest, media_type, blob)) = usable else {
+            return bad_gateway(cause);
+        };
+        warn!(repo = repo_key, tag, %digest, error = %cause, "upstream unreachable; serving the last known manifest");
+        self.metrics.stale_manifest();
+        self.metrics.request(Kind::Manifest.label(), "store");
+        let len = blob.len();
+        self.serve_cached(req.method(), req.headers(), &digest, Some(&media_type), len, |s, e| blob.read_range(s, e).boxed())
+    }
+
+    /// Serve cached (or filling) content with the registry's headers, honouring Range.
+    fn serve_cached<F>(
+        &self,
+        method: &Method,
+        req_headers: &HeaderMap,
+        digest: &Digest,
+        media_type: Option<&str>,
+        len: u64,
+        read: F,
+    ) -> Response<Body>
+    where
+        F: FnOnce(u64, Option<u64>) -> futures_util::stream::BoxStream<'static, Result<Bytes, crate::store::StoreError>>,
+    {
+        let range = match req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            Some(spec) => match parse_range(spec, len) {
+                RangeSpec::Satisfiable(start, end) => Some((start, end)),
+                RangeSpec::Ignore => None,
+                RangeSpec::Unsatisfiable => {
+                    return Response::builder()
+                        .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                        .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                        .body(empty())
+                        .expect("valid response");
+                }
+            },
+            None => None,
+        };
+        let mut resp = Response::builder()
+            .header(header::CONTENT_TYPE, media_type.unwrap_or("application/octet-stream"))
+            .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+            .header(header::ETAG, format!("\"{digest}\""))
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(API_VERSION, "registry/2.0");
+        let (start, end) = match range {
+            Some((start, end)) => {
+                resp = resp
+                    .status(StatusCode::PARTIAL_CONTENT)
+                    .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
+                (start, end)
+            }
+            None => (0, len),
+        };
+        resp = resp.header(header::CONTENT_LENGTH, end - start);
+        if method == Method::HEAD {
+            return resp.body(empty()).expect("valid response");
+        }
+        let metrics = self.metrics.clone();
+        let stream = read(start, Some(end))
+            .inspect_ok(move |chunk| metrics.bytes("store", chunk.len() as u64))
+            .map_ok(Frame::data)
+            .map_err(|e| -> BoxError { Box::new(e) });
+        resp.body(BodyExt::boxed_unsync(StreamBody::new(stream))).expect("valid response")
+    }
+
+    /// Private content: upstream must accept this client's credentials for the repository
+    /// (and the digest must exist there). Checked with a HEAD, remembered for AUTH_TTL.
+    #[allow(clippy::too_many_arguments)]
+    async fn authorize(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        repo_key: &str,
+        kind: Kind,
+        digest: &Digest,
+        public: bool,
+        req_headers: &HeaderMap,
+    ) -> Result<(), Response<Body>> {
+        if public {
+            return Ok(());
+        }
+        let credentials: [u8; 32] = Sha256::digest(
+            req_headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default(),
+        )
+        .into();
+        let seen_in_repo = self.catalog.content(digest).is_some_and(|m| m.repos.contains(repo_key));
+        let key = (repo_key.to_string(), credentials);
+        if seen_in_repo {
+            if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
+                if at.elapsed() < AUTH_TTL {
+                    return Ok(());
+                }
+            }
+        }
+        let path = format!("/v2/{repo}/{}/{digest}", kind.path_segment());
+        let uri: Uri = format!("{}://{}{path}", origin.scheme, origin.authority).parse().map_err(|_| {
+            error_response(StatusCode::BAD_REQUEST, "eddy: invalid repository name")
+        })?;
+        let mut headers = HeaderMap::new();
+        for name in [header::AUTHORIZATION, header::ACCEPT] {
+            if let Some(v) = req_headers.get(&name) {
+                headers.insert(name, v.clone());
+            }
+        }
+        let mut req = Request::builder().method(Method::HEAD).uri(uri).body(empty()).expect("valid request");
+        *req.headers_mut() = headers;
+        let resp = self.upstream.send(req).await.map_err(|e| bad_gateway(&e))?;
+        if resp.status().is_success() || resp.status().is_redirection() {
+            let mut cache = self.auth_ok.lock().unwrap();
+            if cache.len() > 10_000 {
+                cache.retain(|_, at| at.elapsed() < AUTH_TTL);
+            }
+            cache.insert(key, Instant::now());
+            drop(cache);
+            let _ = self.catalog.record_content(digest, None, repo_key, false);
+            return Ok(());
+        }
+        debug!(status = %resp.status(), repo = repo_key, "upstream refused the client's credentials");
+        Err(passthrough_response(resp))
+    }
+
+    /// Pass the request upstream untouched and the answer back untouched.
+    async fn forward(&self, origin: &Origin, req: Request<Incoming>, kind: &'static str) -> Response<Body> {
+        self.metrics.request(kind, "upstream");
+        match self.send_upstream(origin, req).await {
+            Ok(resp) => resp,
+            Err(e) => bad_gateway(&e),
+        }
+    }
+
+    async fn send_upstream(&self, origin: &Origin, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let mut up = Request::builder()
+            .method(parts.method)
+            .uri(upstream_uri(origin, &parts.uri))
+            .body(body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+            .expect("valid request");
+        *up.headers_mut() = request_headers(&parts.headers);
+        let resp = self.upstream.send(up).await?;
+        Ok(passthrough_response(resp))
+    }
+
+    /// HEAD of an uncached blob: follow the CDN redirect like containerd would.
+    async fn forward_following(&self, origin: &Origin, req: Request<Incoming>) -> Response<Body> {
+        let headers = request_headers(req.headers());
+        match self.upstream.fetch_following(req.method().clone(), upstream_uri(origin, req.uri()), &headers).await {
+            Ok(resp) => passthrough_response(resp),
+            Err(e) => bad_gateway(&e),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Blob,
+    Manifest,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Blob => "blob",
+            Kind::Manifest => "manifest",
+        }
+    }
+    fn path_segment(self) -> &'static str {
+        match self {
+            Kind::Blob => "blobs",
+            Kind::Manifest => "manifests",
+        }
+    }
+}
+
+fn upstream_uri(origin: &Origin, uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    format!("{}://{}{pq}", origin.scheme, origin.authority)
+        .parse()
+        .unwrap_or_else(|_| uri.clone())
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 7.6.1), plus Host, which the
+/// client sets from the URI.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection" | "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization"
+            | "te" | "trailer" | "transfer-encoding" | "upgrade" | "host"
+    )
+}
+
+fn request_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    let names: Vec<HeaderName> = out.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in names {
+        out.remove(n);
+    }
+    out
+}
+
+fn strip_hop_by_hop(mut parts: http::response::Parts) -> http::response::Parts {
+    let names: Vec<HeaderName> = parts.headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    for n in names {
+        parts.headers.remove(n);
+    }
+    parts
+}
+
+fn passthrough_response(resp: Response<Incoming>) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(strip_hop_by_hop(parts), body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+}
+
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// Registry-style error body.
+fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]}).to_string();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(full(Bytes::from(body)))
+        .expect("valid response")
+}
+
+fn bad_gateway(e: &UpstreamError) -> Response<Body> {
+    error_response(StatusCode::BAD_GATEWAY, &format!("eddy: upstream: {e}"))
+}
+
+/// Whether the client's Accept header admits `media_type` (no Accept admits anything).
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let values: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.split(';').next().unwrap_or("").trim())
+        .filter(|v| !v.is_empty())
+        .collect();
+    values.is_empty() || values.iter().any(|v| *v == "*/*" || v.eq_ignore_ascii_case(media_type))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// [start, end) in bytes.
+    Satisfiable(u64, u64),
+    /// Not a single byte range we support: serve the whole content (allowed by RFC 9110).
+    Ignore,
+    Unsatisfiable,
+}
+
+fn parse_range(spec: &str, len: u64) -> RangeSpec {
+    let Some(ranges) = spec.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Ignore;
+    };
+    if ranges.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((first, last)) = ranges.trim().split_once('-') else {
+        return RangeSpec::Ignore;
+    };
+    let (first, last) = (first.trim(), last.trim());
+    let parsed = match (first.parse::<u64>().ok(), last.parse::<u64>().ok()) {
+        (Some(start), None) if last.is_empty() => Some((start, len)),
+        (Some(start), Some(end)) if end >= start => Some((start, (end + 1).min(len))),
+        (None, Some(suffix)) if first.is_empty() => Some((len.saturating_sub(suffix), len)),
+        _ => return RangeSpec::Ignore,
+    };
+    match parsed {
+        Some((start, end)) if start < len && end > start => RangeSpec::Satisfiable(start, end),
+        _ => RangeSpec::Unsatisfiable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn parses_api_paths() {
+        assert_eq!(parse_path("/v2/"), Api::Base);
+        assert_eq!(parse_path("/v2"), Api::Base);
+        assert_eq!(
+            parse_path("/v2/library/busybox/manifests/latest"),
+            Api::Manifest { repo: "library/busybox", reference: "latest" }
+        );
+        assert_eq!(
+            parse_path("/v2/a/b/c/blobs/sha256:abc"),
+            Api::Blob { repo: "a/b/c", digest: "sha256:abc" }
+        );
+        assert_eq!(parse_path("/v2/a/blobs/uploads/"), Api::Other);
+        assert_eq!(parse_path("/v2/a/blobs/uploads/123"), Api::Other);
+        assert_eq!(parse_path("/v2/_catalog"), Api::Other);
+        assert_eq!(parse_path("/token"), Api::Other);
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-", 10), RangeSpec::Satisfiable(0, 10));
+        assert_eq!(parse_range("bytes=4-", 10), RangeSpec::Satisfiable(4, 10));
+        assert_eq!(parse_range("bytes=2-5", 10), RangeSpec::Satisfiable(2, 6));
+        assert_eq!(parse_range("bytes=2-50", 10), RangeSpec::Satisfiable(2, 10));
+        assert_eq!(parse_range("bytes=-3", 10), RangeSpec::Satisfiable(7, 10));
+        assert_eq!(parse_range("bytes=10-", 10), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,4-5", 10), RangeSpec::Ignore);
+        assert_eq!(parse_range("items=0-1", 10), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn accept_matching() {
+        let mut h = HeaderMap::new();
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json;q=0.5"));
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        assert!(!accepts(&h, "application/vnd.docker.distribution.manifest.v2+json"));
+        h.append(header::ACCEPT, HeaderValue::from_static("*/*"));
+        assert!(accepts(&h, "anything"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert(header::HOST, HeaderValue::from_static("x"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let out = request_headers(&h);
+        assert!(out.get(header::CONNECTION).is_none() && out.get(header::HOST).is_none());
+        assert_eq!(out.get(header::AUTHORIZATION).unwrap(), "Bearer t");
+    }
+}

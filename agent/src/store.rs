@@ -1,0 +1,1489 @@
+//! The local content-addressed blob store, and single-flight fills that tee upstream bytes to every
+//! waiting reader while writing them to disk.
+//!
+//! Layout under `<data_dir>/store`:
+//! - `blobs/sha256/<hex>`: committed blobs. A name only ever appears here by `rename` of a temp file
+//!   whose length and sha256 were verified and fsync'd, so a crash at any point leaves either no entry
+//!   or a complete one.
+//! - `meta/sha256/<hex>.json`: a sidecar recording the committed size, written (and made durable)
+//!   before the blob is renamed into place. It is the independent record `get` checks against.
+//! - `tmp/`: fills in progress. Cleared at open: a leftover belongs to a killed process and its
+//!   content was never verified.
+//!
+//! One process owns a store directory at a time.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use futures_util::{FutureExt, Stream, StreamExt};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::digest::Digest;
+
+/// Bytes per positional read. Large enough that a warm blob streams at several GB/s (one blocking
+/// task hop per chunk), small enough that a tee'd reader is never far behind the writer.
+const READ_CHUNK: u64 = 256 * 1024;
+/// Upper bound on upstream chunks batched into one write (only chunks that are already available are
+/// batched, so batching never delays a reader).
+const WRITE_BATCH: usize = 1024 * 1024;
+
+/// Any error the upstream body or fetch may produce.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Cloneable so a failed fill can hand the same error to every waiting reader.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("reading {digest}: {source}")]
+    Read {
+        digest: Digest,
+        #[source]
+        source: Arc<io::Error>,
+    },
+    #[error("upstream fetch of {digest} failed: {source}")]
+    Upstream {
+        digest: Digest,
+        #[source]
+        source: Arc<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    #[error("content does not match {expected}: got {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error(
+        "length of {digest} does not match: upstream announced {expected} bytes, sent {actual}"
+    )]
+    LengthMismatch {
+        digest: Digest,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("range {start}..{end:?} not satisfiable for {digest} of {len} bytes")]
+    RangeNotSatisfiable {
+        digest: Digest,
+        start: u64,
+        end: Option<u64>,
+        len: u64,
+    },
+    #[error("fill of {digest} ended without a result (task panicked or runtime shut down)")]
+    Aborted { digest: Digest },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: Arc::new(source),
+    }
+}
+
+/// A handle on the store; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs_dir: PathBuf,
+    meta_dir: PathBuf,
+    tmp_dir: PathBuf,
+    index: Mutex<Index>,
+    /// Fills in progress. Lock order: `inflight` before `index`.
+    inflight: Mutex<HashMap<Digest, Fill>>,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+}
+
+struct Entry {
+    size: u64,
+    /// Hashed by this process: either filled here, or found at open and checked by `scrub`.
+    verified: bool,
+}
+
+/// The sidecar in `meta/`. Unknown fields are ignored, so later versions can add some.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Meta {
+    size: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No critical section here can leave the data half-updated, so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `<data_dir>/store`.
+    ///
+    /// Blobs found on disk are indexed if their sidecar exists and records their current size;
+    /// anything else in `blobs/` is deleted, and `tmp/` is emptied. Content is not re-hashed here, so
+    /// open stays fast for a large store; see [`Store::scrub`].
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let root = data_dir.join("store");
+        let blobs_dir = root.join("blobs").join("sha256");
+        let meta_dir = root.join("meta").join("sha256");
+        let tmp_dir = root.join("tmp");
+        for dir in [&blobs_dir, &meta_dir, &tmp_dir] {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+
+        for entry in fs::read_dir(&tmp_dir).map_err(io_err("list", &tmp_dir))? {
+            let path = entry.map_err(io_err("list", &tmp_dir))?.path();
+            debug!(path = %path.display(), "removing leftover temp file");
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(io_err("remove", &path))?;
+        }
+
+        let mut index = Index::default();
+        for entry in fs::read_dir(&blobs_dir).map_err(io_err("list", &blobs_dir))? {
+            let entry = entry.map_err(io_err("list", &blobs_dir))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let digest = name
+                .to_str()
+                .and_then(|n| format!("sha256:{n}").parse::<Digest>().ok());
+            let recorded = digest.and_then(|d| read_meta(&meta_dir, &d));
+            let actual = entry.metadata().map_err(io_err("stat", &path))?;
+            match (digest, recorded) {
+                (Some(digest), Some(meta)) if actual.is_file() && actual.len() == meta.size => {
+                    index.total += meta.size;
+                    index.entries.insert(
+                        digest,
+                        Entry {
+                            size: meta.size,
+                            verified: false,
+                        },
+                    );
+                }
+                _ => {
+                    warn!(path = %path.display(), "removing blob without a matching size record");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        // Sidecars whose blob is gone (a crash between the two renames, or an eviction interrupted).
+        for entry in fs::read_dir(&meta_dir).map_err(io_err("list", &meta_dir))? {
+            let path = entry.map_err(io_err("list", &meta_dir))?.path();
+            let digest = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok());
+            if !digest.is_some_and(|d| index.entries.contains_key(&d)) {
+                let _ = fs::remove_file(&path);
+            }
+        }
+
+        info!(root = %root.display(), blobs = index.entries.len(), bytes = index.total, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                blobs_dir,
+                meta_dir,
+                tmp_dir,
+                index: Mutex::new(index),
+                inflight: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// A committed blob, or None (then the caller fills it or goes elsewhere).
+    ///
+    /// Checks that the file still has the size recorded at commit, which catches truncation and
+    /// replacement without reading the content. Same-size corruption is only caught by [`Store::scrub`]
+    /// (or by the client, since containerd verifies every digest): hashing here would put a full read of
+    /// the blob before its first byte on every cold start, for a failure mode (silent bit rot under an
+    /// unchanged size) far rarer than the crash and disk-full cases the commit protocol already rules out.
+    pub fn get(&self, digest: &Digest) -> Option<Blob> {
+        let size = lock(&self.inner.index).entries.get(digest)?.size;
+        let path = self.inner.blob_path(digest);
+        // The open fd keeps the content readable even if the blob is evicted while being served.
+        let file = match File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+            Ok((len, file)) if len == size => file,
+            Ok((len, _)) => {
+                warn!(%digest, recorded = size, actual = len, "blob size changed on disk; evicting");
+                self.remove(digest);
+                return None;
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                warn!(%digest, "committed blob deleted behind our back; forgetting it");
+                self.remove(digest);
+                return None;
+            }
+            // Possibly transient (EMFILE, EIO): serve this request elsewhere, keep the blob.
+            Err(err) => {
+                warn!(%digest, %err, "committed blob unreadable");
+                return None;
+            }
+        };
+        Some(Blob {
+            digest: *digest,
+            len: size,
+            file: Arc::new(file),
+        })
+    }
+
+    /// Starts a fill for `digest`, or joins the one in progress, or returns an already committed blob
+    /// as a finished fill. `fetch` runs only in the first case.
+    ///
+    /// The download runs in its own task, so it completes (and commits) even if every reader goes
+    /// away: the next pull of the same image then hits the cache. Must be called within a tokio runtime.
+    pub fn fill<F, Fut, S, E1, E2>(&self, digest: &Digest, fetch: F) -> Fill
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(S, Option<u64>), E1>> + Send + 'static,
+        S: Stream<Item = Result<Bytes, E2>> + Send + 'static,
+        E1: Into<BoxError> + Send + 'static,
+        E2: Into<BoxError> + Send + 'static,
+    {
+        let mut inflight = lock(&self.inner.inflight);
+        if let Some(fill) = inflight.get(digest) {
+            return fill.clone();
+        }
+        // Checked under the inflight lock: a finishing fill indexes its blob before leaving `inflight`,
+        // so there is no moment where a completed blob is in neither and would be fetched twice.
+        if let Some(blob) = self.get(digest) {
+            return Fill::committed(blob);
+        }
+        let (writer, tmp_path, read_file) = match self.inner.create_temp(digest) {
+            Ok(files) => files,
+            Err(err) => return Fill::failed(*digest, err),
+        };
+        let (tx, rx) = watch::channel(Progress {
+            written: 0,
+            len: None,
+            state: FillState::Running,
+        });
+        let fill = Fill {
+            digest: *digest,
+            file: Some(Arc::new(read_file)),
+            progress: rx,
+        };
+        inflight.insert(*digest, fill.clone());
+        drop(inflight);
+
+        debug!(%digest, "fill started");
+        let guard = FillGuard {
+            inner: self.inner.clone(),
+            digest: *digest,
+            tmp_path,
+            tx,
+            finished: false,
+        };
+        tokio::spawn(run_fill(guard, writer, fill.file.clone(), fetch));
+        fill
+    }
+
+    /// The fill in progress for `digest`, if any, without starting one (for serving peers from a
+    /// download that is still running).
+    pub fn in_flight(&self, digest: &Digest) -> Option<Fill> {
+        lock(&self.inner.inflight).get(digest).cloned()
+    }
+
+    /// How many fills are running (for the in-flight metric).
+    pub fn in_flight_count(&self) -> usize {
+        lock(&self.inner.inflight).len()
+    }
+
+    /// Total bytes of committed blobs.
+    pub fn size_bytes(&self) -> u64 {
+        lock(&self.inner.index).total
+    }
+
+    /// Every committed digest (for advertising to peers, and for GC).
+    pub fn digests(&self) -> Vec<Digest> {
+        lock(&self.inner.index).entries.keys().copied().collect()
+    }
+
+    /// Evicts a committed blob. Readers holding a [`Blob`] keep reading their open file. Returns whether
+    /// it was present.
+    pub fn remove(&self, digest: &Digest) -> bool {
+        self.remove_if(digest, |_| true)
+    }
+
+    fn remove_if(&self, digest: &Digest, pred: impl FnOnce(&Entry) -> bool) -> bool {
+        let mut index = lock(&self.inner.index);
+        if !index.entries.get(digest).is_some_and(pred) {
+            return false;
+        }
+        let Some(entry) = index.entries.remove(digest) else {
+            return false;
+        };
+        index.total -= entry.size;
+        // Unlinked under the index lock: a new fill for this digest can only start once the entry is
+        // gone, and then it must not have its freshly committed file deleted by us.
+        let _ = fs::remove_file(self.inner.blob_path(digest));
+        let _ = fs::remove_file(self.inner.meta_path(digest));
+        true
+    }
+
+    /// Re-hashes every blob not yet verified by this process (those found on disk at open) and evicts
+    /// any whose content does not match its name. Meant to run in the background after open; returns
+    /// how many were evicted.
+    pub async fn scrub(&self) -> usize {
+        let unverified: Vec<Digest> = {
+            let index = lock(&self.inner.index);
+            index
+                .entries
+                .iter()
+                .filter(|(_, e)| !e.verified)
+                .map(|(d, _)| *d)
+                .collect()
+        };
+        let mut evicted = 0;
+        for digest in unverified {
+            let path = self.inner.blob_path(&digest);
+            let actual = tokio::task::spawn_blocking(move || hash_file(&path)).await;
+            match actual {
+                Ok(Ok(actual)) if actual == digest => {
+                    if let Some(entry) = lock(&self.inner.index).entries.get_mut(&digest) {
+                        entry.verified = true;
+                    }
+                }
+                Ok(Ok(actual)) => {
+                    warn!(%digest, %actual, "blob content does not match its name; evicting");
+                    // Only if still the entry we hashed: it may have been evicted and refilled
+                    // (verified) meanwhile.
+                    evicted += usize::from(self.remove_if(&digest, |e| !e.verified));
+                }
+                // Gone or unreadable: `get` evicts it on next use if it is really broken.
+                Ok(Err(err)) => warn!(%digest, %err, "scrub could not read blob"),
+                Err(err) => warn!(%digest, %err, "scrub task failed"),
+            }
+        }
+        evicted
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs_dir.join(digest.hex())
+    }
+
+    fn meta_path(&self, digest: &Digest) -> PathBuf {
+        self.meta_dir.join(format!("{}.json", digest.hex()))
+    }
+
+    /// A fresh temp file: a write handle for the fill, and a separate read handle shared by readers.
+    /// The read handle is opened now, by path, so it follows the inode through the commit rename (and
+    /// stays valid if a failed fill unlinks it): readers never race the rename.
+    fn create_temp(&self, digest: &Digest) -> Result<(File, PathBuf, File), StoreError> {
+        let path = self
+            .tmp_dir
+            .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
+        let writer = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err("create", &path))?;
+        let reader = File::open(&path).map_err(io_err("open", &path))?;
+        Ok((writer, path, reader))
+    }
+
+    /// Makes a verified temp file the committed blob. Sidecar first, then the blob: once the blob's
+    /// name is durable its size record is too, and a crash in between leaves only an orphan sidecar,
+    /// which open removes.
+    fn commit(
+        &self,
+        digest: &Digest,
+        tmp_path: &Path,
+        writer: &File,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        writer.sync_all().map_err(io_err("fsync", tmp_path))?;
+
+        let meta_tmp = meta_tmp_path(tmp_path);
+        let meta = serde_json::to_vec(&Meta { size }).expect("Meta serializes");
+        let mut f = File::create(&meta_tmp).map_err(io_err("create", &meta_tmp))?;
+        f.write_all(&meta)
+            .and_then(|()| f.sync_all())
+            .map_err(io_err("write", &meta_tmp))?;
+        let meta_path = self.meta_path(digest);
+        fs::rename(&meta_tmp, &meta_path).map_err(io_err("rename", &meta_path))?;
+        sync_dir(&self.meta_dir)?;
+
+        let blob_path = self.blob_path(digest);
+        fs::rename(tmp_path, &blob_path).map_err(io_err("rename", &blob_path))?;
+        sync_dir(&self.blobs_dir)
+    }
+}
+
+/// The sidecar's temp file, next to the fill's own so that failure cleanup finds it.
+fn meta_tmp_path(tmp_path: &Path) -> PathBuf {
+    let mut name = tmp_path.as_os_str().to_owned();
+    name.push(".meta");
+    PathBuf::from(name)
+}
+
+fn read_meta(meta_dir: &Path, digest: &Digest) -> Option<Meta> {
+    let raw = fs::read(meta_dir.join(format!("{}.json", digest.hex()))).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// A rename is durable only once its directory is fsync'd.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync", dir))
+}
+
+fn hash_file(path: &Path) -> io::Result<Digest> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(Digest::from_sha256(hasher.finalize().into())),
+            n => hasher.update(&buf[..n]),
+        }
+    }
+}
+
+/// A committed blob. Holds its file open, so it stays readable even if evicted meanwhile.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    digest: Digest,
+    len: u64,
+    file: Arc<File>,
+}
+
+impl Blob {
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes `[start, end)` (`end` None = to the end; an `end` past the blob is clamped). Errors if
+    /// `start` is past the end.
+    pub fn read_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static {
+        // A committed blob is a finished fill; one reader implementation serves both.
+        Fill::committed(self.clone()).read_range(start, end)
+    }
+}
+
+/// A handle on a download in progress (or finished). Clones observe the same download.
+#[derive(Clone)]
+pub struct Fill {
+    digest: Digest,
+    /// Read handle on the temp file (which becomes the committed blob). None only for a fill that
+    /// failed before it had a file.
+    file: Option<Arc<File>>,
+    progress: watch::Receiver<Progress>,
+}
+
+#[derive(Clone)]
+struct Progress {
+    /// Bytes written to the file; readers never read past this.
+    written: u64,
+    /// The total length, once upstream announced it (or the fill committed).
+    len: Option<u64>,
+    state: FillState,
+}
+
+#[derive(Clone)]
+enum FillState {
+    Running,
+    Committed(Blob),
+    Failed(StoreError),
+}
+
+impl Fill {
+    fn committed(blob: Blob) -> Fill {
+        let progress = Progress {
+            written: blob.len,
+            len: Some(blob.len),
+            state: FillState::Committed(blob.clone()),
+        };
+        Fill {
+            digest: blob.digest,
+            file: Some(blob.file),
+            progress: watch::channel(progress).1,
+        }
+    }
+
+    fn failed(digest: Digest, err: StoreError) -> Fill {
+        let progress = Progress {
+            written: 0,
+            len: None,
+            state: FillState::Failed(err),
+        };
+        Fill {
+            digest,
+            file: None,
+            progress: watch::channel(progress).1,
+        }
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// Waits until the total length is known: announced by upstream, or the fill finished.
+    // Async and fallible, unlike a collection's: an `is_empty` would only be `len().await? == 0`.
+    #[allow(clippy::len_without_is_empty)]
+    pub async fn len(&self) -> Result<u64, StoreError> {
+        let p = self
+            .wait_for(|p| p.len.is_some() || !matches!(p.state, FillState::Running))
+            .await?;
+        match (p.state, p.len) {
+            (FillState::Failed(err), _) => Err(err),
+            (_, Some(len)) => Ok(len),
+            // Unreachable: a commit always sets `len`.
+            (_, None) => Err(StoreError::Aborted {
+                digest: self.digest,
+            }),
+        }
+    }
+
+    /// Resolves when the blob is committed, or with the fill's error.
+    pub async fn done(&self) -> Result<Blob, StoreError> {
+        match self
+            .wait_for(|p| !matches!(p.state, FillState::Running))
+            .await?
+            .state
+        {
+            FillState::Committed(blob) => Ok(blob),
+            FillState::Failed(err) => Err(err),
+            FillState::Running => Err(StoreError::Aborted {
+                digest: self.digest,
+            }),
+        }
+    }
+
+    async fn wait_for(&self, f: impl FnMut(&Progress) -> bool) -> Result<Progress, StoreError> {
+        let mut rx = self.progress.clone();
+        let p = rx.wait_for(f).await.map_err(|_| StoreError::Aborted {
+            digest: self.digest,
+        })?;
+        Ok(p.clone())
+    }
+
+    /// Streams bytes `[start, end)` (`end` None = to the end; clamped to the blob) as they are written.
+    ///
+    /// When the read's end is known, its last chunk is held back until the fill has verified and
+    /// committed the blob: a client given a Content-Length treats the final byte as "body complete",
+    /// so it must never get there on content that then fails verification. Without a known end the
+    /// response is chunked, and the error terminates it before the final chunk instead.
+    pub fn read_range(
+        &self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, StoreError>> + Send + 'static {
+        let reader = Reader {
+            fill: self.clone(),
+            rx: self.progress.clone(),
+            start,
+            pos: start,
+            end,
+            finished: false,
+        };
+        futures_util::stream::unfold(reader, |mut r| async move {
+            r.next().await.map(|item| (item, r))
+        })
+    }
+}
+
+struct Reader {
+    fill: Fill,
+    rx: watch::Receiver<Progress>,
+    start: u64,
+    pos: u64,
+    end: Option<u64>,
+    finished: bool,
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<Result<Bytes, StoreError>> {
+        if self.finished {
+            return None;
+        }
+        let item = self.step().await.transpose();
+        self.finished = !matches!(item, Some(Ok(_)));
+        item
+    }
+
+    async fn step(&mut self) -> Result<Option<Bytes>, StoreError> {
+        let digest = self.fill.digest;
+        loop {
+            let (written, len, committed) = {
+                let p = self.rx.borrow_and_update();
+                match &p.state {
+                    FillState::Failed(err) => return Err(err.clone()),
+                    state => (p.written, p.len, matches!(state, FillState::Committed(_))),
+                }
+            };
+            if let Some(len) = len {
+                if self.start > len || self.end.is_some_and(|end| end < self.start) {
+                    return Err(StoreError::RangeNotSatisfiable {
+                        digest,
+                        start: self.start,
+                        end: self.end,
+                        len,
+                    });
+                }
+            }
+            let end = match (self.end, len) {
+                (Some(end), Some(len)) => Some(end.min(len)),
+                (end, len) => end.or(len),
+            };
+            if committed && end == Some(self.pos) {
+                return Ok(None);
+            }
+            let available = end.map_or(written, |end| end.min(written));
+            if available > self.pos {
+                let n = (available - self.pos).min(READ_CHUNK);
+                let is_last = end == Some(self.pos + n);
+                if committed || !is_last {
+                    let file = self
+                        .fill
+                        .file
+                        .clone()
+                        .ok_or(StoreError::Aborted { digest })?;
+                    let bytes = pread(file, self.pos, n, digest).await?;
+                    self.pos += n;
+                    return Ok(Some(bytes));
+                }
+            }
+            // Nothing new to hand out yet: wait for the writer (or the verdict on the last chunk).
+            if self.rx.changed().await.is_err() {
+                return Err(StoreError::Aborted { digest });
+            }
+        }
+    }
+}
+
+/// A positional read (no shared cursor, so any number of readers share one fd) off the runtime.
+async fn pread(
+    file: Arc<File>,
+    offset: u64,
+    len: u64,
+    digest: Digest,
+) -> Result<Bytes, StoreError> {
+    let read = tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; len as usize];
+        file.read_exact_at(&mut buf, offset)
+            .map(|()| Bytes::from(buf))
+    })
+    .await
+    .unwrap_or_else(|join| Err(io::Error::other(join)));
+    read.map_err(|source| StoreError::Read {
+        digest,
+        source: Arc::new(source),
+    })
+}
+
+/// Owns a fill's terminal bookkeeping, so it also happens if the task panics or is dropped at shutdown.
+struct FillGuard {
+    inner: Arc<Inner>,
+    digest: Digest,
+    tmp_path: PathBuf,
+    tx: watch::Sender<Progress>,
+    finished: bool,
+}
+
+impl FillGuard {
+    fn finish(&mut self, result: Result<Blob, StoreError>) {
+        self.finished = true;
+        let digest = self.digest;
+        match &result {
+            Ok(blob) => {
+                let mut index = lock(&self.inner.index);
+                index.total += blob.len;
+                // A re-fill of an evicted-then-recreated entry replaces it; keep the total honest.
+                if let Some(old) = index.entries.insert(
+                    digest,
+                    Entry {
+                        size: blob.len,
+                        verified: true,
+                    },
+                ) {
+                    index.total -= old.size;
+                }
+                info!(%digest, bytes = blob.len, "blob committed");
+            }
+            Err(err) => {
+                // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
+                let _ = fs::remove_file(&self.tmp_path);
+                let _ = fs::remove_file(meta_tmp_path(&self.tmp_path));
+                warn!(%digest, %err, "fill failed");
+            }
+        }
+        // Leave `inflight` before announcing the result: a caller that sees the failure and retries must
+        // start a new fetch, not join this one. (On success the index already answers.)
+        {
+            let mut inflight = lock(&self.inner.inflight);
+            if inflight
+                .get(&digest)
+                .is_some_and(|f| f.progress.same_channel(&self.tx.subscribe()))
+            {
+                inflight.remove(&digest);
+            }
+        }
+        self.tx.send_modify(|p| {
+            if let Ok(blob) = &result {
+                p.len = Some(blob.len);
+            }
+            p.state = match result {
+                Ok(blob) => FillState::Committed(blob),
+                Err(err) => FillState::Failed(err),
+            };
+        });
+    }
+}
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish(Err(StoreError::Aborted {
+                digest: self.digest,
+            }));
+        }
+    }
+}
+
+async fn run_fill<F, Fut, S, E1, E2>(
+    mut guard: FillGuard,
+    writer: File,
+    read_file: Option<Arc<File>>,
+    fetch: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    S: Stream<Item = Result<Bytes, E2>>,
+    E1: Into<BoxError> + Send,
+    E2: Into<BoxError> + Send,
+{
+    let result = download(&guard, writer, fetch).await;
+    let result = result.and_then(|len| {
+        let file = read_file.ok_or(StoreError::Aborted {
+            digest: guard.digest,
+        })?;
+        Ok(Blob {
+            digest: guard.digest,
+            len,
+            file,
+        })
+    });
+    guard.finish(result);
+}
+
+/// Streams upstream into the temp file, hashing as it goes, then verifies and commits. Returns the
+/// committed length.
+async fn download<F, Fut, S, E1, E2>(
+    guard: &FillGuard,
+    writer: File,
+    fetch: F,
+) -> Result<u64, StoreError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    S: Stream<Item = Result<Bytes, E2>>,
+    E1: Into<BoxError> + Send,
+    E2: Into<BoxError> + Send,
+{
+    let digest = guard.digest;
+    let upstream = |err: BoxError| StoreError::Upstream {
+        digest,
+        source: Arc::from(err),
+    };
+
+    let (body, len) = fetch().await.map_err(|e| upstream(e.into()))?;
+    guard.tx.send_modify(|p| p.len = len);
+
+    // Fused: the batching below may see the end, after which the stream must not be polled again.
+    let mut body = pin!(body.fuse());
+    let writer = Arc::new(writer);
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    while let Some(first) = body.next().await {
+        // Batch whatever else is already buffered, so a fast upstream costs one blocking hop per
+        // ~1 MiB rather than per 16 KiB frame, without ever waiting for more data.
+        let mut batch = vec![first.map_err(|e| upstream(e.into()))?];
+        let mut batch_len = batch[0].len();
+        while batch_len < WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(chunk)) => {
+                    let chunk = chunk.map_err(|e| upstream(e.into()))?;
+                    batch_len += chunk.len();
+                    batch.push(chunk);
+                }
+                _ => break,
+            }
+        }
+        if let Some(expected) = len {
+            if written + batch_len as u64 > expected {
+                return Err(StoreError::LengthMismatch {
+                    digest,
+                    expected,
+                    actual: written + batch_len as u64,
+                });
+            }
+        }
+        // Hashing a MiB takes long enough to stall other tasks, so it rides the blocking hop too.
+        let w = writer.clone();
+        let tmp_path = guard.tmp_path.clone();
+        hasher = tokio::task::spawn_blocking(move || {
+            for chunk in &batch {
+                hasher.update(chunk);
+                (&*w).write_all(chunk)?;
+            }
+            Ok(hasher)
+        })
+        .await
+        .unwrap_or_else(|join| Err(io::Error::other(join)))
+        .map_err(io_err("write", &tmp_path))?;
+        written += batch_len as u64;
+        // Only now are the bytes in the file (page cache), where readers' preads will find them.
+        guard.tx.send_modify(|p| p.written = written);
+    }
+
+    if let Some(expected) = len.filter(|&l| l != written) {
+        return Err(StoreError::LengthMismatch {
+            digest,
+            expected,
+            actual: written,
+        });
+    }
+    let actual = Digest::from_sha256(hasher.finalize().into());
+    if actual != digest {
+        return Err(StoreError::DigestMismatch {
+            expected: digest,
+            actual,
+        });
+    }
+
+    let inner = guard.inner.clone();
+    let tmp_path = guard.tmp_path.clone();
+    tokio::task::spawn_blocking(move || inner.commit(&digest, &tmp_path, &writer, written))
+        .await
+        .unwrap_or_else(|join| Err(io_err("commit", &guard.tmp_path)(io::Error::other(join))))?;
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    const T: Duration = Duration::from_secs(10);
+
+    type Chunk = Result<Bytes, io::Error>;
+    type Fetched = futures_util::future::Ready<
+        Result<(futures_util::stream::BoxStream<'static, Chunk>, Option<u64>), io::Error>,
+    >;
+
+    fn content(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i.wrapping_mul(31) ^ (i >> 9)) as u8)
+            .collect()
+    }
+
+    /// An upstream whose body the test feeds chunk by chunk, counting how often it is fetched.
+    #[derive(Clone)]
+    struct FakeUpstream {
+        calls: Arc<AtomicUsize>,
+        body: Arc<Mutex<Option<mpsc::UnboundedReceiver<Chunk>>>>,
+        len: Option<u64>,
+    }
+
+    impl FakeUpstream {
+        fn new(len: Option<u64>) -> (FakeUpstream, mpsc::UnboundedSender<Chunk>) {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let up = FakeUpstream {
+                calls: Arc::default(),
+                body: Arc::new(Mutex::new(Some(rx))),
+                len,
+            };
+            (up, tx)
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+
+        fn fetch(&self) -> impl FnOnce() -> Fetched + Send + 'static {
+            let up = self.clone();
+            move || {
+                up.calls.fetch_add(1, Ordering::SeqCst);
+                let mut rx = lock(&up.body).take().expect("body fetched twice");
+                let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                futures_util::future::ready(Ok((body.boxed(), up.len)))
+            }
+        }
+    }
+
+    /// A whole body at once, in 7000-byte chunks (deliberately not aligned to anything).
+    fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce() -> Fetched + Send + 'static {
+        move || {
+            let chunks: Vec<Chunk> = data
+                .chunks(7000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            futures_util::future::ready(Ok((futures_util::stream::iter(chunks).boxed(), len)))
+        }
+    }
+
+    async fn collect(
+        stream: impl Stream<Item = Result<Bytes, StoreError>>,
+    ) -> Result<Vec<u8>, StoreError> {
+        let mut stream = pin!(stream);
+        let mut out = Vec::new();
+        while let Some(chunk) = timeout(T, stream.next()).await.expect("read stalled") {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+
+    fn dir_entries(path: &Path) -> Vec<PathBuf> {
+        fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    }
+
+    /// After a failed fill: nothing committed, nothing left behind, nothing in flight.
+    fn assert_clean(store: &Store, root: &Path, digest: &Digest) {
+        assert!(store.get(digest).is_none());
+        assert!(store.in_flight(digest).is_none());
+        assert_eq!(store.size_bytes(), 0);
+        for sub in ["tmp", "blobs/sha256", "meta/sha256"] {
+            assert_eq!(
+                dir_entries(&root.join("store").join(sub)),
+                Vec::<PathBuf>::new(),
+                "{sub}"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_fills_share_one_fetch_and_stream_progressively() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(3 * READ_CHUNK as usize + 12345);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+
+        let barrier = Arc::new(tokio::sync::Barrier::new(8));
+        let (first_tx, mut first_rx) = mpsc::unbounded_channel();
+        let mut readers = Vec::new();
+        for _ in 0..8 {
+            let (store, fetch, barrier, first_tx) =
+                (store.clone(), up.fetch(), barrier.clone(), first_tx.clone());
+            readers.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let fill = store.fill(&digest, fetch);
+                let mut stream = pin!(fill.read_range(0, None));
+                let mut got = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    if got.is_empty() {
+                        first_tx.send(()).unwrap();
+                    }
+                    got.extend_from_slice(&chunk.unwrap());
+                }
+                got
+            }));
+        }
+
+        // Only the first chunk: every reader must get it while upstream still holds back the rest.
+        tx.send(Ok(Bytes::copy_from_slice(&data[..1000]))).unwrap();
+        for _ in 0..8 {
+            timeout(T, first_rx.recv())
+                .await
+                .expect("reader got no early bytes")
+                .unwrap();
+        }
+        for chunk in data[1000..].chunks(64 * 1024) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        }
+        drop(tx);
+
+        for reader in readers {
+            assert!(timeout(T, reader).await.unwrap().unwrap() == data);
+        }
+        assert_eq!(up.calls(), 1);
+        assert_eq!(store.get(&digest).unwrap().len(), data.len() as u64);
+        assert_eq!(store.size_bytes(), data.len() as u64);
+        assert!(store.in_flight(&digest).is_none());
+        assert_eq!(
+            dir_entries(&dir.path().join("store/tmp")),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn final_chunk_is_held_until_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(READ_CHUNK as usize + 100);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+        let fill = store.fill(&digest, up.fetch());
+        // All bytes, but the body has not ended, so the hash is not checked yet.
+        tx.send(Ok(Bytes::from(data.clone()))).unwrap();
+
+        let mut stream = pin!(fill.read_range(0, None));
+        let first = timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(first.len(), READ_CHUNK as usize);
+        assert!(
+            timeout(Duration::from_millis(200), stream.next())
+                .await
+                .is_err(),
+            "the final chunk must wait for verification"
+        );
+        drop(tx);
+        let rest = collect(stream).await.unwrap();
+        assert_eq!([&first[..], &rest[..]].concat(), data);
+    }
+
+    #[tokio::test]
+    async fn read_range_during_fill_and_after_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(2 * READ_CHUNK as usize + 5000);
+        let len = data.len() as u64;
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(Some(len));
+        let fill = store.fill(&digest, up.fetch());
+        assert_eq!(timeout(T, fill.len()).await.unwrap().unwrap(), len);
+
+        let half = data.len() / 2;
+        tx.send(Ok(Bytes::copy_from_slice(&data[..half]))).unwrap();
+        // A bounded range starting mid-way gets its first bytes while the fill is still running.
+        let mut bounded = Box::pin(fill.read_range(100, Some(300_000)));
+        let first = timeout(T, bounded.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(&first[..], &data[100..100 + READ_CHUNK as usize]);
+        // Ranges that start beyond what has been written wait for it.
+        let tail = tokio::spawn(collect(fill.read_range(half as u64 + 10, None)));
+        let last_byte = tokio::spawn(collect(fill.read_range(len - 1, Some(len))));
+        for chunk in data[half..].chunks(10_000) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        }
+        drop(tx);
+        let rest = collect(bounded).await.unwrap();
+        assert_eq!([&first[..], &rest[..]].concat(), &data[100..300_000]);
+        assert_eq!(tail.await.unwrap().unwrap(), &data[half + 10..]);
+        assert_eq!(last_byte.await.unwrap().unwrap(), &data[data.len() - 1..]);
+
+        let blob = timeout(T, fill.done()).await.unwrap().unwrap();
+        let same = store.get(&digest).unwrap();
+        for blob in [blob, same] {
+            assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+            assert_eq!(
+                collect(blob.read_range(5, Some(10))).await.unwrap(),
+                &data[5..10]
+            );
+            assert_eq!(
+                collect(blob.read_range(len - 3, None)).await.unwrap(),
+                &data[data.len() - 3..]
+            );
+            assert_eq!(collect(blob.read_range(len, None)).await.unwrap(), b"");
+            // An end past the blob is clamped, as HTTP does for last-byte-pos.
+            assert_eq!(
+                collect(blob.read_range(0, Some(len + 100))).await.unwrap(),
+                data
+            );
+            let err = collect(blob.read_range(len + 1, None)).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::RangeNotSatisfiable { .. }),
+                "{err}"
+            );
+            let err = collect(blob.read_range(10, Some(5))).await.unwrap_err();
+            assert!(
+                matches!(err, StoreError::RangeNotSatisfiable { .. }),
+                "{err}"
+            );
+        }
+        // The fill handle keeps working after commit too.
+        assert_eq!(
+            collect(fill.read_range(7, Some(70_000))).await.unwrap(),
+            &data[7..70_000]
+        );
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_length_is_learned_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(50_000);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(None);
+        let fill = store.fill(&digest, up.fetch());
+        let len = tokio::spawn({
+            let fill = fill.clone();
+            async move { fill.len().await }
+        });
+        let mut stream = Box::pin(fill.read_range(0, None));
+        tx.send(Ok(Bytes::copy_from_slice(&data[..20_000])))
+            .unwrap();
+        // Without a known end nothing is held back: the body is chunked, and a failure cuts it short.
+        let first = timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(&first[..], &data[..20_000]);
+        assert!(!len.is_finished());
+        tx.send(Ok(Bytes::copy_from_slice(&data[20_000..])))
+            .unwrap();
+        drop(tx);
+        assert_eq!(collect(stream).await.unwrap(), &data[20_000..]);
+        assert_eq!(
+            timeout(T, len).await.unwrap().unwrap().unwrap(),
+            data.len() as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn dropped_readers_do_not_abort_the_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+        let fill = store.fill(&digest, up.fetch());
+        let mut stream = Box::pin(fill.read_range(0, None));
+        tx.send(Ok(Bytes::copy_from_slice(&data[..1000]))).unwrap();
+        timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
+        // The client goes away: its stream and every handle on the fill.
+        drop(stream);
+        drop(fill);
+        for chunk in data[1000..].chunks(4096) {
+            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        }
+        drop(tx);
+        // A later request joins the running fill or finds the committed blob; it never refetches.
+        let (unused, _tx) = FakeUpstream::new(None);
+        let blob = timeout(T, store.fill(&digest, unused.fetch()).done())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(unused.calls(), 0);
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+        assert!(store.get(&digest).is_some());
+    }
+
+    #[tokio::test]
+    async fn digest_mismatch_fails_cleanly_and_a_retry_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(100_000);
+        let digest = Digest::of(&data);
+        let mut wrong = data.clone();
+        wrong[54_321] ^= 1;
+
+        let fill = store.fill(&digest, fetch_bytes(wrong, Some(data.len() as u64)));
+        let reader = tokio::spawn(collect(fill.read_range(0, None)));
+        let err = timeout(T, fill.done()).await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        let err = reader.await.unwrap().unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+        assert!(collect(fill.read_range(0, None)).await.is_err());
+        assert_clean(&store, dir.path(), &digest);
+
+        let blob = store
+            .fill(&digest, fetch_bytes(data.clone(), None))
+            .done()
+            .await
+            .unwrap();
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+        assert_eq!(store.size_bytes(), data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn length_mismatch_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(20_000);
+        let digest = Digest::of(&data);
+        for announced in [10_000, 30_000] {
+            let fill = store.fill(&digest, fetch_bytes(data.clone(), Some(announced)));
+            let err = timeout(T, fill.done()).await.unwrap().unwrap_err();
+            assert!(
+                matches!(err, StoreError::LengthMismatch { expected, .. } if expected == announced),
+                "{err}"
+            );
+            assert_clean(&store, dir.path(), &digest);
+        }
+    }
+
+    #[tokio::test]
+    async fn upstream_error_fails_cleanly_and_a_retry_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(100_000);
+        let digest = Digest::of(&data);
+
+        // Mid-stream.
+        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+        let fill = store.fill(&digest, up.fetch());
+        let mut stream = Box::pin(fill.read_range(0, None));
+        tx.send(Ok(Bytes::copy_from_slice(&data[..40_000])))
+            .unwrap();
+        let first = timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(&first[..], &data[..40_000]);
+        tx.send(Err(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "reset by peer",
+        )))
+        .unwrap();
+        let err = collect(stream).await.unwrap_err();
+        assert!(matches!(err, StoreError::Upstream { .. }), "{err}");
+        assert!(err.to_string().contains("reset by peer"), "{err}");
+        assert!(fill.done().await.is_err());
+        assert_clean(&store, dir.path(), &digest);
+
+        // At the fetch itself (say, upstream answered 503).
+        let fill = store.fill(&digest, || async {
+            Err::<(futures_util::stream::Empty<Chunk>, Option<u64>), _>(io::Error::other("503"))
+        });
+        assert!(matches!(fill.len().await, Err(StoreError::Upstream { .. })));
+        assert!(matches!(
+            fill.done().await,
+            Err(StoreError::Upstream { .. })
+        ));
+        assert_clean(&store, dir.path(), &digest);
+
+        let blob = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+        assert!(store.get(&digest).is_some());
+    }
+
+    #[tokio::test]
+    async fn open_clears_tmp_and_distrusts_unrecorded_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let data = content(70_000);
+        let digest = Digest::of(&data);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .fill(&digest, fetch_bytes(data.clone(), None))
+                .done()
+                .await
+                .unwrap();
+        }
+        // What a killed process or a stray writer might leave behind.
+        fs::write(
+            root.join("tmp").join(format!("{}.0123", digest.hex())),
+            b"partial",
+        )
+        .unwrap();
+        fs::create_dir(root.join("tmp/somedir")).unwrap();
+        let unrecorded = Digest::of(b"no sidecar");
+        fs::write(
+            root.join("blobs/sha256").join(unrecorded.hex()),
+            b"no sidecar",
+        )
+        .unwrap();
+        fs::write(root.join("blobs/sha256/not-a-digest"), b"junk").unwrap();
+        let orphan = Digest::of(b"orphan");
+        fs::write(
+            root.join("meta/sha256")
+                .join(format!("{}.json", orphan.hex())),
+            b"{\"size\":6}",
+        )
+        .unwrap();
+
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(dir_entries(&root.join("tmp")), Vec::<PathBuf>::new());
+        assert_eq!(
+            dir_entries(&root.join("blobs/sha256")),
+            vec![root.join("blobs/sha256").join(digest.hex())]
+        );
+        assert_eq!(dir_entries(&root.join("meta/sha256")).len(), 1);
+        assert!(store.get(&unrecorded).is_none());
+        assert_eq!(store.digests(), vec![digest]);
+        assert_eq!(store.size_bytes(), data.len() as u64);
+        let blob = store.get(&digest).unwrap();
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+
+        // A sidecar that disagrees with the file: not loaded.
+        drop(store);
+        fs::write(
+            root.join("meta/sha256")
+                .join(format!("{}.json", digest.hex())),
+            b"{\"size\":1}",
+        )
+        .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.get(&digest).is_none());
+        assert_eq!(store.size_bytes(), 0);
+        assert_eq!(
+            dir_entries(&root.join("blobs/sha256")),
+            Vec::<PathBuf>::new()
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupted_blobs_are_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("store/blobs/sha256");
+        let (a, b) = (content(10_000), content(20_000));
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .fill(&da, fetch_bytes(a.clone(), None))
+                .done()
+                .await
+                .unwrap();
+            store
+                .fill(&db, fetch_bytes(b.clone(), None))
+                .done()
+                .await
+                .unwrap();
+            assert_eq!(store.size_bytes(), 30_000);
+        }
+        let store = Store::open(dir.path()).unwrap();
+
+        // Truncated under a running store: `get` notices the size and evicts.
+        File::options()
+            .write(true)
+            .open(blobs.join(da.hex()))
+            .unwrap()
+            .set_len(5)
+            .unwrap();
+        assert!(store.get(&da).is_none());
+        assert!(!blobs.join(da.hex()).exists());
+        assert_eq!(store.size_bytes(), 20_000);
+
+        // Same size, different content: `get` does not hash (see there); the scrub catches it.
+        let mut corrupt = b.clone();
+        corrupt[0] ^= 0xff;
+        fs::write(blobs.join(db.hex()), &corrupt).unwrap();
+        assert!(store.get(&db).is_some());
+        assert_eq!(store.scrub().await, 1);
+        assert!(store.get(&db).is_none());
+        assert_eq!(store.size_bytes(), 0);
+
+        // Healthy blobs survive a scrub, and a refill after eviction works.
+        store
+            .fill(&db, fetch_bytes(b.clone(), None))
+            .done()
+            .await
+            .unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.scrub().await, 0);
+        assert_eq!(
+            collect(store.get(&db).unwrap().read_range(0, None))
+                .await
+                .unwrap(),
+            b
+        );
+    }
+
+    #[tokio::test]
+    async fn size_bytes_tracks_commits_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.size_bytes(), 0);
+        let (a, b) = (content(1_000), content(2_345));
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        store.fill(&da, fetch_bytes(a, None)).done().await.unwrap();
+        store.fill(&db, fetch_bytes(b, None)).done().await.unwrap();
+        assert_eq!(store.size_bytes(), 3_345);
+        // Filling what is already committed fetches nothing and counts nothing twice.
+        let (unused, _tx) = FakeUpstream::new(None);
+        store.fill(&da, unused.fetch()).done().await.unwrap();
+        assert_eq!(unused.calls(), 0);
+        assert_eq!(store.size_bytes(), 3_345);
+        assert!(store.remove(&da));
+        assert!(!store.remove(&da));
+        assert_eq!(store.size_bytes(), 2_345);
+        // Empty blobs (config-less artifacts do exist) are fine too.
+        let empty = Digest::of(b"");
+        let blob = store
+            .fill(&empty, fetch_bytes(Vec::new(), Some(0)))
+            .done()
+            .await
+            .unwrap();
+        assert!(blob.is_empty());
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), b"");
+    }
+
+    /// Throughput figures, not assertions (house style: no wall-time asserts in tests). Run with
+    /// `cargo test -p agent --release --lib store::tests::throughput -- --ignored --nocapture`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn throughput() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = Bytes::from(content(512 * 1024 * 1024));
+        let digest = Digest::of(&data);
+        let len = data.len() as u64;
+        let gbps = |start: Instant| len as f64 / start.elapsed().as_secs_f64() / 1e9;
+
+        let chunks: Vec<Chunk> = (0..data.len())
+            .step_by(16 * 1024)
+            .map(|i| Ok(data.slice(i..i + 16 * 1024)))
+            .collect();
+        let start = Instant::now();
+        let fill = store.fill(&digest, move || async move {
+            Ok::<_, io::Error>((futures_util::stream::iter(chunks), Some(len)))
+        });
+        let mut tee = pin!(fill.read_range(0, None));
+        let mut n = 0;
+        while let Some(chunk) = tee.next().await {
+            let before = n as u64;
+            n += chunk.unwrap().len();
+            if before + READ_CHUNK < len && n as u64 + READ_CHUNK >= len {
+                // The final chunk waits for verification and the fsync.
+                println!(
+                    "cold fill, tee'd reader, before commit: {:.2} GB/s",
+                    gbps(start)
+                );
+            }
+        }
+        println!(
+            "cold fill including fsync + commit: {:.2} GB/s",
+            gbps(start)
+        );
+        assert_eq!(n as u64, len);
+        fill.done().await.unwrap();
+
+        for _ in 0..3 {
+            let start = Instant::now();
+            let mut stream = pin!(store.get(&digest).unwrap().read_range(0, None));
+            let mut n = 0;
+            while let Some(chunk) = stream.next().await {
+                n += chunk.unwrap().len();
+            }
+            assert_eq!(n as u64, len);
+            println!(
+                "warm read of a committed 512 MiB blob: {:.2} GB/s",
+                gbps(start)
+            );
+        }
+    }
+}
