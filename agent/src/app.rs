@@ -138,6 +138,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.registries.clone(),
         ca,
         oci,
+        stop_rx.clone(),
     ));
     let connections = TaskTracker::new();
     let mut acceptors = vec![tokio::spawn(Arc::clone(&proxy).serve(listener, stop_rx.clone(), connections.clone()))];

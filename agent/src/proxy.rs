@@ -50,6 +50,8 @@ pub struct Proxy {
     pub ca: Arc<Ca>,
     pub registry: Arc<Registry>,
     tls_by_sni: Arc<rustls::ServerConfig>,
+    /// Flips to true on SIGTERM: HTTP connections then close once idle.
+    shutdown: watch::Receiver<bool>,
     next_id: AtomicU64,
 }
 
@@ -70,6 +72,7 @@ impl Proxy {
         registries: Registries,
         ca: Arc<Ca>,
         registry: Arc<Registry>,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         Proxy {
             bpf,
@@ -79,6 +82,7 @@ impl Proxy {
             tls_by_sni: tls::server_config(Arc::clone(&ca)),
             ca,
             registry,
+            shutdown,
             next_id: AtomicU64::new(1),
         }
     }
@@ -206,7 +210,24 @@ impl Proxy {
             .initial_stream_window_size(4 << 20)
             .initial_connection_window_size(8 << 20)
             .max_frame_size(1 << 20);
-        if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let mut shutdown = self.shutdown.clone();
+        let result = if *shutdown.borrow_and_update() {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        } else {
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.changed() => {
+                    // Finish the requests in flight, then close: an idle keep-alive
+                    // connection must not hold up the drain.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        };
+        if let Err(e) = result {
             debug!(error = %e, "registry connection ended with an error");
         }
     }

@@ -35,9 +35,15 @@ use crate::{
     digest::Digest,
     metrics::RegistryMetrics,
     store::Store,
-    upstream::{empty, Body, BoxError, Upstream, UpstreamError},
+    upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
 };
 
+/// A fill whose upstream stops sending for this long fails (and its clients with it),
+/// rather than hanging every client that shares it.
+const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+/// Below this much free disk (beyond the blob itself), eddy stops caching and streams
+/// straight from upstream: a full disk must not fail a pull.
+const MIN_FREE_BYTES: u64 = 256 << 20;
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
@@ -204,13 +210,16 @@ impl Registry {
         let uri = upstream_uri(origin, req.uri());
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
-        let (refused_tx, refused_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
+        // Upstream answers the store should not keep (a refusal, or a blob that does not fit
+        // on disk) go to this client as they are, uncached.
+        let (uncached_tx, uncached_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
         let owned = Arc::new(AtomicBool::new(false));
 
         let fill = {
             let upstream = self.upstream.clone();
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
+            let store = Arc::clone(&self.store);
             let (digest_c, repo_key, owned) = (digest.clone(), repo_key.to_string(), Arc::clone(&owned));
             self.store.fill(digest, move || async move {
                 owned.store(true, Ordering::Relaxed);
@@ -222,34 +231,53 @@ impl Registry {
                 metrics.upstream_latency(Kind::Blob.label(), started.elapsed());
                 if resp.status() != StatusCode::OK {
                     let status = resp.status();
-                    let _ = refused_tx.send(resp);
+                    let _ = uncached_tx.send(resp);
                     let refused: BoxError = format!("upstream answered {status}").into();
                     return Err(refused);
+                }
+                let len = content_length(resp.headers());
+                let free = store.free_bytes().unwrap_or(0);
+                if free < len.unwrap_or(0).saturating_add(MIN_FREE_BYTES) {
+                    let _ = uncached_tx.send(resp);
+                    let full: BoxError = format!("only {free} bytes free: not caching").into();
+                    return Err(full);
                 }
                 if let Err(e) = catalog.record_content(&digest_c, None, &repo_key, public) {
                     warn!(error = %e, "recording blob metadata failed");
                 }
-                let len = content_length(resp.headers());
                 let counted = metrics.clone();
                 let body = resp
                     .into_body()
                     .into_data_stream()
-                    .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64))
-                    .map_err(|e| -> BoxError { Box::new(e) });
-                Ok((body, len))
+                    .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
+                Ok((idle_timeout(body, UPSTREAM_IDLE), len))
             })
         };
 
         let len = match fill.len().await {
             Ok(len) => len,
             Err(e) => {
-                return match refused_rx.await {
-                    // Upstream said no (401, 404, ...): the client gets exactly that.
-                    Ok(resp) => passthrough_response(resp),
+                return match uncached_rx.await {
+                    // Upstream said no (401, 404, ...), or the disk is full: the client gets
+                    // upstream's answer as it is.
+                    Ok(resp) => {
+                        self.metrics.request(Kind::Blob.label(), "upstream");
+                        self.counted_passthrough(resp)
+                    }
+                    // Someone else's fetch failed (or ours, before upstream answered): on
+                    // any doubt, go upstream for this client directly.
                     Err(_) => {
-                        warn!(%digest, error = %e, "blob fetch failed");
-                        let status = StatusCode::BAD_GATEWAY;
-                        error_response(status, &format!("eddy: upstream fetch of {digest} failed: {e}"))
+                        warn!(%digest, error = %e, "shared blob fetch failed; fetching uncached");
+                        self.metrics.request(Kind::Blob.label(), "upstream");
+                        let headers = request_headers(req.headers());
+                        match self
+                            .upstream
+                            .fetch_following(Method::GET, upstream_uri(origin, req.uri()), &headers)
+                            .await
+                        {
+                            Ok(resp) => self.counted_passthrough(resp),
+                            Err(e) => bad_gateway(&e),
+                        }
                     }
                 };
             }
@@ -510,6 +538,22 @@ impl Registry {
         }
         debug!(status = %resp.status(), repo = repo_key, "upstream refused the client's credentials");
         Err(passthrough_response(resp))
+    }
+
+    /// An upstream response relayed uncached, its body bytes counted as upstream bytes.
+    fn counted_passthrough(&self, resp: Response<Incoming>) -> Response<Body> {
+        let (parts, body) = resp.into_parts();
+        let metrics = self.metrics.clone();
+        let body = body
+            .map_frame(move |frame| {
+                if let Some(data) = frame.data_ref() {
+                    metrics.bytes("upstream", data.len() as u64);
+                }
+                frame
+            })
+            .map_err(|e| -> BoxError { Box::new(e) })
+            .boxed_unsync();
+        Response::from_parts(strip_hop_by_hop(parts), body)
     }
 
     /// Pass the request upstream untouched and the answer back untouched.

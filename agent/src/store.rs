@@ -299,6 +299,11 @@ impl Store {
         lock(&self.inner.inflight).get(digest).cloned()
     }
 
+    /// Free bytes on the store's filesystem (None if it cannot be read).
+    pub fn free_bytes(&self) -> Option<u64> {
+        crate::sys::free_bytes(&self.inner.blobs_dir).ok()
+    }
+
     /// How many fills are running (for the in-flight metric).
     pub fn in_flight_count(&self) -> usize {
         lock(&self.inner.inflight).len()

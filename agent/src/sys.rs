@@ -90,6 +90,19 @@ pub fn netns_cookie() -> io::Result<u64> {
     }
 }
 
+/// Bytes available to unprivileged writers on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+}
+
 /// Whether [::1] can be bound (IPv6 may be disabled on a node).
 pub fn ipv6_loopback_available() -> bool {
     std::net::TcpListener::bind("[::1]:0").is_ok()
@@ -190,6 +203,12 @@ mod tests {
         let a = monotonic_ns();
         let b = monotonic_ns();
         assert!(a > 0 && b >= a);
+    }
+
+    #[test]
+    fn free_bytes_of_tmp() {
+        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
+        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
     }
 
     #[test]

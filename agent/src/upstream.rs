@@ -316,6 +316,28 @@ impl Upstream {
     }
 }
 
+/// Fail a body stream that stops delivering for `idle`: a stalled upstream must not hold a
+/// shared fill (and every client waiting on it) forever.
+pub fn idle_timeout<S, T, E>(
+    stream: S,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = Result<T, BoxError>> + Send + 'static
+where
+    S: futures_util::Stream<Item = Result<T, E>> + Send + Unpin + 'static,
+    E: Into<BoxError>,
+    T: Send + 'static,
+{
+    futures_util::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(idle, futures_util::StreamExt::next(&mut stream)).await {
+            Ok(Some(Ok(item))) => Some((Ok(item), Some(stream))),
+            Ok(Some(Err(e))) => Some((Err(e.into()), None)),
+            Ok(None) => None,
+            Err(_) => Some((Err(format!("upstream sent nothing for {idle:?}").into()), None)),
+        }
+    })
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
@@ -359,6 +381,26 @@ mod tests {
             "https://cdn.test:8443/blob?sig=abc"
         );
         assert!(resolve_location(&base, "relative").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_fails_after_the_idle_timeout() {
+        use futures_util::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<u32, std::io::Error>>(1);
+        let stream = tokio_stream_from(rx);
+        let mut s = Box::pin(idle_timeout(stream, Duration::from_secs(5)));
+        tx.send(Ok(1)).await.unwrap();
+        assert_eq!(s.next().await.unwrap().unwrap(), 1);
+        // Nothing more arrives: the paused clock jumps to the timeout.
+        assert!(s.next().await.unwrap().is_err());
+        assert!(s.next().await.is_none());
+        drop(tx);
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> + Send + Unpin + 'static {
+        Box::pin(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
 
     #[test]

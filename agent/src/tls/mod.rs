@@ -233,7 +233,10 @@ pub fn upstream_client_config(extra_ca_files: &[PathBuf]) -> Result<Arc<ClientCo
         .map_err(|source| TlsError::Config { source })?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = alpn_protocols();
+    // HTTP/1.1 only upstream: layer downloads then get one TCP connection each, as
+    // containerd's own do, instead of sharing one HTTP/2 connection's flow-control window
+    // (measured here: distribution over HTTP/2 runs at half its HTTP/1.1 speed).
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -443,6 +446,6 @@ mod tests {
         // Two certs in one file, as --upstream-ca allows.
         fs::write(&file, format!("{pem}{pem}")).unwrap();
         let config = upstream_client_config(&[file]).unwrap();
-        assert_eq!(config.alpn_protocols, alpn_protocols());
+        assert_eq!(config.alpn_protocols, vec![b"http/1.1".to_vec()]);
     }
 }
