@@ -99,22 +99,21 @@ fn classify_tls(b: &[u8]) -> Option<Hello> {
     }
 }
 
+/// Methods a registry client sends.
+const METHODS: [&[u8]; 6] = [b"GET ", b"HEAD ", b"POST ", b"PUT ", b"PATCH ", b"DELETE "];
+
+/// Decide as soon as the bytes can no longer become `<METHOD> /v2`: a client of some other
+/// protocol may send a few bytes and wait for the server, and must not be held up.
 fn classify_http(b: &[u8]) -> Option<Hello> {
-    // "GET /v2/" is the longest prefix we need; methods registries use.
-    let line_end = b.iter().position(|&c| c == b'\n');
-    let head = &b[..line_end.unwrap_or(b.len())];
-    let mut parts = head.split(|&c| c == b' ');
-    let method = parts.next()?;
-    let Some(path) = parts.next() else {
-        return if line_end.is_some() || b.len() > 16 { Some(Hello::Other) } else { None };
+    let Some(method) = METHODS.iter().find(|m| b.starts_with(m)) else {
+        // Still a prefix of a method? Then wait for more; otherwise it is not HTTP.
+        let partial = METHODS.iter().any(|m| m.starts_with(b));
+        return if partial { None } else { Some(Hello::Other) };
     };
-    let known = [&b"GET"[..], b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE"];
-    if !known.contains(&method) {
-        return Some(Hello::Other);
-    }
+    let path = &b[method.len()..];
     if path.starts_with(b"/v2") {
         Some(Hello::HttpRegistry)
-    } else if path.len() < 3 && line_end.is_none() {
+    } else if b"/v2".starts_with(path) {
         None
     } else {
         Some(Hello::Other)
@@ -180,6 +179,10 @@ mod tests {
         );
         assert_eq!(classify_bytes(b"GET /index.html HTTP/1.1\r\n"), Some(Hello::Other));
         assert_eq!(classify_bytes(b"GE"), None);
+        assert_eq!(classify_bytes(b"GET /v"), None);
+        // A short message of another protocol is decided at once, not after a timeout.
+        assert_eq!(classify_bytes(b"DOWNLOAD 42"), Some(Hello::Other));
+        assert_eq!(classify_bytes(b"GETX"), Some(Hello::Other));
         assert_eq!(classify_bytes(b"SSH-2.0-OpenSSH\r\n"), Some(Hello::Other));
         assert_eq!(classify_bytes(b"\x00\x01"), Some(Hello::Other));
     }

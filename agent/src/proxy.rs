@@ -39,7 +39,7 @@ use crate::{
 
 /// Splice buffer per direction. Larger than tokio's 8 KiB default: fewer syscalls for
 /// layer-sized transfers.
-const SPLICE_BUFFER: usize = 64 * 1024;
+const SPLICE_BUFFER: usize = 256 * 1024;
 
 /// What every connection handler needs.
 pub struct Proxy {
