@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod peek;
 pub mod proxy;
 pub mod registry;
+pub mod splice;
 pub mod status;
 pub mod store;
 pub mod sys;

@@ -37,10 +37,6 @@ use crate::{
     upstream,
 };
 
-/// Splice buffer per direction. Larger than tokio's 8 KiB default: fewer syscalls for
-/// layer-sized transfers.
-const SPLICE_BUFFER: usize = 256 * 1024;
-
 /// What every connection handler needs.
 pub struct Proxy {
     pub bpf: Arc<Bpf>,
@@ -232,9 +228,9 @@ impl Proxy {
         }
     }
 
-    async fn passthrough(&self, mut client: TcpStream, orig: SocketAddr) -> std::io::Result<()> {
+    async fn passthrough(&self, client: TcpStream, orig: SocketAddr) -> std::io::Result<()> {
         let _ = client.set_nodelay(true);
-        let mut upstream = match upstream::connect(orig, self.socket_mark).await {
+        let upstream = match upstream::connect(orig, self.socket_mark).await {
             Ok(s) => s,
             Err(e) => {
                 self.metrics.upstream_connect_errors.inc();
@@ -245,13 +241,7 @@ impl Proxy {
             }
         };
         debug!(dst = %orig, "passthrough");
-        let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-            &mut client,
-            &mut upstream,
-            SPLICE_BUFFER,
-            SPLICE_BUFFER,
-        )
-        .await?;
+        let (up, down) = crate::splice::bidirectional(&client, &upstream).await?;
         let bytes = &self.metrics.bytes;
         bytes
             .get_or_create(&DirectionLabels { direction: "upload" })
