@@ -13,11 +13,16 @@ use std::{
 use anyhow::Result;
 
 pub mod cgroup;
+pub mod containerd;
 pub mod eddy;
 pub mod netns;
+pub mod oci;
+pub mod pki;
 pub mod privileges;
 pub mod probe;
 pub mod process;
+pub mod registry;
+pub mod registry_eddy;
 pub mod wire;
 
 pub use cgroup::CgroupGuard;

@@ -1,0 +1,372 @@
+//! containerd daemons and pull clients (ctr, curl) for the registry end-to-end tests.
+//!
+//! Each [`Containerd`] is its own daemon with config, root, state and socket under a temp
+//! dir, so every one starts with an empty content store. containerd 1.6's `ctr images
+//! pull` / `ctr content fetch` fetch in the ctr process itself, so [`Client`] runs ctr (or
+//! curl) inside the hooked cgroup, with a private /etc/hosts that resolves the test
+//! registry and an `SSL_CERT_FILE` bundle. No hosts.toml anywhere: interception is
+//! transparent.
+use std::{
+    ffi::OsString,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::process::{run_bounded, ProcessGuard};
+
+/// A containerd daemon with its own everything. Killed on drop.
+pub struct Containerd {
+    process: ProcessGuard,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    log: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Start a daemon and wait (bounded) until it answers `ctr version`.
+    pub fn start() -> Result<Self> {
+        let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
+        let dir = work.path();
+        let socket = dir.join("containerd.sock");
+        let root = dir.join("root");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.internal.v1.tracing",
+  "io.containerd.tracing.processor.v1.otlp",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = root.display(),
+            state = dir.join("state").display(),
+            socket = socket.display(),
+            opt = dir.join("opt").display(),
+        );
+        let config_path = dir.join("config.toml");
+        fs::write(&config_path, config)?;
+        let log = dir.join("containerd.log");
+        let log_file = fs::File::create(&log)?;
+        let process = ProcessGuard::spawn(
+            "containerd",
+            Command::new("containerd")
+                .arg("--config")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone()?)
+                .stderr(log_file),
+        )?;
+        let mut containerd = Self {
+            process,
+            socket,
+            root,
+            log,
+            _work: work,
+        };
+        containerd.wait_ready(Duration::from_secs(20))?;
+        Ok(containerd)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!(
+                    "containerd exited ({status}) at start; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            if self.socket.exists() {
+                let out = run_bounded(
+                    Command::new("ctr")
+                        .arg("--address")
+                        .arg(&self.socket)
+                        .arg("version"),
+                    Duration::from_secs(5),
+                );
+                if matches!(&out, Ok(o) if o.status.success()) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "containerd not ready after {timeout:?}; log:\n{}",
+                    self.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// `ctr --address SOCK -n NS` followed by `args`.
+    pub fn ctr_args(&self, namespace: &str, args: &[&str]) -> Vec<OsString> {
+        let mut argv: Vec<OsString> =
+            vec!["ctr".into(), "--address".into(), self.socket.clone().into()];
+        argv.extend(["-n", namespace].map(OsString::from));
+        argv.extend(args.iter().map(OsString::from));
+        argv
+    }
+
+    /// Bytes in the daemon's partial ingests (downloads in progress or interrupted).
+    pub fn ingest_bytes(&self) -> u64 {
+        let dir = self.root.join("io.containerd.content.v1.content/ingest");
+        let Ok(entries) = fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| fs::metadata(e.path().join("data")).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// The digests (`sha256:...`) in namespace `ns`'s content store, via `ctr content ls -q`
+    /// (run outside any cgroup: it only talks to the daemon).
+    pub fn content_digests(&self, namespace: &str) -> Result<Vec<String>> {
+        let argv = self.ctr_args(namespace, &["content", "ls", "-q"]);
+        let out = run_bounded(
+            Command::new(&argv[0]).args(&argv[1..]),
+            Duration::from_secs(20),
+        )?;
+        ensure!(
+            out.status.success(),
+            "ctr content ls failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect())
+    }
+}
+
+/// How a pull client runs: in which cgroup (the hooked one, or none for a direct baseline),
+/// with which /etc/hosts and which CA bundle.
+#[derive(Clone, Debug)]
+pub struct Client {
+    pub cgroup: Option<PathBuf>,
+    pub hosts: PathBuf,
+    pub ca_bundle: PathBuf,
+}
+
+/// The outcome of one client run.
+#[derive(Debug)]
+pub struct Run {
+    pub output: Output,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.output.status.success()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// Error unless the command succeeded.
+    pub fn check(self, what: &str) -> Result<Self> {
+        ensure!(
+            self.ok(),
+            "{what} failed ({}) after {:?}\nstdout: {}\nstderr: {}",
+            self.output.status,
+            self.elapsed,
+            tail(&self.stdout(), 15),
+            tail(&self.stderr(), 30)
+        );
+        Ok(self)
+    }
+}
+
+/// Joins the cgroup (when given), then enters a private mount namespace whose /etc/hosts is
+/// the test's, then execs the program: the same pid throughout, so the program itself is
+/// in the cgroup.
+const CLIENT_SCRIPT: &str = r#"set -e
+if [ -n "$EDDY_T_CGROUP" ]; then echo $$ > "$EDDY_T_CGROUP/cgroup.procs"; fi
+exec unshare --mount sh -c 'mount --bind "$EDDY_T_HOSTS" /etc/hosts && exec "$@"' client "$@"
+"#;
+
+impl Client {
+    /// A hosts file at `path` mapping `names` to `ip` (and localhost).
+    pub fn write_hosts(path: &Path, ip: Ipv4Addr, names: &[&str]) -> Result<()> {
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for name in names {
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// The command that runs `argv` as this client.
+    pub fn command(&self, argv: &[OsString]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(CLIENT_SCRIPT)
+            .arg("client")
+            .args(argv)
+            .env("EDDY_T_HOSTS", &self.hosts)
+            .env("SSL_CERT_FILE", &self.ca_bundle)
+            // curl reads these rather than SSL_CERT_FILE in some builds.
+            .env("CURL_CA_BUNDLE", &self.ca_bundle)
+            .env_remove("SSL_CERT_DIR");
+        match &self.cgroup {
+            Some(cgroup) => cmd.env("EDDY_T_CGROUP", cgroup),
+            None => cmd.env("EDDY_T_CGROUP", ""),
+        };
+        cmd
+    }
+
+    /// Run `argv` as this client, bounded by `timeout`.
+    pub fn run(&self, argv: &[OsString], timeout: Duration) -> Result<Run> {
+        let start = Instant::now();
+        let output = run_bounded(&mut self.command(argv), timeout)?;
+        Ok(Run {
+            output,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Start `argv` as this client in the background (output to `log`).
+    pub fn spawn(&self, argv: &[OsString], log: &Path) -> Result<ProcessGuard> {
+        let file = fs::File::create(log)?;
+        ProcessGuard::spawn(
+            "client",
+            self.command(argv)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file),
+        )
+    }
+
+    /// `ctr images pull` (unpacks for the host platform) of `reference` into `containerd`.
+    pub fn pull(
+        &self,
+        containerd: &Containerd,
+        namespace: &str,
+        reference: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Run> {
+        let mut args = vec!["images", "pull"];
+        args.extend_from_slice(extra);
+        args.push(reference);
+        self.run(&containerd.ctr_args(namespace, &args), timeout)
+    }
+
+    /// `ctr content fetch` (no unpack) of `reference` into `containerd`.
+    pub fn fetch(
+        &self,
+        containerd: &Containerd,
+        namespace: &str,
+        reference: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Run> {
+        let mut args = vec!["content", "fetch"];
+        args.extend_from_slice(extra);
+        args.push(reference);
+        self.run(&containerd.ctr_args(namespace, &args), timeout)
+    }
+
+    /// `curl` `url` with extra arguments, writing the body to `body` and the response
+    /// headers to `headers`. curl's own exit status is in the returned run; the HTTP
+    /// status is in the headers (see [`http_status`]).
+    pub fn curl(
+        &self,
+        url: &str,
+        extra: &[&str],
+        body: &Path,
+        headers: &Path,
+        timeout: Duration,
+    ) -> Result<Run> {
+        let mut argv: Vec<OsString> = ["curl", "-sS", "--http1.1", "-o"]
+            .map(OsString::from)
+            .to_vec();
+        argv.push(body.into());
+        argv.push("-D".into());
+        argv.push(headers.into());
+        argv.extend(extra.iter().map(OsString::from));
+        argv.push(url.into());
+        self.run(&argv, timeout)
+    }
+}
+
+/// The status code of the last response in a curl `-D` header dump.
+pub fn http_status(headers: &str) -> Option<u16> {
+    headers
+        .lines()
+        .rfind(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+}
+
+/// A header's value (case-insensitive name) from the last response in a curl `-D` dump.
+pub fn header(headers: &str, name: &str) -> Option<String> {
+    let last = headers.rsplit("HTTP/").next().unwrap_or(headers);
+    last.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_last_response_headers() {
+        let dump = "HTTP/1.1 307 Temporary Redirect\r\nLocation: x\r\n\r\n\
+                    HTTP/1.1 206 Partial Content\r\ncontent-range: bytes 5-9/10\r\n\r\n";
+        assert_eq!(http_status(dump), Some(206));
+        assert_eq!(
+            header(dump, "Content-Range").as_deref(),
+            Some("bytes 5-9/10")
+        );
+        assert_eq!(header(dump, "Location"), None);
+    }
+}

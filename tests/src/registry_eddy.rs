@@ -1,0 +1,295 @@
+//! eddy as a caching registry proxy: `eddy run --registry HOST --upstream-ca FILE` with a
+//! data dir the test owns (so a restarted eddy finds the same store and CA), its CA for
+//! clients (`eddy ca export`), and a check that every stored blob hashes to its name.
+use std::{
+    ffi::OsString,
+    fs,
+    io::Read,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context, Result};
+use sha2::{Digest as _, Sha256};
+
+use crate::{
+    eddy::{free_port, http_get, metric_value},
+    process::{run_bounded, ProcessGuard},
+};
+
+pub const UPSTREAM_BYTES: &str = r#"eddy_bytes_total{source="upstream"}"#;
+pub const STORE_BYTES: &str = r#"eddy_bytes_total{source="store"}"#;
+pub const STALE_MANIFESTS: &str = "eddy_stale_manifests_served_total";
+pub const INFLIGHT_FETCHES: &str = "eddy_inflight_fetches";
+
+pub fn requests_series(kind: &str, source: &str) -> String {
+    format!(r#"eddy_requests_total{{kind="{kind}",source="{source}"}}"#)
+}
+
+#[derive(Clone, Debug)]
+pub struct RegistryEddyConfig {
+    /// The cgroup whose connects eddy hooks.
+    pub cgroup: PathBuf,
+    /// `--data-dir`: owned by the test, so it survives a restart.
+    pub data_dir: PathBuf,
+    /// `--registry`, repeatable.
+    pub registries: Vec<String>,
+    /// `--upstream-ca`, repeatable.
+    pub upstream_cas: Vec<PathBuf>,
+    /// Run eddy with this file bind-mounted over /etc/hosts (in a private mount namespace),
+    /// so it can resolve a CDN host named in a 307.
+    pub hosts: Option<PathBuf>,
+}
+
+/// A running eddy. Killed on drop; its pins are removed.
+pub struct RegistryEddy {
+    process: ProcessGuard,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub pin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    _work: tempfile::TempDir,
+}
+
+impl RegistryEddy {
+    /// Start eddy and wait (bounded) until /readyz answers 200.
+    pub fn start(bin: &Path, config: &RegistryEddyConfig) -> Result<Self> {
+        let work = tempfile::Builder::new().prefix("eddy-reg-").tempdir()?;
+        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
+        fs::create_dir_all(&config.data_dir)?;
+
+        let mut argv: Vec<OsString> = Vec::new();
+        if let Some(hosts) = &config.hosts {
+            // Same pid throughout: unshare and sh exec, so signals reach eddy itself.
+            argv.extend(
+                [
+                    "unshare",
+                    "--mount",
+                    "sh",
+                    "-c",
+                    r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+                ]
+                .map(OsString::from),
+            );
+            argv.push(hosts.into());
+        }
+        argv.push(bin.into());
+        argv.extend(["run", "--cgroup"].map(OsString::from));
+        argv.push(config.cgroup.clone().into());
+        argv.extend(["--listen".into(), listen.to_string().into()]);
+        argv.extend(["--admin".into(), admin.to_string().into()]);
+        argv.extend([
+            "--intercept-port".into(),
+            crate::INTERCEPTED_PORT.to_string().into(),
+        ]);
+        argv.extend([OsString::from("--data-dir"), config.data_dir.clone().into()]);
+        argv.extend([OsString::from("--bpf-pin-dir"), pin_dir.clone().into()]);
+        for registry in &config.registries {
+            argv.extend([OsString::from("--registry"), registry.into()]);
+        }
+        for ca in &config.upstream_cas {
+            argv.extend([OsString::from("--upstream-ca"), ca.into()]);
+        }
+        let log = work.path().join("eddy.log");
+        let log_file = fs::File::create(&log)?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("EDDY_") {
+                cmd.env_remove(key);
+            }
+        }
+        eprintln!(
+            "starting eddy: {}",
+            argv.iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let process = ProcessGuard::spawn("eddy", &mut cmd)?;
+        let mut eddy = Self {
+            process,
+            listen,
+            admin,
+            pin_dir,
+            data_dir: config.data_dir.clone(),
+            log,
+            _work: work,
+        };
+        eddy.wait_ready(Duration::from_secs(20))?;
+        Ok(eddy)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_wait()? {
+                bail!(
+                    "eddy exited ({status}) before ready; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            let last = match http_get(self.admin, "/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "eddy not ready after {timeout:?} (last /readyz: {last}); log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL and reap: a crash, with no chance to clean up.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.process.kill_and_wait().map(drop)
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = self.log_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn metrics(&self) -> Result<String> {
+        match http_get(self.admin, "/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => bail!("/metrics answered {code}: {body}"),
+        }
+    }
+
+    /// One series; absent reads as 0 (label sets appear on first use).
+    pub fn metric(&self, series: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+    }
+
+    pub fn upstream_bytes(&self) -> Result<u64> {
+        Ok(self.metric(UPSTREAM_BYTES)? as u64)
+    }
+
+    /// Poll `series` until it is at least `min` or `timeout` passes; returns the last value.
+    pub fn wait_metric_at_least(&self, series: &str, min: f64, timeout: Duration) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(series)?;
+            if value >= min || Instant::now() >= deadline {
+                return Ok(value);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RegistryEddy {
+    fn drop(&mut self) {
+        let _ = self.process.kill_and_wait();
+        // Shown only when the test fails (libtest captures it otherwise).
+        eprintln!("--- eddy log (last 40 lines) ---\n{}", self.log_tail(40));
+        if self.pin_dir.exists() {
+            let _ = fs::remove_dir_all(&self.pin_dir);
+        }
+    }
+}
+
+/// `eddy ca export --data-dir DIR --registry ...`: eddy's CA in PEM (created if missing).
+pub fn ca_export(bin: &Path, data_dir: &Path, registries: &[String]) -> Result<String> {
+    fs::create_dir_all(data_dir)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["ca", "export", "--data-dir"]).arg(data_dir);
+    for registry in registries {
+        cmd.args(["--registry", registry]);
+    }
+    let out = run_bounded(&mut cmd, Duration::from_secs(20))?;
+    ensure!(
+        out.status.success(),
+        "eddy ca export failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let pem = String::from_utf8(out.stdout).context("eddy ca export printed non-UTF-8")?;
+    ensure!(
+        pem.contains("-----BEGIN CERTIFICATE-----"),
+        "eddy ca export printed no certificate: {pem}"
+    );
+    Ok(pem)
+}
+
+/// What the content store holds.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StoreReport {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// The store's blob directory under a data dir.
+pub fn store_blob_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("store/blobs/sha256")
+}
+
+/// Hash every file in `<data-dir>/store/blobs/sha256`; error on the first whose sha256 is
+/// not its name.
+pub fn verify_store(data_dir: &Path) -> Result<StoreReport> {
+    let dir = store_blob_dir(data_dir);
+    let mut report = StoreReport::default();
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(report),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut file = fs::File::open(entry.path())?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let actual = hex::encode(hasher.finalize());
+        ensure!(
+            actual == name,
+            "store file {} ({size} bytes) hashes to sha256:{actual}: a corrupt blob",
+            entry.path().display()
+        );
+        report.files += 1;
+        report.bytes += size;
+    }
+    Ok(report)
+}
+
+/// Whether the store holds `digest` (`sha256:<hex>`).
+pub fn store_has(data_dir: &Path, digest: &str) -> bool {
+    store_blob_dir(data_dir)
+        .join(digest.trim_start_matches("sha256:"))
+        .is_file()
+}

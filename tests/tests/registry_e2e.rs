@@ -1,0 +1,1223 @@
+//! End-to-end tests of eddy's caching registry proxy with real programs: docker-registry
+//! (distribution 2.8.2) as the upstream in a network namespace, skopeo to push, containerd
+//! 1.6 + ctr to pull from inside the hooked cgroup, curl for raw requests. No hosts.toml:
+//! ctr believes it talks to registry.test; the connect hook sends it to eddy.
+//!
+//! Upstream bytes are counted from the registry's own log (and the CDN's), not only from
+//! eddy's metrics.
+//!
+//! Run as root: `EDDY_BIN=target/release/eddy cargo test -p eddy-tests --release --test
+//! registry_e2e -- --test-threads=1 --nocapture` (or `cargo xtask test`).
+use std::{
+    ffi::OsString,
+    fs,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use eddy_tests::{
+    cgroup::CgroupGuard,
+    containerd::{header, http_status, Client, Containerd},
+    eddy::eddy_bin,
+    netns::Netns,
+    oci::{self, Blob, Image, ImageSpec},
+    pki::{write_bundle, Pki},
+    process::ProcessGuard,
+    registry::{
+        check_programs, shape_link, Served, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST,
+    },
+    registry_eddy::{
+        ca_export, requests_series, store_has, verify_store, RegistryEddy, RegistryEddyConfig,
+        INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
+    },
+    require_privileges,
+};
+use sha2::{Digest as _, Sha256};
+
+const MIB: u64 = 1 << 20;
+const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+const NS: &str = "e2e";
+
+/// One test's world. Fields drop in declaration order: eddy, then the upstream servers,
+/// then the namespace and the cgroup, then the files.
+struct Setup {
+    eddy: Option<RegistryEddy>,
+    upstream: Upstream,
+    netns: Netns,
+    _cgroup: CgroupGuard,
+    /// ctr/curl inside the hooked cgroup, resolving registry.test (only) to the upstream,
+    /// trusting eddy's CA and the test CA.
+    client: Client,
+    eddy_config: RegistryEddyConfig,
+    work: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Upstream, cgroup and (when `with_eddy`) eddy with `--registry registry.test`.
+    fn new(options: UpstreamOptions, with_eddy: bool) -> Result<Self> {
+        check_programs()?;
+        let work = tempfile::Builder::new().prefix("eddy-e2e-").tempdir()?;
+        let cgroup = CgroupGuard::new()?;
+        let netns = Netns::new()?;
+        let pki = Pki::create(
+            &work.path().join("pki"),
+            &[REGISTRY_HOST, CDN_HOST],
+            &[netns.ns_v4.into()],
+        )?;
+        let upstream = Upstream::start(&netns, &pki, options)?;
+
+        let client_hosts = work.path().join("hosts.client");
+        Client::write_hosts(&client_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
+        let eddy_hosts = work.path().join("hosts.eddy");
+        Client::write_hosts(&eddy_hosts, netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
+        let eddy_config = RegistryEddyConfig {
+            cgroup: cgroup.path().to_path_buf(),
+            data_dir: work.path().join("eddy-data"),
+            registries: vec![REGISTRY_HOST.to_string()],
+            upstream_cas: vec![pki.ca_cert.clone()],
+            hosts: Some(eddy_hosts),
+        };
+        let bundle = work.path().join("ca-bundle.pem");
+        let eddy = if with_eddy {
+            let bin = eddy_bin();
+            let eddy_ca = work.path().join("eddy-ca.pem");
+            fs::write(
+                &eddy_ca,
+                ca_export(&bin, &eddy_config.data_dir, &eddy_config.registries)?,
+            )?;
+            write_bundle(&bundle, &[&eddy_ca, &pki.ca_cert])?;
+            Some(RegistryEddy::start(&bin, &eddy_config)?)
+        } else {
+            write_bundle(&bundle, &[&pki.ca_cert])?;
+            None
+        };
+        let client = Client {
+            cgroup: Some(cgroup.path().to_path_buf()),
+            hosts: client_hosts,
+            ca_bundle: bundle,
+        };
+        Ok(Self {
+            eddy,
+            upstream,
+            netns,
+            _cgroup: cgroup,
+            client,
+            eddy_config,
+            work,
+        })
+    }
+
+    fn eddy(&self) -> &RegistryEddy {
+        self.eddy.as_ref().expect("this setup runs eddy")
+    }
+
+    /// Restart eddy on the same data dir (after a crash).
+    fn restart_eddy(&mut self) -> Result<()> {
+        self.eddy = None;
+        self.eddy = Some(RegistryEddy::start(&eddy_bin(), &self.eddy_config)?);
+        Ok(())
+    }
+
+    /// Write an image layout and push it as registry.test/<repo>:<tag>.
+    fn image(&self, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
+        let start = Instant::now();
+        let layout = self
+            .work
+            .path()
+            .join("layouts")
+            .join(repo.replace('/', "_"));
+        let image = oci::write_layout(&layout, tag, spec)?;
+        let written = start.elapsed();
+        let pushed = self.upstream.push(&image, repo)?;
+        println!(
+            "image {repo}:{tag}: {} blobs, {:.1} MiB (written in {written:.2?}, pushed in {pushed:.2?})",
+            image.blobs().len(),
+            mib(image.total_bytes())
+        );
+        Ok(image)
+    }
+
+    fn served(&self) -> Result<Served> {
+        self.upstream.served()
+    }
+
+    fn upstream_bytes(&self) -> Result<u64> {
+        self.eddy().upstream_bytes()
+    }
+
+    /// A curl through eddy from inside the cgroup: GET (or with `extra`) a registry path.
+    fn curl(&self, path: &str, extra: &[&str], name: &str) -> Result<CurlResult> {
+        let body = self.work.path().join(format!("{name}.body"));
+        let headers = self.work.path().join(format!("{name}.headers"));
+        let url = format!("https://{REGISTRY_HOST}{path}");
+        let mut args = vec![
+            "--cacert",
+            self.client.ca_bundle.to_str().expect("utf-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        let run = self
+            .client
+            .curl(&url, &args, &body, &headers, Duration::from_secs(90))?;
+        let headers = fs::read_to_string(&headers).unwrap_or_default();
+        ensure!(
+            run.ok(),
+            "curl {url} {extra:?} failed: {}\nheaders: {headers}",
+            run.stderr()
+        );
+        Ok(CurlResult {
+            status: http_status(&headers).context("no HTTP status in curl's header dump")?,
+            body: fs::read(&body).unwrap_or_default(),
+            headers,
+            elapsed: run.elapsed,
+        })
+    }
+}
+
+/// A curl through eddy running in the background.
+struct BackgroundCurl {
+    process: ProcessGuard,
+    body: PathBuf,
+    headers: PathBuf,
+    log: PathBuf,
+    started: Instant,
+}
+
+impl Setup {
+    fn curl_background(&self, path: &str, extra: &[&str], name: &str) -> Result<BackgroundCurl> {
+        let body = self.work.path().join(format!("{name}.body"));
+        let headers = self.work.path().join(format!("{name}.headers"));
+        let log = self.work.path().join(format!("{name}.log"));
+        let mut argv: Vec<OsString> = ["curl", "-sS", "--http1.1", "--cacert"]
+            .map(OsString::from)
+            .to_vec();
+        argv.push(self.client.ca_bundle.clone().into());
+        argv.extend([
+            "-o".into(),
+            body.clone().into(),
+            "-D".into(),
+            headers.clone().into(),
+        ]);
+        argv.extend(extra.iter().map(OsString::from));
+        argv.push(format!("https://{REGISTRY_HOST}{path}").into());
+        let started = Instant::now();
+        let process = self.client.spawn(&argv, &log)?;
+        Ok(BackgroundCurl {
+            process,
+            body,
+            headers,
+            log,
+            started,
+        })
+    }
+}
+
+impl BackgroundCurl {
+    /// Body bytes received so far.
+    fn received(&self) -> u64 {
+        fs::metadata(&self.body).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Wait (bounded) for curl to finish well.
+    fn finish(mut self, timeout: Duration) -> Result<CurlResult> {
+        let status = self.process.wait_timeout(timeout)?;
+        let headers = fs::read_to_string(&self.headers).unwrap_or_default();
+        ensure!(
+            matches!(status, Some(s) if s.success()),
+            "background curl ended with {status:?}: {}\nheaders: {headers}",
+            fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        Ok(CurlResult {
+            status: http_status(&headers).context("no HTTP status in curl's header dump")?,
+            body: fs::read(&self.body)?,
+            headers,
+            elapsed: self.started.elapsed(),
+        })
+    }
+}
+
+struct CurlResult {
+    status: u16,
+    headers: String,
+    body: Vec<u8>,
+    elapsed: Duration,
+}
+
+fn setup(options: UpstreamOptions) -> Option<Setup> {
+    if !require_privileges() {
+        return None;
+    }
+    Some(Setup::new(options, true).expect("setting up upstream, cgroup and eddy"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+fn reference(repo: &str, tag: &str) -> String {
+    format!("{REGISTRY_HOST}/{repo}:{tag}")
+}
+
+/// Every blob is in `containerd`'s content store (containerd verified each digest when it
+/// committed it).
+fn assert_has_content(containerd: &Containerd, blobs: &[Blob]) -> Result<()> {
+    let have = containerd.content_digests(NS)?;
+    for blob in blobs {
+        ensure!(
+            have.contains(&blob.digest),
+            "containerd lacks {} ({}); it has {have:?}",
+            blob.digest,
+            blob.media_type
+        );
+    }
+    Ok(())
+}
+
+/// Every blob is in eddy's store, and every store file hashes to its name.
+fn assert_store(setup: &Setup, blobs: &[Blob]) -> Result<()> {
+    let report = verify_store(&setup.eddy_config.data_dir)?;
+    for blob in blobs {
+        ensure!(
+            store_has(&setup.eddy_config.data_dir, &blob.digest),
+            "eddy's store lacks {} ({})",
+            blob.digest,
+            blob.media_type
+        );
+    }
+    println!(
+        "eddy store: {} files, {:.1} MiB, all hash to their names",
+        report.files,
+        mib(report.bytes)
+    );
+    Ok(())
+}
+
+/// Files under `dir` that are not finished store blobs or the CA (partial fills, temp files),
+/// with their sizes.
+fn other_files(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            let rel = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            if rel.starts_with("store/blobs/sha256/") || rel.starts_with("ca/") {
+                continue;
+            }
+            found.push((rel, entry.metadata().map(|m| m.len()).unwrap_or(0)));
+        }
+    }
+    found.sort();
+    found
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// A baseline and a harness check that needs no eddy: registry, skopeo push, and a direct
+/// `ctr images pull` from the (unhooked) cgroup. Its numbers are what eddy is compared to.
+#[test]
+fn baseline_direct_pull_without_eddy() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let setup = Setup::new(UpstreamOptions::default(), false)?;
+    let image = setup.image(
+        "baseline/app",
+        "v1",
+        &ImageSpec::single(&[24 * MIB, 8 * MIB]),
+    )?;
+    let containerd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(
+            &containerd,
+            NS,
+            &reference("baseline/app", "v1"),
+            &[],
+            PULL_TIMEOUT,
+        )?
+        .check("direct ctr images pull")?;
+    let served = setup.served()?;
+    println!(
+        "direct pull (no eddy): {:.2?}; registry sent {:.1} MiB in {} blob GETs",
+        run.elapsed,
+        mib(served.bytes()),
+        served.blob_gets
+    );
+    assert_has_content(&containerd, &image.blobs())?;
+    ensure!(
+        served.blob_bytes >= image.layers().iter().map(|b| b.size).sum::<u64>(),
+        "the registry log does not account for the layers: {served:?}"
+    );
+    Ok(())
+}
+
+/// The harness's CDN without eddy: a client that can resolve cdn.test follows the 307s
+/// itself and the CDN's log accounts for the layers.
+#[test]
+fn baseline_redirected_pull_without_eddy() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let setup = Setup::new(
+        UpstreamOptions {
+            redirect_to_cdn: true,
+            ..Default::default()
+        },
+        false,
+    )?;
+    let image = setup.image("baseline/cdn", "v1", &ImageSpec::single(&[8 * MIB, MIB]))?;
+    let hosts = setup.work.path().join("hosts.with-cdn");
+    Client::write_hosts(&hosts, setup.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
+    let client = Client {
+        hosts,
+        ..setup.client.clone()
+    };
+    let containerd = Containerd::start()?;
+    let run = client
+        .fetch(
+            &containerd,
+            NS,
+            &reference("baseline/cdn", "v1"),
+            &[],
+            PULL_TIMEOUT,
+        )?
+        .check("direct ctr content fetch following 307s")?;
+    let served = setup.served()?;
+    let cdn_bytes = setup.upstream.cdn_bytes()?;
+    println!(
+        "direct redirected pull: {:.2?}; registry: {} redirects; CDN sent {:.1} MiB",
+        run.elapsed,
+        served.redirects,
+        mib(cdn_bytes)
+    );
+    assert_has_content(&containerd, &image.blobs())?;
+    let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
+    ensure!(
+        served.redirects >= 2 && cdn_bytes >= layer_bytes,
+        "the 307s did not go through the CDN: {served:?}, CDN bytes {cdn_bytes}"
+    );
+    Ok(())
+}
+
+/// The harness's Basic-auth registry and curl client without eddy: pulls need the
+/// credentials, and the registry answers `Range: bytes=N-` with 206.
+#[test]
+fn baseline_private_and_range_without_eddy() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let setup = Setup::new(
+        UpstreamOptions {
+            basic_auth: Some(("bob".into(), "pw".into())),
+            ..Default::default()
+        },
+        false,
+    )?;
+    let image = setup.image("baseline/private", "v1", &ImageSpec::single(&[4 * MIB]))?;
+    let reference = reference("baseline/private", "v1");
+    let containerd = Containerd::start()?;
+    let denied = setup
+        .client
+        .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?;
+    ensure!(!denied.ok(), "a fetch without credentials succeeded");
+    setup
+        .client
+        .fetch(
+            &containerd,
+            NS,
+            &reference,
+            &["--user", "bob:pw"],
+            PULL_TIMEOUT,
+        )?
+        .check("direct ctr content fetch with credentials")?;
+    assert_has_content(&containerd, &image.blobs())?;
+
+    let layer = image.largest_layer();
+    let data = image.read_blob(&layer)?;
+    let path = format!("/v2/baseline/private/blobs/{}", layer.digest);
+    let unauth = setup.curl(&path, &[], "direct-unauth")?;
+    ensure!(
+        unauth.status == 401,
+        "direct, no credentials: HTTP {}",
+        unauth.status
+    );
+    let offset = 1_000_000;
+    let res = setup.curl(
+        &path,
+        &["-u", "bob:pw", "-H", &format!("Range: bytes={offset}-")],
+        "direct-range",
+    )?;
+    check_range(&res, offset, &data)?;
+    println!(
+        "direct Range request: HTTP {} in {:.2?}",
+        res.status, res.elapsed
+    );
+    Ok(())
+}
+
+/// 1. A cold pull fills eddy's store; a second containerd (empty content store) then pulls
+///    the same tag without one byte from upstream.
+#[test]
+fn warm_pull_reads_nothing_from_upstream() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "warm/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[24 * MIB, 8 * MIB, MIB]))?;
+    let reference = reference(repo, "v1");
+
+    let cold_ctd = Containerd::start()?;
+    let cold = setup
+        .client
+        .pull(&cold_ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("cold ctr images pull through eddy")?;
+    let after_cold = setup.served()?;
+    let upstream_after_cold = setup.upstream_bytes()?;
+    println!(
+        "cold pull: {:.2?}; registry sent {:.1} MiB ({} blob GETs); eddy upstream bytes {:.1} MiB",
+        cold.elapsed,
+        mib(after_cold.bytes()),
+        after_cold.blob_gets,
+        mib(upstream_after_cold)
+    );
+    assert_has_content(&cold_ctd, &image.blobs())?;
+    ensure!(
+        after_cold.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
+        "cold pull made upstream send {} bytes for a {}-byte image",
+        after_cold.bytes(),
+        image.total_bytes()
+    );
+    assert_store(&setup, &image.blobs())?;
+
+    let store_before = setup.eddy().metric(STORE_BYTES)? as u64;
+    let warm_ctd = Containerd::start()?;
+    let warm = setup
+        .client
+        .pull(&warm_ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("warm ctr images pull through eddy")?;
+    let after_warm = setup.served()?;
+    let upstream_after_warm = setup.upstream_bytes()?;
+    let store_served = setup.eddy().metric(STORE_BYTES)? as u64 - store_before;
+    println!(
+        "warm pull: {:.2?}; registry sent {} more bytes ({} blob GETs, {} manifest GETs); \
+         eddy upstream bytes +{}; eddy served {:.1} MiB from its store; \
+         blob requests from store {}",
+        warm.elapsed,
+        after_warm.bytes() - after_cold.bytes(),
+        after_warm.blob_gets - after_cold.blob_gets,
+        after_warm.manifest_gets - after_cold.manifest_gets,
+        upstream_after_warm - upstream_after_cold,
+        mib(store_served),
+        setup.eddy().metric(&requests_series("blob", "store"))?
+    );
+    assert_has_content(&warm_ctd, &image.blobs())?;
+    ensure!(
+        after_warm.blob_bytes == after_cold.blob_bytes
+            && after_warm.blob_gets == after_cold.blob_gets,
+        "the warm pull fetched blobs upstream: before {after_cold:?}, after {after_warm:?}"
+    );
+    ensure!(
+        after_warm.bytes() == after_cold.bytes(),
+        "the warm pull read manifest bytes upstream: before {after_cold:?}, after {after_warm:?}"
+    );
+    ensure!(
+        upstream_after_warm == upstream_after_cold,
+        "eddy_bytes_total{{source=\"upstream\"}} went from {upstream_after_cold} to {upstream_after_warm}"
+    );
+    let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
+    ensure!(
+        store_served >= layer_bytes,
+        "eddy says it served {store_served} bytes from its store, less than the {layer_bytes} layer bytes"
+    );
+    Ok(())
+}
+
+/// 2. A multi-arch index: all platforms cold, then one platform warm from a fresh content
+///    store.
+#[test]
+fn multi_arch_index() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "multi/app";
+    let image = setup.image(
+        repo,
+        "v2",
+        &ImageSpec::multi_arch(&[12 * MIB, 4 * MIB], &["linux/amd64", "linux/arm64"]),
+    )?;
+    let reference = reference(repo, "v2");
+
+    let all_ctd = Containerd::start()?;
+    let all = setup
+        .client
+        .fetch(&all_ctd, NS, &reference, &["--all-platforms"], PULL_TIMEOUT)?
+        .check("ctr content fetch --all-platforms through eddy")?;
+    let served = setup.served()?;
+    println!(
+        "all platforms: {:.2?}; registry sent {:.1} MiB for a {:.1} MiB index",
+        all.elapsed,
+        mib(served.bytes()),
+        mib(image.total_bytes())
+    );
+    assert_has_content(&all_ctd, &image.blobs())?;
+    ensure!(
+        served.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
+        "upstream sent {} bytes for a {}-byte index",
+        served.bytes(),
+        image.total_bytes()
+    );
+
+    let arm_ctd = Containerd::start()?;
+    let arm = setup
+        .client
+        .pull(
+            &arm_ctd,
+            NS,
+            &reference,
+            &["--platform", "linux/arm64"],
+            PULL_TIMEOUT,
+        )?
+        .check("warm ctr images pull --platform linux/arm64 through eddy")?;
+    let after = setup.served()?;
+    println!(
+        "arm64 warm pull: {:.2?}; registry sent {} more bytes",
+        arm.elapsed,
+        after.bytes() - served.bytes()
+    );
+    let arm64 = image
+        .platforms
+        .iter()
+        .find(|p| p.platform == "linux/arm64")
+        .expect("arm64 is in the spec");
+    let mut wanted = vec![image.top.clone()];
+    wanted.extend(arm64.blobs());
+    assert_has_content(&arm_ctd, &wanted)?;
+    ensure!(
+        after.bytes() == served.bytes(),
+        "the warm arm64 pull read from upstream: before {served:?}, after {after:?}"
+    );
+    assert_store(&setup, &image.blobs())
+}
+
+/// 3. Blob GETs answered 307 to a CDN host that ctr cannot even resolve: eddy follows the
+///    redirect itself, so the pull succeeds and the CDN's log shows eddy fetched the layers.
+#[test]
+fn redirect_to_cdn_is_followed_by_eddy() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions {
+        redirect_to_cdn: true,
+        ..Default::default()
+    }) else {
+        return Ok(());
+    };
+    let repo = "cdn/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[16 * MIB, 4 * MIB]))?;
+    let reference = reference(repo, "v1");
+
+    let containerd = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("ctr content fetch through eddy of a redirected image")?;
+    let served = setup.served()?;
+    let cdn_bytes = setup.upstream.cdn_bytes()?;
+    println!(
+        "redirected pull: {:.2?}; registry: {} redirects, {} direct blob bytes; CDN sent {:.1} MiB in {} GETs",
+        run.elapsed,
+        served.redirects,
+        served.blob_bytes,
+        mib(cdn_bytes),
+        setup.upstream.cdn_gets()
+    );
+    assert_has_content(&containerd, &image.blobs())?;
+    let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
+    ensure!(
+        served.redirects >= image.layers().len() as u64,
+        "the registry did not redirect the layer GETs: {served:?}"
+    );
+    ensure!(
+        cdn_bytes >= layer_bytes && cdn_bytes as f64 <= image.total_bytes() as f64 * 1.02,
+        "the CDN sent {cdn_bytes} bytes for {layer_bytes} layer bytes"
+    );
+    assert_store(&setup, &image.blobs())?;
+
+    // The control: the same pull without eddy (from outside the hooked cgroup) cannot
+    // follow the 307, because ctr cannot resolve the CDN. So the 307 never reached ctr above.
+    let direct = Client {
+        cgroup: None,
+        ..setup.client.clone()
+    };
+    let other = Containerd::start()?;
+    let run = direct.fetch(&other, NS, &reference, &[], Duration::from_secs(60))?;
+    println!(
+        "control, direct without eddy: ok={} after {:.2?}: {}",
+        run.ok(),
+        run.elapsed,
+        run.stderr().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !run.ok(),
+        "a direct ctr fetch followed the 307 to {CDN_HOST}, so the control proves nothing"
+    );
+    Ok(())
+}
+
+/// 4. A Basic-auth repository: after an authorised pull filled the cache, requests without
+///    valid credentials get 401 and no content; valid ones get the content from the cache.
+#[test]
+fn private_content_needs_valid_credentials() -> Result<()> {
+    let (user, password) = ("alice", "s3cret-pw");
+    let Some(setup) = setup(UpstreamOptions {
+        basic_auth: Some((user.into(), password.into())),
+        ..Default::default()
+    }) else {
+        return Ok(());
+    };
+    let repo = "private/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[8 * MIB, 2 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let creds = format!("{user}:{password}");
+
+    let first = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&first, NS, &reference, &["--user", &creds], PULL_TIMEOUT)?
+        .check("authorised ctr content fetch through eddy")?;
+    println!("authorised cold pull: {:.2?}", run.elapsed);
+    assert_has_content(&first, &image.blobs())?;
+    assert_store(&setup, &image.blobs())?;
+
+    let layer = image.largest_layer();
+    let blob_path = format!("/v2/{repo}/blobs/{}", layer.digest);
+    let manifest_path = format!("/v2/{repo}/manifests/{}", image.top.digest);
+    let store_before = setup.eddy().metric(STORE_BYTES)? as u64;
+    let bad_user = format!("{user}:wrong");
+    let attempts: [(&str, &str, Vec<&str>); 6] = [
+        ("no credentials, blob", blob_path.as_str(), vec![]),
+        ("no credentials, blob HEAD", blob_path.as_str(), vec!["-I"]),
+        (
+            "wrong password, blob",
+            blob_path.as_str(),
+            vec!["-u", bad_user.as_str()],
+        ),
+        ("no credentials, manifest", manifest_path.as_str(), vec![]),
+        (
+            "wrong password, manifest",
+            manifest_path.as_str(),
+            vec!["-u", bad_user.as_str()],
+        ),
+        (
+            "no credentials, manifest by tag",
+            "/v2/private/app/manifests/v1",
+            vec!["-H", "Accept: application/vnd.oci.image.manifest.v1+json"],
+        ),
+    ];
+    let layer_bytes = image.read_blob(&layer)?;
+    let sample = &layer_bytes[1024..1040];
+    for (i, (what, path, extra)) in attempts.iter().enumerate() {
+        let res = setup.curl(path, extra, &format!("unauth-{i}"))?;
+        println!(
+            "{what}: HTTP {} with {} body bytes in {:.2?}",
+            res.status,
+            res.body.len(),
+            res.elapsed
+        );
+        ensure!(
+            res.status == 401,
+            "{what}: expected 401, got {}\n{}",
+            res.status,
+            res.headers
+        );
+        ensure!(
+            res.body.len() < 4096 && !res.body.windows(16).any(|w| w == sample),
+            "{what}: the 401 carried content ({} bytes)",
+            res.body.len()
+        );
+    }
+    let store_after = setup.eddy().metric(STORE_BYTES)? as u64;
+    ensure!(
+        store_after == store_before,
+        "eddy served {} bytes from its store to clients without valid credentials",
+        store_after - store_before
+    );
+
+    let ok = setup.curl(&blob_path, &["-u", &creds], "auth-blob")?;
+    ensure!(
+        ok.status == 200,
+        "valid credentials: expected 200, got {}\n{}",
+        ok.status,
+        ok.headers
+    );
+    ensure!(
+        sha256_hex(&ok.body) == layer.hex(),
+        "valid credentials: the body ({} bytes) is not the blob",
+        ok.body.len()
+    );
+    println!(
+        "valid credentials, blob: HTTP 200, {:.1} MiB in {:.2?}",
+        mib(ok.body.len() as u64),
+        ok.elapsed
+    );
+
+    let before = setup.served()?;
+    let second = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&second, NS, &reference, &["--user", &creds], PULL_TIMEOUT)?
+        .check("second authorised ctr content fetch through eddy")?;
+    let after = setup.served()?;
+    println!(
+        "authorised warm pull: {:.2?}; registry sent {} more blob bytes",
+        run.elapsed,
+        after.blob_bytes - before.blob_bytes
+    );
+    assert_has_content(&second, &image.blobs())?;
+    ensure!(
+        after.blob_bytes == before.blob_bytes,
+        "the authorised warm pull fetched blobs upstream: {before:?} → {after:?}"
+    );
+    Ok(())
+}
+
+/// 5. `Range: bytes=N-` through eddy: while the blob is still coming from a slow upstream
+///    (offsets already fetched and not yet fetched), and from the store afterwards.
+#[test]
+fn range_requests_while_downloading_and_cached() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "range/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[40 * MIB]))?;
+    let layer = image.largest_layer();
+    let data = image.read_blob(&layer)?;
+    let size = layer.size;
+    let path = format!("/v2/{repo}/blobs/{}", layer.digest);
+
+    // 50 Mbit/s: the 40 MiB blob takes about 7 s to come from upstream.
+    shape_link(&setup.netns, Some("50mbit"))?;
+    let started = Instant::now();
+    let full = setup.curl_background(&path, &[], "full")?;
+
+    // Wait (bounded) until the client has received a little: the fetch is under way.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while full.received() < 2 * MIB && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let got = full.received();
+    ensure!(
+        got >= 2 * MIB,
+        "the full GET received only {got} bytes in 20 s; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    println!(
+        "after {:.2?}: the full GET has {:.1} MiB; eddy: upstream bytes {:.1} MiB, {} fetches in flight",
+        started.elapsed(),
+        mib(got),
+        mib(setup.upstream_bytes()?),
+        setup.eddy().metric(INFLIGHT_FETCHES)?
+    );
+
+    // Both ranges start now, together, while the blob is still arriving.
+    let offsets = [
+        ("behind the download", MIB),
+        ("ahead of the download", size * 3 / 4),
+    ];
+    let mut ranges = Vec::new();
+    for (label, offset) in offsets {
+        let range = format!("Range: bytes={offset}-");
+        ranges.push((
+            label,
+            offset,
+            setup.curl_background(&path, &["-H", &range], &format!("range-{offset}"))?,
+        ));
+    }
+    let progress = full.received();
+    ensure!(
+        progress < size / 2,
+        "the blob came too fast ({progress} bytes already) to test ranges during the download"
+    );
+    for (label, offset, curl) in ranges {
+        let res = curl.finish(Duration::from_secs(90))?;
+        println!(
+            "Range bytes={offset}- ({label}; issued when the full GET had {:.1} MiB): HTTP {} {:.1} MiB in {:.2?}",
+            mib(progress),
+            res.status,
+            mib(res.body.len() as u64),
+            res.elapsed
+        );
+        check_range(&res, offset, &data)?;
+    }
+    let full = full.finish(Duration::from_secs(90))?;
+    println!(
+        "full GET: HTTP {} {:.1} MiB in {:.2?}",
+        full.status,
+        mib(full.body.len() as u64),
+        full.elapsed
+    );
+    ensure!(
+        full.status == 200,
+        "the full GET: HTTP {}\n{}",
+        full.status,
+        full.headers
+    );
+    ensure!(
+        sha256_hex(&full.body) == layer.hex(),
+        "the full GET's body is not the blob"
+    );
+    shape_link(&setup.netns, None)?;
+
+    // Now from the store (wait for the fill to land; bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !store_has(&setup.eddy_config.data_dir, &layer.digest) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let offset = 12_345;
+    let res = setup.curl(
+        &path,
+        &["-H", &format!("Range: bytes={offset}-")],
+        "range-cached",
+    )?;
+    println!(
+        "Range bytes={offset}- from the store: HTTP {} {:.1} MiB in {:.2?}",
+        res.status,
+        mib(res.body.len() as u64),
+        res.elapsed
+    );
+    check_range(&res, offset, &data)?;
+
+    let served = setup.served()?;
+    println!(
+        "registry sent {:.1} MiB in {} blob GETs for the {:.1} MiB blob",
+        mib(served.blob_bytes),
+        served.blob_gets,
+        mib(size)
+    );
+    ensure!(
+        served.blob_bytes as f64 <= size as f64 * 1.02,
+        "upstream sent {} bytes for one {size}-byte blob",
+        served.blob_bytes
+    );
+    assert_store(&setup, &[layer])
+}
+
+fn check_range(res: &CurlResult, offset: u64, data: &[u8]) -> Result<()> {
+    let size = data.len() as u64;
+    ensure!(
+        res.status == 206,
+        "Range bytes={offset}-: expected 206, got {}\n{}",
+        res.status,
+        res.headers
+    );
+    let expected = format!("bytes {offset}-{}/{size}", size - 1);
+    let got = header(&res.headers, "Content-Range");
+    ensure!(
+        got.as_deref() == Some(expected.as_str()),
+        "Range bytes={offset}-: Content-Range {got:?}, expected {expected:?}"
+    );
+    let length = header(&res.headers, "Content-Length");
+    ensure!(
+        length.as_deref() == Some((size - offset).to_string().as_str()),
+        "Range bytes={offset}-: Content-Length {length:?}, expected {}",
+        size - offset
+    );
+    ensure!(
+        res.body.len() as u64 == size - offset && res.body == data[offset as usize..],
+        "Range bytes={offset}-: {} body bytes, not the blob's bytes from {offset}",
+        res.body.len()
+    );
+    Ok(())
+}
+
+/// 5b. containerd's own resume: ctr is killed mid-layer, leaving a partial ingest; the
+///     retried pull asks eddy for `Range: bytes=N-` and completes. The fill eddy started
+///     goes on without the client, so upstream still sends the layer once.
+#[test]
+fn containerd_resumes_interrupted_pull_with_range() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "resume/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[32 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let layer = image.largest_layer();
+
+    shape_link(&setup.netns, Some("50mbit"))?;
+    let containerd = Containerd::start()?;
+    let argv = containerd.ctr_args(NS, &["content", "fetch", &reference]);
+    let started = Instant::now();
+    let mut pull = setup
+        .client
+        .spawn(&argv, &setup.work.path().join("interrupted.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containerd.ingest_bytes() < 8 * MIB && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ingested = containerd.ingest_bytes();
+    pull.kill_and_wait()?;
+    println!(
+        "killed ctr after {:.2?} with {:.1} MiB of the {:.1} MiB layer in containerd's ingest",
+        started.elapsed(),
+        mib(ingested),
+        mib(layer.size)
+    );
+    ensure!(
+        ingested >= 8 * MIB && ingested < layer.size,
+        "containerd had {ingested} bytes of the {}-byte layer when ctr was to be killed",
+        layer.size
+    );
+
+    let retry = setup
+        .client
+        .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("retried ctr content fetch (resuming its ingest)")?;
+    shape_link(&setup.netns, None)?;
+    assert_has_content(&containerd, &image.blobs())?;
+    // Let the fill finish landing in the store (bounded), then count upstream bytes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !store_has(&setup.eddy_config.data_dir, &layer.digest) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let served = setup.served()?;
+    println!(
+        "resumed pull: {:.2?}; registry sent {:.1} MiB in {} blob GETs for the {:.1} MiB image; \
+         eddy blob requests: store {}, upstream {}",
+        retry.elapsed,
+        mib(served.bytes()),
+        served.blob_gets,
+        mib(image.total_bytes()),
+        setup.eddy().metric(&requests_series("blob", "store"))?,
+        setup.eddy().metric(&requests_series("blob", "upstream"))?
+    );
+    ensure!(
+        served.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
+        "upstream sent {} bytes for a {}-byte image pulled once with a resume",
+        served.bytes(),
+        image.total_bytes()
+    );
+    assert_store(&setup, &image.blobs())
+}
+
+/// 6. Eight cold pulls of one image at once (eight containerd daemons): all succeed, and
+///    upstream sends the image about once.
+#[test]
+fn concurrent_cold_pulls_fetch_once() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "herd/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[24 * MIB, 8 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let started = Instant::now();
+    let daemons: Vec<Containerd> = (0..8).map(|_| Containerd::start()).collect::<Result<_>>()?;
+    println!("8 containerd daemons up in {:.2?}", started.elapsed());
+
+    // 200 Mbit/s: slow enough that all eight are in flight together.
+    shape_link(&setup.netns, Some("200mbit"))?;
+    let started = Instant::now();
+    let mut pulls = Vec::new();
+    for (i, daemon) in daemons.iter().enumerate() {
+        let argv = daemon.ctr_args(NS, &["content", "fetch", &reference]);
+        let log = setup.work.path().join(format!("pull-{i}.log"));
+        pulls.push((setup.client.spawn(&argv, &log)?, log));
+    }
+    let mut failures = Vec::new();
+    for (i, (pull, log)) in pulls.iter_mut().enumerate() {
+        let left = PULL_TIMEOUT.saturating_sub(started.elapsed());
+        let status = pull.wait_timeout(left)?;
+        let elapsed = started.elapsed();
+        let ok = matches!(status, Some(s) if s.success());
+        println!("pull {i}: ok={ok} by {elapsed:.2?}");
+        if !ok {
+            failures.push(format!(
+                "pull {i}: {status:?}\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            ));
+        }
+    }
+    shape_link(&setup.netns, None)?;
+    let served = setup.served()?;
+    println!(
+        "8 concurrent pulls: {:.2?}; registry sent {:.1} MiB ({} blob GETs, {} manifest GETs) \
+         for a {:.1} MiB image ({:.3}×); eddy upstream bytes {:.1} MiB",
+        started.elapsed(),
+        mib(served.bytes()),
+        served.blob_gets,
+        served.manifest_gets,
+        mib(image.total_bytes()),
+        served.bytes() as f64 / image.total_bytes() as f64,
+        mib(setup.upstream_bytes()?)
+    );
+    println!(
+        "manifest requests upstream (excluding the push):\n  {}",
+        setup
+            .upstream
+            .manifest_requests()
+            .into_iter()
+            .filter(|r| !r.starts_with("PUT"))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    );
+    ensure!(
+        failures.is_empty(),
+        "failed pulls:\n{}",
+        failures.join("\n")
+    );
+    for daemon in &daemons {
+        assert_has_content(daemon, &image.blobs())?;
+    }
+    ensure!(
+        served.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
+        "upstream sent {} bytes for a {}-byte image pulled 8 times at once",
+        served.bytes(),
+        image.total_bytes()
+    );
+    assert_store(&setup, &image.blobs())?;
+    // Docker Hub counts every manifest GET as a pull: one digest, one upstream GET.
+    let mut gets = std::collections::BTreeMap::<String, u32>::new();
+    for request in setup.upstream.manifest_requests() {
+        if request.starts_with("GET ") && request.contains("/manifests/sha256:") {
+            *gets.entry(request).or_default() += 1;
+        }
+    }
+    ensure!(
+        gets.values().all(|n| *n <= 1),
+        "eddy fetched a manifest by digest more than once upstream for 8 concurrent pulls \
+         (no single-flight for manifests): {gets:?}"
+    );
+    Ok(())
+}
+
+/// 7. After a warm-up pull, the upstream registry dies; a pull by tag from a fresh content
+///    store still works (last known tag, content from the store).
+#[test]
+fn pull_by_tag_survives_upstream_outage() -> Result<()> {
+    let Some(mut setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "outage/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[8 * MIB, 2 * MIB]))?;
+    let reference = reference(repo, "v1");
+
+    let first = Containerd::start()?;
+    setup
+        .client
+        .pull(&first, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("warm-up ctr images pull through eddy")?;
+
+    setup.upstream.stop_registry()?;
+    let second = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&second, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("ctr images pull by tag with upstream down")?;
+    let stale = setup.eddy().metric(STALE_MANIFESTS)?;
+    println!(
+        "pull with upstream down: {:.2?}; eddy_stale_manifests_served_total {stale}",
+        run.elapsed
+    );
+    assert_has_content(&second, &image.blobs())?;
+    ensure!(stale >= 1.0, "eddy did not count the stale tag it served");
+    Ok(())
+}
+
+/// 8. eddy is killed (SIGKILL) in the middle of a slow pull. Restarted on the same data
+///    dir, the retried pull succeeds, and no store file is corrupt.
+#[test]
+fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
+    let Some(mut setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "crash/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[64 * MIB, MIB]))?;
+    let reference = reference(repo, "v1");
+    let big = image.largest_layer();
+
+    // 50 Mbit/s: the 64 MiB layer takes about 11 s.
+    shape_link(&setup.netns, Some("50mbit"))?;
+    let containerd = Containerd::start()?;
+    let argv = containerd.ctr_args(NS, &["content", "fetch", &reference]);
+    let log = setup.work.path().join("interrupted.log");
+    let started = Instant::now();
+    let mut pull = setup.client.spawn(&argv, &log)?;
+    // Kill eddy once containerd holds a quarter of the big layer (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while containerd.ingest_bytes() < 16 * MIB && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ingested = containerd.ingest_bytes();
+    ensure!(
+        ingested >= 16 * MIB && ingested < big.size,
+        "containerd had {ingested} bytes of the {}-byte layer when eddy was to be killed; log:\n{}",
+        big.size,
+        setup.eddy().log_tail(30)
+    );
+    let seen = setup.upstream_bytes()?;
+    setup.eddy.as_mut().expect("eddy").kill9()?;
+    println!(
+        "killed eddy after {:.2?}: containerd had {:.1} MiB of the {:.1} MiB layer, eddy {:.1} MiB from upstream",
+        started.elapsed(),
+        mib(ingested),
+        mib(big.size),
+        mib(seen)
+    );
+    let status = pull.wait_timeout(Duration::from_secs(90))?;
+    println!(
+        "the interrupted ctr: {status:?}: {}",
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
+    ensure!(
+        status.is_some(),
+        "the interrupted ctr did not exit within 90 s"
+    );
+    let report = verify_store(&setup.eddy_config.data_dir)?;
+    println!(
+        "after the crash: {} store files, {:.1} MiB, none corrupt; other files in the data dir: {:?}",
+        report.files,
+        mib(report.bytes),
+        other_files(&setup.eddy_config.data_dir)
+    );
+
+    shape_link(&setup.netns, None)?;
+    setup.restart_eddy()?;
+    // The same containerd: it resumes its partial ingest (Range) if the first try failed.
+    let retry = setup
+        .client
+        .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("retried ctr content fetch after eddy restarted")?;
+    println!("retried pull: {:.2?}", retry.elapsed);
+    assert_has_content(&containerd, &image.blobs())?;
+
+    let fresh = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&fresh, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("fresh ctr content fetch after the restart")?;
+    println!("fresh pull after the restart: {:.2?}", run.elapsed);
+    assert_has_content(&fresh, &image.blobs())?;
+    let served = setup.served()?;
+    println!(
+        "registry sent {:.1} MiB in all for the {:.1} MiB image; other files in the data dir now: {:?}",
+        mib(served.bytes()),
+        mib(image.total_bytes()),
+        other_files(&setup.eddy_config.data_dir)
+    );
+    assert_store(&setup, &image.blobs())
+}
