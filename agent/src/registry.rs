@@ -167,47 +167,47 @@ impl Registry {
         let cached = self.store.get(digest);
 
         // A manifest is only served from the store in a media type the client accepts.
-        if kind == Kind::Manifest {
-            let acceptable = meta
-                .as_ref()
-                .and_then(|m| m.media_type.as_deref())
-                .is_some_and(|mt| accepts(req.headers(), mt));
-            if !acceptable {
-                return self.fetch_manifest(origin, repo, &repo_key, Some(digest), req).await;
+        if let Some(mt) = meta.as_ref().and_then(|m| m.media_type.as_deref()) {
+            if kind == Kind::Manifest && !accepts(req.headers(), mt) {
+                return self.fetch_manifest(origin, &repo_key, Some(digest), req).await;
             }
         }
 
         if cached.is_some() || meta.is_some() {
-            if let Err(denied) = self
-                .authorize(origin, repo, &repo_key, kind, digest, meta.as_ref().is_some_and(|m| m.public), req.headers())
-                .await
-            {
+            let public = meta.as_ref().is_some_and(|m| m.public);
+            if let Err(denied) = self.authorize(origin, repo, &repo_key, kind, digest, public, req.headers()).await {
                 return denied;
             }
         }
 
-        let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
         if let Some(blob) = cached {
             self.metrics.request(kind.label(), "store");
+            let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
             let len = blob.len();
             return self.serve_cached(req.method(), req.headers(), digest, media_type.as_deref(), len, |s, e| {
                 blob.read_range(s, e).boxed()
             });
         }
-
-        if kind == Kind::Manifest {
-            return self.fetch_manifest(origin, repo, &repo_key, Some(digest), req).await;
-        }
         if req.method() == Method::HEAD {
             self.metrics.request(kind.label(), "upstream");
             return self.forward_following(origin, req).await;
         }
-        self.fill_blob(origin, &repo_key, digest, req).await
+        self.fill(origin, repo, &repo_key, digest, kind, req).await
     }
 
-    /// A blob miss: start (or join) the one shared upstream fetch and stream from it.
-    async fn fill_blob(&self, origin: &Origin, repo_key: &str, digest: &Digest, req: Request<Incoming>) -> Response<Body> {
-        let uri = upstream_uri(origin, req.uri());
+    /// A miss: start (or join) the one shared upstream fetch of `digest` and stream from it.
+    /// Manifests go the same way (registries count every manifest GET as a pull).
+    async fn fill(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        repo_key: &str,
+        digest: &Digest,
+        kind: Kind,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        // By digest, even when the client asked by tag: the content must be this digest.
+        let uri = content_uri(origin, repo, kind, digest);
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
@@ -228,7 +228,7 @@ impl Registry {
                     .fetch_following(Method::GET, uri, &headers)
                     .await
                     .map_err(|e| -> BoxError { Box::new(e) })?;
-                metrics.upstream_latency(Kind::Blob.label(), started.elapsed());
+                metrics.upstream_latency(kind.label(), started.elapsed());
                 if resp.status() != StatusCode::OK {
                     let status = resp.status();
                     let _ = uncached_tx.send(resp);
@@ -242,8 +242,21 @@ impl Registry {
                     let full: BoxError = format!("only {free} bytes free: not caching").into();
                     return Err(full);
                 }
-                if let Err(e) = catalog.record_content(&digest_c, None, &repo_key, public) {
-                    warn!(error = %e, "recording blob metadata failed");
+                let media_type = match kind {
+                    Kind::Blob => None,
+                    Kind::Manifest => {
+                        let mt = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                        if mt.is_none() || len.is_none_or(|l| l > MAX_MANIFEST as u64) {
+                            // Cannot be served faithfully from the store: relay it.
+                            let _ = uncached_tx.send(resp);
+                            let odd: BoxError = "manifest without Content-Type or too large".into();
+                            return Err(odd);
+                        }
+                        mt.map(str::to_string)
+                    }
+                };
+                if let Err(e) = catalog.record_content(&digest_c, media_type.as_deref(), &repo_key, public) {
+                    warn!(error = %e, "recording content metadata failed");
                 }
                 let counted = metrics.clone();
                 let body = resp
@@ -261,20 +274,16 @@ impl Registry {
                     // Upstream said no (401, 404, ...), or the disk is full: the client gets
                     // upstream's answer as it is.
                     Ok(resp) => {
-                        self.metrics.request(Kind::Blob.label(), "upstream");
+                        self.metrics.request(kind.label(), "upstream");
                         self.counted_passthrough(resp)
                     }
                     // Someone else's fetch failed (or ours, before upstream answered): on
                     // any doubt, go upstream for this client directly.
                     Err(_) => {
-                        warn!(%digest, error = %e, "shared blob fetch failed; fetching uncached");
-                        self.metrics.request(Kind::Blob.label(), "upstream");
+                        warn!(%digest, error = %e, "shared fetch failed; fetching uncached");
+                        self.metrics.request(kind.label(), "upstream");
                         let headers = request_headers(req.headers());
-                        match self
-                            .upstream
-                            .fetch_following(Method::GET, upstream_uri(origin, req.uri()), &headers)
-                            .await
-                        {
+                        match self.upstream.fetch_following(Method::GET, content_uri(origin, repo, kind, digest), &headers).await {
                             Ok(resp) => self.counted_passthrough(resp),
                             Err(e) => bad_gateway(&e),
                         }
@@ -282,18 +291,24 @@ impl Registry {
                 };
             }
         };
+        let meta = self.catalog.content(digest);
         // We joined someone else's fetch: make sure this client may see it.
         if !owned.load(Ordering::Relaxed) {
-            let public = self.catalog.content(digest).is_some_and(|m| m.public);
-            let repo = repo_key.split_once('/').map(|(_, r)| r).unwrap_or(repo_key);
-            if let Err(denied) = self.authorize(origin, repo, repo_key, Kind::Blob, digest, public, req.headers()).await {
+            let public = meta.as_ref().is_some_and(|m| m.public);
+            if let Err(denied) = self.authorize(origin, repo, repo_key, kind, digest, public, req.headers()).await {
                 return denied;
             }
-            self.metrics.request(Kind::Blob.label(), "store");
+            self.metrics.request(kind.label(), "store");
         } else {
-            self.metrics.request(Kind::Blob.label(), "upstream");
+            self.metrics.request(kind.label(), "upstream");
         }
-        self.serve_cached(req.method(), req.headers(), digest, None, len, |s, e| fill.read_range(s, e).boxed())
+        let media_type = meta.and_then(|m| m.media_type);
+        if kind == Kind::Manifest && !media_type.as_deref().is_some_and(|mt| accepts(req.headers(), mt)) {
+            return self.fetch_manifest(origin, repo_key, Some(digest), req).await;
+        }
+        self.serve_cached(req.method(), req.headers(), digest, media_type.as_deref(), len, |s, e| {
+            fill.read_range(s, e).boxed()
+        })
     }
 
     /// GET a manifest (by digest, or by tag after revalidation) from upstream, store it if it
@@ -301,12 +316,10 @@ impl Registry {
     async fn fetch_manifest(
         &self,
         origin: &Origin,
-        repo: &str,
         repo_key: &str,
         expected: Option<&Digest>,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let _ = repo;
         self.metrics.request(Kind::Manifest.label(), "upstream");
         let method = req.method().clone();
         let uri = upstream_uri(origin, req.uri());
@@ -409,7 +422,7 @@ impl Registry {
                 blob.read_range(s, e).boxed()
             });
         }
-        self.fetch_manifest(origin, repo, &repo_key, Some(&digest), req).await
+        self.content(origin, repo, &digest, Kind::Manifest, req).await
     }
 
     /// Upstream is unreachable: serve the tag's last known manifest if we may.
@@ -606,6 +619,13 @@ impl Kind {
             Kind::Manifest => "manifests",
         }
     }
+}
+
+/// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
+fn content_uri(origin: &Origin, repo: &str, kind: Kind, digest: &Digest) -> Uri {
+    format!("{}://{}/v2/{repo}/{}/{digest}", origin.scheme, origin.authority, kind.path_segment())
+        .parse()
+        .expect("repository names from a parsed path form a valid URI")
 }
 
 fn upstream_uri(origin: &Origin, uri: &Uri) -> Uri {
