@@ -12,7 +12,16 @@ use crate::util::{self, cargo, workspace_root};
 pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
+    ("tc", "iproute2"),
     ("unshare", "util-linux"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("docker-registry", "docker-registry"),
+    ("skopeo", "skopeo"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("openssl", "openssl"),
 ];
 
 #[derive(clap::Args, Default)]

@@ -78,20 +78,6 @@ pub fn is_root() -> bool {
     unsafe { geteuid() == 0 }
 }
 
-/// Programs the tests, demo and benchmarks drive, and the Debian package of each.
-pub const RUNTIME_PACKAGES: &[(&str, &str)] = &[
-    ("bpftool", "bpftool"),
-    ("containerd", "containerd"),
-    ("runc", "runc"),
-    ("docker-registry", "docker-registry"),
-    ("skopeo", "skopeo"),
-    ("busybox", "busybox-static"),
-    ("ip", "iproute2"),
-    ("tc", "iproute2"),
-    ("openssl", "openssl"),
-    ("protoc", "protobuf-compiler"),
-];
-
 /// Install the Debian packages whose programs are missing (as root), or fail with the
 /// exact command to run.
 pub fn ensure_programs(programs: &[(&str, &str)]) -> Result<()> {
