@@ -12,7 +12,11 @@ fn main() {
             let target = match std::env::var_os("CARGO_TARGET_DIR") {
                 Some(dir) if !dir.is_empty() => {
                     let dir = PathBuf::from(dir);
-                    if dir.is_absolute() { dir } else { workspace.join(dir) }
+                    if dir.is_absolute() {
+                        dir
+                    } else {
+                        workspace.join(dir)
+                    }
                 }
                 _ => workspace.join("target"),
             };

@@ -41,8 +41,7 @@ static EDDY_HEARTBEAT: Array<u64, 1> = Array::new();
 #[btf_map]
 static EDDY_PORTS: HashMap<u16, u32, { PORTS_CAPACITY as usize }> = HashMap::new();
 #[btf_map]
-static EDDY_SOCK_DST: LruHashMap<u64, OrigDst, { ORIG_DST_CAPACITY as usize }> =
-    LruHashMap::new();
+static EDDY_SOCK_DST: LruHashMap<u64, OrigDst, { ORIG_DST_CAPACITY as usize }> = LruHashMap::new();
 #[btf_map]
 static EDDY_ORIG_DST: LruHashMap<ConnKey, OrigDst, { ORIG_DST_CAPACITY as usize }> =
     LruHashMap::new();

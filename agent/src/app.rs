@@ -82,7 +82,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         path: config.data_dir.clone(),
         source,
     })?;
-    let ca = Arc::new(load_ca(&config.data_dir, &config.registries, config.ca_unconstrained)?);
+    let ca = Arc::new(load_ca(
+        &config.data_dir,
+        &config.registries,
+        config.ca_unconstrained,
+    )?);
     let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     // Re-hash what an earlier run left, in the background: open only checks sizes.
@@ -91,13 +95,18 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         async move {
             let evicted = store.scrub().await;
             if evicted > 0 {
-                warn!(evicted, "store scrub evicted blobs that did not match their digest");
+                warn!(
+                    evicted,
+                    "store scrub evicted blobs that did not match their digest"
+                );
             }
         }
     });
     let catalog = Arc::new(Catalog::open(&config.data_dir)?);
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    let mut sigterm =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut sigint =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
     let mut bpf = Bpf::load(&config)?;
     if let Err(e) = bpf.attach(&config.cgroup.path) {
@@ -125,11 +134,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let heartbeat = tokio::spawn(heartbeat(Arc::clone(&bpf), config.heartbeat_interval(), stop_rx.clone()));
+    let heartbeat = tokio::spawn(heartbeat(
+        Arc::clone(&bpf),
+        config.heartbeat_interval(),
+        stop_rx.clone(),
+    ));
     // The admin server outlives the drain, so /readyz answers 503 (not connection refused)
     // while connections finish.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
-    let admin_task = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state), admin_stop_rx));
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        Arc::clone(&admin_state),
+        admin_stop_rx,
+    ));
 
     let proxy = Arc::new(Proxy::new(
         Arc::clone(&bpf),
@@ -141,9 +158,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         stop_rx.clone(),
     ));
     let connections = TaskTracker::new();
-    let mut acceptors = vec![tokio::spawn(Arc::clone(&proxy).serve(listener, stop_rx.clone(), connections.clone()))];
+    let mut acceptors = vec![tokio::spawn(Arc::clone(&proxy).serve(
+        listener,
+        stop_rx.clone(),
+        connections.clone(),
+    ))];
     if let Some(l6) = listener6 {
-        acceptors.push(tokio::spawn(Arc::clone(&proxy).serve(l6, stop_rx.clone(), connections.clone())));
+        acceptors.push(tokio::spawn(Arc::clone(&proxy).serve(
+            l6,
+            stop_rx.clone(),
+            connections.clone(),
+        )));
     }
     admin_state.ready.store(true, Ordering::Relaxed);
     info!("ready");
@@ -163,8 +188,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         let _ = a.await;
     }
     connections.close();
-    if tokio::time::timeout(config.drain_timeout, connections.wait()).await.is_err() {
-        warn!(open = connections.len(), "drain timeout; closing remaining connections");
+    if tokio::time::timeout(config.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = connections.len(),
+            "drain timeout; closing remaining connections"
+        );
     }
     bpf.unpin();
     let _ = admin_stop_tx.send(true);
@@ -174,7 +205,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 }
 
 /// The node's CA, constrained to the configured registries unless told otherwise.
-pub fn load_ca(data_dir: &std::path::Path, registries: &Registries, unconstrained: bool) -> Result<Ca, TlsError> {
+pub fn load_ca(
+    data_dir: &std::path::Path,
+    registries: &Registries,
+    unconstrained: bool,
+) -> Result<Ca, TlsError> {
     let names = registries.names();
     Ca::load_or_create(data_dir, (!unconstrained).then_some(names.as_slice()))
 }

@@ -92,7 +92,9 @@ impl Bpf {
     fn load_pinned(config: &Config) -> Result<Self, BpfError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         for (name, file) in map::PINNED {
-            let m = ebpf.map(name).ok_or(BpfError::Missing { kind: "map", name })?;
+            let m = ebpf
+                .map(name)
+                .ok_or(BpfError::Missing { kind: "map", name })?;
             let path = config.pin_dir.join(file);
             m.pin(&path).map_err(|source| BpfError::Pin {
                 name,
@@ -227,7 +229,9 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, BpfError>
 where
     T: TryFrom<Map, Error = aya::maps::MapError>,
 {
-    let m = ebpf.take_map(name).ok_or(BpfError::Missing { kind: "map", name })?;
+    let m = ebpf
+        .take_map(name)
+        .ok_or(BpfError::Missing { kind: "map", name })?;
     T::try_from(m).map_err(|source| BpfError::Map { name, source })
 }
 
@@ -295,9 +299,7 @@ pub fn orig_dst_addr(dst: &OrigDst) -> SocketAddr {
 /// eddy leaves its maps pinned; the new instance replaces them).
 fn prepare_pin_dir(dir: &Path) -> Result<(), BpfError> {
     let bpffs_root = Path::new("/sys/fs/bpf");
-    let on_bpffs = dir
-        .ancestors()
-        .any(|a| a.exists() && sys::is_bpffs(a));
+    let on_bpffs = dir.ancestors().any(|a| a.exists() && sys::is_bpffs(a));
     if !on_bpffs {
         if !dir.starts_with(bpffs_root) {
             return Err(BpfError::PinDir {
@@ -358,18 +360,18 @@ impl PinnedMaps {
                 .map_err(|source| BpfError::Map { name, source })?;
             Map::from_map_data(data).map_err(|source| BpfError::Map { name, source })
         };
-        let config: Array<MapData, BpfConfig> = Array::try_from(open(map::CONFIG)?)
-            .map_err(|source| BpfError::Map {
+        let config: Array<MapData, BpfConfig> =
+            Array::try_from(open(map::CONFIG)?).map_err(|source| BpfError::Map {
                 name: map::CONFIG,
                 source,
             })?;
-        let heartbeat: Array<MapData, u64> = Array::try_from(open(map::HEARTBEAT)?)
-            .map_err(|source| BpfError::Map {
+        let heartbeat: Array<MapData, u64> =
+            Array::try_from(open(map::HEARTBEAT)?).map_err(|source| BpfError::Map {
                 name: map::HEARTBEAT,
                 source,
             })?;
-        let ports: HashMap<MapData, u16, u32> = HashMap::try_from(open(map::PORTS)?)
-            .map_err(|source| BpfError::Map {
+        let ports: HashMap<MapData, u16, u32> =
+            HashMap::try_from(open(map::PORTS)?).map_err(|source| BpfError::Map {
                 name: map::PORTS,
                 source,
             })?;
@@ -392,7 +394,10 @@ impl PinnedMaps {
     }
 
     pub fn listen(&self) -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::from(self.config.proxy_ip4), self.config.proxy_port))
+        SocketAddr::from((
+            Ipv4Addr::from(self.config.proxy_ip4),
+            self.config.proxy_port,
+        ))
     }
 }
 

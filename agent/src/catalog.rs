@@ -88,7 +88,12 @@ impl Catalog {
         read_json(&self.tag_path(repo, tag))
     }
 
-    pub fn record_tag(&self, repo: &str, tag: &str, record: &TagRecord) -> Result<(), CatalogError> {
+    pub fn record_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        record: &TagRecord,
+    ) -> Result<(), CatalogError> {
         let _guard = self.write.lock().unwrap();
         let path = self.tag_path(repo, tag);
         if read_json::<TagRecord>(&path).as_ref() == Some(record) {
@@ -98,7 +103,9 @@ impl Catalog {
     }
 
     fn content_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("content").join(format!("{}.json", digest.hex()))
+        self.dir
+            .join("content")
+            .join(format!("{}.json", digest.hex()))
     }
 
     /// Tags are keyed by a hash: repository names contain slashes and may be long.
@@ -112,10 +119,10 @@ impl Catalog {
             path: path.to_path_buf(),
             source,
         };
-        let tmp = self
-            .dir
-            .join("tmp")
-            .join(format!("{}.{}", std::process::id(), rand::random::<u64>()));
+        let tmp =
+            self.dir
+                .join("tmp")
+                .join(format!("{}.{}", std::process::id(), rand::random::<u64>()));
         let json = serde_json::to_vec(value).expect("catalog records serialise");
         std::fs::write(&tmp, json).map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)
@@ -132,7 +139,9 @@ mod tests {
     use super::*;
 
     fn digest(c: char) -> Digest {
-        format!("sha256:{}", c.to_string().repeat(64)).parse().unwrap()
+        format!("sha256:{}", c.to_string().repeat(64))
+            .parse()
+            .unwrap()
     }
 
     #[test]
@@ -141,8 +150,10 @@ mod tests {
         let cat = Catalog::open(dir.path()).unwrap();
         let d = digest('a');
         assert_eq!(cat.content(&d), None);
-        cat.record_content(&d, None, "r.test/private", false).unwrap();
-        cat.record_content(&d, Some("application/x"), "r.test/other", false).unwrap();
+        cat.record_content(&d, None, "r.test/private", false)
+            .unwrap();
+        cat.record_content(&d, Some("application/x"), "r.test/other", false)
+            .unwrap();
         let meta = cat.content(&d).unwrap();
         assert!(!meta.public);
         assert_eq!(meta.media_type.as_deref(), Some("application/x"));

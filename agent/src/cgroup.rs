@@ -137,7 +137,11 @@ fn find_process(name: &str) -> Result<Option<u32>, CgroupError> {
     })?;
     let mut found = None;
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         // A process may exit while we scan; skip it.

@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "eddy", version, about = "Transparent, fail-open container registry cache")]
+#[command(
+    name = "eddy",
+    version,
+    about = "Transparent, fail-open container registry cache"
+)]
 pub struct Cli {
     /// Log format.
     #[arg(long, global = true, env = "EDDY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]

@@ -49,7 +49,11 @@ impl Registries {
             }
             if let Ok(sa) = v.parse::<SocketAddr>() {
                 out.addrs.push((sa.ip(), Some(sa.port())));
-            } else if let Ok(ip) = v.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            } else if let Ok(ip) = v
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            {
                 out.addrs.push((ip, None));
             } else if is_host_name(&v) {
                 out.hosts.push(v);
@@ -74,8 +78,17 @@ impl Registries {
 
     /// The names a constrained CA must be able to sign for.
     pub fn names(&self) -> Vec<crate::tls::RegistryName> {
-        let mut names: Vec<_> = self.hosts.iter().cloned().map(crate::tls::RegistryName::Dns).collect();
-        names.extend(self.addrs.iter().map(|(ip, _)| crate::tls::RegistryName::Ip(*ip)));
+        let mut names: Vec<_> = self
+            .hosts
+            .iter()
+            .cloned()
+            .map(crate::tls::RegistryName::Dns)
+            .collect();
+        names.extend(
+            self.addrs
+                .iter()
+                .map(|(ip, _)| crate::tls::RegistryName::Ip(*ip)),
+        );
         names
     }
 }
@@ -86,7 +99,9 @@ fn is_host_name(v: &str) -> bool {
         && v.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })

@@ -56,7 +56,11 @@ fn run(command: Command) -> anyhow::Result<()> {
 
 fn load_ca(trust: &TrustArgs) -> anyhow::Result<agent::tls::Ca> {
     let registries = Registries::parse(&trust.registries)?;
-    Ok(agent::app::load_ca(&trust.data_dir, &registries, trust.ca_unconstrained)?)
+    Ok(agent::app::load_ca(
+        &trust.data_dir,
+        &registries,
+        trust.ca_unconstrained,
+    )?)
 }
 
 /// The error and its causes on one line. Many of eddy's messages already name their cause,

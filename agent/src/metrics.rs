@@ -172,7 +172,9 @@ impl RegistryMetrics {
     }
 
     pub fn request(&self, kind: &'static str, source: &'static str) {
-        self.requests.get_or_create(&RequestLabels { kind, source }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { kind, source })
+            .inc();
     }
 
     pub fn bytes(&self, source: &'static str, n: u64) {

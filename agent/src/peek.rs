@@ -177,7 +177,10 @@ mod tests {
             classify_bytes(b"HEAD /v2/library/busybox/manifests/latest HTTP/1.1\r\n"),
             Some(Hello::HttpRegistry)
         );
-        assert_eq!(classify_bytes(b"GET /index.html HTTP/1.1\r\n"), Some(Hello::Other));
+        assert_eq!(
+            classify_bytes(b"GET /index.html HTTP/1.1\r\n"),
+            Some(Hello::Other)
+        );
         assert_eq!(classify_bytes(b"GE"), None);
         assert_eq!(classify_bytes(b"GET /v"), None);
         // A short message of another protocol is decided at once, not after a timeout.

@@ -56,7 +56,10 @@ pub struct Proxy {
 enum Route {
     Passthrough,
     /// Terminate TLS for this registry; `ip` when the client sent no SNI.
-    Tls { authority: String, ip: Option<std::net::IpAddr> },
+    Tls {
+        authority: String,
+        ip: Option<std::net::IpAddr>,
+    },
     Http,
 }
 
@@ -145,7 +148,10 @@ impl Proxy {
                 };
                 match tokio_rustls::TlsAcceptor::from(config).accept(client).await {
                     Ok(tls) => {
-                        let origin = Origin { scheme: http::uri::Scheme::HTTPS, authority };
+                        let origin = Origin {
+                            scheme: http::uri::Scheme::HTTPS,
+                            authority,
+                        };
                         self.serve_http(tls, Some(Arc::new(origin)), orig).await;
                     }
                     Err(e) => debug!(error = %e, "TLS handshake with the client failed"),
@@ -164,14 +170,19 @@ impl Proxy {
             Hello::Tls { sni: Some(sni) } if self.registries.has_host(sni) => {
                 RegistryName::Dns(sni.clone())
             }
-            Hello::Tls { sni: None } if self.registries.has_addr(orig) => RegistryName::Ip(orig.ip()),
+            Hello::Tls { sni: None } if self.registries.has_addr(orig) => {
+                RegistryName::Ip(orig.ip())
+            }
             Hello::HttpRegistry => return Route::Http,
             _ => return Route::Passthrough,
         };
         if !self.ca.covers(&name) {
             // The CA's name constraints predate this registry: terminating would only
             // produce certificate errors, so leave the connection alone.
-            warn!(?name, "registry not covered by the CA's name constraints; passing through");
+            warn!(
+                ?name,
+                "registry not covered by the CA's name constraints; passing through"
+            );
             return Route::Passthrough;
         }
         match name {
@@ -244,7 +255,9 @@ impl Proxy {
         let (up, down) = crate::splice::bidirectional(&client, &upstream).await?;
         let bytes = &self.metrics.bytes;
         bytes
-            .get_or_create(&DirectionLabels { direction: "upload" })
+            .get_or_create(&DirectionLabels {
+                direction: "upload",
+            })
             .inc_by(up);
         bytes
             .get_or_create(&DirectionLabels {

@@ -82,7 +82,11 @@ fn parse_path(path: &str) -> Api<'_> {
         }
     }
     if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
-        if !repo.is_empty() && !digest.is_empty() && !digest.contains('/') && !repo.ends_with("/blobs") {
+        if !repo.is_empty()
+            && !digest.is_empty()
+            && !digest.contains('/')
+            && !repo.ends_with("/blobs")
+        {
             return Api::Blob { repo, digest };
         }
     }
@@ -99,7 +103,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(upstream: Upstream, store: Arc<Store>, catalog: Arc<Catalog>, metrics: RegistryMetrics) -> Self {
+    pub fn new(
+        upstream: Upstream,
+        store: Arc<Store>,
+        catalog: Arc<Catalog>,
+        metrics: RegistryMetrics,
+    ) -> Self {
         Registry {
             upstream,
             store,
@@ -113,7 +122,11 @@ impl Registry {
         &self.upstream
     }
 
-    pub async fn handle(self: Arc<Self>, origin: Arc<Origin>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        origin: Arc<Origin>,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
         match parse_path(&path) {
@@ -122,7 +135,10 @@ impl Registry {
                 Err(_) => self.forward(&origin, req, "blob").await,
             },
             Api::Manifest { repo, reference } if is_read => match reference.parse::<Digest>() {
-                Ok(digest) => self.content(&origin, repo, &digest, Kind::Manifest, req).await,
+                Ok(digest) => {
+                    self.content(&origin, repo, &digest, Kind::Manifest, req)
+                        .await
+                }
                 Err(_) if reference.starts_with("sha256:") || reference.contains(':') => {
                     self.forward(&origin, req, "manifest").await
                 }
@@ -141,7 +157,11 @@ impl Registry {
             Ok(resp) => resp,
             Err(e) if e.is_unreachable() && (method == Method::GET || method == Method::HEAD) => {
                 debug!(error = %e, "upstream unreachable; answering /v2/ locally");
-                let body = if method == Method::HEAD { empty() } else { full(Bytes::from_static(b"{}")) };
+                let body = if method == Method::HEAD {
+                    empty()
+                } else {
+                    full(Bytes::from_static(b"{}"))
+                };
                 Response::builder()
                     .status(StatusCode::OK)
                     .header(header::CONTENT_TYPE, "application/json")
@@ -169,13 +189,18 @@ impl Registry {
         // A manifest is only served from the store in a media type the client accepts.
         if let Some(mt) = meta.as_ref().and_then(|m| m.media_type.as_deref()) {
             if kind == Kind::Manifest && !accepts(req.headers(), mt) {
-                return self.fetch_manifest(origin, &repo_key, Some(digest), req).await;
+                return self
+                    .fetch_manifest(origin, &repo_key, Some(digest), req)
+                    .await;
             }
         }
 
         if cached.is_some() || meta.is_some() {
             let public = meta.as_ref().is_some_and(|m| m.public);
-            if let Err(denied) = self.authorize(origin, repo, &repo_key, kind, digest, public, req.headers()).await {
+            if let Err(denied) = self
+                .authorize(origin, repo, &repo_key, kind, digest, public, req.headers())
+                .await
+            {
                 return denied;
             }
         }
@@ -184,9 +209,14 @@ impl Registry {
             self.metrics.request(kind.label(), "store");
             let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
             let len = blob.len();
-            return self.serve_cached(req.method(), req.headers(), digest, media_type.as_deref(), len, |s, e| {
-                blob.read_range(s, e).boxed()
-            });
+            return self.serve_cached(
+                req.method(),
+                req.headers(),
+                digest,
+                media_type.as_deref(),
+                len,
+                |s, e| blob.read_range(s, e).boxed(),
+            );
         }
         if req.method() == Method::HEAD {
             self.metrics.request(kind.label(), "upstream");
@@ -220,7 +250,8 @@ impl Registry {
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
-            let (digest_c, repo_key, owned) = (digest.clone(), repo_key.to_string(), Arc::clone(&owned));
+            let (digest_c, repo_key, owned) =
+                (digest.clone(), repo_key.to_string(), Arc::clone(&owned));
             self.store.fill(digest, move || async move {
                 owned.store(true, Ordering::Relaxed);
                 let started = Instant::now();
@@ -245,7 +276,10 @@ impl Registry {
                 let media_type = match kind {
                     Kind::Blob => None,
                     Kind::Manifest => {
-                        let mt = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+                        let mt = resp
+                            .headers()
+                            .get(header::CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok());
                         if mt.is_none() || len.is_none_or(|l| l > MAX_MANIFEST as u64) {
                             // Cannot be served faithfully from the store: relay it.
                             let _ = uncached_tx.send(resp);
@@ -255,7 +289,9 @@ impl Registry {
                         mt.map(str::to_string)
                     }
                 };
-                if let Err(e) = catalog.record_content(&digest_c, media_type.as_deref(), &repo_key, public) {
+                if let Err(e) =
+                    catalog.record_content(&digest_c, media_type.as_deref(), &repo_key, public)
+                {
                     warn!(error = %e, "recording content metadata failed");
                 }
                 let counted = metrics.clone();
@@ -283,7 +319,15 @@ impl Registry {
                         warn!(%digest, error = %e, "shared fetch failed; fetching uncached");
                         self.metrics.request(kind.label(), "upstream");
                         let headers = request_headers(req.headers());
-                        match self.upstream.fetch_following(Method::GET, content_uri(origin, repo, kind, digest), &headers).await {
+                        match self
+                            .upstream
+                            .fetch_following(
+                                Method::GET,
+                                content_uri(origin, repo, kind, digest),
+                                &headers,
+                            )
+                            .await
+                        {
                             Ok(resp) => self.counted_passthrough(resp),
                             Err(e) => bad_gateway(&e),
                         }
@@ -295,7 +339,10 @@ impl Registry {
         // We joined someone else's fetch: make sure this client may see it.
         if !owned.load(Ordering::Relaxed) {
             let public = meta.as_ref().is_some_and(|m| m.public);
-            if let Err(denied) = self.authorize(origin, repo, repo_key, kind, digest, public, req.headers()).await {
+            if let Err(denied) = self
+                .authorize(origin, repo, repo_key, kind, digest, public, req.headers())
+                .await
+            {
                 return denied;
             }
             self.metrics.request(kind.label(), "store");
@@ -303,12 +350,23 @@ impl Registry {
             self.metrics.request(kind.label(), "upstream");
         }
         let media_type = meta.and_then(|m| m.media_type);
-        if kind == Kind::Manifest && !media_type.as_deref().is_some_and(|mt| accepts(req.headers(), mt)) {
-            return self.fetch_manifest(origin, repo_key, Some(digest), req).await;
+        if kind == Kind::Manifest
+            && !media_type
+                .as_deref()
+                .is_some_and(|mt| accepts(req.headers(), mt))
+        {
+            return self
+                .fetch_manifest(origin, repo_key, Some(digest), req)
+                .await;
         }
-        self.serve_cached(req.method(), req.headers(), digest, media_type.as_deref(), len, |s, e| {
-            fill.read_range(s, e).boxed()
-        })
+        self.serve_cached(
+            req.method(),
+            req.headers(),
+            digest,
+            media_type.as_deref(),
+            len,
+            |s, e| fill.read_range(s, e).boxed(),
+        )
     }
 
     /// GET a manifest (by digest, or by tag after revalidation) from upstream, store it if it
@@ -326,29 +384,51 @@ impl Registry {
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
         let started = Instant::now();
-        let resp = match self.upstream.fetch_following(method.clone(), uri, &headers).await {
+        let resp = match self
+            .upstream
+            .fetch_following(method.clone(), uri, &headers)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return bad_gateway(&e),
         };
-        self.metrics.upstream_latency(Kind::Manifest.label(), started.elapsed());
+        self.metrics
+            .upstream_latency(Kind::Manifest.label(), started.elapsed());
         if resp.status() != StatusCode::OK || method == Method::HEAD {
             return passthrough_response(resp);
         }
         let (parts, body) = resp.into_parts();
-        let bytes = match http_body_util::Limited::new(body, MAX_MANIFEST).collect().await {
+        let bytes = match http_body_util::Limited::new(body, MAX_MANIFEST)
+            .collect()
+            .await
+        {
             Ok(c) => c.to_bytes(),
-            Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("eddy: reading manifest: {e}")),
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("eddy: reading manifest: {e}"),
+                )
+            }
         };
         self.metrics.bytes("upstream", bytes.len() as u64);
         let computed: Digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
             .parse()
             .expect("sha256 digests parse");
-        let claimed = parts.headers.get(DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok());
-        let verified = expected.map_or(true, |d| *d == computed) && claimed.is_none_or(|c| c == computed.to_string());
-        let media_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let claimed = parts
+            .headers
+            .get(DOCKER_CONTENT_DIGEST)
+            .and_then(|v| v.to_str().ok());
+        let verified = expected.map_or(true, |d| *d == computed)
+            && claimed.is_none_or(|c| c == computed.to_string());
+        let media_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         if verified {
             if let Some(mt) = &media_type {
-                self.remember_manifest(&computed, mt, repo_key, public, bytes.clone()).await;
+                self.remember_manifest(&computed, mt, repo_key, public, bytes.clone())
+                    .await;
             }
         } else {
             warn!(%computed, ?expected, ?claimed, "manifest digest mismatch; not cached");
@@ -356,8 +436,18 @@ impl Registry {
         Response::from_parts(strip_hop_by_hop(parts), full(bytes))
     }
 
-    async fn remember_manifest(&self, digest: &Digest, media_type: &str, repo_key: &str, public: bool, bytes: Bytes) {
-        if let Err(e) = self.catalog.record_content(digest, Some(media_type), repo_key, public) {
+    async fn remember_manifest(
+        &self,
+        digest: &Digest,
+        media_type: &str,
+        repo_key: &str,
+        public: bool,
+        bytes: Bytes,
+    ) {
+        if let Err(e) = self
+            .catalog
+            .record_content(digest, Some(media_type), repo_key, public)
+        {
             warn!(error = %e, "recording manifest metadata failed");
             return;
         }
@@ -376,7 +466,13 @@ impl Registry {
 
     /// Manifests by tag: always revalidated upstream (HEAD, which registries do not count
     /// as a pull); the content itself comes from the store when the digest is known.
-    async fn manifest_by_tag(&self, origin: &Origin, repo: &str, tag: &str, req: Request<Incoming>) -> Response<Body> {
+    async fn manifest_by_tag(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        tag: &str,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
         let repo_key = format!("{}/{repo}", origin.authority);
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
@@ -396,8 +492,14 @@ impl Registry {
             .get(DOCKER_CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok())
             .and_then(|d| d.parse::<Digest>().ok());
-        let media_type = head.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (Some(digest), Some(media_type), true) = (digest, media_type, head.status() == StatusCode::OK) else {
+        let media_type = head
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let (Some(digest), Some(media_type), true) =
+            (digest, media_type, head.status() == StatusCode::OK)
+        else {
             // Not something we can cache (a 401 challenge, 404, ...): the client gets
             // upstream's own answer to its own request.
             if req.method() == Method::HEAD {
@@ -405,7 +507,11 @@ impl Registry {
             }
             return self.forward(origin, req, "manifest").await;
         };
-        let record = TagRecord { digest: digest.to_string(), media_type: media_type.clone(), public };
+        let record = TagRecord {
+            digest: digest.to_string(),
+            media_type: media_type.clone(),
+            public,
+        };
         if let Err(e) = self.catalog.record_tag(&repo_key, tag, &record) {
             warn!(error = %e, "recording tag failed");
         }
@@ -415,23 +521,41 @@ impl Registry {
         }
         if let Some(blob) = self.store.get(&digest) {
             // Upstream just accepted this client's credentials for the repository.
-            let _ = self.catalog.record_content(&digest, Some(&media_type), &repo_key, public);
+            let _ = self
+                .catalog
+                .record_content(&digest, Some(&media_type), &repo_key, public);
             self.metrics.request(Kind::Manifest.label(), "store");
             let len = blob.len();
-            return self.serve_cached(req.method(), req.headers(), &digest, Some(&media_type), len, |s, e| {
-                blob.read_range(s, e).boxed()
-            });
+            return self.serve_cached(
+                req.method(),
+                req.headers(),
+                &digest,
+                Some(&media_type),
+                len,
+                |s, e| blob.read_range(s, e).boxed(),
+            );
         }
-        self.content(origin, repo, &digest, Kind::Manifest, req).await
+        self.content(origin, repo, &digest, Kind::Manifest, req)
+            .await
     }
 
     /// Upstream is unreachable: serve the tag's last known manifest if we may.
-    fn stale_tag(&self, repo_key: &str, tag: &str, req: &Request<Incoming>, cause: &UpstreamError) -> Response<Body> {
+    fn stale_tag(
+        &self,
+        repo_key: &str,
+        tag: &str,
+        req: &Request<Incoming>,
+        cause: &UpstreamError,
+    ) -> Response<Body> {
         let usable = self.catalog.tag(repo_key, tag).and_then(|rec| {
             let digest: Digest = rec.digest.parse().ok()?;
             // Private content needs upstream's word on the credentials, which we cannot get.
             let ok = rec.public && accepts(req.headers(), &rec.media_type);
-            ok.then(|| self.store.get(&digest).map(|blob| (digest, rec.media_type, blob)))?
+            ok.then(|| {
+                self.store
+                    .get(&digest)
+                    .map(|blob| (digest, rec.media_type, blob))
+            })?
         });
         let Some((digest, media_type, blob)) = usable else {
             return bad_gateway(cause);
@@ -440,7 +564,14 @@ impl Registry {
         self.metrics.stale_manifest();
         self.metrics.request(Kind::Manifest.label(), "store");
         let len = blob.len();
-        self.serve_cached(req.method(), req.headers(), &digest, Some(&media_type), len, |s, e| blob.read_range(s, e).boxed())
+        self.serve_cached(
+            req.method(),
+            req.headers(),
+            &digest,
+            Some(&media_type),
+            len,
+            |s, e| blob.read_range(s, e).boxed(),
+        )
     }
 
     /// Serve cached (or filling) content with the registry's headers, honouring Range.
@@ -454,7 +585,13 @@ impl Registry {
         read: F,
     ) -> Response<Body>
     where
-        F: FnOnce(u64, Option<u64>) -> futures_util::stream::BoxStream<'static, Result<Bytes, crate::store::StoreError>>,
+        F: FnOnce(
+            u64,
+            Option<u64>,
+        ) -> futures_util::stream::BoxStream<
+            'static,
+            Result<Bytes, crate::store::StoreError>,
+        >,
     {
         let range = match req_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
             Some(spec) => match parse_range(spec, len) {
@@ -471,16 +608,20 @@ impl Registry {
             None => None,
         };
         let mut resp = Response::builder()
-            .header(header::CONTENT_TYPE, media_type.unwrap_or("application/octet-stream"))
+            .header(
+                header::CONTENT_TYPE,
+                media_type.unwrap_or("application/octet-stream"),
+            )
             .header(DOCKER_CONTENT_DIGEST, digest.to_string())
             .header(header::ETAG, format!("\"{digest}\""))
             .header(header::ACCEPT_RANGES, "bytes")
             .header(API_VERSION, "registry/2.0");
         let (start, end) = match range {
             Some((start, end)) => {
-                resp = resp
-                    .status(StatusCode::PARTIAL_CONTENT)
-                    .header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end - 1));
+                resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {start}-{}/{len}", end - 1),
+                );
                 (start, end)
             }
             None => (0, len),
@@ -494,7 +635,8 @@ impl Registry {
             .inspect_ok(move |chunk| metrics.bytes("store", chunk.len() as u64))
             .map_ok(Frame::data)
             .map_err(|e| -> BoxError { Box::new(e) });
-        resp.body(BodyExt::boxed_unsync(StreamBody::new(stream))).expect("valid response")
+        resp.body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+            .expect("valid response")
     }
 
     /// Private content: upstream must accept this client's credentials for the repository
@@ -514,10 +656,16 @@ impl Registry {
             return Ok(());
         }
         let credentials: [u8; 32] = Sha256::digest(
-            req_headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default(),
+            req_headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default(),
         )
         .into();
-        let seen_in_repo = self.catalog.content(digest).is_some_and(|m| m.repos.contains(repo_key));
+        let seen_in_repo = self
+            .catalog
+            .content(digest)
+            .is_some_and(|m| m.repos.contains(repo_key));
         let key = (repo_key.to_string(), credentials);
         if seen_in_repo {
             if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
@@ -527,16 +675,22 @@ impl Registry {
             }
         }
         let path = format!("/v2/{repo}/{}/{digest}", kind.path_segment());
-        let uri: Uri = format!("{}://{}{path}", origin.scheme, origin.authority).parse().map_err(|_| {
-            error_response(StatusCode::BAD_REQUEST, "eddy: invalid repository name")
-        })?;
+        let uri: Uri = format!("{}://{}{path}", origin.scheme, origin.authority)
+            .parse()
+            .map_err(|_| {
+                error_response(StatusCode::BAD_REQUEST, "eddy: invalid repository name")
+            })?;
         let mut headers = HeaderMap::new();
         for name in [header::AUTHORIZATION, header::ACCEPT] {
             if let Some(v) = req_headers.get(&name) {
                 headers.insert(name, v.clone());
             }
         }
-        let mut req = Request::builder().method(Method::HEAD).uri(uri).body(empty()).expect("valid request");
+        let mut req = Request::builder()
+            .method(Method::HEAD)
+            .uri(uri)
+            .body(empty())
+            .expect("valid request");
         *req.headers_mut() = headers;
         let resp = self.upstream.send(req).await.map_err(|e| bad_gateway(&e))?;
         if resp.status().is_success() || resp.status().is_redirection() {
@@ -570,7 +724,12 @@ impl Registry {
     }
 
     /// Pass the request upstream untouched and the answer back untouched.
-    async fn forward(&self, origin: &Origin, req: Request<Incoming>, kind: &'static str) -> Response<Body> {
+    async fn forward(
+        &self,
+        origin: &Origin,
+        req: Request<Incoming>,
+        kind: &'static str,
+    ) -> Response<Body> {
         self.metrics.request(kind, "upstream");
         match self.send_upstream(origin, req).await {
             Ok(resp) => resp,
@@ -578,7 +737,11 @@ impl Registry {
         }
     }
 
-    async fn send_upstream(&self, origin: &Origin, req: Request<Incoming>) -> Result<Response<Body>, UpstreamError> {
+    async fn send_upstream(
+        &self,
+        origin: &Origin,
+        req: Request<Incoming>,
+    ) -> Result<Response<Body>, UpstreamError> {
         let (parts, body) = req.into_parts();
         let mut up = Request::builder()
             .method(parts.method)
@@ -593,7 +756,15 @@ impl Registry {
     /// HEAD of an uncached blob: follow the CDN redirect like containerd would.
     async fn forward_following(&self, origin: &Origin, req: Request<Incoming>) -> Response<Body> {
         let headers = request_headers(req.headers());
-        match self.upstream.fetch_following(req.method().clone(), upstream_uri(origin, req.uri()), &headers).await {
+        match self
+            .upstream
+            .fetch_following(
+                req.method().clone(),
+                upstream_uri(origin, req.uri()),
+                &headers,
+            )
+            .await
+        {
             Ok(resp) => passthrough_response(resp),
             Err(e) => bad_gateway(&e),
         }
@@ -623,9 +794,14 @@ impl Kind {
 
 /// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
 fn content_uri(origin: &Origin, repo: &str, kind: Kind, digest: &Digest) -> Uri {
-    format!("{}://{}/v2/{repo}/{}/{digest}", origin.scheme, origin.authority, kind.path_segment())
-        .parse()
-        .expect("repository names from a parsed path form a valid URI")
+    format!(
+        "{}://{}/v2/{repo}/{}/{digest}",
+        origin.scheme,
+        origin.authority,
+        kind.path_segment()
+    )
+    .parse()
+    .expect("repository names from a parsed path form a valid URI")
 }
 
 fn upstream_uri(origin: &Origin, uri: &Uri) -> Uri {
@@ -640,8 +816,16 @@ fn upstream_uri(origin: &Origin, uri: &Uri) -> Uri {
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization"
-            | "te" | "trailer" | "transfer-encoding" | "upgrade" | "host"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
     )
 }
 
@@ -655,7 +839,12 @@ fn request_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 fn strip_hop_by_hop(mut parts: http::response::Parts) -> http::response::Parts {
-    let names: Vec<HeaderName> = parts.headers.keys().filter(|n| is_hop_by_hop(n)).cloned().collect();
+    let names: Vec<HeaderName> = parts
+        .headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
     for n in names {
         parts.headers.remove(n);
     }
@@ -664,15 +853,25 @@ fn strip_hop_by_hop(mut parts: http::response::Parts) -> http::response::Parts {
 
 fn passthrough_response(resp: Response<Incoming>) -> Response<Body> {
     let (parts, body) = resp.into_parts();
-    Response::from_parts(strip_hop_by_hop(parts), body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+    Response::from_parts(
+        strip_hop_by_hop(parts),
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+    )
 }
 
 fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Registry-style error body.
@@ -699,7 +898,10 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
         .map(|v| v.split(';').next().unwrap_or("").trim())
         .filter(|v| !v.is_empty())
         .collect();
-    values.is_empty() || values.iter().any(|v| *v == "*/*" || v.eq_ignore_ascii_case(media_type))
+    values.is_empty()
+        || values
+            .iter()
+            .any(|v| *v == "*/*" || v.eq_ignore_ascii_case(media_type))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -745,11 +947,17 @@ mod tests {
         assert_eq!(parse_path("/v2"), Api::Base);
         assert_eq!(
             parse_path("/v2/library/busybox/manifests/latest"),
-            Api::Manifest { repo: "library/busybox", reference: "latest" }
+            Api::Manifest {
+                repo: "library/busybox",
+                reference: "latest"
+            }
         );
         assert_eq!(
             parse_path("/v2/a/b/c/blobs/sha256:abc"),
-            Api::Blob { repo: "a/b/c", digest: "sha256:abc" }
+            Api::Blob {
+                repo: "a/b/c",
+                digest: "sha256:abc"
+            }
         );
         assert_eq!(parse_path("/v2/a/blobs/uploads/"), Api::Other);
         assert_eq!(parse_path("/v2/a/blobs/uploads/123"), Api::Other);
@@ -775,7 +983,10 @@ mod tests {
         assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
         h.append(header::ACCEPT, HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json;q=0.5"));
         assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
-        assert!(!accepts(&h, "application/vnd.docker.distribution.manifest.v2+json"));
+        assert!(!accepts(
+            &h,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        ));
         h.append(header::ACCEPT, HeaderValue::from_static("*/*"));
         assert!(accepts(&h, "anything"));
     }

@@ -1,6 +1,9 @@
 //! `eddy status`: what is attached where, the BPF counters and the heartbeat age, read
 //! from the pinned maps and the kernel, so it works whether eddy is healthy, hung or dead.
-use std::{collections::BTreeMap, path::{Path, PathBuf}};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 
@@ -8,7 +11,9 @@ use crate::{bpf::PinnedMaps, cgroup, sys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("no eddy maps are pinned at {dir}: eddy is not running (or uses another --bpf-pin-dir)")]
+    #[error(
+        "no eddy maps are pinned at {dir}: eddy is not running (or uses another --bpf-pin-dir)"
+    )]
     NotPinned { dir: PathBuf },
     #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
@@ -43,17 +48,25 @@ pub struct Attached {
 
 pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
     if !pin_dir.join("config").exists() {
-        return Err(StatusError::NotPinned { dir: pin_dir.to_path_buf() });
+        return Err(StatusError::NotPinned {
+            dir: pin_dir.to_path_buf(),
+        });
     }
     let maps = PinnedMaps::open(pin_dir)?;
     let cgroup_path = cgroup::path_of_id(maps.config.attached_cgroup_id);
-    let attached = cgroup_path.as_deref().map(attached_programs).unwrap_or_default();
+    let attached = cgroup_path
+        .as_deref()
+        .map(attached_programs)
+        .unwrap_or_default();
     let now = sys::monotonic_ns();
     Ok(Status {
         pin_dir: pin_dir.to_path_buf(),
         running: sys::process_alive(maps.config.agent_pid),
         pid: maps.config.agent_pid,
-        cgroup: CgroupStatus { id: maps.config.attached_cgroup_id, path: cgroup_path },
+        cgroup: CgroupStatus {
+            id: maps.config.attached_cgroup_id,
+            path: cgroup_path,
+        },
         attached,
         listen: maps.listen().to_string(),
         intercept_ports: maps.ports.clone(),
@@ -75,7 +88,11 @@ fn attached_programs(cgroup: &Path) -> Vec<Attached> {
         for id in sys::query_cgroup_programs(cgroup, attach).unwrap_or_default() {
             let name = names.get(&id).cloned().unwrap_or_default();
             if name.starts_with("eddy_") {
-                out.push(Attached { attach_type: attach.name(), prog_id: id, name });
+                out.push(Attached {
+                    attach_type: attach.name(),
+                    prog_id: id,
+                    name,
+                });
             }
         }
     }
@@ -85,21 +102,38 @@ fn attached_programs(cgroup: &Path) -> Vec<Attached> {
 pub fn render_text(s: &Status) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let state = if s.running { "running" } else { "NOT running (maps left by a previous instance)" };
+    let state = if s.running {
+        "running"
+    } else {
+        "NOT running (maps left by a previous instance)"
+    };
     let _ = writeln!(out, "eddy pid {}: {state}", s.pid);
-    let path = s.cgroup.path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "(gone)".into());
+    let path = s
+        .cgroup
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(gone)".into());
     let _ = writeln!(out, "cgroup:    {path} (id {})", s.cgroup.id);
     if s.attached.is_empty() {
         let _ = writeln!(out, "attached:  nothing");
     }
     for a in &s.attached {
-        let _ = writeln!(out, "attached:  {:<9} prog {} ({})", a.attach_type, a.prog_id, a.name);
+        let _ = writeln!(
+            out,
+            "attached:  {:<9} prog {} ({})",
+            a.attach_type, a.prog_id, a.name
+        );
     }
     let _ = writeln!(out, "listen:    {}", s.listen);
     let _ = writeln!(out, "ports:     {:?}", s.intercept_ports);
     match s.heartbeat_age_ms {
-        Some(ms) => { let _ = writeln!(out, "heartbeat: {ms} ms ago"); }
-        None => { let _ = writeln!(out, "heartbeat: cleared (redirects off)"); }
+        Some(ms) => {
+            let _ = writeln!(out, "heartbeat: {ms} ms ago");
+        }
+        None => {
+            let _ = writeln!(out, "heartbeat: cleared (redirects off)");
+        }
     }
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());
     for (name, v) in &s.counters {

@@ -134,7 +134,11 @@ pub enum AttachType {
 }
 
 impl AttachType {
-    pub const ALL: [AttachType; 3] = [AttachType::Connect4, AttachType::Connect6, AttachType::SockOps];
+    pub const ALL: [AttachType; 3] = [
+        AttachType::Connect4,
+        AttachType::Connect6,
+        AttachType::SockOps,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

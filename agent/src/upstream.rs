@@ -83,7 +83,9 @@ pub async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, UpstreamE
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
     .map_err(err)?;
-    socket2::SockRef::from(&socket).set_mark(mark).map_err(err)?;
+    socket2::SockRef::from(&socket)
+        .set_mark(mark)
+        .map_err(err)?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
         .await
         .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
@@ -194,8 +196,8 @@ impl Connector {
             });
         }
         let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let name = rustls::pki_types::ServerName::try_from(bare.to_string())
-            .map_err(|_| bad_uri())?;
+        let name =
+            rustls::pki_types::ServerName::try_from(bare.to_string()).map_err(|_| bad_uri())?;
         let tls = self
             .tls
             .connect(name, tcp)
@@ -333,7 +335,10 @@ where
             Ok(Some(Ok(item))) => Some((Ok(item), Some(stream))),
             Ok(Some(Err(e))) => Some((Err(e.into()), None)),
             Ok(None) => None,
-            Err(_) => Some((Err(format!("upstream sent nothing for {idle:?}").into()), None)),
+            Err(_) => Some((
+                Err(format!("upstream sent nothing for {idle:?}").into()),
+                None,
+            )),
         }
     })
 }
@@ -371,7 +376,9 @@ mod tests {
     fn relative_and_absolute_redirects() {
         let base: Uri = "https://registry.test/v2/a/blobs/sha256:1".parse().unwrap();
         assert_eq!(
-            resolve_location(&base, "/other/path?x=1").unwrap().to_string(),
+            resolve_location(&base, "/other/path?x=1")
+                .unwrap()
+                .to_string(),
             "https://registry.test/other/path?x=1"
         );
         assert_eq!(

@@ -164,7 +164,9 @@ impl Counter {
 
 /// The v4-mapped IPv6 form of an IPv4 address given as network-order bytes.
 pub const fn v4_mapped(ip4: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip4[0], ip4[1], ip4[2], ip4[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip4[0], ip4[1], ip4[2], ip4[3],
+    ]
 }
 
 /// Whether a network-order IPv6 address is v4-mapped (`::ffff:a.b.c.d`).
