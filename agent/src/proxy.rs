@@ -132,7 +132,7 @@ impl Proxy {
         };
         self.metrics.active.inc();
         let hello = peek::classify(&client).await;
-        match self.route(&hello, orig) {
+        match route(&hello, orig, &self.registries, &self.ca) {
             Route::Passthrough => {
                 self.metrics.connection(route::PASSTHROUGH);
                 if let Err(e) = self.passthrough(client, orig).await {
@@ -163,38 +163,6 @@ impl Proxy {
             }
         }
         self.metrics.active.dec();
-    }
-
-    fn route(&self, hello: &Hello, orig: SocketAddr) -> Route {
-        let name = match hello {
-            Hello::Tls { sni: Some(sni) } if self.registries.has_host(sni) => {
-                RegistryName::Dns(sni.clone())
-            }
-            Hello::Tls { sni: None } if self.registries.has_addr(orig) => {
-                RegistryName::Ip(orig.ip())
-            }
-            Hello::HttpRegistry => return Route::Http,
-            _ => return Route::Passthrough,
-        };
-        if !self.ca.covers(&name) {
-            // The CA's name constraints predate this registry: terminating would only
-            // produce certificate errors, so leave the connection alone.
-            warn!(
-                ?name,
-                "registry not covered by the CA's name constraints; passing through"
-            );
-            return Route::Passthrough;
-        }
-        match name {
-            RegistryName::Dns(host) => Route::Tls {
-                authority: upstream::authority(&host, orig.port(), true),
-                ip: None,
-            },
-            RegistryName::Ip(ip) => Route::Tls {
-                authority: upstream::authority(&upstream::ip_host(ip), orig.port(), true),
-                ip: Some(ip),
-            },
-        }
     }
 
     /// Serve the registry API on a (decrypted) stream, HTTP/1.1 or HTTP/2.
@@ -286,5 +254,110 @@ fn plain_http_origin(req: &Request<Incoming>, orig: SocketAddr, registry: &Regis
     Origin {
         scheme: http::uri::Scheme::HTTP,
         authority,
+    }
+}
+
+/// Pick the route for a connection from its first bytes and original destination.
+fn route(hello: &Hello, orig: SocketAddr, registries: &Registries, ca: &Ca) -> Route {
+    let name = match hello {
+        Hello::Tls { sni: Some(sni) } if registries.has_host(sni) => RegistryName::Dns(sni.clone()),
+        Hello::Tls { sni: None } if registries.has_addr(orig) => RegistryName::Ip(orig.ip()),
+        Hello::HttpRegistry => return Route::Http,
+        _ => return Route::Passthrough,
+    };
+    if !ca.covers(&name) {
+        // The CA's name constraints predate this registry: terminating would only
+        // produce certificate errors, so leave the connection alone.
+        warn!(
+            ?name,
+            "registry not covered by the CA's name constraints; passing through"
+        );
+        return Route::Passthrough;
+    }
+    match name {
+        RegistryName::Dns(host) => Route::Tls {
+            authority: upstream::authority(&host, orig.port(), true),
+            ip: None,
+        },
+        RegistryName::Ip(ip) => Route::Tls {
+            authority: upstream::authority(&upstream::ip_host(ip), orig.port(), true),
+            ip: Some(ip),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls(sni: &str) -> Hello {
+        Hello::Tls {
+            sni: Some(sni.into()),
+        }
+    }
+
+    #[test]
+    fn routes_by_sni_address_and_protocol() {
+        let dir = tempfile::tempdir().unwrap();
+        let registries = Registries::parse(&["ghcr.io".into(), "10.0.0.9:5000".into()]).unwrap();
+        let ca = Ca::load_or_create(dir.path(), Some(&registries.names())).unwrap();
+        let orig: SocketAddr = "10.1.1.1:443".parse().unwrap();
+
+        assert_eq!(
+            route(&tls("ghcr.io"), orig, &registries, &ca),
+            Route::Tls {
+                authority: "ghcr.io".into(),
+                ip: None
+            }
+        );
+        let on_8443: SocketAddr = "10.1.1.1:8443".parse().unwrap();
+        assert_eq!(
+            route(&tls("ghcr.io"), on_8443, &registries, &ca),
+            Route::Tls {
+                authority: "ghcr.io:8443".into(),
+                ip: None
+            }
+        );
+        // Not a registry: untouched.
+        assert_eq!(
+            route(&tls("example.com"), orig, &registries, &ca),
+            Route::Passthrough
+        );
+        assert_eq!(
+            route(&Hello::Other, orig, &registries, &ca),
+            Route::Passthrough
+        );
+        // No SNI: only a registry configured by address is terminated.
+        let by_ip: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        assert_eq!(
+            route(&Hello::Tls { sni: None }, by_ip, &registries, &ca),
+            Route::Tls {
+                authority: "10.0.0.9:5000".into(),
+                ip: Some(by_ip.ip())
+            }
+        );
+        assert_eq!(
+            route(&Hello::Tls { sni: None }, orig, &registries, &ca),
+            Route::Passthrough
+        );
+        assert_eq!(
+            route(&Hello::HttpRegistry, orig, &registries, &ca),
+            Route::Http
+        );
+    }
+
+    #[test]
+    fn a_registry_the_ca_cannot_sign_for_is_passed_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Registries::parse(&["ghcr.io".into()]).unwrap();
+        let ca = Ca::load_or_create(dir.path(), Some(&old.names())).unwrap();
+        // quay.io was added after the CA was created with its name constraints.
+        let now = Registries::parse(&["ghcr.io".into(), "quay.io".into()]).unwrap();
+        let orig: SocketAddr = "10.1.1.1:443".parse().unwrap();
+        assert_eq!(route(&tls("quay.io"), orig, &now, &ca), Route::Passthrough);
+        assert!(matches!(
+            route(&tls("ghcr.io"), orig, &now, &ca),
+            Route::Tls { .. }
+        ));
     }
 }

@@ -1,7 +1,8 @@
 //! A real upstream registry for the end-to-end tests: docker-registry (distribution 2.8.2)
-//! serving HTTPS on 10.A.B.1:443 inside a test network namespace, optionally behind
-//! htpasswd Basic auth, optionally answering blob GETs with 307 to `cdn.test:8443`, a small
-//! HTTPS file server (python3) over the registry's storage root in the same namespace.
+//! serving HTTPS on 10.A.B.1:443 (or plain HTTP on another port) inside a test network
+//! namespace, optionally behind htpasswd Basic auth, optionally answering blob GETs with 307
+//! to `cdn.test:8443`, a small HTTPS file server (python3) over the registry's storage root
+//! in the same namespace.
 //!
 //! Both servers log every response with the bytes it wrote, so a test can count what the
 //! upstream really sent: that is the ground truth for "eddy fetched it once" checks, not
@@ -37,6 +38,8 @@ pub struct UpstreamOptions {
     pub basic_auth: Option<(String, String)>,
     /// Answer blob GETs with 307 to `https://cdn.test:8443/...`, served by a file server.
     pub redirect_to_cdn: bool,
+    /// Serve plain HTTP (no TLS) on this port instead of HTTPS on [`REGISTRY_PORT`].
+    pub plain_http_port: Option<u16>,
 }
 
 /// docker-registry (and the CDN when asked) running in a netns. Killed on drop.
@@ -86,16 +89,23 @@ impl Upstream {
         let ip = netns.ns_v4;
         let log = work.path().join("registry.log");
         let cdn_log = work.path().join("cdn.log");
+        let port = options.plain_http_port.unwrap_or(REGISTRY_PORT);
+        let tls = match options.plain_http_port {
+            Some(_) => String::new(),
+            None => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.server_cert.display(),
+                pki.server_key.display(),
+            ),
+        };
 
         let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\n\
              storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
              \x20 cache:\n    blobdescriptor: inmemory\n\
-             http:\n  addr: {ip}:{REGISTRY_PORT}\n  tls:\n    certificate: {cert}\n    key: {key}\n",
+             http:\n  addr: {ip}:{port}\n{tls}",
             storage = storage.display(),
-            cert = pki.server_cert.display(),
-            key = pki.server_key.display(),
         );
         if let Some((user, password)) = &options.basic_auth {
             let hash = bcrypt::hash(password, 4).context("bcrypt")?;
@@ -157,19 +167,28 @@ impl Upstream {
                     .stderr(out),
             )?);
         }
-        upstream.wait_listening(
-            SocketAddr::from((ip, REGISTRY_PORT)),
-            Duration::from_secs(15),
-        )?;
+        upstream.wait_listening(SocketAddr::from((ip, port)), Duration::from_secs(15))?;
         if upstream.options.redirect_to_cdn {
             upstream.wait_listening(SocketAddr::from((ip, CDN_PORT)), Duration::from_secs(15))?;
         }
         Ok(upstream)
     }
 
-    /// The registry's address (`10.A.B.1:443`).
+    /// The registry's address (`10.A.B.1:443`, or the plain-HTTP port).
     pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from((self.ip, REGISTRY_PORT))
+        SocketAddr::from((
+            self.ip,
+            self.options.plain_http_port.unwrap_or(REGISTRY_PORT),
+        ))
+    }
+
+    /// How clients name the registry by address: `10.A.B.1` (HTTPS on 443) or
+    /// `10.A.B.1:PORT` (plain HTTP).
+    pub fn ip_authority(&self) -> String {
+        match self.options.plain_http_port {
+            Some(port) => format!("{}:{port}", self.ip),
+            None => self.ip.to_string(),
+        }
     }
 
     fn wait_listening(&mut self, addr: SocketAddr, timeout: Duration) -> Result<()> {
@@ -223,7 +242,7 @@ impl Upstream {
     }
 
     /// Push `image` as `registry.test/<repo>:<tag>` with skopeo (by IP; the certificate
-    /// carries it), keeping the layers' digests.
+    /// carries it; plain HTTP when the registry has no TLS), keeping the layers' digests.
     pub fn push(&self, image: &Image, repo: &str) -> Result<Duration> {
         let start = Instant::now();
         let mut cmd = Command::new("skopeo");
@@ -235,11 +254,18 @@ impl Upstream {
             "--dest-cert-dir",
         ])
         .arg(&self.cert_dir);
+        if self.options.plain_http_port.is_some() {
+            cmd.arg("--dest-tls-verify=false");
+        }
         if let Some((user, password)) = &self.options.basic_auth {
             cmd.args(["--dest-creds", &format!("{user}:{password}")]);
         }
         cmd.arg(format!("oci:{}:{}", image.layout.display(), image.tag))
-            .arg(format!("docker://{}/{repo}:{}", self.ip, image.tag));
+            .arg(format!(
+                "docker://{}/{repo}:{}",
+                self.ip_authority(),
+                image.tag
+            ));
         let out = run_bounded(&mut cmd, Duration::from_secs(120))?;
         if !out.status.success() {
             bail!(

@@ -25,11 +25,16 @@ pub const STORE_BYTES: &str = r#"eddy_bytes_total{source="store"}"#;
 pub const STALE_MANIFESTS: &str = "eddy_stale_manifests_served_total";
 pub const INFLIGHT_FETCHES: &str = "eddy_inflight_fetches";
 
+/// `eddy_connections_total{route="..."}`: `registry_tls`, `registry_http`, `passthrough`.
+pub fn connections_series(route: &str) -> String {
+    format!(r#"eddy_connections_total{{route="{route}"}}"#)
+}
+
 pub fn requests_series(kind: &str, source: &str) -> String {
     format!(r#"eddy_requests_total{{kind="{kind}",source="{source}"}}"#)
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RegistryEddyConfig {
     /// The cgroup whose connects eddy hooks.
     pub cgroup: PathBuf,
@@ -56,8 +61,19 @@ pub struct RegistryEddy {
 }
 
 impl RegistryEddy {
-    /// Start eddy and wait (bounded) until /readyz answers 200.
+    /// Start eddy intercepting [`crate::INTERCEPTED_PORT`] and wait (bounded) until
+    /// /readyz answers 200.
     pub fn start(bin: &Path, config: &RegistryEddyConfig) -> Result<Self> {
+        Self::start_intercepting(bin, config, &[])
+    }
+
+    /// As [`RegistryEddy::start`], with `--intercept-port` for each of `intercept_ports`
+    /// (none: just [`crate::INTERCEPTED_PORT`]).
+    pub fn start_intercepting(
+        bin: &Path,
+        config: &RegistryEddyConfig,
+        intercept_ports: &[u16],
+    ) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-reg-").tempdir()?;
         let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
@@ -84,10 +100,13 @@ impl RegistryEddy {
         argv.push(config.cgroup.clone().into());
         argv.extend(["--listen".into(), listen.to_string().into()]);
         argv.extend(["--admin".into(), admin.to_string().into()]);
-        argv.extend([
-            "--intercept-port".into(),
-            crate::INTERCEPTED_PORT.to_string().into(),
-        ]);
+        let ports = match intercept_ports {
+            [] => vec![crate::INTERCEPTED_PORT],
+            ports => ports.to_vec(),
+        };
+        for port in ports {
+            argv.extend(["--intercept-port".into(), port.to_string().into()]);
+        }
         argv.extend([OsString::from("--data-dir"), config.data_dir.clone().into()]);
         argv.extend([OsString::from("--bpf-pin-dir"), pin_dir.clone().into()]);
         for registry in &config.registries {

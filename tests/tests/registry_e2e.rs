@@ -29,8 +29,8 @@ use eddy_tests::{
         check_programs, shape_link, Served, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST,
     },
     registry_eddy::{
-        ca_export, requests_series, store_has, verify_store, RegistryEddy, RegistryEddyConfig,
-        INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
+        ca_export, connections_series, requests_series, store_has, verify_store, RegistryEddy,
+        RegistryEddyConfig, INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
     },
     require_privileges,
 };
@@ -51,12 +51,25 @@ struct Setup {
     /// trusting eddy's CA and the test CA.
     client: Client,
     eddy_config: RegistryEddyConfig,
+    /// eddy's `--intercept-port`s (empty: the default, 443).
+    intercept_ports: Vec<u16>,
     work: tempfile::TempDir,
 }
 
 impl Setup {
     /// Upstream, cgroup and (when `with_eddy`) eddy with `--registry registry.test`.
     fn new(options: UpstreamOptions, with_eddy: bool) -> Result<Self> {
+        Self::with_eddy_config(options, with_eddy, |_, _, _| {})
+    }
+
+    /// As [`Setup::new`], with `configure` adjusting eddy's configuration and intercepted
+    /// ports (given the namespace, for its address) before eddy's CA is exported and eddy
+    /// starts.
+    fn with_eddy_config(
+        options: UpstreamOptions,
+        with_eddy: bool,
+        configure: impl FnOnce(&mut RegistryEddyConfig, &mut Vec<u16>, &Netns),
+    ) -> Result<Self> {
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-e2e-").tempdir()?;
         let cgroup = CgroupGuard::new()?;
@@ -72,13 +85,15 @@ impl Setup {
         Client::write_hosts(&client_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
         let eddy_hosts = work.path().join("hosts.eddy");
         Client::write_hosts(&eddy_hosts, netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
-        let eddy_config = RegistryEddyConfig {
+        let mut eddy_config = RegistryEddyConfig {
             cgroup: cgroup.path().to_path_buf(),
             data_dir: work.path().join("eddy-data"),
             registries: vec![REGISTRY_HOST.to_string()],
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
         };
+        let mut intercept_ports = Vec::new();
+        configure(&mut eddy_config, &mut intercept_ports, &netns);
         let bundle = work.path().join("ca-bundle.pem");
         let eddy = if with_eddy {
             let bin = eddy_bin();
@@ -88,7 +103,11 @@ impl Setup {
                 ca_export(&bin, &eddy_config.data_dir, &eddy_config.registries)?,
             )?;
             write_bundle(&bundle, &[&eddy_ca, &pki.ca_cert])?;
-            Some(RegistryEddy::start(&bin, &eddy_config)?)
+            Some(RegistryEddy::start_intercepting(
+                &bin,
+                &eddy_config,
+                &intercept_ports,
+            )?)
         } else {
             write_bundle(&bundle, &[&pki.ca_cert])?;
             None
@@ -105,6 +124,7 @@ impl Setup {
             _cgroup: cgroup,
             client,
             eddy_config,
+            intercept_ports,
             work,
         })
     }
@@ -116,7 +136,11 @@ impl Setup {
     /// Restart eddy on the same data dir (after a crash).
     fn restart_eddy(&mut self) -> Result<()> {
         self.eddy = None;
-        self.eddy = Some(RegistryEddy::start(&eddy_bin(), &self.eddy_config)?);
+        self.eddy = Some(RegistryEddy::start_intercepting(
+            &eddy_bin(),
+            &self.eddy_config,
+            &self.intercept_ports,
+        )?);
         Ok(())
     }
 
@@ -1220,4 +1244,231 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
         other_files(&setup.eddy_config.data_dir)
     );
     assert_store(&setup, &image.blobs())
+}
+
+/// A cold pull of `reference` then a warm one from a fresh containerd, both through eddy:
+/// every connection takes `route`, the cold pull fills the store, the warm one reads no
+/// blob (and no manifest) bytes from upstream.
+fn cold_then_warm(
+    setup: &Setup,
+    reference: &str,
+    extra: &[&str],
+    image: &Image,
+    route: &str,
+) -> Result<()> {
+    let series = connections_series(route);
+    let conns_before = setup.eddy().metric(&series)?;
+    let cold_ctd = Containerd::start()?;
+    let cold = setup
+        .client
+        .pull(&cold_ctd, NS, reference, extra, PULL_TIMEOUT)?
+        .check(&format!("cold ctr images pull {reference} through eddy"))?;
+    let after_cold = setup.served()?;
+    let upstream_after_cold = setup.upstream_bytes()?;
+    let conns_cold = setup.eddy().metric(&series)?;
+    println!(
+        "cold pull of {reference}: {:.2?}; registry sent {:.1} MiB ({} blob GETs); \
+         eddy upstream bytes {:.1} MiB; {series} {conns_before} -> {conns_cold}",
+        cold.elapsed,
+        mib(after_cold.bytes()),
+        after_cold.blob_gets,
+        mib(upstream_after_cold),
+    );
+    assert_has_content(&cold_ctd, &image.blobs())?;
+    ensure!(
+        conns_cold > conns_before,
+        "the cold pull made no {series} connection (still {conns_cold}); eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(
+        after_cold.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
+        "cold pull made upstream send {} bytes for a {}-byte image",
+        after_cold.bytes(),
+        image.total_bytes()
+    );
+    ensure!(
+        upstream_after_cold >= image.layers().iter().map(|b| b.size).sum::<u64>(),
+        "eddy fetched only {upstream_after_cold} bytes upstream: did the cold pull bypass it?"
+    );
+    assert_store(setup, &image.blobs())?;
+
+    let store_before = setup.eddy().metric(STORE_BYTES)? as u64;
+    let store_requests_before = setup.eddy().metric(&requests_series("blob", "store"))?;
+    let warm_ctd = Containerd::start()?;
+    let warm = setup
+        .client
+        .pull(&warm_ctd, NS, reference, extra, PULL_TIMEOUT)?
+        .check(&format!("warm ctr images pull {reference} through eddy"))?;
+    let after_warm = setup.served()?;
+    let upstream_after_warm = setup.upstream_bytes()?;
+    let conns_warm = setup.eddy().metric(&series)?;
+    let store_served = setup.eddy().metric(STORE_BYTES)? as u64 - store_before;
+    let store_requests =
+        setup.eddy().metric(&requests_series("blob", "store"))? - store_requests_before;
+    println!(
+        "warm pull of {reference}: {:.2?}; registry sent {} more bytes ({} blob GETs, {} manifest \
+         GETs); eddy upstream bytes +{}; eddy served {:.1} MiB from its store in {store_requests} \
+         blob requests; {series} {conns_cold} -> {conns_warm}",
+        warm.elapsed,
+        after_warm.bytes() - after_cold.bytes(),
+        after_warm.blob_gets - after_cold.blob_gets,
+        after_warm.manifest_gets - after_cold.manifest_gets,
+        upstream_after_warm - upstream_after_cold,
+        mib(store_served),
+    );
+    assert_has_content(&warm_ctd, &image.blobs())?;
+    ensure!(
+        conns_warm > conns_cold,
+        "the warm pull made no {series} connection (still {conns_warm})"
+    );
+    ensure!(
+        after_warm.blob_bytes == after_cold.blob_bytes
+            && after_warm.blob_gets == after_cold.blob_gets,
+        "the warm pull fetched blobs upstream: before {after_cold:?}, after {after_warm:?}"
+    );
+    ensure!(
+        after_warm.bytes() == after_cold.bytes(),
+        "the warm pull read manifest bytes upstream: before {after_cold:?}, after {after_warm:?}"
+    );
+    ensure!(
+        upstream_after_warm == upstream_after_cold,
+        "eddy_bytes_total{{source=\"upstream\"}} went from {upstream_after_cold} to {upstream_after_warm}"
+    );
+    let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
+    ensure!(
+        store_served >= layer_bytes && store_requests >= image.layers().len() as f64,
+        "eddy served {store_served} bytes in {store_requests} blob requests from its store, \
+         for {layer_bytes} bytes in {} layers",
+        image.layers().len()
+    );
+    Ok(())
+}
+
+/// 9. A registry configured by address (`--registry 10.A.B.1`, no host name): ctr pulls
+///    `10.A.B.1/repo:tag`, so its ClientHello carries no SNI; eddy terminates TLS with a
+///    leaf for the IP (the upstream is verified by its IP SAN) and caches. A TLS
+///    connection without SNI to an address that is not configured passes through untouched.
+#[test]
+fn registry_named_by_ip_address() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let setup = Setup::with_eddy_config(UpstreamOptions::default(), true, |config, _, netns| {
+        config.registries = vec![netns.ns_v4.to_string()];
+    })?;
+    let repo = "byip/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[16 * MIB, 4 * MIB]))?;
+    let reference = format!("{}/{repo}:v1", setup.upstream.ip_authority());
+    cold_then_warm(&setup, &reference, &[], &image, "registry_tls")?;
+
+    // By hand: eddy's CA alone verifies the configured address (eddy terminated), ...
+    let eddy_ca = setup.work.path().join("eddy-ca.pem");
+    let url = format!("https://{}/v2/", setup.upstream.ip);
+    let body = setup.work.path().join("byip.body");
+    let headers = setup.work.path().join("byip.headers");
+    let run = setup.client.curl(
+        &url,
+        &["--cacert", eddy_ca.to_str().expect("utf-8 path")],
+        &body,
+        &headers,
+        Duration::from_secs(30),
+    )?;
+    let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
+    println!(
+        "curl {url} trusting only eddy's CA: ok={} HTTP {status:?}",
+        run.ok()
+    );
+    ensure!(
+        run.ok() && status == Some(200),
+        "curl {url} trusting only eddy's CA: {status:?}: {}",
+        run.stderr()
+    );
+
+    // ... while another TLS registry, at an address eddy was not given, keeps its own
+    // certificate: only its own test CA verifies it, through the passthrough.
+    let other_ns = Netns::new()?;
+    let other_pki = Pki::create(
+        &setup.work.path().join("other-pki"),
+        &[REGISTRY_HOST],
+        &[other_ns.ns_v4.into()],
+    )?;
+    let other = Upstream::start(&other_ns, &other_pki, UpstreamOptions::default())?;
+    let passthrough = connections_series("passthrough");
+    let (tls_before, pass_before) = (
+        setup.eddy().metric(&connections_series("registry_tls"))?,
+        setup.eddy().metric(&passthrough)?,
+    );
+    let url = format!("https://{}/v2/", other.ip);
+    let body = setup.work.path().join("other.body");
+    let headers = setup.work.path().join("other.headers");
+    let run = setup.client.curl(
+        &url,
+        &["--cacert", other_pki.ca_cert.to_str().expect("utf-8 path")],
+        &body,
+        &headers,
+        Duration::from_secs(30),
+    )?;
+    let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
+    let (tls_after, pass_after) = (
+        setup.eddy().metric(&connections_series("registry_tls"))?,
+        setup.eddy().metric(&passthrough)?,
+    );
+    println!(
+        "curl {url} (not a configured registry) trusting only its own CA: ok={} HTTP {status:?}; \
+         {passthrough} {pass_before} -> {pass_after}; registry_tls {tls_before} -> {tls_after}",
+        run.ok()
+    );
+    ensure!(
+        run.ok() && status == Some(200),
+        "a TLS connection without SNI to {url}, not a configured registry, did not reach the \
+         upstream's own certificate: {status:?}: {}\neddy log:\n{}",
+        run.stderr(),
+        setup.eddy().log_tail(20)
+    );
+    ensure!(
+        pass_after > pass_before && tls_after == tls_before,
+        "the connection to {url} was not a passthrough: passthrough {pass_before} -> \
+         {pass_after}, registry_tls {tls_before} -> {tls_after}"
+    );
+    ensure!(
+        other.served()?.bytes() == 0 && fs::read_to_string(&other.log)?.contains("/v2/"),
+        "the other registry's log does not show the /v2/ request"
+    );
+    Ok(())
+}
+
+/// 10. A plain-HTTP registry on a non-443 port (`10.A.B.1:5000`, no TLS), with eddy
+///     intercepting that port too: `ctr --plain-http` pulls through eddy's HTTP route,
+///     cold then warm.
+#[test]
+fn plain_http_registry_on_an_intercepted_port() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const PORT: u16 = 5000;
+    let setup = Setup::with_eddy_config(
+        UpstreamOptions {
+            plain_http_port: Some(PORT),
+            ..Default::default()
+        },
+        true,
+        |_, ports, _| *ports = vec![eddy_tests::INTERCEPTED_PORT, PORT],
+    )?;
+    let repo = "plain/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[16 * MIB, 4 * MIB]))?;
+    let reference = format!("{}/{repo}:v1", setup.upstream.ip_authority());
+    let tls_before = setup.eddy().metric(&connections_series("registry_tls"))?;
+    cold_then_warm(
+        &setup,
+        &reference,
+        &["--plain-http"],
+        &image,
+        "registry_http",
+    )?;
+    let tls_after = setup.eddy().metric(&connections_series("registry_tls"))?;
+    ensure!(
+        tls_after == tls_before,
+        "plain-HTTP pulls made registry_tls connections: {tls_before} -> {tls_after}"
+    );
+    Ok(())
 }
