@@ -250,8 +250,7 @@ impl Registry {
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
-            let (digest_c, repo_key, owned) =
-                (digest.clone(), repo_key.to_string(), Arc::clone(&owned));
+            let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
             self.store.fill(digest, move || async move {
                 owned.store(true, Ordering::Relaxed);
                 let started = Instant::now();
@@ -418,7 +417,7 @@ impl Registry {
             .headers
             .get(DOCKER_CONTENT_DIGEST)
             .and_then(|v| v.to_str().ok());
-        let verified = expected.map_or(true, |d| *d == computed)
+        let verified = expected.is_none_or(|d| *d == computed)
             && claimed.is_none_or(|c| c == computed.to_string());
         let media_type = parts
             .headers
