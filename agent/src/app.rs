@@ -108,7 +108,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
-    let mut bpf = Bpf::load(&config)?;
+    let mut bpf = Bpf::load(&config, listener6.is_some())?;
     if let Err(e) = bpf.attach(&config.cgroup.path) {
         bpf.detach();
         bpf.unpin();

@@ -78,18 +78,20 @@ pub struct Bpf {
 impl Bpf {
     /// Load the programs and maps, pin the maps under the pin dir, and write the config and
     /// port set. Nothing is attached yet, so a failure here leaves the node untouched.
-    pub fn load(config: &Config) -> Result<Self, BpfError> {
+    /// `ipv6_listener`: whether the proxy listens on [::1]; without it native IPv6
+    /// destinations must go direct.
+    pub fn load(config: &Config, ipv6_listener: bool) -> Result<Self, BpfError> {
         if !sys::has_bpf_privileges() {
             return Err(BpfError::NotPrivileged);
         }
         prepare_pin_dir(&config.pin_dir)?;
-        Self::load_pinned(config).inspect_err(|_| {
+        Self::load_pinned(config, ipv6_listener).inspect_err(|_| {
             // A failed start leaves nothing behind, not even the maps.
             let _ = remove_pins(&config.pin_dir);
         })
     }
 
-    fn load_pinned(config: &Config) -> Result<Self, BpfError> {
+    fn load_pinned(config: &Config, ipv6_listener: bool) -> Result<Self, BpfError> {
         let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
         for (name, file) in map::PINNED {
             let m = ebpf
@@ -117,7 +119,7 @@ impl Bpf {
 
         let mut cfg_map: Array<_, BpfConfig> = take_map(&mut ebpf, map::CONFIG)?;
         cfg_map
-            .set(0, bpf_config(config)?, 0)
+            .set(0, bpf_config(config, ipv6_listener)?, 0)
             .map_err(|source| BpfError::Map {
                 name: map::CONFIG,
                 source,
@@ -248,13 +250,12 @@ pub(crate) fn read_counters(counters: &PerCpuArray<MapData, u64>) -> Vec<(Counte
         .collect()
 }
 
-fn bpf_config(config: &Config) -> Result<BpfConfig, BpfError> {
-    let listen6_ok = sys::ipv6_loopback_available();
+fn bpf_config(config: &Config, ipv6_listener: bool) -> Result<BpfConfig, BpfError> {
     Ok(BpfConfig {
         proxy_ip4: config.listen.ip().octets(),
         proxy_port: config.listen.port(),
         proxy_ip6: Ipv6Addr::LOCALHOST.octets(),
-        flags: if listen6_ok {
+        flags: if ipv6_listener {
             eddy_common::CONFIG_FLAG_IPV6
         } else {
             0

@@ -103,11 +103,6 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     }
 }
 
-/// Whether [::1] can be bound (IPv6 may be disabled on a node).
-pub fn ipv6_loopback_available() -> bool {
-    std::net::TcpListener::bind("[::1]:0").is_ok()
-}
-
 /// Raise RLIMIT_NOFILE to its hard limit: every proxied connection costs two descriptors.
 pub fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit on a struct we own.
