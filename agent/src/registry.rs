@@ -410,9 +410,7 @@ impl Registry {
             }
         };
         self.metrics.bytes("upstream", bytes.len() as u64);
-        let computed: Digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
-            .parse()
-            .expect("sha256 digests parse");
+        let computed = Digest::of(&bytes);
         let claimed = parts
             .headers
             .get(DOCKER_CONTENT_DIGEST)
