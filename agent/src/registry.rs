@@ -34,7 +34,7 @@ use crate::{
     catalog::{Catalog, TagRecord},
     digest::Digest,
     metrics::RegistryMetrics,
-    store::Store,
+    store::{Blob, Store},
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
 };
 
@@ -208,15 +208,7 @@ impl Registry {
         if let Some(blob) = cached {
             self.metrics.request(kind.label(), "store");
             let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
-            let len = blob.len();
-            return self.serve_cached(
-                req.method(),
-                req.headers(),
-                digest,
-                media_type.as_deref(),
-                len,
-                |s, e| blob.read_range(s, e).boxed(),
-            );
+            return self.serve_blob(&req, digest, media_type.as_deref(), blob);
         }
         if req.method() == Method::HEAD {
             self.metrics.request(kind.label(), "upstream");
@@ -522,15 +514,7 @@ impl Registry {
                 .catalog
                 .record_content(&digest, Some(&media_type), &repo_key, public);
             self.metrics.request(Kind::Manifest.label(), "store");
-            let len = blob.len();
-            return self.serve_cached(
-                req.method(),
-                req.headers(),
-                &digest,
-                Some(&media_type),
-                len,
-                |s, e| blob.read_range(s, e).boxed(),
-            );
+            return self.serve_blob(&req, &digest, Some(&media_type), blob);
         }
         self.content(origin, repo, &digest, Kind::Manifest, req)
             .await
@@ -560,12 +544,23 @@ impl Registry {
         warn!(repo = repo_key, tag, %digest, error = %cause, "upstream unreachable; serving the last known manifest");
         self.metrics.stale_manifest();
         self.metrics.request(Kind::Manifest.label(), "store");
+        self.serve_blob(req, &digest, Some(&media_type), blob)
+    }
+
+    /// Serve a committed blob or manifest.
+    fn serve_blob(
+        &self,
+        req: &Request<Incoming>,
+        digest: &Digest,
+        media_type: Option<&str>,
+        blob: Blob,
+    ) -> Response<Body> {
         let len = blob.len();
         self.serve_cached(
             req.method(),
             req.headers(),
-            &digest,
-            Some(&media_type),
+            digest,
+            media_type,
             len,
             |s, e| blob.read_range(s, e).boxed(),
         )
