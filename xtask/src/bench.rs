@@ -3,10 +3,15 @@
 //! 1. connect() latency (median/p90) inside the hooked cgroup vs outside it, for an
 //!    intercepted and a non-intercepted destination.
 //! 2. Passthrough throughput through eddy vs direct, over a veth into a netns.
+//! 3. eddy as a registry cache, with the upstream registry behind a 200 Mbit/s link: cold
+//!    and warm pulls vs direct and vs distribution's pull-through cache, one warm 512 MiB
+//!    blob over TLS beside `openssl speed`, upstream bytes and eddy's peak RSS for 8
+//!    concurrent cold pulls.
 //!
-//! The measuring is done by `eddy-bench` from the eddy-tests crate, which shares the
-//! privileged tests' harness (cgroup, netns, eddy and probe guards that clean up on drop).
-//! The markdown table is printed and written to target/bench/latest.md.
+//! The measuring is done by `eddy-bench` (1, 2) and `eddy-registry-bench` (3) from the
+//! eddy-tests crate, which share the privileged tests' harness (cgroup, netns, registry,
+//! containerd, eddy and probe guards that clean up on drop). The markdown tables are
+//! printed and written to target/bench/latest.md.
 use anyhow::{bail, Result};
 
 use crate::util::{self, cargo, target_dir, workspace_root};
@@ -23,9 +28,19 @@ pub struct Options {
     /// MiB per download.
     #[arg(long, default_value_t = 256)]
     pub mib: u64,
-    /// Downloads per path (the median is reported).
+    /// Downloads per path, and repetitions of each registry measurement (the median is
+    /// reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Link rate to the upstream registry for the registry figures (tc tbf syntax).
+    #[arg(long, default_value = "200mbit")]
+    pub rate: String,
+    /// Skip the interception figures (connect latency, passthrough throughput).
+    #[arg(long)]
+    pub skip_interception: bool,
+    /// Skip the registry-cache figures.
+    #[arg(long, conflicts_with = "skip_interception")]
+    pub skip_registry: bool,
 }
 
 impl Default for Options {
@@ -35,6 +50,9 @@ impl Default for Options {
             pause_us: 200,
             mib: 256,
             runs: 3,
+            rate: "200mbit".into(),
+            skip_interception: false,
+            skip_registry: false,
         }
     }
 }
@@ -45,7 +63,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     let eddy = util::build_release()?;
-    eprintln!("xtask: building eddy-bench and eddy-probe");
+    eprintln!("xtask: building eddy-bench, eddy-registry-bench and eddy-probe");
     util::run(cargo().current_dir(workspace_root()).args([
         "build",
         "--release",
@@ -55,17 +73,31 @@ pub fn run(opts: &Options) -> Result<()> {
     ]))?;
     let release = target_dir().join("release");
     let out = target_dir().join("bench").join("latest.md");
-    util::run(
-        std::process::Command::new(release.join("eddy-bench"))
-            .args(["--count", &opts.count.to_string()])
-            .args(["--pause-us", &opts.pause_us.to_string()])
-            .args(["--mib", &opts.mib.to_string()])
-            .args(["--runs", &opts.runs.to_string()])
+    if !opts.skip_interception {
+        util::run(
+            std::process::Command::new(release.join("eddy-bench"))
+                .args(["--count", &opts.count.to_string()])
+                .args(["--pause-us", &opts.pause_us.to_string()])
+                .args(["--mib", &opts.mib.to_string()])
+                .args(["--runs", &opts.runs.to_string()])
+                .arg("--out")
+                .arg(&out)
+                .env("EDDY_BIN", &eddy)
+                .env("EDDY_PROBE_BIN", release.join("eddy-probe")),
+        )?;
+    }
+    if !opts.skip_registry {
+        let mut cmd = std::process::Command::new(release.join("eddy-registry-bench"));
+        cmd.args(["--runs", &opts.runs.to_string()])
+            .args(["--rate", &opts.rate])
             .arg("--out")
             .arg(&out)
-            .env("EDDY_BIN", &eddy)
-            .env("EDDY_PROBE_BIN", release.join("eddy-probe")),
-    )?;
+            .env("EDDY_BIN", &eddy);
+        if !opts.skip_interception {
+            cmd.arg("--append");
+        }
+        util::run(&mut cmd)?;
+    }
     eprintln!("xtask: results written to {}", out.display());
     Ok(())
 }
