@@ -155,7 +155,7 @@ impl RegistryMetrics {
         );
         registry.register(
             "eddy_bytes",
-            "Content bytes: received from upstream, or served to clients from the store",
+            "Content bytes received from upstream, and bytes served to clients from content already cached or being fetched for another client",
             m.bytes.clone(),
         );
         registry.register(

@@ -37,6 +37,9 @@ use crate::{
     upstream,
 };
 
+/// Plaintext rustls buffers per connection before it must write to the socket.
+const TLS_WRITE_BUFFER: usize = 1 << 20;
+
 /// What every connection handler needs.
 pub struct Proxy {
     pub bpf: Arc<Bpf>,
@@ -147,7 +150,10 @@ impl Proxy {
                     None => Arc::clone(&self.tls_by_sni),
                 };
                 match tokio_rustls::TlsAcceptor::from(config).accept(client).await {
-                    Ok(tls) => {
+                    Ok(mut tls) => {
+                        // rustls encrypts at most this much per write (default 64 KiB):
+                        // larger batches mean fewer, larger socket writes for layer bytes.
+                        tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
                         let origin = Origin {
                             scheme: http::uri::Scheme::HTTPS,
                             authority,
@@ -180,6 +186,9 @@ impl Proxy {
             async move { Ok::<_, std::convert::Infallible>(registry.handle(origin, req).await) }
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Hand body chunks to the TLS layer as they are, instead of copying them into
+        // hyper's own write buffer first.
+        builder.http1().writev(true);
         builder
             .http2()
             .initial_stream_window_size(4 << 20)

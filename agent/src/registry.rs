@@ -327,8 +327,9 @@ impl Registry {
             }
         };
         let meta = self.catalog.content(digest);
+        let joined = !owned.load(Ordering::Relaxed);
         // We joined someone else's fetch: make sure this client may see it.
-        if !owned.load(Ordering::Relaxed) {
+        if joined {
             let public = meta.as_ref().is_some_and(|m| m.public);
             if let Err(denied) = self
                 .authorize(origin, repo, repo_key, kind, digest, public, req.headers())
@@ -356,6 +357,7 @@ impl Registry {
             digest,
             media_type.as_deref(),
             len,
+            joined,
             |s, e| fill.read_range(s, e).boxed(),
         )
     }
@@ -562,11 +564,17 @@ impl Registry {
             digest,
             media_type,
             len,
+            true,
             |s, e| blob.read_range(s, e).boxed(),
         )
     }
 
     /// Serve cached (or filling) content with the registry's headers, honouring Range.
+    ///
+    /// `hit`: the content was already there (in the store, or being fetched for another
+    /// client). Its bytes count as `eddy_bytes_total{source="store"}`; the bytes a client's
+    /// own miss streams from its fill were already counted once, as upstream bytes.
+    #[allow(clippy::too_many_arguments)]
     fn serve_cached<F>(
         &self,
         method: &Method,
@@ -574,6 +582,7 @@ impl Registry {
         digest: &Digest,
         media_type: Option<&str>,
         len: u64,
+        hit: bool,
         read: F,
     ) -> Response<Body>
     where
@@ -624,7 +633,11 @@ impl Registry {
         }
         let metrics = self.metrics.clone();
         let stream = read(start, Some(end))
-            .inspect_ok(move |chunk| metrics.bytes("store", chunk.len() as u64))
+            .inspect_ok(move |chunk| {
+                if hit {
+                    metrics.bytes("store", chunk.len() as u64)
+                }
+            })
             .map_ok(Frame::data)
             .map_err(|e| -> BoxError { Box::new(e) });
         resp.body(BodyExt::boxed_unsync(StreamBody::new(stream)))

@@ -438,10 +438,6 @@ fn summary_table(pulls: &[(&str, &Run, &Snapshot)]) {
         }
         println!("{line}");
     }
-    println!(
-        "\n(eddy streams a cold blob to ctr from the fill in progress, so source=\"store\" \
-         counts those bytes too; the registry's log is the ground truth for upstream.)"
-    );
 }
 
 /// Start a containerd daemon as a member of `cgroup`: this process joins the cgroup for
