@@ -122,6 +122,36 @@ pub struct DownloadReport {
     pub mib_per_s: f64,
 }
 
+/// `eddy-probe https-get`: one GET over TLS, the body read and discarded.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HttpsGetReport {
+    pub ok: bool,
+    pub error: Option<String>,
+    pub peer: Option<SocketAddr>,
+    /// The negotiated ALPN protocol (`http/1.1`, `h2`) and TLS cipher suite.
+    pub alpn: Option<String>,
+    pub cipher: Option<String>,
+    pub status: u16,
+    /// Content-Length as the server announced it (absent: none was sent).
+    pub content_length: Option<u64>,
+    /// Body bytes received, and in how many pieces (HTTP/1.1: reads that returned data;
+    /// HTTP/2: DATA frames as hyper hands them over).
+    pub bytes: u64,
+    pub chunks: u64,
+    /// From the start of connect() to the last body byte.
+    pub elapsed_us: u64,
+    /// From the end of the response header to the last body byte.
+    pub body_us: u64,
+    /// bytes / elapsed, in 10^9 bytes per second.
+    pub gb_per_s: f64,
+    /// CPU seconds (user + system) of this process: all of it, and during the transfer
+    /// (connect to the last byte).
+    pub cpu_s: f64,
+    pub transfer_cpu_s: f64,
+    /// With `--sha256`: whether the body's digest matched the `sha256:` digest in the path.
+    pub sha256_match: Option<bool>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,9 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
-use eddy_tests::wire::{self, DownloadReport, EchoReport, LatencyReport, ManyReport, Mode};
+use eddy_tests::wire::{
+    self, DownloadReport, EchoReport, HttpsGetReport, LatencyReport, ManyReport, Mode,
+};
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
@@ -101,6 +103,36 @@ enum Cmd {
         #[arg(long)]
         join_cgroup: Option<PathBuf>,
     },
+    /// One HTTPS GET (rustls, ring): the body is read in large chunks and discarded, and the
+    /// throughput and this process's CPU time are reported.
+    HttpsGet {
+        /// The address dialled (eddy's hook redirects it when the probe is in the cgroup).
+        #[arg(long)]
+        connect: SocketAddr,
+        /// TLS server name, also sent as the Host header.
+        #[arg(long)]
+        sni: String,
+        #[arg(long)]
+        path: String,
+        /// PEM bundle: the only roots trusted.
+        #[arg(long)]
+        cacert: PathBuf,
+        /// Offer only h2 in ALPN and speak HTTP/2 (hyper); default HTTP/1.1.
+        #[arg(long)]
+        http2: bool,
+        /// Hash the body and compare it with the `sha256:` digest in the path (slower).
+        #[arg(long)]
+        sha256: bool,
+        /// Offer only these cipher suites, in this order (rustls names, e.g.
+        /// TLS13_AES_128_GCM_SHA256); default: ring's order, which prefers AES-256-GCM.
+        #[arg(long, value_delimiter = ',')]
+        cipher_suites: Vec<String>,
+        /// Bound on the whole request.
+        #[arg(long, default_value_t = 120_000)]
+        timeout_ms: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
 }
 
 fn main() {
@@ -162,6 +194,30 @@ fn main() {
         } => join(join_cgroup.as_deref()).and_then(|()| {
             check_at_most("--bytes", bytes, MAX_BYTES)?;
             let report = download(connect, bytes, Duration::from_millis(timeout_ms));
+            print_json(&report, report.ok)
+        }),
+        Cmd::HttpsGet {
+            connect,
+            sni,
+            path,
+            cacert,
+            http2,
+            sha256,
+            cipher_suites,
+            timeout_ms,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            let request = HttpsGet {
+                target: connect,
+                sni,
+                path,
+                cacert,
+                http2,
+                sha256,
+                cipher_suites,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let report = https_get(&request);
             print_json(&report, report.ok)
         }),
     };
@@ -533,4 +589,377 @@ async fn one_echo(target: SocketAddr, bytes: u64) -> Result<(SocketAddr, bool)> 
     let (sent, matched) = tokio::join!(send, receive);
     sent.context("sending payload")?;
     Ok((peer, matched?))
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTPS client: how fast eddy serves one blob, measured with a client leaner than curl.
+//
+// HTTP/1.1 is blocking rustls over a std socket. rustls reads its socket 4 KiB at a time,
+// so the socket sits behind a 1 MiB BufReader: one recv() per MiB instead of 256. HTTP/2 is
+// hyper's client connection over tokio-rustls on a current-thread runtime, with the same
+// large-read buffer under the TLS layer.
+
+/// Socket reads go through this buffer; the body is read into a buffer of the same size.
+const BIG_READ: usize = 1 << 20;
+/// A response header larger than this is an error.
+const MAX_HEADER: usize = 64 * 1024;
+
+struct HttpsGet {
+    target: SocketAddr,
+    sni: String,
+    path: String,
+    cacert: PathBuf,
+    http2: bool,
+    sha256: bool,
+    cipher_suites: Vec<String>,
+    timeout: Duration,
+}
+
+/// What one GET produced, besides the report's connection fields.
+struct Body {
+    status: u16,
+    content_length: Option<u64>,
+    bytes: u64,
+    chunks: u64,
+    /// When the response header was complete, and when the last body byte arrived.
+    header_at: Instant,
+    done_at: Instant,
+    digest: Option<Vec<u8>>,
+}
+
+fn https_get(req: &HttpsGet) -> HttpsGetReport {
+    let mut report = HttpsGetReport::default();
+    let cpu_before = self_cpu_seconds();
+    let start = Instant::now();
+    let result = tls_config(req).and_then(|config| {
+        if req.http2 {
+            h2_get(req, config, &mut report)
+        } else {
+            h1_get(req, config, &mut report)
+        }
+    });
+    let elapsed = start.elapsed();
+    let cpu_after = self_cpu_seconds();
+    report.elapsed_us = elapsed.as_micros() as u64;
+    report.transfer_cpu_s = cpu_after - cpu_before;
+    match result.and_then(|body| check_body(req, body, &mut report)) {
+        Ok(()) => report.ok = true,
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    report.cpu_s = self_cpu_seconds();
+    report
+}
+
+fn check_body(req: &HttpsGet, body: Body, r: &mut HttpsGetReport) -> Result<()> {
+    r.status = body.status;
+    r.content_length = body.content_length;
+    r.bytes = body.bytes;
+    r.chunks = body.chunks;
+    r.body_us = (body.done_at - body.header_at).as_micros() as u64;
+    r.gb_per_s = body.bytes as f64 / 1e3 / r.elapsed_us.max(1) as f64;
+    if let Some(digest) = body.digest {
+        let expected = req
+            .path
+            .rsplit_once("sha256:")
+            .map(|(_, hex)| hex.to_ascii_lowercase())
+            .context("--sha256: the path has no sha256: digest")?;
+        r.sha256_match = Some(hex::encode(digest) == expected);
+    }
+    ensure!(body.status == 200, "HTTP {}", body.status);
+    if let Some(len) = body.content_length {
+        ensure!(
+            body.bytes == len,
+            "short body: {} of {len} bytes",
+            body.bytes
+        );
+    }
+    ensure!(r.sha256_match != Some(false), "the body's sha256 differs");
+    Ok(())
+}
+
+fn tls_config(req: &HttpsGet) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem =
+        std::fs::read(&req.cacert).with_context(|| format!("reading {}", req.cacert.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(cert.with_context(|| format!("bad PEM in {}", req.cacert.display()))?)
+            .context("adding a root")?;
+    }
+    ensure!(
+        !roots.is_empty(),
+        "no certificate in {}",
+        req.cacert.display()
+    );
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !req.cipher_suites.is_empty() {
+        let all = std::mem::take(&mut provider.cipher_suites);
+        for name in &req.cipher_suites {
+            let suite = all
+                .iter()
+                .find(|s| format!("{:?}", s.suite()).eq_ignore_ascii_case(name))
+                .with_context(|| {
+                    let known: Vec<String> =
+                        all.iter().map(|s| format!("{:?}", s.suite())).collect();
+                    format!(
+                        "unknown cipher suite {name:?} (known: {})",
+                        known.join(", ")
+                    )
+                })?;
+            provider.cipher_suites.push(*suite);
+        }
+    }
+    let provider = std::sync::Arc::new(provider);
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![if req.http2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
+    Ok(std::sync::Arc::new(config))
+}
+
+fn server_name(req: &HttpsGet) -> Result<rustls::pki_types::ServerName<'static>> {
+    rustls::pki_types::ServerName::try_from(req.sni.clone())
+        .with_context(|| format!("bad --sni {:?}", req.sni))
+}
+
+fn note_session(r: &mut HttpsGetReport, conn: &rustls::CommonState) {
+    r.alpn = conn
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    r.cipher = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()));
+}
+
+/// A socket whose reads are served from a large buffer (writes go straight through).
+struct BigReads(BufReader<TcpStream>);
+
+impl Read for BigReads {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Write for BigReads {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.get_mut().write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.get_mut().flush()
+    }
+}
+
+fn h1_get(
+    req: &HttpsGet,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    r: &mut HttpsGetReport,
+) -> Result<Body> {
+    let deadline = Instant::now() + req.timeout;
+    let socket = TcpStream::connect_timeout(&req.target, req.timeout).context("connect")?;
+    r.peer = socket.peer_addr().ok();
+    socket.set_nodelay(true)?;
+    socket.set_read_timeout(Some(req.timeout))?;
+    socket.set_write_timeout(Some(req.timeout))?;
+    let conn = rustls::ClientConnection::new(config, server_name(req)?)?;
+    let mut tls =
+        rustls::StreamOwned::new(conn, BigReads(BufReader::with_capacity(BIG_READ, socket)));
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: eddy-probe\r\nAccept: */*\r\n\
+         Connection: close\r\n\r\n",
+        req.path, req.sni
+    );
+    tls.write_all(request.as_bytes())
+        .context("TLS handshake or request")?;
+    tls.flush()?;
+    note_session(r, &tls.conn);
+
+    // The header, and whatever part of the body came with it.
+    let mut buf = vec![0u8; BIG_READ];
+    let mut head = Vec::new();
+    let end = loop {
+        let n = tls.read(&mut buf).context("reading the response header")?;
+        ensure!(n > 0, "connection closed before the response header ended");
+        head.extend_from_slice(&buf[..n]);
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        ensure!(
+            head.len() <= MAX_HEADER,
+            "response header over {MAX_HEADER} bytes"
+        );
+    };
+    let header_at = Instant::now();
+    let (status, content_length) = parse_h1_head(&head[..end])?;
+    let mut hasher = req.sha256.then(Sha256::new);
+    let early = &head[end..];
+    let mut bytes = early.len() as u64;
+    let mut chunks = u64::from(bytes > 0);
+    if let Some(h) = hasher.as_mut() {
+        h.update(early);
+    }
+    let want = content_length.unwrap_or(u64::MAX);
+    while bytes < want {
+        let room = (want - bytes).min(buf.len() as u64) as usize;
+        let n = match tls.read(&mut buf[..room]) {
+            Ok(n) => n,
+            // No Content-Length: the body ends when the connection does.
+            Err(e) if content_length.is_none() && e.kind() == io::ErrorKind::UnexpectedEof => 0,
+            Err(e) => return Err(e).context("reading the body"),
+        };
+        if n == 0 {
+            break;
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        bytes += n as u64;
+        chunks += 1;
+        ensure!(
+            Instant::now() < deadline,
+            "timed out after {:?}",
+            req.timeout
+        );
+    }
+    Ok(Body {
+        status,
+        content_length,
+        bytes,
+        chunks,
+        header_at,
+        done_at: Instant::now(),
+        digest: hasher.map(|h| h.finalize().to_vec()),
+    })
+}
+
+/// Status and Content-Length of an HTTP/1.1 response header (chunked bodies are refused).
+fn parse_h1_head(head: &[u8]) -> Result<(u16, Option<u64>)> {
+    let text = std::str::from_utf8(head).context("response header is not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut content_length = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(value.parse().context("bad Content-Length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding")
+            && !value.eq_ignore_ascii_case("identity")
+        {
+            bail!("Transfer-Encoding {value:?} is not supported");
+        }
+    }
+    Ok((status, content_length))
+}
+
+fn h2_get(
+    req: &HttpsGet,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    r: &mut HttpsGetReport,
+) -> Result<Body> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        tokio::time::timeout(req.timeout, h2_get_inner(req, config, r))
+            .await
+            .map_err(|_| anyhow::anyhow!("timed out after {:?}", req.timeout))?
+    })
+}
+
+async fn h2_get_inner(
+    req: &HttpsGet,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    r: &mut HttpsGetReport,
+) -> Result<Body> {
+    use http_body_util::BodyExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let socket = tokio::net::TcpStream::connect(req.target)
+        .await
+        .context("connect")?;
+    r.peer = socket.peer_addr().ok();
+    socket.set_nodelay(true)?;
+    let socket = tokio::io::BufReader::with_capacity(BIG_READ, socket);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name(req)?, socket)
+        .await
+        .context("TLS handshake")?;
+    note_session(r, tls.get_ref().1);
+    ensure!(
+        r.alpn.as_deref() == Some("h2"),
+        "the server did not agree to h2 (ALPN {:?})",
+        r.alpn
+    );
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(1 << 20)
+        .handshake(TokioIo::new(tls))
+        .await
+        .context("HTTP/2 handshake")?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::get(format!("https://{}{}", req.sni, req.path))
+        .header("user-agent", "eddy-probe")
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("sending the request")?;
+    let header_at = Instant::now();
+    let status = response.status().as_u16();
+    let content_length = response
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .map(|v| -> Result<u64> { Ok(v.to_str()?.parse()?) })
+        .transpose()
+        .context("bad content-length")?;
+    let mut body = response.into_body();
+    let mut hasher = req.sha256.then(Sha256::new);
+    let (mut bytes, mut chunks) = (0u64, 0u64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.context("reading the body")?;
+        if let Some(data) = frame.data_ref() {
+            if let Some(h) = hasher.as_mut() {
+                h.update(data);
+            }
+            bytes += data.len() as u64;
+            chunks += 1;
+        }
+    }
+    drop(sender);
+    driver.abort();
+    Ok(Body {
+        status,
+        content_length,
+        bytes,
+        chunks,
+        header_at,
+        done_at: Instant::now(),
+        digest: hasher.map(|h| h.finalize().to_vec()),
+    })
+}
+
+/// User + system CPU seconds of this process so far.
+fn self_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
