@@ -24,8 +24,11 @@ use rustls::{ClientConfig, RootCertStore};
 pub use ca::Ca;
 pub use leaf::{server_config, server_config_for_ip};
 
-/// ALPN offered to clients and to upstreams. containerd's Go client offers both.
-const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+/// ALPN offered to clients, most preferred first (rustls servers pick by their own order).
+/// containerd's Go client offers both; HTTP/1.1 is preferred because eddy serves a layer over
+/// it faster (measured by `cargo xtask bench`: 1.5-1.8 GB/s against about 1.0 GB/s over
+/// HTTP/2), and containerd opens a connection per layer anyway.
+const ALPN: [&[u8]; 2] = [b"http/1.1", b"h2"];
 
 fn alpn_protocols() -> Vec<Vec<u8>> {
     ALPN.iter().map(|p| p.to_vec()).collect()
