@@ -18,7 +18,11 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::process::{run_bounded, ProcessGuard};
+use crate::{
+    oci::Blob,
+    process::{run_bounded, ProcessGuard},
+    tail,
+};
 
 /// A containerd daemon with its own everything. Killed on drop.
 pub struct Containerd {
@@ -126,9 +130,7 @@ disabled_plugins = [
     }
 
     pub fn log_tail(&self) -> String {
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 20)
     }
 
     /// `ctr --address SOCK -n NS` followed by `args`.
@@ -171,6 +173,21 @@ disabled_plugins = [
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())
             .collect())
+    }
+
+    /// Error unless the content store in `namespace` holds every one of `blobs` (containerd
+    /// verified each digest when it committed it).
+    pub fn ensure_content(&self, namespace: &str, blobs: &[Blob]) -> Result<()> {
+        let have = self.content_digests(namespace)?;
+        for blob in blobs {
+            ensure!(
+                have.contains(&blob.digest),
+                "containerd lacks {} ({}); it has {have:?}",
+                blob.digest,
+                blob.media_type
+            );
+        }
+        Ok(())
     }
 }
 
@@ -285,10 +302,14 @@ impl Client {
         extra: &[&str],
         timeout: Duration,
     ) -> Result<Run> {
-        let mut args = vec!["images", "pull"];
-        args.extend_from_slice(extra);
-        args.push(reference);
-        self.run(&containerd.ctr_args(namespace, &args), timeout)
+        self.ctr_get(
+            ["images", "pull"],
+            containerd,
+            namespace,
+            reference,
+            extra,
+            timeout,
+        )
     }
 
     /// `ctr content fetch` (no unpack) of `reference` into `containerd`.
@@ -300,7 +321,27 @@ impl Client {
         extra: &[&str],
         timeout: Duration,
     ) -> Result<Run> {
-        let mut args = vec!["content", "fetch"];
+        self.ctr_get(
+            ["content", "fetch"],
+            containerd,
+            namespace,
+            reference,
+            extra,
+            timeout,
+        )
+    }
+
+    /// `ctr COMMAND... EXTRA... REFERENCE` against `containerd`, as this client.
+    fn ctr_get(
+        &self,
+        command: [&str; 2],
+        containerd: &Containerd,
+        namespace: &str,
+        reference: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<Run> {
+        let mut args = command.to_vec();
         args.extend_from_slice(extra);
         args.push(reference);
         self.run(&containerd.ctr_args(namespace, &args), timeout)
@@ -347,11 +388,6 @@ pub fn header(headers: &str, name: &str) -> Option<String> {
             .eq_ignore_ascii_case(name)
             .then(|| v.trim().to_string())
     })
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Running eddy under test: unique ports, pin dir and data dir; readiness, metrics, status.
 use std::{
     collections::BTreeMap,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -55,17 +55,15 @@ impl EddyConfig {
     }
 }
 
-/// A running (or exited) eddy. Dropping it kills eddy and removes any pins it left behind.
+/// A running (or exited) eddy. Dropping it kills eddy, prints the tail of its log and removes
+/// any pins it left behind; [`Eddy::stop_quietly`] does the same without printing.
 pub struct Eddy {
-    process: ProcessGuard,
+    inner: EddyProcess,
     bin: PathBuf,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub pin_dir: PathBuf,
     pub data_dir: PathBuf,
-    stderr_path: PathBuf,
-    // Holds the data dir and the logs; removed last.
-    _work: tempfile::TempDir,
 }
 
 impl Eddy {
@@ -78,67 +76,43 @@ impl Eddy {
 
     /// Start eddy without waiting for it.
     pub fn spawn(bin: &Path, config: &EddyConfig) -> Result<Self> {
-        let listen = match config.listen {
-            Some(addr) => addr,
-            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        };
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
+        // Holds the data dir and the log.
         let work = tempfile::Builder::new().prefix("eddy-test-").tempdir()?;
         let data_dir = work.path().join("data");
         fs::create_dir(&data_dir)?;
 
-        let mut argv: Vec<OsString> = Vec::new();
+        let mut wrapper: Vec<OsString> = Vec::new();
         if let Some(cgroup) = &config.run_in_cgroup {
             // The shell joins the cgroup, then becomes eddy: eddy's pid is the child's pid,
             // and eddy creates every socket from inside the cgroup.
-            argv.extend(["sh", "-c", r#"echo $$ > "$0" && exec "$@""#].map(OsString::from));
-            argv.push(cgroup.join("cgroup.procs").into());
+            wrapper.extend(["sh", "-c", r#"echo $$ > "$0" && exec "$@""#].map(OsString::from));
+            wrapper.push(cgroup.join("cgroup.procs").into());
         }
-        argv.extend(config.wrapper.iter().map(OsString::from));
-        argv.push(bin.into());
-        argv.extend(["run", "--cgroup", &config.cgroup].map(OsString::from));
-        argv.extend(["--listen".into(), listen.to_string().into()]);
-        for port in &config.intercept_ports {
-            argv.extend(["--intercept-port".into(), port.to_string().into()]);
-        }
-        argv.extend(["--admin".into(), admin.to_string().into()]);
-        argv.extend([OsString::from("--data-dir"), data_dir.clone().into()]);
-        argv.extend([OsString::from("--bpf-pin-dir"), pin_dir.clone().into()]);
+        wrapper.extend(config.wrapper.iter().map(OsString::from));
+        let mut run = RunCommand::new(
+            wrapper,
+            bin,
+            config.cgroup.as_ref(),
+            config.listen,
+            &config.intercept_ports,
+            &data_dir,
+        )?;
         if let Some(ms) = config.heartbeat_timeout_ms {
-            argv.extend(["--heartbeat-timeout-ms".into(), ms.to_string().into()]);
+            run.flag("--heartbeat-timeout-ms", ms.to_string());
         }
-
-        let stdout_path = work.path().join("eddy.stdout");
-        let stderr_path = work.path().join("eddy.stderr");
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&stdout_path)?)
-            .stderr(fs::File::create(&stderr_path)?)
-            // Tests pass everything as flags; an inherited EDDY_* must not change the setup.
-            .env_remove("EDDY_CGROUP")
-            .env_remove("EDDY_LISTEN")
-            .env_remove("EDDY_INTERCEPT_PORT")
-            .env_remove("EDDY_ADMIN")
-            .env_remove("EDDY_DATA_DIR")
-            .env_remove("EDDY_BPF_PIN_DIR");
-        eprintln!("starting eddy: {}", shell_words(&argv));
-        let process = ProcessGuard::spawn("eddy", &mut cmd)?;
+        let inner = run.spawn(work, false)?;
         Ok(Self {
-            process,
             bin: bin.to_path_buf(),
-            listen,
-            admin,
-            pin_dir,
+            listen: inner.listen,
+            admin: inner.admin,
+            pin_dir: inner.pin_dir.clone(),
             data_dir,
-            stderr_path,
-            _work: work,
+            inner,
         })
     }
 
     pub fn pid(&self) -> u32 {
-        self.process.pid()
+        self.inner.pid()
     }
 
     /// The proxy address a redirected IPv4 client sees as its peer.
@@ -154,53 +128,34 @@ impl Eddy {
         }
     }
 
-    /// Everything eddy wrote to stderr so far.
+    /// Everything eddy wrote to stderr so far (its stdout goes to the same file; `eddy run`
+    /// prints nothing there).
     pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+        self.inner.log_text()
     }
 
     pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
-        self.process.signal(signal)
+        self.inner.child.signal(signal)
     }
 
     pub fn kill_and_wait(&mut self) -> Result<ExitStatus> {
-        self.process.kill_and_wait()
+        self.inner.child.kill_and_wait()
     }
 
-    /// Wait at most `timeout` for eddy to exit; error (with its stderr) if it does not.
+    /// Wait at most `timeout` for eddy to exit; error (with its log) if it does not.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        match self.process.wait_timeout(timeout)? {
+        match self.inner.child.wait_timeout(timeout)? {
             Some(status) => Ok(status),
             None => bail!(
-                "eddy did not exit within {timeout:?}; stderr:\n{}",
-                tail(&self.stderr(), 40)
+                "eddy did not exit within {timeout:?}; log:\n{}",
+                self.inner.log_tail(40)
             ),
         }
     }
 
     /// Poll /readyz until it answers 200, eddy exits, or `timeout` passes.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.process.try_wait()? {
-                bail!(
-                    "eddy exited ({status}) before it was ready; stderr:\n{}",
-                    tail(&self.stderr(), 40)
-                );
-            }
-            let last = match http_get(self.admin, "/readyz") {
-                Ok((200, _)) => return Ok(()),
-                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "eddy was not ready within {timeout:?} (last /readyz: {last}); stderr:\n{}",
-                    tail(&self.stderr(), 40)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.inner.wait_ready(timeout)
     }
 
     /// GET a path on the admin server.
@@ -210,17 +165,14 @@ impl Eddy {
 
     /// The Prometheus text from /metrics.
     pub fn metrics(&self) -> Result<String> {
-        match self.admin_get("/metrics")? {
-            (200, body) => Ok(body),
-            (code, body) => bail!("/metrics answered {code}: {body}"),
-        }
+        self.inner.metrics()
     }
 
     /// One series, e.g. `eddy_connections_total{route="passthrough"}`. A series that has not
     /// been created yet reads as 0 (label sets appear on first use); tests that need it to
     /// exist assert a positive value.
     pub fn metric(&self, series: &str) -> Result<f64> {
-        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+        self.inner.metric(series)
     }
 
     /// `eddy_bpf_events_total{event="<event>"}`.
@@ -236,14 +188,7 @@ impl Eddy {
     /// Poll a series until it reaches `min` (counters may be read from BPF maps on an
     /// interval). Returns the last value read; the caller asserts on it.
     pub fn wait_metric_at_least(&self, series: &str, min: f64, timeout: Duration) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let value = self.metric(series)?;
-            if value >= min || Instant::now() >= deadline {
-                return Ok(value);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.inner.wait_metric_at_least(series, min, timeout)
     }
 
     /// `eddy status --json` for this instance's pin dir; fails if the command fails.
@@ -259,16 +204,194 @@ impl Eddy {
         let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(&text).with_context(|| format!("parsing eddy status --json: {text}"))
     }
+
+    /// Kill eddy and clean up as dropping it does, without printing its log (for a run that
+    /// went well and keeps its own output readable).
+    pub fn stop_quietly(self) {
+        self.inner.stop_quietly();
+    }
 }
 
-impl Drop for Eddy {
+/// An `eddy run` command line for a test: free loopback ports and a unique pin dir.
+pub(crate) struct RunCommand {
+    listen: SocketAddr,
+    admin: SocketAddr,
+    pin_dir: PathBuf,
+    argv: Vec<OsString>,
+}
+
+impl RunCommand {
+    /// `WRAPPER... BIN run --cgroup CGROUP --listen ADDR --admin ADDR [--intercept-port P]...
+    /// --data-dir DATA_DIR --bpf-pin-dir DIR`, listening on `listen` (a free loopback port
+    /// when None).
+    pub(crate) fn new(
+        wrapper: Vec<OsString>,
+        bin: &Path,
+        cgroup: &OsStr,
+        listen: Option<SocketAddr>,
+        intercept_ports: &[u16],
+        data_dir: &Path,
+    ) -> Result<Self> {
+        let listen = match listen {
+            Some(addr) => addr,
+            None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
+        let mut run = Self {
+            listen,
+            admin,
+            pin_dir: pin_dir.clone(),
+            argv: wrapper,
+        };
+        run.argv.push(bin.into());
+        run.argv.push("run".into());
+        run.flag("--cgroup", cgroup);
+        run.flag("--listen", listen.to_string());
+        run.flag("--admin", admin.to_string());
+        for port in intercept_ports {
+            run.flag("--intercept-port", port.to_string());
+        }
+        run.flag("--data-dir", data_dir);
+        run.flag("--bpf-pin-dir", pin_dir);
+        Ok(run)
+    }
+
+    /// Append `FLAG VALUE`.
+    pub(crate) fn flag(&mut self, flag: &str, value: impl Into<OsString>) {
+        self.argv.extend([flag.into(), value.into()]);
+    }
+
+    /// Start it with stdout and stderr to `eddy.log` in `work` (which the process keeps),
+    /// printing the command line first unless `quiet`.
+    pub(crate) fn spawn(self, work: tempfile::TempDir, quiet: bool) -> Result<EddyProcess> {
+        let log = work.path().join("eddy.log");
+        let log_file = fs::File::create(&log)?;
+        let mut cmd = Command::new(&self.argv[0]);
+        cmd.args(&self.argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file);
+        // Tests pass everything as flags; an inherited EDDY_* must not change the setup.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("EDDY_") {
+                cmd.env_remove(key);
+            }
+        }
+        if !quiet {
+            eprintln!("starting eddy: {}", shell_words(&self.argv));
+        }
+        Ok(EddyProcess {
+            child: ProcessGuard::spawn("eddy", &mut cmd)?,
+            listen: self.listen,
+            admin: self.admin,
+            pin_dir: self.pin_dir,
+            log,
+            quiet: false,
+            _work: work,
+        })
+    }
+}
+
+/// What both launchers run ([`Eddy`] here, [`RegistryEddy`] for the registry cache): the
+/// process, its addresses and pin dir, and its log. Dropping it kills eddy, prints the log's
+/// tail (libtest shows it only when a test fails) unless stopped quietly, and removes the
+/// pins SIGKILL leaves behind.
+///
+/// [`RegistryEddy`]: crate::registry_eddy::RegistryEddy
+pub(crate) struct EddyProcess {
+    pub(crate) child: ProcessGuard,
+    pub(crate) listen: SocketAddr,
+    pub(crate) admin: SocketAddr,
+    pub(crate) pin_dir: PathBuf,
+    log: PathBuf,
+    quiet: bool,
+    // Holds the log (and maybe the data dir); removed last.
+    _work: tempfile::TempDir,
+}
+
+impl EddyProcess {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Everything eddy logged so far.
+    pub(crate) fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        crate::tail(&self.log_text(), lines)
+    }
+
+    /// Poll /readyz until it answers 200, eddy exits, or `timeout` passes.
+    pub(crate) fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "eddy exited ({status}) before it was ready; log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            let last = match http_get(self.admin, "/readyz") {
+                Ok((200, _)) => return Ok(()),
+                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "eddy was not ready within {timeout:?} (last /readyz: {last}); log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The Prometheus text from /metrics.
+    pub(crate) fn metrics(&self) -> Result<String> {
+        match http_get(self.admin, "/metrics")? {
+            (200, body) => Ok(body),
+            (code, body) => bail!("/metrics answered {code}: {body}"),
+        }
+    }
+
+    /// One series; absent reads as 0 (label sets appear on first use).
+    pub(crate) fn metric(&self, series: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+    }
+
+    /// Poll `series` until it is at least `min` or `timeout` passes; returns the last value.
+    pub(crate) fn wait_metric_at_least(
+        &self,
+        series: &str,
+        min: f64,
+        timeout: Duration,
+    ) -> Result<f64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.metric(series)?;
+            if value >= min || Instant::now() >= deadline {
+                return Ok(value);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Drop without printing the log.
+    pub(crate) fn stop_quietly(mut self) {
+        self.quiet = true;
+    }
+}
+
+impl Drop for EddyProcess {
     fn drop(&mut self) {
-        let _ = self.process.kill_and_wait();
-        // Shown only when the test fails (libtest captures it otherwise).
-        eprintln!(
-            "--- eddy stderr (last 40 lines) ---\n{}",
-            tail(&self.stderr(), 40)
-        );
+        let _ = self.child.kill_and_wait();
+        if !self.quiet {
+            // Shown only when the test fails (libtest captures it otherwise).
+            eprintln!("--- eddy log (last 40 lines) ---\n{}", self.log_tail(40));
+        }
         // SIGKILL leaves the pinned maps behind; the programs went with the link.
         if self.pin_dir.exists() {
             let _ = fs::remove_dir_all(&self.pin_dir);
@@ -362,11 +485,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .and_then(|c| c.parse().ok())
         .with_context(|| format!("bad HTTP response to GET {path}: {head:?}"))?;
     Ok((code, body.to_string()))
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 fn shell_words(argv: &[OsString]) -> String {

@@ -34,7 +34,8 @@ impl Blob {
         self.digest.trim_start_matches("sha256:")
     }
 
-    fn descriptor(&self) -> serde_json::Value {
+    /// The blob's OCI descriptor: media type, digest and size.
+    pub fn descriptor(&self) -> serde_json::Value {
         json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
     }
 }
@@ -224,10 +225,15 @@ pub fn write_layout(layout: &Path, tag: &str, spec: &ImageSpec) -> Result<Image>
     })
 }
 
-fn write_json_blob(layout: &Path, media_type: &str, value: &serde_json::Value) -> Result<Blob> {
-    let bytes = serde_json::to_vec(value)?;
-    let hex = hex::encode(Sha256::digest(&bytes));
-    fs::write(layout.join("blobs/sha256").join(&hex), &bytes)?;
+/// Write `value` as a JSON blob into the layout's blob directory.
+pub fn write_json_blob(layout: &Path, media_type: &str, value: &serde_json::Value) -> Result<Blob> {
+    write_blob(layout, media_type, &serde_json::to_vec(value)?)
+}
+
+/// Write `bytes` into the layout's blob directory, named by their sha256.
+pub fn write_blob(layout: &Path, media_type: &str, bytes: &[u8]) -> Result<Blob> {
+    let hex = hex::encode(Sha256::digest(bytes));
+    fs::write(layout.join("blobs/sha256").join(&hex), bytes)?;
     Ok(Blob {
         digest: format!("sha256:{hex}"),
         size: bytes.len() as u64,

@@ -233,9 +233,8 @@ impl Upstream {
             self.work.path().join("cdn.stderr"),
         ] {
             let body = fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = body.lines().collect();
             text.push_str(&format!("--- {} ---\n", path.display()));
-            text.push_str(&lines[lines.len().saturating_sub(15)..].join("\n"));
+            text.push_str(&crate::tail(&body, 15));
             text.push('\n');
         }
         text

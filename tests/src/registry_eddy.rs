@@ -7,17 +7,16 @@ use std::{
     io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    eddy::{free_port, http_get, metric_value},
-    process::{run_bounded, ProcessGuard},
+    eddy::{EddyProcess, RunCommand},
+    process::run_bounded,
 };
 
 pub const UPSTREAM_BYTES: &str = r#"eddy_bytes_total{source="upstream"}"#;
@@ -47,17 +46,19 @@ pub struct RegistryEddyConfig {
     /// Run eddy with this file bind-mounted over /etc/hosts (in a private mount namespace),
     /// so it can resolve a CDN host named in a 307.
     pub hosts: Option<PathBuf>,
+    /// Start without printing eddy's command line (a benchmark's output stays its own).
+    /// The log's tail is still printed when the guard drops, unless it is stopped with
+    /// [`RegistryEddy::stop_quietly`].
+    pub quiet_start: bool,
 }
 
-/// A running eddy. Killed on drop; its pins are removed.
+/// A running eddy. Killed on drop (printing the tail of its log); its pins are removed.
 pub struct RegistryEddy {
-    process: ProcessGuard,
+    inner: EddyProcess,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub pin_dir: PathBuf,
     pub data_dir: PathBuf,
-    log: PathBuf,
-    _work: tempfile::TempDir,
 }
 
 impl RegistryEddy {
@@ -74,16 +75,14 @@ impl RegistryEddy {
         config: &RegistryEddyConfig,
         intercept_ports: &[u16],
     ) -> Result<Self> {
+        // Holds the log.
         let work = tempfile::Builder::new().prefix("eddy-reg-").tempdir()?;
-        let listen = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
         fs::create_dir_all(&config.data_dir)?;
 
-        let mut argv: Vec<OsString> = Vec::new();
+        let mut wrapper: Vec<OsString> = Vec::new();
         if let Some(hosts) = &config.hosts {
             // Same pid throughout: unshare and sh exec, so signals reach eddy itself.
-            argv.extend(
+            wrapper.extend(
                 [
                     "unshare",
                     "--mount",
@@ -93,114 +92,61 @@ impl RegistryEddy {
                 ]
                 .map(OsString::from),
             );
-            argv.push(hosts.into());
+            wrapper.push(hosts.into());
         }
-        argv.push(bin.into());
-        argv.extend(["run", "--cgroup"].map(OsString::from));
-        argv.push(config.cgroup.clone().into());
-        argv.extend(["--listen".into(), listen.to_string().into()]);
-        argv.extend(["--admin".into(), admin.to_string().into()]);
         let ports = match intercept_ports {
             [] => vec![crate::INTERCEPTED_PORT],
             ports => ports.to_vec(),
         };
-        for port in ports {
-            argv.extend(["--intercept-port".into(), port.to_string().into()]);
-        }
-        argv.extend([OsString::from("--data-dir"), config.data_dir.clone().into()]);
-        argv.extend([OsString::from("--bpf-pin-dir"), pin_dir.clone().into()]);
+        let mut run = RunCommand::new(
+            wrapper,
+            bin,
+            config.cgroup.as_os_str(),
+            None,
+            &ports,
+            &config.data_dir,
+        )?;
         for registry in &config.registries {
-            argv.extend([OsString::from("--registry"), registry.into()]);
+            run.flag("--registry", registry);
         }
         for ca in &config.upstream_cas {
-            argv.extend([OsString::from("--upstream-ca"), ca.into()]);
+            run.flag("--upstream-ca", ca);
         }
-        let log = work.path().join("eddy.log");
-        let log_file = fs::File::create(&log)?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone()?)
-            .stderr(log_file);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("EDDY_") {
-                cmd.env_remove(key);
-            }
-        }
-        eprintln!(
-            "starting eddy: {}",
-            argv.iter()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let process = ProcessGuard::spawn("eddy", &mut cmd)?;
-        let mut eddy = Self {
-            process,
-            listen,
-            admin,
-            pin_dir,
+        let mut inner = run.spawn(work, config.quiet_start)?;
+        inner.wait_ready(Duration::from_secs(20))?;
+        Ok(Self {
+            listen: inner.listen,
+            admin: inner.admin,
+            pin_dir: inner.pin_dir.clone(),
             data_dir: config.data_dir.clone(),
-            log,
-            _work: work,
-        };
-        eddy.wait_ready(Duration::from_secs(20))?;
-        Ok(eddy)
+            inner,
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.process.pid()
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.process.try_wait()? {
-                bail!(
-                    "eddy exited ({status}) before ready; log:\n{}",
-                    self.log_tail(40)
-                );
-            }
-            let last = match http_get(self.admin, "/readyz") {
-                Ok((200, _)) => return Ok(()),
-                Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
-                Err(e) => format!("{e:#}"),
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "eddy not ready after {timeout:?} (last /readyz: {last}); log:\n{}",
-                    self.log_tail(40)
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.inner.pid()
     }
 
     /// SIGKILL and reap: a crash, with no chance to clean up.
     pub fn kill9(&mut self) -> Result<()> {
-        self.process.kill_and_wait().map(drop)
+        self.inner.child.kill_and_wait().map(drop)
     }
 
     pub fn log_text(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
+        self.inner.log_text()
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = self.log_text();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
+        self.inner.log_tail(lines)
     }
 
     pub fn metrics(&self) -> Result<String> {
-        match http_get(self.admin, "/metrics")? {
-            (200, body) => Ok(body),
-            (code, body) => bail!("/metrics answered {code}: {body}"),
-        }
+        self.inner.metrics()
     }
 
     /// One series; absent reads as 0 (label sets appear on first use).
     pub fn metric(&self, series: &str) -> Result<f64> {
-        Ok(metric_value(&self.metrics()?, series).unwrap_or(0.0))
+        self.inner.metric(series)
     }
 
     pub fn upstream_bytes(&self) -> Result<u64> {
@@ -209,25 +155,13 @@ impl RegistryEddy {
 
     /// Poll `series` until it is at least `min` or `timeout` passes; returns the last value.
     pub fn wait_metric_at_least(&self, series: &str, min: f64, timeout: Duration) -> Result<f64> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let value = self.metric(series)?;
-            if value >= min || Instant::now() >= deadline {
-                return Ok(value);
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.inner.wait_metric_at_least(series, min, timeout)
     }
-}
 
-impl Drop for RegistryEddy {
-    fn drop(&mut self) {
-        let _ = self.process.kill_and_wait();
-        // Shown only when the test fails (libtest captures it otherwise).
-        eprintln!("--- eddy log (last 40 lines) ---\n{}", self.log_tail(40));
-        if self.pin_dir.exists() {
-            let _ = fs::remove_dir_all(&self.pin_dir);
-        }
+    /// Kill eddy and clean up as dropping it does, without printing its log (for a run that
+    /// went well and keeps its own output readable).
+    pub fn stop_quietly(self) {
+        self.inner.stop_quietly();
     }
 }
 

@@ -91,6 +91,7 @@ impl Setup {
             registries: vec![REGISTRY_HOST.to_string()],
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
+            quiet_start: false,
         };
         let mut intercept_ports = Vec::new();
         configure(&mut eddy_config, &mut intercept_ports, &netns);
@@ -283,21 +284,6 @@ fn reference(repo: &str, tag: &str) -> String {
     format!("{REGISTRY_HOST}/{repo}:{tag}")
 }
 
-/// Every blob is in `containerd`'s content store (containerd verified each digest when it
-/// committed it).
-fn assert_has_content(containerd: &Containerd, blobs: &[Blob]) -> Result<()> {
-    let have = containerd.content_digests(NS)?;
-    for blob in blobs {
-        ensure!(
-            have.contains(&blob.digest),
-            "containerd lacks {} ({}); it has {have:?}",
-            blob.digest,
-            blob.media_type
-        );
-    }
-    Ok(())
-}
-
 /// Every blob is in eddy's store, and every store file hashes to its name.
 fn assert_store(setup: &Setup, blobs: &[Blob]) -> Result<()> {
     let report = verify_store(&setup.eddy_config.data_dir)?;
@@ -382,7 +368,7 @@ fn baseline_direct_pull_without_eddy() -> Result<()> {
         mib(served.bytes()),
         served.blob_gets
     );
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
     ensure!(
         served.blob_bytes >= image.layers().iter().map(|b| b.size).sum::<u64>(),
         "the registry log does not account for the layers: {served:?}"
@@ -429,7 +415,7 @@ fn baseline_redirected_pull_without_eddy() -> Result<()> {
         served.redirects,
         mib(cdn_bytes)
     );
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
     let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
     ensure!(
         served.redirects >= 2 && cdn_bytes >= layer_bytes,
@@ -469,7 +455,7 @@ fn baseline_private_and_range_without_eddy() -> Result<()> {
             PULL_TIMEOUT,
         )?
         .check("direct ctr content fetch with credentials")?;
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
 
     let layer = image.largest_layer();
     let data = image.read_blob(&layer)?;
@@ -503,72 +489,7 @@ fn warm_pull_reads_nothing_from_upstream() -> Result<()> {
     };
     let repo = "warm/app";
     let image = setup.image(repo, "v1", &ImageSpec::single(&[24 * MIB, 8 * MIB, MIB]))?;
-    let reference = reference(repo, "v1");
-
-    let cold_ctd = Containerd::start()?;
-    let cold = setup
-        .client
-        .pull(&cold_ctd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("cold ctr images pull through eddy")?;
-    let after_cold = setup.served()?;
-    let upstream_after_cold = setup.upstream_bytes()?;
-    println!(
-        "cold pull: {:.2?}; registry sent {:.1} MiB ({} blob GETs); eddy upstream bytes {:.1} MiB",
-        cold.elapsed,
-        mib(after_cold.bytes()),
-        after_cold.blob_gets,
-        mib(upstream_after_cold)
-    );
-    assert_has_content(&cold_ctd, &image.blobs())?;
-    ensure!(
-        after_cold.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
-        "cold pull made upstream send {} bytes for a {}-byte image",
-        after_cold.bytes(),
-        image.total_bytes()
-    );
-    assert_store(&setup, &image.blobs())?;
-
-    let store_before = setup.eddy().metric(STORE_BYTES)? as u64;
-    let warm_ctd = Containerd::start()?;
-    let warm = setup
-        .client
-        .pull(&warm_ctd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("warm ctr images pull through eddy")?;
-    let after_warm = setup.served()?;
-    let upstream_after_warm = setup.upstream_bytes()?;
-    let store_served = setup.eddy().metric(STORE_BYTES)? as u64 - store_before;
-    println!(
-        "warm pull: {:.2?}; registry sent {} more bytes ({} blob GETs, {} manifest GETs); \
-         eddy upstream bytes +{}; eddy served {:.1} MiB from its store; \
-         blob requests from store {}",
-        warm.elapsed,
-        after_warm.bytes() - after_cold.bytes(),
-        after_warm.blob_gets - after_cold.blob_gets,
-        after_warm.manifest_gets - after_cold.manifest_gets,
-        upstream_after_warm - upstream_after_cold,
-        mib(store_served),
-        setup.eddy().metric(&requests_series("blob", "store"))?
-    );
-    assert_has_content(&warm_ctd, &image.blobs())?;
-    ensure!(
-        after_warm.blob_bytes == after_cold.blob_bytes
-            && after_warm.blob_gets == after_cold.blob_gets,
-        "the warm pull fetched blobs upstream: before {after_cold:?}, after {after_warm:?}"
-    );
-    ensure!(
-        after_warm.bytes() == after_cold.bytes(),
-        "the warm pull read manifest bytes upstream: before {after_cold:?}, after {after_warm:?}"
-    );
-    ensure!(
-        upstream_after_warm == upstream_after_cold,
-        "eddy_bytes_total{{source=\"upstream\"}} went from {upstream_after_cold} to {upstream_after_warm}"
-    );
-    let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
-    ensure!(
-        store_served >= layer_bytes,
-        "eddy says it served {store_served} bytes from its store, less than the {layer_bytes} layer bytes"
-    );
-    Ok(())
+    cold_then_warm(&setup, &reference(repo, "v1"), &[], &image, "registry_tls")
 }
 
 /// 2. A multi-arch index: all platforms cold, then one platform warm from a fresh content
@@ -598,7 +519,7 @@ fn multi_arch_index() -> Result<()> {
         mib(served.bytes()),
         mib(image.total_bytes())
     );
-    assert_has_content(&all_ctd, &image.blobs())?;
+    all_ctd.ensure_content(NS, &image.blobs())?;
     ensure!(
         served.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
         "upstream sent {} bytes for a {}-byte index",
@@ -630,7 +551,7 @@ fn multi_arch_index() -> Result<()> {
         .expect("arm64 is in the spec");
     let mut wanted = vec![image.top.clone()];
     wanted.extend(arm64.blobs());
-    assert_has_content(&arm_ctd, &wanted)?;
+    arm_ctd.ensure_content(NS, &wanted)?;
     ensure!(
         after.bytes() == served.bytes(),
         "the warm arm64 pull read from upstream: before {served:?}, after {after:?}"
@@ -667,7 +588,7 @@ fn redirect_to_cdn_is_followed_by_eddy() -> Result<()> {
         mib(cdn_bytes),
         setup.upstream.cdn_gets()
     );
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
     let layer_bytes: u64 = image.layers().iter().map(|b| b.size).sum();
     ensure!(
         served.redirects >= image.layers().len() as u64,
@@ -722,7 +643,7 @@ fn private_content_needs_valid_credentials() -> Result<()> {
         .fetch(&first, NS, &reference, &["--user", &creds], PULL_TIMEOUT)?
         .check("authorised ctr content fetch through eddy")?;
     println!("authorised cold pull: {:.2?}", run.elapsed);
-    assert_has_content(&first, &image.blobs())?;
+    first.ensure_content(NS, &image.blobs())?;
     assert_store(&setup, &image.blobs())?;
 
     let layer = image.largest_layer();
@@ -809,7 +730,7 @@ fn private_content_needs_valid_credentials() -> Result<()> {
         run.elapsed,
         after.blob_bytes - before.blob_bytes
     );
-    assert_has_content(&second, &image.blobs())?;
+    second.ensure_content(NS, &image.blobs())?;
     ensure!(
         after.blob_bytes == before.blob_bytes,
         "the authorised warm pull fetched blobs upstream: {before:?} → {after:?}"
@@ -1009,7 +930,7 @@ fn containerd_resumes_interrupted_pull_with_range() -> Result<()> {
         .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
         .check("retried ctr content fetch (resuming its ingest)")?;
     shape_link(&setup.netns, None)?;
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
     // Let the fill finish landing in the store (bounded), then count upstream bytes.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !store_has(&setup.eddy_config.data_dir, &layer.digest) && Instant::now() < deadline {
@@ -1101,7 +1022,7 @@ fn concurrent_cold_pulls_fetch_once() -> Result<()> {
         failures.join("\n")
     );
     for daemon in &daemons {
-        assert_has_content(daemon, &image.blobs())?;
+        daemon.ensure_content(NS, &image.blobs())?;
     }
     ensure!(
         served.bytes() as f64 <= image.total_bytes() as f64 * 1.02,
@@ -1153,7 +1074,7 @@ fn pull_by_tag_survives_upstream_outage() -> Result<()> {
         "pull with upstream down: {:.2?}; eddy_stale_manifests_served_total {stale}",
         run.elapsed
     );
-    assert_has_content(&second, &image.blobs())?;
+    second.ensure_content(NS, &image.blobs())?;
     ensure!(stale >= 1.0, "eddy did not count the stale tag it served");
     Ok(())
 }
@@ -1227,7 +1148,7 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
         .fetch(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
         .check("retried ctr content fetch after eddy restarted")?;
     println!("retried pull: {:.2?}", retry.elapsed);
-    assert_has_content(&containerd, &image.blobs())?;
+    containerd.ensure_content(NS, &image.blobs())?;
 
     let fresh = Containerd::start()?;
     let run = setup
@@ -1235,7 +1156,7 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
         .fetch(&fresh, NS, &reference, &[], PULL_TIMEOUT)?
         .check("fresh ctr content fetch after the restart")?;
     println!("fresh pull after the restart: {:.2?}", run.elapsed);
-    assert_has_content(&fresh, &image.blobs())?;
+    fresh.ensure_content(NS, &image.blobs())?;
     let served = setup.served()?;
     println!(
         "registry sent {:.1} MiB in all for the {:.1} MiB image; other files in the data dir now: {:?}",
@@ -1274,7 +1195,7 @@ fn cold_then_warm(
         after_cold.blob_gets,
         mib(upstream_after_cold),
     );
-    assert_has_content(&cold_ctd, &image.blobs())?;
+    cold_ctd.ensure_content(NS, &image.blobs())?;
     ensure!(
         conns_cold > conns_before,
         "the cold pull made no {series} connection (still {conns_cold}); eddy log:\n{}",
@@ -1316,7 +1237,7 @@ fn cold_then_warm(
         upstream_after_warm - upstream_after_cold,
         mib(store_served),
     );
-    assert_has_content(&warm_ctd, &image.blobs())?;
+    warm_ctd.ensure_content(NS, &image.blobs())?;
     ensure!(
         conns_warm > conns_cold,
         "the warm pull made no {series} connection (still {conns_warm})"

@@ -29,7 +29,6 @@ use eddy_tests::{
     require_privileges,
 };
 use serde_json::json;
-use sha2::{Digest as _, Sha256};
 
 const MIB: u64 = 1 << 20;
 /// The containerd namespace the demo pulls into.
@@ -155,6 +154,7 @@ fn run(started: Instant) -> Result<()> {
         registries: vec![REGISTRY_HOST.to_string()],
         upstream_cas: vec![pki.ca_cert.clone()],
         hosts: Some(eddy_hosts),
+        quiet_start: false,
     };
     // The node trusts eddy's CA (what `eddy ca install` does for the host bundle) and the
     // registry's own CA.
@@ -201,7 +201,7 @@ fn run(started: Instant) -> Result<()> {
         .check("cold ctr images pull through eddy")?;
     let after_cold = Snapshot::take(&upstream, &eddy, after_push)?;
     log.say(format!("  done in {:.2}s", cold.elapsed.as_secs_f64()));
-    ensure_content(&containerd, &image)?;
+    containerd.ensure_content(NS, &image.blobs())?;
 
     let warm_containerd = start_containerd_in(cgroup.path())?;
     log.say(format!(
@@ -214,7 +214,7 @@ fn run(started: Instant) -> Result<()> {
         .check("warm ctr images pull through eddy")?;
     let after_warm = Snapshot::take(&upstream, &eddy, after_push)?;
     log.say(format!("  done in {:.2}s", warm.elapsed.as_secs_f64()));
-    ensure_content(&warm_containerd, &image)?;
+    warm_containerd.ensure_content(NS, &image.blobs())?;
 
     log.say("running the pulled image: ctr run --rm … /bin/sh -c 'echo …; uname -a'");
     let ran = run_container(&client, &warm_containerd, &reference)?;
@@ -283,7 +283,7 @@ fn run(started: Instant) -> Result<()> {
     log.say("cleaning up: eddy, containerd, registry, netns, cgroup, pins, temp dirs…");
     // eddy's guard prints its log tail when dropped (useful when a test fails); on success
     // the demo keeps its own output readable instead.
-    quietly(|| drop(eddy));
+    eddy.stop_quietly();
     drop(warm_containerd);
     drop(containerd);
     drop(upstream);
@@ -523,20 +523,6 @@ fn eddy_status_json(bin: &Path, pin_dir: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&out.stdout).context("parsing eddy status --json")
 }
 
-/// containerd holds every blob of the image (it verified each digest on commit).
-fn ensure_content(containerd: &Containerd, image: &Image) -> Result<()> {
-    let have = containerd.content_digests(NS)?;
-    for blob in image.blobs() {
-        ensure!(
-            have.contains(&blob.digest),
-            "containerd lacks {} ({}) after the pull",
-            blob.digest,
-            blob.media_type
-        );
-    }
-    Ok(())
-}
-
 /// `ctr run --rm` of the pulled image: proof it is a real, runnable image.
 fn run_container(client: &Client, containerd: &Containerd, reference: &str) -> Result<Run> {
     let id = format!("eddy-demo-{}", std::process::id());
@@ -570,21 +556,21 @@ fn demo_image(layout: &Path) -> Result<Image> {
     );
     config["rootfs"]["diff_ids"] = json!(diff_ids);
     config["config"] = json!({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]});
-    let config = write_json_blob(layout, &platform.config.media_type, &config)?;
+    let config = oci::write_json_blob(layout, &platform.config.media_type, &config)?;
 
     let mut layers = vec![busybox];
     layers.extend(platform.layers.iter().cloned());
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": MEDIA_MANIFEST,
-        "config": descriptor(&config),
-        "layers": layers.iter().map(descriptor).collect::<Vec<_>>(),
+        "config": config.descriptor(),
+        "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
     });
-    let manifest = write_json_blob(layout, MEDIA_MANIFEST, &manifest)?;
+    let manifest = oci::write_json_blob(layout, MEDIA_MANIFEST, &manifest)?;
     for old in [&platform.manifest, &platform.config] {
         let _ = fs::remove_file(oci::blob_path(layout, &old.digest));
     }
-    let mut top = descriptor(&manifest);
+    let mut top = manifest.descriptor();
     top["annotations"] = json!({"org.opencontainers.image.ref.name": TAG});
     fs::write(
         layout.join("index.json"),
@@ -626,50 +612,10 @@ fn busybox_layer(layout: &Path) -> Result<Blob> {
             .arg(&tar)
             .arg("bin"),
     )?;
-    let bytes = fs::read(&tar)?;
-    let hex = hex::encode(Sha256::digest(&bytes));
-    fs::rename(&tar, layout.join("blobs/sha256").join(&hex))?;
+    let blob = oci::write_blob(layout, MEDIA_LAYER_TAR, &fs::read(&tar)?)?;
+    fs::remove_file(&tar)?;
     fs::remove_dir_all(&rootfs)?;
-    Ok(Blob {
-        digest: format!("sha256:{hex}"),
-        size: bytes.len() as u64,
-        media_type: MEDIA_LAYER_TAR.to_string(),
-    })
-}
-
-fn descriptor(blob: &Blob) -> serde_json::Value {
-    json!({"mediaType": blob.media_type, "digest": blob.digest, "size": blob.size})
-}
-
-fn write_json_blob(layout: &Path, media_type: &str, value: &serde_json::Value) -> Result<Blob> {
-    let bytes = serde_json::to_vec(value)?;
-    let hex = hex::encode(Sha256::digest(&bytes));
-    fs::write(layout.join("blobs/sha256").join(&hex), &bytes)?;
-    Ok(Blob {
-        digest: format!("sha256:{hex}"),
-        size: bytes.len() as u64,
-        media_type: media_type.to_string(),
-    })
-}
-
-/// Run `f` with this process's stderr sent to /dev/null.
-fn quietly(f: impl FnOnce()) {
-    use std::os::fd::AsRawFd;
-    let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") else {
-        return f();
-    };
-    // SAFETY: dup/dup2 on fd 2 and a file we own; the saved fd is restored and closed.
-    let saved = unsafe { libc::dup(2) };
-    if saved < 0 {
-        return f();
-    }
-    unsafe { libc::dup2(null.as_raw_fd(), 2) };
-    f();
-    // SAFETY: as above.
-    unsafe {
-        libc::dup2(saved, 2);
-        libc::close(saved);
-    }
+    Ok(blob)
 }
 
 fn mib(n: u64) -> f64 {

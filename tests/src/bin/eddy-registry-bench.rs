@@ -262,12 +262,14 @@ impl Env {
             registries: vec![REGISTRY_HOST.to_string()],
             upstream_cas: vec![self.pki.ca_cert.clone()],
             hosts: Some(self.upstream_hosts.clone()),
+            // The harness's "starting eddy: ..." line stays off the report's stderr.
+            quiet_start: true,
         };
         let ca = dir.join("eddy-ca.pem");
         fs::write(&ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
         let bundle = dir.join("bundle.pem");
         write_bundle(&bundle, &[&ca, &self.pki.ca_cert])?;
-        let eddy = quiet_start(|| RegistryEddy::start(&bin, &config))?;
+        let eddy = RegistryEddy::start(&bin, &config)?;
         let client = Client {
             cgroup: Some(self.cgroup.path().to_path_buf()),
             hosts: self.upstream_hosts.clone(),
@@ -399,7 +401,7 @@ fn fetch(
         .map(cpu_seconds)
         .zip(server_before)
         .map(|(a, b)| a - b);
-    check_content(&containerd, &env.image)?;
+    containerd.ensure_content(NS, &env.image.blobs())?;
     drop(containerd);
     env.settle();
     let upstream_bytes = env.upstream_sent()? - sent_before;
@@ -417,18 +419,6 @@ fn fetch(
         server_cpu,
         upstream_bytes,
     })
-}
-
-fn check_content(containerd: &Containerd, image: &Image) -> Result<()> {
-    let have = containerd.content_digests(NS)?;
-    for blob in image.blobs() {
-        ensure!(
-            have.contains(&blob.digest),
-            "containerd lacks {} after the fetch",
-            blob.digest
-        );
-    }
-    Ok(())
 }
 
 /// Medians over runs of one path.
@@ -497,7 +487,7 @@ fn measure(args: &Args, env: &Env) -> Result<String> {
             Some(eddy.pid()),
             &format!("round {round}: eddy warm"),
         )?);
-        quietly(|| drop(eddy));
+        eddy.stop_quietly();
 
         let (cache, client) = env.start_cache(&format!("cache-{round}"))?;
         cache_cold.0.push(fetch(
@@ -644,7 +634,7 @@ fn measure(args: &Args, env: &Env) -> Result<String> {
         verified[0].bytes_per_s / 1e9,
         verified[1].bytes_per_s / 1e9
     ));
-    quietly(|| drop(eddy));
+    eddy.stop_quietly();
     let gbps = |v: &[Transfer]| median(v.iter().map(|c| c.bytes_per_s / 1e9).collect());
     let h1_gbps = gbps(&h1);
     let h2_gbps = gbps(&h2);
@@ -1190,7 +1180,7 @@ fn herd(env: &Env, n: usize, reference: &str) -> Result<Herd> {
         eddy.log_tail(30)
     );
     for daemon in &daemons {
-        check_content(daemon, &env.image)?;
+        daemon.ensure_content(NS, &env.image.blobs())?;
     }
     let vm_hwm_kib = status_kib(eddy.pid(), "VmHWM").context("reading eddy's VmHWM")?;
     let eddy_cpu = cpu_seconds(eddy.pid()) - cpu_before;
@@ -1198,7 +1188,7 @@ fn herd(env: &Env, n: usize, reference: &str) -> Result<Herd> {
     drop(daemons);
     env.settle();
     let upstream_bytes = env.upstream_sent()? - sent_before;
-    quietly(|| drop(eddy));
+    eddy.stop_quietly();
     let herd = Herd {
         upstream_bytes,
         vm_hwm_kib,
@@ -1302,37 +1292,6 @@ fn containerd_pid(containerd: &Containerd) -> Option<u32> {
             && args.contains(&config.as_slice()))
         .then_some(pid)
     })
-}
-
-/// Start eddy with the harness's "starting eddy: ..." line kept off the report's stderr.
-fn quiet_start<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let mut out = None;
-    quietly(|| out = Some(f()));
-    match out {
-        Some(result) => result,
-        None => bail!("unreachable: quietly ran nothing"),
-    }
-}
-
-/// Run `f` with this process's stderr sent to /dev/null (eddy's guard prints its log tail
-/// on drop; on a failure path that log is useful and is not hidden).
-fn quietly(f: impl FnOnce()) {
-    use std::os::fd::AsRawFd;
-    let Ok(null) = fs::OpenOptions::new().write(true).open("/dev/null") else {
-        return f();
-    };
-    // SAFETY: dup/dup2 on fd 2 and a file we own; the saved fd is restored and closed.
-    let saved = unsafe { libc::dup(2) };
-    if saved < 0 {
-        return f();
-    }
-    unsafe { libc::dup2(null.as_raw_fd(), 2) };
-    f();
-    // SAFETY: as above.
-    unsafe {
-        libc::dup2(saved, 2);
-        libc::close(saved);
-    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
