@@ -77,8 +77,8 @@ pub struct Config {
     pub netns_cookie: u64,
     /// A heartbeat older than this (ns) disables redirects: a hung agent is bypassed.
     pub heartbeat_timeout_ns: u64,
-    /// Process id of the agent (host pid namespace if visible, else 0). Informational, for
-    /// `eddy status`.
+    /// Process id of the agent in its own pid namespace. Informational, for `eddy status`
+    /// (which must then run in the same pid namespace to tell whether eddy is alive).
     pub agent_pid: u32,
     pub _pad1: u32,
     /// cgroup v2 id (inode number) of the cgroup the programs are attached to. Informational.
