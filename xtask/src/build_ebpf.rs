@@ -45,18 +45,20 @@ pub fn run(opts: &Options) -> Result<PathBuf> {
         std::env::var("PATH").unwrap_or_default()
     );
     eprintln!("xtask: building the eBPF object (agent-ebpf)");
-    run_cmd(util::cargo()
-        .current_dir(root.join("agent-ebpf"))
-        .args(["build", "--release", "--locked", "--target-dir"])
-        .arg(&target)
-        .env("RUSTC", DEBIAN_RUSTC)
-        // aya-ebpf uses #![feature(asm_experimental_arch)] on a stable compiler.
-        .env("RUSTC_BOOTSTRAP", "1")
-        .env("PATH", path)
-        // The BPF target has its own flags in agent-ebpf/.cargo/config.toml.
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("CARGO_BUILD_TARGET"))?;
+    run_cmd(
+        util::cargo()
+            .current_dir(root.join("agent-ebpf"))
+            .args(["build", "--release", "--locked", "--target-dir"])
+            .arg(&target)
+            .env("RUSTC", DEBIAN_RUSTC)
+            // aya-ebpf uses #![feature(asm_experimental_arch)] on a stable compiler.
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("PATH", path)
+            // The BPF target has its own flags in agent-ebpf/.cargo/config.toml.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET"),
+    )?;
 
     let built = target.join("bpfel-unknown-none/release/eddy-ebpf");
     let object = util::ebpf_object();
@@ -93,11 +95,15 @@ fn ensure_debian_rustc(opts: &Options) -> Result<()> {
         );
     }
     eprintln!("xtask: installing {}", missing.join(", "));
-    run_cmd(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(APT_PACKAGES)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("install with: {install} (run apt-get update first if it cannot find them)"))
+    run_cmd(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| {
+        format!("install with: {install} (run apt-get update first if it cannot find them)")
+    })
 }
 
 /// Find bpf-linker 0.13 (PATH or ~/.cargo/bin), installing it against LLVM 22 if missing.
@@ -137,14 +143,22 @@ fn ensure_bpf_linker(opts: &Options) -> Result<PathBuf> {
         "{LLVM_PREFIX}/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    run_cmd(util::cargo()
-        .args(["install", "--locked", "bpf-linker", "--version", BPF_LINKER_VERSION])
-        .args(["--no-default-features", "--features", "llvm-22", "--root"])
-        .arg(&cargo_home)
-        .env("PATH", path)
-        // Without these it finds /usr/bin/llvm-config (LLVM 14) and fails to link -lLLVM.
-        .env("LLVM_PREFIX", LLVM_PREFIX)
-        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+    run_cmd(
+        util::cargo()
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22", "--root"])
+            .arg(&cargo_home)
+            .env("PATH", path)
+            // Without these it finds /usr/bin/llvm-config (LLVM 14) and fails to link -lLLVM.
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )
     .with_context(|| format!("install bpf-linker with: {install}"))?;
     Ok(cargo_home.join("bin"))
 }

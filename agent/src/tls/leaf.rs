@@ -276,7 +276,10 @@ mod tests {
         let ca = ca(dir.path(), None);
         let server = server_config(ca.clone());
         for (offered, expected) in [
-            (vec![b"h2".as_slice(), b"http/1.1"], Some(b"http/1.1".to_vec())),
+            (
+                vec![b"h2".as_slice(), b"http/1.1"],
+                Some(b"http/1.1".to_vec()),
+            ),
             (vec![b"h2".as_slice()], Some(b"h2".to_vec())),
             (vec![b"http/1.1".as_slice()], Some(b"http/1.1".to_vec())),
             (vec![], None),
