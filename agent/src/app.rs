@@ -57,6 +57,11 @@ pub enum AppError {
 pub async fn run(config: Config) -> Result<(), AppError> {
     sys::raise_nofile_limit();
 
+    // Before anything touches the node (listeners, CA, store): a run that cannot attach must
+    // leave nothing behind.
+    if !sys::has_bpf_privileges() {
+        return Err(crate::bpf::BpfError::NotPrivileged.into());
+    }
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),

@@ -493,6 +493,31 @@ fn assert_clean_failure(eddy: &mut Eddy, mentions: &str) -> Result<String> {
     Ok(errors[0].to_string())
 }
 
+/// h) Not privileged: eddy runs as `nobody` (no CAP_BPF, no CAP_NET_ADMIN) and must fail
+///    with one clear line, before binding, attaching or writing anything.
+#[test]
+fn bad_setup_not_privileged() -> Result<()> {
+    let Some(ctx) = setup() else { return Ok(()) };
+    let world = World::new(&ctx.probe)?;
+    let mut config = EddyConfig::new(world.cgroup.path());
+    config.wrapper = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut eddy = Eddy::spawn(&ctx.eddy_bin, &config)?;
+    assert_clean_failure(&mut eddy, "needs root")?;
+    let attached = world.cgroup.attached_programs()?;
+    assert!(
+        attached.is_empty(),
+        "attached after a failed start: {attached:?}"
+    );
+    Ok(())
+}
+
 /// h) A cgroup path that does not exist.
 #[test]
 fn bad_setup_missing_cgroup() -> Result<()> {

@@ -14,6 +14,7 @@ pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("unshare", "util-linux"),
+    ("setpriv", "util-linux"),
     ("containerd", "containerd"),
     ("ctr", "containerd"),
     ("runc", "runc"),
