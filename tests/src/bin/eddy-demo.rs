@@ -43,9 +43,31 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Tools the rootfs gets as busybox symlinks.
 const APPLETS: [&str; 8] = ["sh", "echo", "ls", "cat", "uname", "wc", "sha256sum", "du"];
 
+/// Set by SIGINT/SIGTERM.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
-    match run(started) {
+    // Ctrl-C reaches the demo's children too (one process group): they stop, the step
+    // waiting on them fails, and the guards clean up on the way out. Without a handler the
+    // demo itself would die first and leave its netns, cgroup and temp dirs behind.
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+    let result = run(started).and_then(|()| {
+        if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        Ok(())
+    });
+    match result {
         Ok(()) => {
             println!(
                 "\neddy demo: OK in {:.1}s; everything it created is removed.",
