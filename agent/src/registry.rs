@@ -294,7 +294,7 @@ impl Registry {
             })
         };
 
-        let len = match fill.len().await {
+        let announced = match fill.started().await {
             Ok(len) => len,
             Err(e) => {
                 return match uncached_rx.await {
@@ -351,6 +351,18 @@ impl Registry {
                 .fetch_manifest(origin, repo_key, Some(digest), req)
                 .await;
         }
+        let len = match announced {
+            Some(len) => len,
+            // Upstream sent no length (a chunked body). A plain GET streams at once, without
+            // a Content-Length; a Range needs the length, which comes with the last byte.
+            None if req.method() == Method::GET && !req.headers().contains_key(header::RANGE) => {
+                return self.serve_unsized(digest, media_type.as_deref(), joined, fill);
+            }
+            None => match fill.len().await {
+                Ok(len) => len,
+                Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("eddy: {e}")),
+            },
+        };
         self.serve_cached(
             req.method(),
             req.headers(),
@@ -360,6 +372,36 @@ impl Registry {
             joined,
             |s, e| fill.read_range(s, e).boxed(),
         )
+    }
+
+    /// Stream a fill of unknown length as it arrives (chunked). If it fails verification the
+    /// body is cut off before its end, so the client cannot take it for complete.
+    fn serve_unsized(
+        &self,
+        digest: &Digest,
+        media_type: Option<&str>,
+        hit: bool,
+        fill: crate::store::Fill,
+    ) -> Response<Body> {
+        let metrics = self.metrics.clone();
+        let stream = fill
+            .read_range(0, None)
+            .inspect_ok(move |chunk| {
+                if hit {
+                    metrics.bytes("store", chunk.len() as u64)
+                }
+            })
+            .map_ok(Frame::data)
+            .map_err(|e| -> BoxError { Box::new(e) });
+        Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                media_type.unwrap_or("application/octet-stream"),
+            )
+            .header(DOCKER_CONTENT_DIGEST, digest.to_string())
+            .header(API_VERSION, "registry/2.0")
+            .body(BodyExt::boxed_unsync(StreamBody::new(stream)))
+            .expect("valid response")
     }
 
     /// GET a manifest (by digest, or by tag after revalidation) from upstream, store it if it

@@ -271,6 +271,7 @@ impl Store {
         let (tx, rx) = watch::channel(Progress {
             written: 0,
             len: None,
+            started: false,
             state: FillState::Running,
         });
         let fill = Fill {
@@ -512,6 +513,8 @@ struct Progress {
     written: u64,
     /// The total length, once upstream announced it (or the fill committed).
     len: Option<u64>,
+    /// Upstream answered with a body: bytes may start to flow, even when `len` is unknown.
+    started: bool,
     state: FillState,
 }
 
@@ -527,6 +530,7 @@ impl Fill {
         let progress = Progress {
             written: blob.len,
             len: Some(blob.len),
+            started: true,
             state: FillState::Committed(blob.clone()),
         };
         Fill {
@@ -540,6 +544,7 @@ impl Fill {
         let progress = Progress {
             written: 0,
             len: None,
+            started: false,
             state: FillState::Failed(err),
         };
         Fill {
@@ -551,6 +556,18 @@ impl Fill {
 
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// Waits until upstream has answered with a body; returns the total length if upstream
+    /// announced it. Bytes can be streamed from here on even when the length is unknown.
+    pub async fn started(&self) -> Result<Option<u64>, StoreError> {
+        let p = self
+            .wait_for(|p| p.started || !matches!(p.state, FillState::Running))
+            .await?;
+        match p.state {
+            FillState::Failed(err) => Err(err),
+            _ => Ok(p.len),
+        }
     }
 
     /// Waits until the total length is known: announced by upstream, or the fill finished.
@@ -823,7 +840,10 @@ where
     };
 
     let (body, len) = fetch().await.map_err(|e| upstream(e.into()))?;
-    guard.tx.send_modify(|p| p.len = len);
+    guard.tx.send_modify(|p| {
+        p.len = len;
+        p.started = true;
+    });
 
     // Fused: the batching below may see the end, after which the stream must not be polled again.
     let mut body = pin!(body.fuse());
@@ -1137,6 +1157,22 @@ mod tests {
             &data[7..70_000]
         );
         assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_length_fill_starts_before_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(50_000);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(None);
+        let fill = store.fill(&digest, up.fetch());
+        // Upstream has answered but sent nothing yet: the fill has started, length unknown.
+        assert_eq!(fill.started().await.unwrap(), None);
+        tx.send(Ok(Bytes::copy_from_slice(&data))).unwrap();
+        drop(tx);
+        assert_eq!(fill.len().await.unwrap(), data.len() as u64);
+        assert_eq!(fill.started().await.unwrap(), Some(data.len() as u64));
     }
 
     #[tokio::test]
