@@ -10,22 +10,8 @@ use anyhow::{bail, Result};
 
 use crate::util::{self, cargo, target_dir, workspace_root};
 
-/// What the demo drives besides eddy (program, Debian package).
-const DEMO_PROGRAMS: &[(&str, &str)] = &[
-    ("bpftool", "bpftool"),
-    ("ip", "iproute2"),
-    ("tc", "iproute2"),
-    ("unshare", "util-linux"),
-    ("containerd", "containerd"),
-    ("ctr", "containerd"),
-    ("runc", "runc"),
-    ("docker-registry", "docker-registry"),
-    ("skopeo", "skopeo"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-    ("tar", "tar"),
-    ("busybox", "busybox-static"),
-];
+/// What the demo drives beyond what the privileged tests do: the image's busybox rootfs.
+const DEMO_PROGRAMS: &[(&str, &str)] = &[("tar", "tar"), ("busybox", "busybox-static")];
 
 #[derive(clap::Args, Default)]
 pub struct Options {}
@@ -37,6 +23,7 @@ pub fn run(_opts: &Options) -> Result<()> {
              attaches BPF programs. Run it as root (e.g. `sudo -E cargo xtask demo`)."
         );
     }
+    util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     util::ensure_programs(DEMO_PROGRAMS)?;
     let eddy = util::build_release()?;
     eprintln!("xtask: building eddy-demo");
