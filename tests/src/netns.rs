@@ -107,6 +107,25 @@ impl Netns {
         SocketAddr::new(IpAddr::V6(self.ns_v4.to_ipv6_mapped()), port)
     }
 
+    /// Add another IPv4 address, `10.A.B.<host>`, to the namespace's side of the veth (a
+    /// second "remote host" behind the same link); returns it.
+    pub fn add_v4(&self, host: u8) -> Result<Ipv4Addr> {
+        let [a, b, c, _] = self.ns_v4.octets();
+        let addr = Ipv4Addr::new(a, b, c, host);
+        ip(&[
+            "netns",
+            "exec",
+            &self.name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        Ok(addr)
+    }
+
     /// A command run inside the namespace (`ip netns exec NAME program`).
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new("ip");

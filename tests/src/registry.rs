@@ -40,6 +40,14 @@ pub struct UpstreamOptions {
     pub redirect_to_cdn: bool,
     /// Serve plain HTTP (no TLS) on this port instead of HTTPS on [`REGISTRY_PORT`].
     pub plain_http_port: Option<u16>,
+    /// Bearer-token auth instead: the registry config's `auth:` section (see
+    /// [`crate::token_auth::SigningKey::registry_auth_config`]).
+    pub token_auth: Option<String>,
+    /// Credentials for skopeo's push when they are not `basic_auth`'s (token auth).
+    pub push_creds: Option<(String, String)>,
+    /// Run skopeo's push with this file over /etc/hosts (in a private mount namespace) and
+    /// the test CA as `SSL_CERT_FILE`: it must resolve and trust a token host.
+    pub push_hosts: Option<PathBuf>,
 }
 
 /// docker-registry (and the CDN when asked) running in a netns. Killed on drop.
@@ -69,6 +77,16 @@ pub struct Served {
     pub redirects: u64,
     /// Requests answered 401.
     pub unauthorized: u64,
+}
+
+/// One request from the registry's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggedRequest {
+    pub method: String,
+    pub uri: String,
+    pub status: u16,
+    pub written: u64,
+    pub user_agent: String,
 }
 
 impl Served {
@@ -115,6 +133,9 @@ impl Upstream {
                 "auth:\n  htpasswd:\n    realm: eddy-test\n    path: {}\n",
                 htpasswd.display()
             ));
+        }
+        if let Some(auth) = &options.token_auth {
+            config.push_str(auth);
         }
         if options.redirect_to_cdn {
             config.push_str(&format!(
@@ -244,7 +265,23 @@ impl Upstream {
     /// carries it; plain HTTP when the registry has no TLS), keeping the layers' digests.
     pub fn push(&self, image: &Image, repo: &str) -> Result<Duration> {
         let start = Instant::now();
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = match &self.options.push_hosts {
+            Some(hosts) => {
+                let mut cmd = Command::new("unshare");
+                cmd.args([
+                    "--mount",
+                    "sh",
+                    "-c",
+                    r#"mount --bind "$0" /etc/hosts && exec "$@""#,
+                ])
+                .arg(hosts)
+                .arg("skopeo")
+                .env("SSL_CERT_FILE", self.cert_dir.join("ca.crt"))
+                .env_remove("SSL_CERT_DIR");
+                cmd
+            }
+            None => Command::new("skopeo"),
+        };
         cmd.args([
             "--insecure-policy",
             "copy",
@@ -256,7 +293,12 @@ impl Upstream {
         if self.options.plain_http_port.is_some() {
             cmd.arg("--dest-tls-verify=false");
         }
-        if let Some((user, password)) = &self.options.basic_auth {
+        if let Some((user, password)) = self
+            .options
+            .basic_auth
+            .as_ref()
+            .or(self.options.push_creds.as_ref())
+        {
             cmd.args(["--dest-creds", &format!("{user}:{password}")]);
         }
         cmd.arg(format!("oci:{}:{}", image.layout.display(), image.tag))
@@ -312,6 +354,37 @@ impl Upstream {
                     v["http.request.uri"].as_str().unwrap_or("?"),
                     v["http.response.status"]
                 )
+            })
+            .collect()
+    }
+
+    /// Every request in the registry's log (pushes included), in order. Requests refused by
+    /// the `auth:` layer have no "response completed" line; they appear with status 401
+    /// (distribution logs them as "error authorizing context: ...").
+    pub fn requests(&self) -> Vec<LoggedRequest> {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|v| {
+                let msg = v["msg"].as_str().unwrap_or("");
+                let status = if msg == "response completed" {
+                    v["http.response.status"].as_u64().unwrap_or(0) as u16
+                } else if msg.starts_with("error authorizing context") {
+                    401
+                } else {
+                    return None;
+                };
+                Some((v, status))
+            })
+            .map(|(v, status)| LoggedRequest {
+                method: v["http.request.method"].as_str().unwrap_or("?").to_string(),
+                uri: v["http.request.uri"].as_str().unwrap_or("?").to_string(),
+                status,
+                written: v["http.response.written"].as_u64().unwrap_or(0),
+                user_agent: v["http.request.useragent"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
             })
             .collect()
     }

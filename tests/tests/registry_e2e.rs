@@ -11,7 +11,8 @@
 use std::{
     ffi::OsString,
     fs,
-    path::PathBuf,
+    io::Write as _,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -33,6 +34,7 @@ use eddy_tests::{
         RegistryEddyConfig, INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
     },
     require_privileges,
+    token_auth::{Grants, SigningKey, TokenRequest, TokenServer, AUTH_HOST, TOKEN_SERVICE},
 };
 use sha2::{Digest as _, Sha256};
 
@@ -53,6 +55,8 @@ struct Setup {
     eddy_config: RegistryEddyConfig,
     /// eddy's `--intercept-port`s (empty: the default, 443).
     intercept_ports: Vec<u16>,
+    /// The test CA and the upstream hosts' certificate (registry, CDN, token host).
+    pki: Pki,
     work: tempfile::TempDir,
 }
 
@@ -76,7 +80,7 @@ impl Setup {
         let netns = Netns::new()?;
         let pki = Pki::create(
             &work.path().join("pki"),
-            &[REGISTRY_HOST, CDN_HOST],
+            &[REGISTRY_HOST, CDN_HOST, AUTH_HOST],
             &[netns.ns_v4.into()],
         )?;
         let upstream = Upstream::start(&netns, &pki, options)?;
@@ -126,6 +130,7 @@ impl Setup {
             client,
             eddy_config,
             intercept_ports,
+            pki,
             work,
         })
     }
@@ -174,9 +179,13 @@ impl Setup {
 
     /// A curl through eddy from inside the cgroup: GET (or with `extra`) a registry path.
     fn curl(&self, path: &str, extra: &[&str], name: &str) -> Result<CurlResult> {
+        self.curl_url(&format!("https://{REGISTRY_HOST}{path}"), extra, name)
+    }
+
+    /// As [`Setup::curl`], for any URL.
+    fn curl_url(&self, url: &str, extra: &[&str], name: &str) -> Result<CurlResult> {
         let body = self.work.path().join(format!("{name}.body"));
         let headers = self.work.path().join(format!("{name}.headers"));
-        let url = format!("https://{REGISTRY_HOST}{path}");
         let mut args = vec![
             "--cacert",
             self.client.ca_bundle.to_str().expect("utf-8 path"),
@@ -184,7 +193,7 @@ impl Setup {
         args.extend_from_slice(extra);
         let run = self
             .client
-            .curl(&url, &args, &body, &headers, Duration::from_secs(90))?;
+            .curl(url, &args, &body, &headers, Duration::from_secs(90))?;
         let headers = fs::read_to_string(&headers).unwrap_or_default();
         ensure!(
             run.ok(),
@@ -1390,6 +1399,516 @@ fn plain_http_registry_on_an_intercepted_port() -> Result<()> {
     ensure!(
         tls_after == tls_before,
         "plain-HTTP pulls made registry_tls connections: {tls_before} -> {tls_after}"
+    );
+    Ok(())
+}
+
+/// Everything the bearer-token test counts, read at one moment.
+#[derive(Clone, Debug)]
+struct Counters {
+    /// Requests in the token server's log.
+    tokens: usize,
+    passthrough: f64,
+    registry_tls: f64,
+    served: Served,
+    /// Requests in the registry's log.
+    registry_requests: usize,
+    /// eddy_bytes_total{source="upstream"} and {source="store"}.
+    eddy_upstream: u64,
+    eddy_store: u64,
+}
+
+impl Counters {
+    fn read(setup: &Setup, tokens: &TokenServer) -> Result<Self> {
+        Ok(Self {
+            tokens: tokens.requests().len(),
+            passthrough: setup.eddy().metric(&connections_series("passthrough"))?,
+            registry_tls: setup.eddy().metric(&connections_series("registry_tls"))?,
+            served: setup.served()?,
+            registry_requests: setup.upstream.requests().len(),
+            eddy_upstream: setup.upstream_bytes()?,
+            eddy_store: setup.eddy().metric(STORE_BYTES)? as u64,
+        })
+    }
+}
+
+/// Print what changed between `a` and `b` (token requests, connections, upstream requests
+/// and bytes, eddy's store); returns the token requests made in between.
+fn bearer_step(
+    label: &str,
+    elapsed: Duration,
+    setup: &Setup,
+    tokens: &TokenServer,
+    a: &Counters,
+    b: &Counters,
+) -> Vec<TokenRequest> {
+    let new_tokens: Vec<TokenRequest> = tokens.requests()[a.tokens..b.tokens].to_vec();
+    let token_lines: Vec<String> = new_tokens
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} scopes={:?} user={} -> {} granted={:?}",
+                r.method,
+                r.path,
+                r.scopes,
+                r.user.as_deref().unwrap_or(if r.credentials {
+                    "<bad>"
+                } else {
+                    "<anonymous>"
+                }),
+                r.status,
+                r.granted
+            )
+        })
+        .collect();
+    let mut upstream = std::collections::BTreeMap::<String, u32>::new();
+    for r in &setup.upstream.requests()[a.registry_requests..b.registry_requests] {
+        let kind = if r.uri.contains("/blobs/") {
+            "blob"
+        } else if r.uri.contains("/manifests/sha256:") {
+            "manifest-by-digest"
+        } else if r.uri.contains("/manifests/") {
+            "manifest-by-tag"
+        } else {
+            "other"
+        };
+        *upstream
+            .entry(format!("{} {kind} {}", r.method, r.status))
+            .or_default() += 1;
+    }
+    println!(
+        "{label}: {elapsed:.2?}\n  token requests: {}{}\n  eddy connections: passthrough \
+         +{}, registry_tls +{}\n  registry requests: {upstream:?}\n  registry sent {} blob bytes \
+         in {} GETs, {} manifest bytes in {} GETs; eddy: upstream bytes +{}, store bytes +{}",
+        new_tokens.len(),
+        token_lines
+            .iter()
+            .map(|l| format!("\n    {l}"))
+            .collect::<String>(),
+        b.passthrough - a.passthrough,
+        b.registry_tls - a.registry_tls,
+        b.served.blob_bytes - a.served.blob_bytes,
+        b.served.blob_gets - a.served.blob_gets,
+        b.served.manifest_bytes - a.served.manifest_bytes,
+        b.served.manifest_gets - a.served.manifest_gets,
+        b.eddy_upstream - a.eddy_upstream,
+        b.eddy_store - a.eddy_store,
+    );
+    new_tokens
+}
+
+/// 11. Docker Hub / GHCR style auth: the registry wants Bearer tokens from a separate token
+///     host (auth.test, another address, port 443). ctr's connections to the token host are
+///     intercepted and passed through (its SNI is not a registry); the registry's are
+///     terminated and cached. Public content is served warm from the store; private content
+///     only to clients whose token upstream accepts for that repository.
+#[test]
+fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const USER: &str = "user";
+    const SECRET: &str = "secret";
+    const PUBLIC: &str = "pub/app";
+    const PRIVATE: &str = "priv/app";
+    // Declared first, dropped last: the registry reads the certificate.
+    let keys = tempfile::Builder::new()
+        .prefix("eddy-token-keys-")
+        .tempdir()?;
+    let signing = SigningKey::create(keys.path())?;
+    let mut setup = Setup::new(
+        UpstreamOptions {
+            token_auth: Some(signing.registry_auth_config(&format!("https://{AUTH_HOST}/token"))),
+            push_creds: Some((USER.into(), SECRET.into())),
+            ..Default::default()
+        },
+        true,
+    )?;
+    // The token host: a second address behind the same link, HTTPS on 443.
+    let auth_ip = setup.netns.add_v4(3)?;
+    writeln!(
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&setup.client.hosts)?,
+        "{auth_ip} {AUTH_HOST}"
+    )?;
+    let push_hosts = setup.work.path().join("hosts.push");
+    fs::write(
+        &push_hosts,
+        format!("127.0.0.1 localhost\n{auth_ip} {AUTH_HOST}\n"),
+    )?;
+    setup.upstream.options.push_hosts = Some(push_hosts);
+    // Declared after the setup: stopped before the namespace goes.
+    let tokens = TokenServer::start(
+        Path::new(env!("CARGO_BIN_EXE_eddy-probe")),
+        &setup.netns,
+        auth_ip,
+        &setup.pki,
+        &signing,
+        &Grants {
+            public: vec![PUBLIC.into()],
+            private: vec![PRIVATE.into()],
+            users: vec![(USER.into(), SECRET.into())],
+        },
+        &setup.work.path().join("tokens.log"),
+    )?;
+    println!(
+        "token server at {} ({AUTH_HOST}); registry at {} ({REGISTRY_HOST})",
+        tokens.addr,
+        setup.upstream.addr()
+    );
+    let pub_image = setup.image(PUBLIC, "v1", &ImageSpec::single(&[12 * MIB, 3 * MIB]))?;
+    let priv_image = setup.image(PRIVATE, "v1", &ImageSpec::single(&[10 * MIB, 2 * MIB]))?;
+    let layer_bytes = |image: &Image| image.layers().iter().map(|b| b.size).sum::<u64>();
+    let pub_ref = reference(PUBLIC, "v1");
+    let priv_ref = reference(PRIVATE, "v1");
+    let creds = format!("{USER}:{SECRET}");
+
+    // 1. Anonymous cold pull of the public image.
+    let c0 = Counters::read(&setup, &tokens)?;
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
+        .check("anonymous cold ctr images pull of pub/app through eddy")?;
+    let c1 = Counters::read(&setup, &tokens)?;
+    let asked = bearer_step(
+        "1. anonymous cold pull of pub/app:v1",
+        run.elapsed,
+        &setup,
+        &tokens,
+        &c0,
+        &c1,
+    );
+    ctd.ensure_content(NS, &pub_image.blobs())?;
+    let pub_pull = format!("repository:{PUBLIC}:pull");
+    ensure!(
+        !asked.is_empty()
+            && asked.iter().all(|r| !r.credentials && r.status == 200)
+            && asked.iter().any(|r| r.granted.contains(&pub_pull)),
+        "the cold pull's token requests are not anonymous grants of {pub_pull}: {asked:?}"
+    );
+    ensure!(
+        c1.passthrough > c0.passthrough,
+        "no passthrough connection during the cold pull: the token host was not reached \
+         through eddy's passthrough ({} -> {}); eddy log:\n{}",
+        c0.passthrough,
+        c1.passthrough,
+        setup.eddy().log_tail(30)
+    );
+    ensure!(
+        c1.registry_tls > c0.registry_tls,
+        "no registry_tls connection during the cold pull"
+    );
+    ensure!(
+        c1.served.blob_bytes >= layer_bytes(&pub_image)
+            && c1.served.bytes() as f64 <= pub_image.total_bytes() as f64 * 1.02,
+        "cold pull: the registry sent {:?} for a {}-byte image",
+        c1.served,
+        pub_image.total_bytes()
+    );
+    assert_store(&setup, &pub_image.blobs())?;
+    drop(ctd);
+
+    // 2. Warm anonymous pull from a fresh containerd: a new token, no blob bytes upstream.
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
+        .check("anonymous warm ctr images pull of pub/app through eddy")?;
+    let c2 = Counters::read(&setup, &tokens)?;
+    let asked = bearer_step(
+        "2. anonymous warm pull of pub/app:v1 (fresh containerd)",
+        run.elapsed,
+        &setup,
+        &tokens,
+        &c1,
+        &c2,
+    );
+    ctd.ensure_content(NS, &pub_image.blobs())?;
+    ensure!(
+        !asked.is_empty() && asked.iter().all(|r| !r.credentials && r.status == 200),
+        "the warm pull made no anonymous token request: {asked:?}"
+    );
+    ensure!(
+        c2.passthrough > c1.passthrough && c2.registry_tls > c1.registry_tls,
+        "warm pull: passthrough {} -> {}, registry_tls {} -> {}",
+        c1.passthrough,
+        c2.passthrough,
+        c1.registry_tls,
+        c2.registry_tls
+    );
+    ensure!(
+        c2.served.blob_bytes == c1.served.blob_bytes && c2.served.blob_gets == c1.served.blob_gets,
+        "the warm pull fetched blobs upstream: {:?} -> {:?}",
+        c1.served,
+        c2.served
+    );
+    ensure!(
+        c2.eddy_upstream == c1.eddy_upstream,
+        "eddy read {} bytes upstream during the warm pull",
+        c2.eddy_upstream - c1.eddy_upstream
+    );
+    ensure!(
+        c2.eddy_store - c1.eddy_store >= layer_bytes(&pub_image),
+        "eddy served only {} bytes from its store for {} layer bytes",
+        c2.eddy_store - c1.eddy_store,
+        layer_bytes(&pub_image)
+    );
+    drop(ctd);
+
+    // 3. The private image with credentials: cold, then warm from a fresh containerd.
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &priv_ref, &["--user", &creds], PULL_TIMEOUT)?
+        .check("ctr images pull --user of priv/app through eddy (cold)")?;
+    let c3 = Counters::read(&setup, &tokens)?;
+    let asked = bearer_step(
+        "3a. cold pull of priv/app:v1 with --user user:secret",
+        run.elapsed,
+        &setup,
+        &tokens,
+        &c2,
+        &c3,
+    );
+    ctd.ensure_content(NS, &priv_image.blobs())?;
+    let priv_pull = format!("repository:{PRIVATE}:pull");
+    ensure!(
+        asked
+            .iter()
+            .any(|r| r.user.as_deref() == Some(USER) && r.granted.contains(&priv_pull)),
+        "no authenticated token request granted {priv_pull}: {asked:?}"
+    );
+    ensure!(
+        c3.passthrough > c2.passthrough,
+        "the private cold pull's token request was not passed through"
+    );
+    ensure!(
+        c3.served.blob_bytes - c2.served.blob_bytes >= layer_bytes(&priv_image),
+        "the private cold pull did not come from upstream: {:?} -> {:?}",
+        c2.served,
+        c3.served
+    );
+    assert_store(&setup, &priv_image.blobs())?;
+    drop(ctd);
+
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &priv_ref, &["--user", &creds], PULL_TIMEOUT)?
+        .check("ctr images pull --user of priv/app through eddy (warm)")?;
+    let c4 = Counters::read(&setup, &tokens)?;
+    bearer_step(
+        "3b. warm pull of priv/app:v1 with --user user:secret (fresh containerd)",
+        run.elapsed,
+        &setup,
+        &tokens,
+        &c3,
+        &c4,
+    );
+    ctd.ensure_content(NS, &priv_image.blobs())?;
+    ensure!(
+        c4.served.blob_bytes == c3.served.blob_bytes && c4.served.blob_gets == c3.served.blob_gets,
+        "the private warm pull fetched blobs upstream: {:?} -> {:?}",
+        c3.served,
+        c4.served
+    );
+    ensure!(
+        c4.eddy_store - c3.eddy_store >= layer_bytes(&priv_image),
+        "eddy served only {} bytes from its store for {} private layer bytes",
+        c4.eddy_store - c3.eddy_store,
+        layer_bytes(&priv_image)
+    );
+    drop(ctd);
+
+    // 4a. An anonymous pull of the cached private image fails.
+    let ctd = Containerd::start()?;
+    let denied = setup
+        .client
+        .pull(&ctd, NS, &priv_ref, &[], Duration::from_secs(60))?;
+    let c5 = Counters::read(&setup, &tokens)?;
+    let asked = bearer_step(
+        "4a. anonymous pull of the cached priv/app:v1 (fresh containerd)",
+        denied.elapsed,
+        &setup,
+        &tokens,
+        &c4,
+        &c5,
+    );
+    println!(
+        "  ctr: ok={} {}",
+        denied.ok(),
+        denied.stderr().trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "an anonymous pull of the private image succeeded through eddy; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(
+        asked
+            .iter()
+            .all(|r| !r.credentials && !r.granted.contains(&priv_pull)),
+        "the anonymous pull got a token for {priv_pull}: {asked:?}"
+    );
+    let have = ctd.content_digests(NS)?;
+    for layer in priv_image.layers() {
+        ensure!(
+            !have.contains(&layer.digest),
+            "the anonymous pull got private layer {}",
+            layer.digest
+        );
+    }
+    ensure!(
+        c5.eddy_store == c4.eddy_store,
+        "eddy served {} store bytes to the anonymous pull of the private image",
+        c5.eddy_store - c4.eddy_store
+    );
+    drop(ctd);
+
+    // 4b. By hand, through eddy: anonymous tokens (one for pub/app, one asked for priv/app
+    //     and granted nothing) get upstream's 401 and no content for cached private blobs.
+    let token_url = |scope: &str| {
+        format!("https://{AUTH_HOST}/token?service={TOKEN_SERVICE}&scope=repository:{scope}:pull")
+    };
+    let fetch_token = |scope: &str, extra: &[&str], name: &str| -> Result<String> {
+        let res = setup.curl_url(&token_url(scope), extra, name)?;
+        ensure!(
+            res.status == 200,
+            "token request for {scope}: HTTP {}\n{}",
+            res.status,
+            String::from_utf8_lossy(&res.body)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&res.body)?;
+        v["token"]
+            .as_str()
+            .map(String::from)
+            .context("no token in the token server's answer")
+    };
+    let pass_before = setup.eddy().metric(&connections_series("passthrough"))?;
+    let anon_pub = fetch_token(PUBLIC, &[], "token-anon-pub")?;
+    let anon_priv = fetch_token(PRIVATE, &[], "token-anon-priv")?;
+    let pass_after = setup.eddy().metric(&connections_series("passthrough"))?;
+    ensure!(
+        pass_after >= pass_before + 2.0,
+        "curl's token requests were not passed through: {pass_before} -> {pass_after}"
+    );
+    let layer = priv_image.largest_layer();
+    let layer_data = priv_image.read_blob(&layer)?;
+    let sample = &layer_data[1024..1040];
+    let blob_path = format!("/v2/{PRIVATE}/blobs/{}", layer.digest);
+    let manifest_path = format!("/v2/{PRIVATE}/manifests/{}", priv_image.top.digest);
+    let pub_auth = format!("Authorization: Bearer {anon_pub}");
+    let priv_auth = format!("Authorization: Bearer {anon_priv}");
+    let attempts: [(&str, &str, Vec<&str>); 5] = [
+        (
+            "pub/app token, private blob GET",
+            &blob_path,
+            vec!["-H", &pub_auth],
+        ),
+        (
+            "pub/app token, private blob HEAD",
+            &blob_path,
+            vec!["-I", "-H", &pub_auth],
+        ),
+        (
+            "pub/app token, private manifest by digest",
+            &manifest_path,
+            vec!["-H", &pub_auth],
+        ),
+        (
+            "anonymous priv/app token (no access), private blob GET",
+            &blob_path,
+            vec!["-H", &priv_auth],
+        ),
+        ("no Authorization, private blob GET", &blob_path, vec![]),
+    ];
+    let c6 = Counters::read(&setup, &tokens)?;
+    let store_before = c6.eddy_store;
+    let served_before = c6.served;
+    let started = Instant::now();
+    for (i, (what, path, extra)) in attempts.iter().enumerate() {
+        let res = setup.curl(path, extra, &format!("bearer-denied-{i}"))?;
+        let challenge = header(&res.headers, "WWW-Authenticate").unwrap_or_default();
+        println!(
+            "4b. {what}: HTTP {} with {} body bytes in {:.2?}; WWW-Authenticate: {}",
+            res.status,
+            res.body.len(),
+            res.elapsed,
+            challenge
+        );
+        ensure!(
+            res.status == 401,
+            "{what}: expected 401, got {}\n{}\neddy log:\n{}",
+            res.status,
+            res.headers,
+            setup.eddy().log_tail(20)
+        );
+        ensure!(
+            res.body.len() < 4096 && !res.body.windows(16).any(|w| w == sample),
+            "{what}: the 401 carried content ({} bytes)",
+            res.body.len()
+        );
+        // Upstream's own challenge, naming the token host (and, for a token without
+        // access, the error).
+        let with_token = extra.iter().any(|a| a.starts_with("Authorization:"));
+        ensure!(
+            challenge.starts_with(&format!("Bearer realm=\"https://{AUTH_HOST}/token\""))
+                && challenge.contains(&format!("scope=\"repository:{PRIVATE}:pull\""))
+                && (!with_token || challenge.contains("error=\"insufficient_scope\"")),
+            "{what}: not upstream's challenge: WWW-Authenticate: {challenge:?}"
+        );
+    }
+    let c7 = Counters::read(&setup, &tokens)?;
+    bearer_step(
+        "4b. the five requests above, together",
+        started.elapsed(),
+        &setup,
+        &tokens,
+        &c6,
+        &c7,
+    );
+    let upstream_denials = setup.upstream.requests()[c6.registry_requests..c7.registry_requests]
+        .iter()
+        .filter(|r| r.status == 401)
+        .count();
+    ensure!(
+        upstream_denials >= 1,
+        "eddy refused the requests without asking upstream (no 401 in the registry's log)"
+    );
+    let store_after = c7.eddy_store;
+    println!("4b. eddy_bytes_total{{source=\"store\"}}: {store_before} -> {store_after}");
+    ensure!(
+        store_after == store_before,
+        "eddy served {} bytes from its store to clients without access",
+        store_after - store_before
+    );
+
+    // The control: a token for user:secret reads the same blob, from eddy's store.
+    let user_priv = fetch_token(PRIVATE, &["-u", &creds], "token-user-priv")?;
+    let user_auth = format!("Authorization: Bearer {user_priv}");
+    let ok = setup.curl(&blob_path, &["-H", &user_auth], "bearer-allowed")?;
+    let store_ok = setup.eddy().metric(STORE_BYTES)? as u64;
+    let served_after = setup.served()?;
+    println!(
+        "control, user:secret token for priv/app, blob GET: HTTP {} {:.1} MiB in {:.2?}; \
+         store bytes +{}; registry blob bytes +{}",
+        ok.status,
+        mib(ok.body.len() as u64),
+        ok.elapsed,
+        store_ok - store_after,
+        served_after.blob_bytes - served_before.blob_bytes
+    );
+    ensure!(
+        ok.status == 200 && sha256_hex(&ok.body) == layer.hex(),
+        "a valid token for {PRIVATE} did not get the blob: HTTP {}\n{}",
+        ok.status,
+        ok.headers
+    );
+    ensure!(
+        store_ok - store_after >= layer.size && served_after.blob_bytes == served_before.blob_bytes,
+        "the authorised blob GET was not served from eddy's store"
     );
     Ok(())
 }

@@ -47,6 +47,34 @@ enum Cmd {
         #[arg(long, default_value_t = 1800)]
         max_secs: u64,
     },
+    /// Bearer-token server for distribution's `auth: token` (run it inside the upstream netns):
+    /// HTTPS on `--listen`, ES256 JWTs. See eddy_tests::token_auth.
+    TokenServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        tls_cert: PathBuf,
+        #[arg(long)]
+        tls_key: PathBuf,
+        #[arg(long)]
+        signing_cert_der: PathBuf,
+        #[arg(long)]
+        signing_key_der: PathBuf,
+        /// Repositories anyone may pull.
+        #[arg(long)]
+        public: Vec<String>,
+        /// Repositories only `--user`s may pull.
+        #[arg(long)]
+        private: Vec<String>,
+        /// `user:password`, repeatable.
+        #[arg(long)]
+        user: Vec<String>,
+        /// One JSON line per request.
+        #[arg(long)]
+        log: PathBuf,
+        #[arg(long, default_value_t = 1800)]
+        max_secs: u64,
+    },
     /// One checksummed echo round trip.
     Echo {
         #[arg(long)]
@@ -140,6 +168,43 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Serve { listen, max_secs } => serve(listen, Duration::from_secs(max_secs)),
+        Cmd::TokenServer {
+            listen,
+            tls_cert,
+            tls_key,
+            signing_cert_der,
+            signing_key_der,
+            public,
+            private,
+            user,
+            log,
+            max_secs,
+        } => (|| {
+            check_at_most("--max-secs", max_secs, 7200)?;
+            let users = user
+                .iter()
+                .map(|u| {
+                    u.split_once(':')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .with_context(|| format!("--user {u:?} is not user:password"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            eddy_tests::token_auth::serve(eddy_tests::token_auth::ServeConfig {
+                listen,
+                tls_cert,
+                tls_key,
+                signing_cert_der,
+                signing_key_der,
+                grants: eddy_tests::token_auth::Grants {
+                    public,
+                    private,
+                    users,
+                },
+                log,
+                max: Duration::from_secs(max_secs),
+            })?;
+            Ok(true)
+        })(),
         Cmd::Echo {
             connect,
             bytes,
