@@ -757,7 +757,14 @@ impl FillGuard {
                 // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
                 let _ = fs::remove_file(&self.tmp_path);
                 let _ = fs::remove_file(meta_tmp_path(&self.tmp_path));
-                warn!(%digest, %err, "fill failed");
+                // A fetch that never started is upstream saying no (a 401 before the client
+                // authenticates is routine); its caller relays that. A fill that started and
+                // then failed is worth a warning.
+                if self.tx.borrow().started {
+                    warn!(%digest, %err, "fill failed");
+                } else {
+                    debug!(%digest, %err, "fill did not start");
+                }
             }
         }
         // Leave `inflight` before announcing the result: a caller that sees the failure and retries must
