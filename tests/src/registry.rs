@@ -38,6 +38,8 @@ pub struct UpstreamOptions {
     pub basic_auth: Option<(String, String)>,
     /// Answer blob GETs with 307 to `https://cdn.test:8443/...`, served by a file server.
     pub redirect_to_cdn: bool,
+    /// The CDN answers whole-file GETs chunked, without a Content-Length.
+    pub cdn_chunked: bool,
     /// Serve plain HTTP (no TLS) on this port instead of HTTPS on [`REGISTRY_PORT`].
     pub plain_http_port: Option<u16>,
     /// Bearer-token auth instead: the registry config's `auth:` section (see
@@ -183,6 +185,11 @@ impl Upstream {
                     .arg(ip.to_string())
                     .arg(CDN_PORT.to_string())
                     .arg(&upstream.cdn_log)
+                    .arg(if upstream.options.cdn_chunked {
+                        "chunked"
+                    } else {
+                        "sized"
+                    })
                     .stdin(Stdio::null())
                     .stdout(out.try_clone()?)
                     .stderr(out),
@@ -522,7 +529,7 @@ fn python3() -> String {
 const CDN_SERVER: &str = r#"
 import http.server, json, os, ssl, sys, threading
 
-root, cert, key, addr, port, log = sys.argv[1:7]
+root, cert, key, addr, port, log, framing = sys.argv[1:8]
 root = os.path.realpath(root)
 lock = threading.Lock()
 
@@ -563,9 +570,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.record(416, 0)
                 return
             status = 206
+        chunked = framing == "chunked" and status == 200
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(end - start + 1))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(end - start + 1))
         if status == 206:
             self.send_header("Content-Range", "bytes %d-%d/%d" % (start, end, size))
         self.end_headers()
@@ -579,9 +590,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         chunk = f.read(min(left, 1 << 20))
                         if not chunk:
                             break
-                        self.wfile.write(chunk)
+                        if chunked:
+                            self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                        else:
+                            self.wfile.write(chunk)
                         sent += len(chunk)
                         left -= len(chunk)
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
             except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
                 pass
         self.record(status, sent)

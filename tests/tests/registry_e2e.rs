@@ -630,6 +630,55 @@ fn redirect_to_cdn_is_followed_by_eddy() -> Result<()> {
     Ok(())
 }
 
+/// 3b. The CDN sends blobs chunked, without a Content-Length: eddy streams them to ctr as
+///     they arrive and caches them; a warm pull reads nothing from the CDN.
+#[test]
+fn redirect_to_a_cdn_without_content_length() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions {
+        redirect_to_cdn: true,
+        cdn_chunked: true,
+        ..Default::default()
+    }) else {
+        return Ok(());
+    };
+    let repo = "chunked/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[12 * MIB, 3 * MIB]))?;
+    let reference = reference(repo, "v1");
+
+    let cold_ctd = Containerd::start()?;
+    let cold = setup
+        .client
+        .fetch(&cold_ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("cold ctr content fetch through eddy from a chunked CDN")?;
+    let cdn_cold = setup.upstream.cdn_bytes()?;
+    println!(
+        "cold fetch from a chunked CDN: {:.2?}; CDN sent {:.1} MiB",
+        cold.elapsed,
+        mib(cdn_cold)
+    );
+    cold_ctd.ensure_content(NS, &image.blobs())?;
+    assert_store(&setup, &image.blobs())?;
+
+    let warm_ctd = Containerd::start()?;
+    let warm = setup
+        .client
+        .fetch(&warm_ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("warm ctr content fetch through eddy")?;
+    let cdn_warm = setup.upstream.cdn_bytes()?;
+    println!(
+        "warm fetch: {:.2?}; CDN sent {} more bytes",
+        warm.elapsed,
+        cdn_warm - cdn_cold
+    );
+    warm_ctd.ensure_content(NS, &image.blobs())?;
+    ensure!(
+        cdn_warm == cdn_cold,
+        "the warm fetch read {} bytes from the CDN",
+        cdn_warm - cdn_cold
+    );
+    Ok(())
+}
+
 /// 4. A Basic-auth repository: after an authorised pull filled the cache, requests without
 ///    valid credentials get 401 and no content; valid ones get the content from the cache.
 #[test]
