@@ -324,20 +324,24 @@ fn prepare_pin_dir(dir: &Path) -> Result<(), BpfError> {
     })
 }
 
+/// Remove eddy's pinned maps, and the pin dir if nothing else lives there.
 fn remove_pins(dir: &Path) -> std::io::Result<()> {
-    match std::fs::read_dir(dir) {
-        Ok(entries) => {
-            for (_, file) in map::PINNED {
-                let _ = std::fs::remove_file(dir.join(file));
-            }
-            drop(entries);
-            match std::fs::remove_dir(dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
+    for (_, file) in map::PINNED {
+        match std::fs::remove_file(dir.join(file)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+    }
+    match std::fs::remove_dir(dir) {
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::DirectoryNotEmpty
+            ) =>
+        {
+            Err(e)
+        }
+        _ => Ok(()),
     }
 }
 
