@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
 use crate::{
-    catalog::{Catalog, TagRecord},
+    catalog::{Catalog, ContentMeta, TagRecord},
     digest::Digest,
     metrics::RegistryMetrics,
     store::{Blob, Store},
@@ -196,9 +196,16 @@ impl Registry {
         }
 
         if cached.is_some() || meta.is_some() {
-            let public = meta.as_ref().is_some_and(|m| m.public);
             if let Err(denied) = self
-                .authorize(origin, repo, &repo_key, kind, digest, public, req.headers())
+                .authorize(
+                    origin,
+                    repo,
+                    &repo_key,
+                    kind,
+                    digest,
+                    meta.as_ref(),
+                    req.headers(),
+                )
                 .await
             {
                 return denied;
@@ -330,9 +337,16 @@ impl Registry {
         let joined = !owned.load(Ordering::Relaxed);
         // We joined someone else's fetch: make sure this client may see it.
         if joined {
-            let public = meta.as_ref().is_some_and(|m| m.public);
             if let Err(denied) = self
-                .authorize(origin, repo, repo_key, kind, digest, public, req.headers())
+                .authorize(
+                    origin,
+                    repo,
+                    repo_key,
+                    kind,
+                    digest,
+                    meta.as_ref(),
+                    req.headers(),
+                )
                 .await
             {
                 return denied;
@@ -696,10 +710,10 @@ impl Registry {
         repo_key: &str,
         kind: Kind,
         digest: &Digest,
-        public: bool,
+        meta: Option<&ContentMeta>,
         req_headers: &HeaderMap,
     ) -> Result<(), Response<Body>> {
-        if public {
+        if meta.is_some_and(|m| m.public) {
             return Ok(());
         }
         let credentials: [u8; 32] = Sha256::digest(
@@ -709,10 +723,7 @@ impl Registry {
                 .unwrap_or_default(),
         )
         .into();
-        let seen_in_repo = self
-            .catalog
-            .content(digest)
-            .is_some_and(|m| m.repos.contains(repo_key));
+        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
         let key = (repo_key.to_string(), credentials);
         if seen_in_repo {
             if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
@@ -721,12 +732,7 @@ impl Registry {
                 }
             }
         }
-        let path = format!("/v2/{repo}/{}/{digest}", kind.path_segment());
-        let uri: Uri = format!("{}://{}{path}", origin.scheme, origin.authority)
-            .parse()
-            .map_err(|_| {
-                error_response(StatusCode::BAD_REQUEST, "eddy: invalid repository name")
-            })?;
+        let uri = content_uri(origin, repo, kind, digest);
         let mut headers = HeaderMap::new();
         for name in [header::AUTHORIZATION, header::ACCEPT] {
             if let Some(v) = req_headers.get(&name) {
