@@ -1,11 +1,9 @@
 //! Driving `eddy-probe` from the harness: every run is bounded and returns a parsed report.
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
@@ -149,34 +147,11 @@ impl Probe {
         let mut cmd = netns.command(&self.bin.display().to_string());
         cmd.arg("serve").arg("--listen");
         cmd.args(listen.iter().map(|a| a.to_string()));
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-        let mut server = ProcessGuard::spawn("eddy-probe serve", &mut cmd)?;
-        let stdout = server.child_mut().stdout.take().expect("piped");
-        // Read stdout on a thread (it keeps draining it) and wait for "ready" with a bound.
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut seen = Vec::new();
-        loop {
-            match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) if line == "ready" => return Ok(server),
-                Ok(line) => seen.push(line),
-                Err(_) => {
-                    let status = server.try_wait()?;
-                    bail!(
-                        "probe server in netns {} not ready within 10 s (exit: {status:?}); \
-                         output so far: {seen:?}",
-                        netns.name()
-                    );
-                }
-            }
-        }
+        ProcessGuard::spawn_until_ready(
+            &format!("probe server in netns {}", netns.name()),
+            &mut cmd,
+            Duration::from_secs(10),
+        )
     }
 
     fn client(&self, subcommand: &str, target: SocketAddr, cgroup: Option<&Path>) -> Command {

@@ -16,6 +16,36 @@ pub struct ProcessGuard {
 }
 
 impl ProcessGuard {
+    /// Spawn a server that prints a line `ready` on stdout once it serves, and wait (at most
+    /// `timeout`) for it. Its stdout keeps being drained by a thread.
+    pub fn spawn_until_ready(name: &str, cmd: &mut Command, timeout: Duration) -> Result<Self> {
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        let mut process = Self::spawn(name, cmd)?;
+        let stdout = process.child_mut().stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv_timeout(timeout) {
+                Ok(line) if line == "ready" => return Ok(process),
+                Ok(line) => seen.push(line),
+                Err(_) => anyhow::bail!(
+                    "{name} not ready within {timeout:?} (exit: {:?}); output so far: {seen:?}",
+                    process.try_wait()?
+                ),
+            }
+        }
+    }
+
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
         let child = cmd
             .spawn()

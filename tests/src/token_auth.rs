@@ -17,16 +17,14 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::{BufRead, BufReader, Write},
+    io::Write,
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::Stdio,
-    sync::{mpsc, Arc, Mutex},
-    thread,
+    sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use base64::{
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
     Engine as _,
@@ -556,28 +554,8 @@ impl TokenServer {
         for (user, password) in &grants.users {
             cmd.args(["--user", &format!("{user}:{password}")]);
         }
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
-        let mut process = ProcessGuard::spawn("eddy-probe token-server", &mut cmd)?;
-        let stdout = process.child_mut().stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        loop {
-            match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(line) if line == "ready" => break,
-                Ok(_) => {}
-                Err(_) => bail!(
-                    "token server not ready within 10 s (exit: {:?})",
-                    process.try_wait()?
-                ),
-            }
-        }
+        let process =
+            ProcessGuard::spawn_until_ready("token server", &mut cmd, Duration::from_secs(10))?;
         ensure!(
             TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok(),
             "the token server said ready but {addr} does not accept connections"
