@@ -8,8 +8,10 @@
 //!   (single-flight, streamed to every waiting client as it arrives);
 //! - manifests by tag: revalidated upstream with HEAD on every request, served from the store
 //!   when the digest is known, and from the last known record while upstream is unreachable;
-//! - private content: served from the store only to a client whose credentials upstream
-//!   accepts for that repository (a HEAD upstream, remembered briefly).
+//! - public or private is upstream's verdict (see `visibility`): content of a repository that
+//!   upstream serves to anonymous clients is served to anyone, also while upstream is down;
+//!   private content only to a client whose credentials upstream accepts for that repository
+//!   (a HEAD upstream, remembered briefly).
 use std::{
     collections::HashMap,
     sync::{
@@ -36,6 +38,7 @@ use crate::{
     metrics::RegistryMetrics,
     store::{Blob, Store},
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
+    visibility::{Verdict, Visibility},
 };
 
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
@@ -98,6 +101,7 @@ pub struct Registry {
     store: Arc<Store>,
     catalog: Arc<Catalog>,
     metrics: RegistryMetrics,
+    visibility: Arc<Visibility>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
 }
@@ -110,6 +114,7 @@ impl Registry {
         metrics: RegistryMetrics,
     ) -> Self {
         Registry {
+            visibility: Arc::new(Visibility::new(upstream.clone(), Arc::clone(&catalog))),
             upstream,
             store,
             catalog,
@@ -239,6 +244,10 @@ impl Registry {
         let uri = content_uri(origin, repo, kind, digest);
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
+        if !public {
+            // Fetched with the client's credentials: find out whether anyone may have it.
+            self.visibility.refresh(repo_key, repo, uri.clone());
+        }
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
         // on disk) go to this client as they are, uncached.
         let (uncached_tx, uncached_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
@@ -521,14 +530,15 @@ impl Registry {
         req: Request<Incoming>,
     ) -> Response<Body> {
         let repo_key = format!("{}/{repo}", origin.authority);
+        let probe = upstream_uri(origin, req.uri());
         let headers = request_headers(req.headers());
-        let public = !headers.contains_key(header::AUTHORIZATION);
+        let with_credentials = headers.contains_key(header::AUTHORIZATION);
+        if with_credentials {
+            self.visibility.refresh(&repo_key, repo, probe.clone());
+        }
+        let public = !with_credentials || self.visibility.is_public(&repo_key);
         let started = Instant::now();
-        let head = self
-            .upstream
-            .fetch_following(Method::HEAD, upstream_uri(origin, req.uri()), &headers)
-            .await;
-        let head = match head {
+        let head = match self.revalidate_tag(&repo_key, repo, probe, &headers).await {
             Ok(h) => h,
             Err(e) if e.is_unreachable() => return self.stale_tag(&repo_key, tag, &req, &e),
             Err(e) => return bad_gateway(&e),
@@ -578,6 +588,39 @@ impl Registry {
             .await
     }
 
+    /// HEAD a tag upstream (registries do not count it as a pull). For a public repository,
+    /// with eddy's own anonymous token in place of the client's, so the answer does not
+    /// depend on what the client's token grants; if that does not get a 200, with the
+    /// client's own headers, whose answer the client gets.
+    async fn revalidate_tag(
+        &self,
+        repo_key: &str,
+        repo: &str,
+        probe: Uri,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if headers.contains_key(header::AUTHORIZATION) && self.visibility.is_public(repo_key) {
+            if let Some(own) = self
+                .visibility
+                .anonymous_authorization(repo_key, repo, &probe)
+                .await
+            {
+                let mut anonymous = headers.clone();
+                anonymous.insert(header::AUTHORIZATION, own);
+                let resp = self
+                    .upstream
+                    .fetch_following(Method::HEAD, probe.clone(), &anonymous)
+                    .await;
+                if resp.as_ref().is_ok_and(|r| r.status() == StatusCode::OK) {
+                    return resp;
+                }
+            }
+        }
+        self.upstream
+            .fetch_following(Method::HEAD, probe, headers)
+            .await
+    }
+
     /// Upstream is unreachable: serve the tag's last known manifest if we may.
     fn stale_tag(
         &self,
@@ -589,7 +632,8 @@ impl Registry {
         let usable = self.catalog.tag(repo_key, tag).and_then(|rec| {
             let digest: Digest = rec.digest.parse().ok()?;
             // Private content needs upstream's word on the credentials, which we cannot get.
-            let ok = rec.public && accepts(req.headers(), &rec.media_type);
+            let public = rec.public || self.visibility.is_public(repo_key);
+            let ok = public && accepts(req.headers(), &rec.media_type);
             ok.then(|| {
                 self.store
                     .get(&digest)
@@ -713,7 +757,22 @@ impl Registry {
         meta: Option<&ContentMeta>,
         req_headers: &HeaderMap,
     ) -> Result<(), Response<Body>> {
-        if meta.is_some_and(|m| m.public) {
+        let uri = content_uri(origin, repo, kind, digest);
+        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
+        let verdict = seen_in_repo.then(|| self.visibility.known(repo_key)).flatten();
+        if verdict.is_some() {
+            // Re-checked in the background once old; the last verdict stands meanwhile.
+            self.visibility.refresh(repo_key, repo, uri.clone());
+        }
+        if meta.is_some_and(|m| self.visibility.content_is_public(m)) {
+            return Ok(());
+        }
+        // Content fetched with credentials, from a repository never checked: ask upstream
+        // once whether anonymous clients may have it, instead of checking every client.
+        if seen_in_repo
+            && verdict.is_none()
+            && self.visibility.check(repo_key, repo, &uri).await == Some(Verdict::Public)
+        {
             return Ok(());
         }
         let credentials: [u8; 32] = Sha256::digest(
@@ -723,7 +782,6 @@ impl Registry {
                 .unwrap_or_default(),
         )
         .into();
-        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
         let key = (repo_key.to_string(), credentials);
         if seen_in_repo {
             if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
@@ -732,7 +790,6 @@ impl Registry {
                 }
             }
         }
-        let uri = content_uri(origin, repo, kind, digest);
         let mut headers = HeaderMap::new();
         for name in [header::AUTHORIZATION, header::ACCEPT] {
             if let Some(v) = req_headers.get(&name) {
