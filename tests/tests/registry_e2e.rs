@@ -1546,6 +1546,76 @@ fn bearer_step(
     new_tokens
 }
 
+/// The credentials the token host of a [`TokenWorld`] accepts.
+const USER: &str = "user";
+const SECRET: &str = "secret";
+
+/// Docker Hub / GHCR style auth: the registry wants Bearer tokens from a separate token host
+/// (auth.test on a second address, HTTPS on 443) that grants anonymous pulls of one
+/// repository and pulls of another to USER:SECRET only. Both ctr and eddy resolve auth.test.
+struct TokenWorld {
+    // Dropped in this order: the token server, then the namespace it runs in, then its key.
+    tokens: TokenServer,
+    setup: Setup,
+    _keys: tempfile::TempDir,
+}
+
+impl TokenWorld {
+    fn start(public: &str, private: &str) -> Result<Self> {
+        let keys = tempfile::Builder::new()
+            .prefix("eddy-token-keys-")
+            .tempdir()?;
+        let signing = SigningKey::create(keys.path())?;
+        let mut setup = Setup::new(
+            UpstreamOptions {
+                token_auth: Some(
+                    signing.registry_auth_config(&format!("https://{AUTH_HOST}/token")),
+                ),
+                push_creds: Some((USER.into(), SECRET.into())),
+                ..Default::default()
+            },
+            true,
+        )?;
+        let auth_ip = setup.netns.add_v4(3)?;
+        // eddy's hosts file is bind-mounted into its mount namespace: appending shows there.
+        for hosts in [&setup.client.hosts, &setup.work.path().join("hosts.eddy")] {
+            writeln!(
+                fs::OpenOptions::new().append(true).open(hosts)?,
+                "{auth_ip} {AUTH_HOST}"
+            )?;
+        }
+        let push_hosts = setup.work.path().join("hosts.push");
+        fs::write(
+            &push_hosts,
+            format!("127.0.0.1 localhost\n{auth_ip} {AUTH_HOST}\n"),
+        )?;
+        setup.upstream.options.push_hosts = Some(push_hosts);
+        let tokens = TokenServer::start(
+            Path::new(env!("CARGO_BIN_EXE_eddy-probe")),
+            &setup.netns,
+            auth_ip,
+            &setup.pki,
+            &signing,
+            &Grants {
+                public: vec![public.into()],
+                private: vec![private.into()],
+                users: vec![(USER.into(), SECRET.into())],
+            },
+            &setup.work.path().join("tokens.log"),
+        )?;
+        println!(
+            "token server at {} ({AUTH_HOST}); registry at {} ({REGISTRY_HOST})",
+            tokens.addr,
+            setup.upstream.addr()
+        );
+        Ok(Self {
+            tokens,
+            setup,
+            _keys: keys,
+        })
+    }
+}
+
 /// 11. Docker Hub / GHCR style auth: the registry wants Bearer tokens from a separate token
 ///     host (auth.test, another address, port 443). ctr's connections to the token host are
 ///     intercepted and passed through (its SNI is not a registry); the registry's are
@@ -1556,56 +1626,10 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    const USER: &str = "user";
-    const SECRET: &str = "secret";
     const PUBLIC: &str = "pub/app";
     const PRIVATE: &str = "priv/app";
-    // Declared first, dropped last: the registry reads the certificate.
-    let keys = tempfile::Builder::new()
-        .prefix("eddy-token-keys-")
-        .tempdir()?;
-    let signing = SigningKey::create(keys.path())?;
-    let mut setup = Setup::new(
-        UpstreamOptions {
-            token_auth: Some(signing.registry_auth_config(&format!("https://{AUTH_HOST}/token"))),
-            push_creds: Some((USER.into(), SECRET.into())),
-            ..Default::default()
-        },
-        true,
-    )?;
-    // The token host: a second address behind the same link, HTTPS on 443.
-    let auth_ip = setup.netns.add_v4(3)?;
-    writeln!(
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&setup.client.hosts)?,
-        "{auth_ip} {AUTH_HOST}"
-    )?;
-    let push_hosts = setup.work.path().join("hosts.push");
-    fs::write(
-        &push_hosts,
-        format!("127.0.0.1 localhost\n{auth_ip} {AUTH_HOST}\n"),
-    )?;
-    setup.upstream.options.push_hosts = Some(push_hosts);
-    // Declared after the setup: stopped before the namespace goes.
-    let tokens = TokenServer::start(
-        Path::new(env!("CARGO_BIN_EXE_eddy-probe")),
-        &setup.netns,
-        auth_ip,
-        &setup.pki,
-        &signing,
-        &Grants {
-            public: vec![PUBLIC.into()],
-            private: vec![PRIVATE.into()],
-            users: vec![(USER.into(), SECRET.into())],
-        },
-        &setup.work.path().join("tokens.log"),
-    )?;
-    println!(
-        "token server at {} ({AUTH_HOST}); registry at {} ({REGISTRY_HOST})",
-        tokens.addr,
-        setup.upstream.addr()
-    );
+    let world = TokenWorld::start(PUBLIC, PRIVATE)?;
+    let (setup, tokens) = (&world.setup, &world.tokens);
     let pub_image = setup.image(PUBLIC, "v1", &ImageSpec::single(&[12 * MIB, 3 * MIB]))?;
     let priv_image = setup.image(PRIVATE, "v1", &ImageSpec::single(&[10 * MIB, 2 * MIB]))?;
     let layer_bytes = |image: &Image| image.layers().iter().map(|b| b.size).sum::<u64>();
@@ -1958,6 +1982,170 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     ensure!(
         store_ok - store_after >= layer.size && served_after.blob_bytes == served_before.blob_bytes,
         "the authorised blob GET was not served from eddy's store"
+    );
+    Ok(())
+}
+
+/// eddy's persisted public/private verdict on `authority/repository`, if it has one yet.
+fn repo_verdict(setup: &Setup, repo_key: &str) -> Option<bool> {
+    let path = setup
+        .eddy_config
+        .data_dir
+        .join("catalog/repos")
+        .join(format!("{}.json", sha256_hex(repo_key.as_bytes())));
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    v["public"].as_bool()
+}
+
+/// Requests for content (blobs, manifests by digest) in a slice of the registry's log.
+fn content_requests(requests: &[eddy_tests::registry::LoggedRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.uri.contains("/blobs/") || r.uri.contains("/manifests/sha256:"))
+        .map(|r| format!("{} {} {}", r.method, r.uri, r.status))
+        .collect()
+}
+
+/// 12. Public content of a token registry is public (the Docker Hub case): every client,
+///     anonymous ones included, pulls with a bearer token, yet eddy serves the content of a
+///     repository that anonymous clients may read to anyone, with no per-blob check upstream,
+///     after a restart, and through an outage of both the registry and its token host. A
+///     private repository keeps the per-client check, and is never served in the outage.
+#[test]
+fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const PUBLIC: &str = "hub/app";
+    const PRIVATE: &str = "team/app";
+    let mut world = TokenWorld::start(PUBLIC, PRIVATE)?;
+    let pub_image = world
+        .setup
+        .image(PUBLIC, "v1", &ImageSpec::single(&[6 * MIB, 2 * MIB]))?;
+    let priv_image = world
+        .setup
+        .image(PRIVATE, "v1", &ImageSpec::single(&[5 * MIB, MIB]))?;
+    let (pub_ref, priv_ref) = (reference(PUBLIC, "v1"), reference(PRIVATE, "v1"));
+    let creds = format!("{USER}:{SECRET}");
+    let with_user = ["--user", creds.as_str()];
+
+    // A pull from a fresh containerd; returns the registry requests it caused.
+    let pull = |setup: &Setup, r: &str, extra: &[&str], what: &str| -> Result<Vec<String>> {
+        let before = setup.upstream.requests().len();
+        let ctd = Containerd::start()?;
+        let run = setup.client.pull(&ctd, NS, r, extra, PULL_TIMEOUT)?.check(what)?;
+        let requests = setup.upstream.requests()[before..].to_vec();
+        let content = content_requests(&requests);
+        println!(
+            "{what}: {:.2?}; {} registry requests, for content: {content:?}",
+            run.elapsed,
+            requests.len()
+        );
+        Ok(content)
+    };
+
+    pull(&world.setup, &pub_ref, &[], "anonymous cold pull of hub/app")?;
+    pull(&world.setup, &priv_ref, &with_user, "cold pull of team/app with credentials")?;
+    // eddy asks the token host itself, anonymously, in the background: wait for it.
+    let keys = [
+        format!("{REGISTRY_HOST}/{PUBLIC}"),
+        format!("{REGISTRY_HOST}/{PRIVATE}"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let verdicts = loop {
+        let v = keys.clone().map(|k| repo_verdict(&world.setup, &k));
+        if v.iter().all(Option::is_some) || Instant::now() > deadline {
+            break v;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    println!("verdicts: {PUBLIC}: {:?}, {PRIVATE}: {:?}", verdicts[0], verdicts[1]);
+    ensure!(
+        verdicts == [Some(true), Some(false)],
+        "expected {PUBLIC} public and {PRIVATE} private, got {verdicts:?}; eddy log:\n{}",
+        world.setup.eddy().log_tail(30)
+    );
+    let eddy_asked: Vec<_> = world
+        .tokens
+        .requests()
+        .into_iter()
+        .filter(|r| r.scopes.iter().any(|s| s.contains(PRIVATE)) && !r.credentials)
+        .collect();
+    ensure!(
+        !eddy_asked.is_empty(),
+        "nobody asked the token host anonymously about {PRIVATE}: the private verdict is not upstream's"
+    );
+
+    // Warm, the public image needs nothing upstream but the tag's revalidation; the private
+    // one is still checked per client (HEADs with the client's token).
+    let content = pull(&world.setup, &pub_ref, &[], "anonymous warm pull of hub/app")?;
+    ensure!(
+        content.is_empty(),
+        "the warm pull of public content asked upstream about content: {content:?}"
+    );
+    let content = pull(&world.setup, &priv_ref, &with_user, "warm pull of team/app")?;
+    ensure!(
+        !content.is_empty() && content.iter().all(|r| r.starts_with("HEAD ")),
+        "the warm pull of private content was not checked per client with HEADs: {content:?}"
+    );
+
+    // The verdict survives a restart.
+    world.setup.restart_eddy()?;
+    let content = pull(&world.setup, &pub_ref, &[], "anonymous warm pull after a restart")?;
+    ensure!(
+        content.is_empty(),
+        "after a restart, the warm pull of public content asked upstream: {content:?}"
+    );
+
+    // Outage of the registry and its token host.
+    world.setup.upstream.stop_registry()?;
+    world.tokens.stop()?;
+    let eddy = world.setup.eddy();
+    let passthrough = eddy.metric(&connections_series("passthrough"))?;
+    let ctd = Containerd::start()?;
+    let run = world
+        .setup
+        .client
+        .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
+        .check("anonymous pull by tag of public content, registry and token host down")?;
+    ctd.ensure_content(NS, &pub_image.blobs())?;
+    let passthrough_after = eddy.metric(&connections_series("passthrough"))?;
+    let stale = eddy.metric(STALE_MANIFESTS)?;
+    println!(
+        "outage, public: {:.2?}; passthrough connections {passthrough} -> {passthrough_after}; \
+         stale manifests served {stale}",
+        run.elapsed
+    );
+    ensure!(stale >= 1.0, "eddy did not serve the tag from its last record");
+    ensure!(
+        passthrough_after == passthrough,
+        "the client dialled the (unreachable) token host: eddy answered with a challenge"
+    );
+    drop(ctd);
+
+    let store = eddy.metric(STORE_BYTES)?;
+    let ctd = Containerd::start()?;
+    let denied = world
+        .setup
+        .client
+        .pull(&ctd, NS, &priv_ref, &with_user, Duration::from_secs(60))?;
+    println!(
+        "outage, private: ok={} {}",
+        denied.ok(),
+        denied.stderr().trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "private content was served while its credentials could not be checked"
+    );
+    let have = ctd.content_digests(NS)?;
+    ensure!(
+        priv_image.layers().iter().all(|l| !have.contains(&l.digest)),
+        "a private layer reached the client during the outage"
+    );
+    ensure!(
+        eddy.metric(STORE_BYTES)? == store,
+        "eddy served store bytes to the private pull during the outage"
     );
     Ok(())
 }
