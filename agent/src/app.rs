@@ -50,6 +50,8 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -93,6 +95,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.ca_unconstrained,
     )?);
     let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
+    let node_credentials = config
+        .upstream_auth_file
+        .as_deref()
+        .map(crate::credentials::NodeCredentials::load)
+        .transpose()?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     // Re-hash what an earlier run left, in the background: open only checks sizes.
     tokio::spawn({
@@ -132,6 +139,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         store,
         catalog,
         registry_metrics,
+        node_credentials,
     ));
     let admin_state = Arc::new(AdminState {
         registry,

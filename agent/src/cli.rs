@@ -100,6 +100,12 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long = "upstream-ca", env = "EDDY_UPSTREAM_CA", value_delimiter = ',')]
     pub upstream_ca: Vec<PathBuf>,
+    /// Node-level upstream credentials: a Docker config.json (what a
+    /// kubernetes.io/dockerconfigjson Secret holds). Used for requests that carry no
+    /// credentials of their own; any client on the node may pull what they can read.
+    /// Re-read when the file changes.
+    #[arg(long, env = "EDDY_UPSTREAM_AUTH_FILE")]
+    pub upstream_auth_file: Option<PathBuf>,
     /// bpffs directory where the maps are pinned.
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,

@@ -34,10 +34,12 @@ use tracing::{debug, warn};
 
 use crate::{
     catalog::{Catalog, ContentMeta, TagRecord},
+    credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
     store::{Blob, Store},
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
+    token::TokenClient,
     visibility::{Verdict, Visibility},
 };
 
@@ -49,6 +51,9 @@ const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 const MIN_FREE_BYTES: u64 = 256 << 20;
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
+/// Getting a token with the node's credentials gives up after this long: the request then
+/// goes upstream as it came.
+const NODE_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -102,19 +107,31 @@ pub struct Registry {
     catalog: Arc<Catalog>,
     metrics: RegistryMetrics,
     visibility: Arc<Visibility>,
+    /// eddy's own token requests (anonymous ones, and with node credentials).
+    tokens: Arc<TokenClient>,
+    node_credentials: Option<NodeCredentials>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
 }
 
 impl Registry {
+    /// `node_credentials`: from `--upstream-auth-file`.
     pub fn new(
         upstream: Upstream,
         store: Arc<Store>,
         catalog: Arc<Catalog>,
         metrics: RegistryMetrics,
+        node_credentials: Option<NodeCredentials>,
     ) -> Self {
+        let tokens = Arc::new(TokenClient::new(upstream.clone()));
         Registry {
-            visibility: Arc::new(Visibility::new(upstream.clone(), Arc::clone(&catalog))),
+            visibility: Arc::new(Visibility::new(
+                upstream.clone(),
+                Arc::clone(&tokens),
+                Arc::clone(&catalog),
+            )),
+            tokens,
+            node_credentials,
             upstream,
             store,
             catalog,
@@ -130,11 +147,15 @@ impl Registry {
     pub async fn handle(
         self: Arc<Self>,
         origin: Arc<Origin>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
-        match parse_path(&path) {
+        let api = parse_path(&path);
+        if let (Api::Blob { repo, .. } | Api::Manifest { repo, .. }, true) = (&api, is_read) {
+            self.add_node_credentials(&origin, repo, &mut req).await;
+        }
+        match api {
             Api::Blob { repo, digest } if is_read => match digest.parse::<Digest>() {
                 Ok(digest) => self.content(&origin, repo, &digest, Kind::Blob, req).await,
                 Err(_) => self.forward(&origin, req, "blob").await,
@@ -151,6 +172,26 @@ impl Registry {
             },
             Api::Base => self.base(&origin, req).await,
             _ => self.forward(&origin, req, "other").await,
+        }
+    }
+
+    /// A request without credentials of its own goes upstream with the node's, if it has
+    /// some for this registry (see `credentials`).
+    async fn add_node_credentials(&self, origin: &Origin, repo: &str, req: &mut Request<Incoming>) {
+        let Some(creds) = &self.node_credentials else {
+            return;
+        };
+        if req.headers().contains_key(header::AUTHORIZATION) {
+            return;
+        }
+        let probe = upstream_uri(origin, req.uri());
+        let auth = tokio::time::timeout(
+            NODE_AUTH_TIMEOUT,
+            creds.authorization(&self.tokens, &origin.authority, repo, &probe),
+        )
+        .await;
+        if let Ok(Some(auth)) = auth {
+            req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
     }
 
@@ -602,7 +643,7 @@ impl Registry {
         if headers.contains_key(header::AUTHORIZATION) && self.visibility.is_public(repo_key) {
             if let Some(own) = self
                 .visibility
-                .anonymous_authorization(repo_key, repo, &probe)
+                .anonymous_authorization(repo, &probe)
                 .await
             {
                 let mut anonymous = headers.clone();

@@ -20,12 +20,12 @@ use std::{
 };
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::BodyExt;
 use tracing::{debug, info};
 
 use crate::{
     catalog::{Catalog, ContentMeta, RepoVisibility},
-    challenge::{self, Bearer, Challenge},
+    challenge::{self, Challenge},
+    token::{self, TokenClient},
     upstream::{empty, Upstream},
 };
 
@@ -33,10 +33,6 @@ use crate::{
 pub const RECHECK_AFTER: Duration = Duration::from_secs(600);
 /// One whole check (HEAD, token, HEAD) gives up after this long, undecided.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Token responses are small JSON documents; anything bigger is not one.
-const MAX_TOKEN_RESPONSE: usize = 64 << 10;
-/// The token spec's default lifetime, when the realm does not say.
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// A background check of one repository starts at most this often (a running check ends
 /// within CHECK_TIMEOUT, so this also keeps two from running at once).
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -56,8 +52,8 @@ pub enum Undecided {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("upstream answered {0}")]
     Status(StatusCode),
-    #[error("token realm {realm}: {reason}")]
-    Realm { realm: String, reason: String },
+    #[error(transparent)]
+    Token(#[from] crate::token::TokenError),
     #[error("timed out")]
     Timeout,
 }
@@ -69,18 +65,17 @@ pub struct Visibility {
     known: Mutex<HashMap<String, RepoVisibility>>,
     /// repo → when its last background check started.
     attempts: Mutex<HashMap<String, Instant>>,
-    /// repo → eddy's own anonymous `Authorization` for it, and when it expires.
-    tokens: Mutex<HashMap<String, (HeaderValue, Instant)>>,
+    tokens: Arc<TokenClient>,
 }
 
 impl Visibility {
-    pub fn new(upstream: Upstream, catalog: Arc<Catalog>) -> Self {
+    pub fn new(upstream: Upstream, tokens: Arc<TokenClient>, catalog: Arc<Catalog>) -> Self {
         Visibility {
             upstream,
             catalog,
             known: Mutex::new(HashMap::new()),
             attempts: Mutex::new(HashMap::new()),
-            tokens: Mutex::new(HashMap::new()),
+            tokens,
         }
     }
 
@@ -152,7 +147,7 @@ impl Visibility {
 
     /// Ask upstream now, record and return the verdict. `None`: undecided (nothing changes).
     pub async fn check(&self, repo: &str, name: &str, probe: &Uri) -> Option<Verdict> {
-        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, self.decide(repo, name, probe))
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, self.decide(name, probe))
             .await
         {
             Ok(r) => r,
@@ -181,32 +176,15 @@ impl Visibility {
         }
     }
 
-    /// eddy's own anonymous `Authorization` for `repo`: cached until it expires, else asked
-    /// for through the challenge a credential-less HEAD of `probe` gets. `None` when the
-    /// registry needs no token or gives anonymous clients none.
-    pub async fn anonymous_authorization(
-        &self,
-        repo: &str,
-        name: &str,
-        probe: &Uri,
-    ) -> Option<HeaderValue> {
-        if let Some((value, until)) = self.tokens.lock().unwrap().get(repo) {
-            if Instant::now() < *until {
-                return Some(value.clone());
-            }
-        }
-        let fetch = async {
-            match self.probe_anonymously(probe).await.ok()? {
-                (StatusCode::UNAUTHORIZED, Some(Challenge::Bearer(b))) => {
-                    self.token(repo, name, &b).await.ok().flatten()
-                }
-                _ => None,
-            }
-        };
-        tokio::time::timeout(CHECK_TIMEOUT, fetch).await.ok().flatten()
+    /// eddy's own anonymous `Authorization` for repository `name` (see
+    /// [`TokenClient::authorization`]). `None` when the registry needs no token or gives
+    /// anonymous clients none.
+    pub async fn anonymous_authorization(&self, name: &str, probe: &Uri) -> Option<HeaderValue> {
+        let fetch = self.tokens.authorization(probe, name, None);
+        tokio::time::timeout(CHECK_TIMEOUT, fetch).await.ok()?.ok()?
     }
 
-    async fn decide(&self, repo: &str, name: &str, probe: &Uri) -> Result<Verdict, Undecided> {
+    async fn decide(&self, name: &str, probe: &Uri) -> Result<Verdict, Undecided> {
         let (status, challenge) = self.probe_anonymously(probe).await?;
         if status != StatusCode::UNAUTHORIZED {
             return content_verdict(status).ok_or(Undecided::Status(status));
@@ -216,7 +194,7 @@ impl Visibility {
             // Basic (or no usable challenge): nothing anonymous gets in.
             _ => return Ok(Verdict::Private),
         };
-        let Some(auth) = self.token(repo, name, &bearer).await? else {
+        let Some(auth) = self.tokens.pull_token(&bearer, name, None).await? else {
             return Ok(Verdict::Private);
         };
         let req = head_request(probe, Some(&auth));
@@ -236,47 +214,6 @@ impl Visibility {
         Ok((resp.status(), challenge))
     }
 
-    /// An anonymous pull token for `name` from the challenge's realm. `Ok(None)`: the realm
-    /// refused (401/403), so anonymous clients get nothing.
-    async fn token(
-        &self,
-        repo: &str,
-        name: &str,
-        bearer: &Bearer,
-    ) -> Result<Option<HeaderValue>, Undecided> {
-        let realm_err = |reason: String| Undecided::Realm {
-            realm: bearer.realm.clone(),
-            reason,
-        };
-        let uri = token_uri(bearer, name).ok_or_else(|| realm_err("not a URI".into()))?;
-        let req = Request::builder()
-            .method(Method::GET)
-            .uri(uri)
-            .body(empty())
-            .expect("valid request");
-        let resp = self.upstream.send(req).await?;
-        let status = resp.status();
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-            return Ok(None);
-        }
-        if status != StatusCode::OK {
-            return Err(realm_err(format!("answered {status}")));
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_TOKEN_RESPONSE)
-            .collect()
-            .await
-            .map_err(|e| realm_err(e.to_string()))?
-            .to_bytes();
-        let (token, ttl) = parse_token_response(&body).ok_or_else(|| realm_err("no token".into()))?;
-        let value = HeaderValue::try_from(format!("Bearer {token}"))
-            .map_err(|_| realm_err("token is not a header value".into()))?;
-        let mut tokens = self.tokens.lock().unwrap();
-        if tokens.len() >= MAX_ENTRIES {
-            tokens.retain(|_, (_, until)| Instant::now() < *until);
-        }
-        tokens.insert(repo.to_string(), (value.clone(), Instant::now() + ttl));
-        Ok(Some(value))
-    }
 }
 
 fn verdict_of(r: &RepoVisibility) -> Verdict {
@@ -307,7 +244,7 @@ fn head_request(uri: &Uri, auth: Option<&HeaderValue>) -> Request<crate::upstrea
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
     // Manifests need an Accept the registry can answer; blobs ignore it.
-    headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+    headers.insert(header::ACCEPT, HeaderValue::from_static(token::MANIFEST_ACCEPT));
     let mut req = Request::builder()
         .method(Method::HEAD)
         .uri(uri.clone())
@@ -315,48 +252,6 @@ fn head_request(uri: &Uri, auth: Option<&HeaderValue>) -> Request<crate::upstrea
         .expect("valid request");
     *req.headers_mut() = headers;
     req
-}
-
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
-     application/vnd.oci.image.manifest.v1+json, \
-     application/vnd.docker.distribution.manifest.list.v2+json, \
-     application/vnd.docker.distribution.manifest.v2+json, */*";
-
-/// `realm?service=..&scope=repository:<name>:pull`, as the token spec has it.
-fn token_uri(bearer: &Bearer, name: &str) -> Option<Uri> {
-    let mut query = form_urlencoded::Serializer::new(String::new());
-    if let Some(service) = &bearer.service {
-        query.append_pair("service", service);
-    }
-    query.append_pair("scope", &format!("repository:{name}:pull"));
-    let sep = if bearer.realm.contains('?') { '&' } else { '?' };
-    let uri: Uri = format!("{}{sep}{}", bearer.realm, query.finish())
-        .parse()
-        .ok()?;
-    // Only absolute http(s) realms: a challenge must not point eddy anywhere else.
-    matches!(uri.scheme_str(), Some("https" | "http"))
-        .then_some(())
-        .and(uri.authority().map(|_| uri.clone()))
-}
-
-/// `{"token": ..}` or `{"access_token": ..}`, and `expires_in` seconds.
-fn parse_token_response(body: &[u8]) -> Option<(String, Duration)> {
-    #[derive(serde::Deserialize)]
-    struct TokenResponse {
-        token: Option<String>,
-        access_token: Option<String>,
-        expires_in: Option<u64>,
-    }
-    let r: TokenResponse = serde_json::from_slice(body).ok()?;
-    let token = r.token.or(r.access_token).filter(|t| !t.is_empty())?;
-    // Renew a little early, so a token is never used as it expires.
-    let ttl = r
-        .expires_in
-        .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TOKEN_TTL)
-        .saturating_sub(Duration::from_secs(10))
-        .max(Duration::from_secs(5));
-    Some((token, ttl))
 }
 
 fn now_unix() -> u64 {
@@ -369,44 +264,6 @@ fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bearer(realm: &str, service: Option<&str>) -> Bearer {
-        Bearer {
-            realm: realm.into(),
-            service: service.map(String::from),
-            scope: None,
-        }
-    }
-
-    #[test]
-    fn token_uri_follows_the_spec() {
-        let uri = token_uri(
-            &bearer("https://auth.docker.io/token", Some("registry.docker.io")),
-            "library/busybox",
-        )
-        .unwrap();
-        assert_eq!(
-            uri.to_string(),
-            "https://auth.docker.io/token?service=registry.docker.io&scope=repository%3Alibrary%2Fbusybox%3Apull"
-        );
-        // A realm with a query of its own keeps it.
-        let uri = token_uri(&bearer("https://q.test/v2/auth?x=1", None), "a/b").unwrap();
-        assert!(uri.to_string().starts_with("https://q.test/v2/auth?x=1&scope="));
-        // Relative or odd realms are refused.
-        assert!(token_uri(&bearer("/token", None), "a").is_none());
-        assert!(token_uri(&bearer("file:///etc/passwd", None), "a").is_none());
-    }
-
-    #[test]
-    fn token_responses() {
-        let (t, ttl) =
-            parse_token_response(br#"{"token":"abc","expires_in":300,"issued_at":"x"}"#).unwrap();
-        assert_eq!((t.as_str(), ttl), ("abc", Duration::from_secs(290)));
-        let (t, ttl) = parse_token_response(br#"{"access_token":"xyz"}"#).unwrap();
-        assert_eq!((t.as_str(), ttl), ("xyz", Duration::from_secs(50)));
-        assert!(parse_token_response(br#"{"token":""}"#).is_none());
-        assert!(parse_token_response(b"not json").is_none());
-    }
 
     #[test]
     fn head_statuses() {
@@ -446,7 +303,9 @@ mod tests {
             )
             .unwrap();
         let tls = crate::tls::upstream_client_config(&[]).unwrap();
-        let v = Visibility::new(Upstream::new(tls, 1), catalog);
+        let upstream = Upstream::new(tls, 1);
+        let tokens = Arc::new(TokenClient::new(upstream.clone()));
+        let v = Visibility::new(upstream, tokens, catalog);
         let meta = |repos: &[&str]| ContentMeta {
             media_type: None,
             public: false,

@@ -96,6 +96,7 @@ impl Setup {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
+            extra_args: Vec::new(),
         };
         let mut intercept_ports = Vec::new();
         configure(&mut eddy_config, &mut intercept_ports, &netns);
@@ -1562,11 +1563,16 @@ struct TokenWorld {
 
 impl TokenWorld {
     fn start(public: &str, private: &str) -> Result<Self> {
+        Self::with_eddy_args(public, private, Vec::new())
+    }
+
+    /// As [`TokenWorld::start`], with more `eddy run` arguments.
+    fn with_eddy_args(public: &str, private: &str, eddy_args: Vec<OsString>) -> Result<Self> {
         let keys = tempfile::Builder::new()
             .prefix("eddy-token-keys-")
             .tempdir()?;
         let signing = SigningKey::create(keys.path())?;
-        let mut setup = Setup::new(
+        let mut setup = Setup::with_eddy_config(
             UpstreamOptions {
                 token_auth: Some(
                     signing.registry_auth_config(&format!("https://{AUTH_HOST}/token")),
@@ -1575,6 +1581,7 @@ impl TokenWorld {
                 ..Default::default()
             },
             true,
+            |config, _, _| config.extra_args = eddy_args,
         )?;
         let auth_ip = setup.netns.add_v4(3)?;
         // eddy's hosts file is bind-mounted into its mount namespace: appending shows there.
@@ -2146,6 +2153,90 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
     ensure!(
         eddy.metric(STORE_BYTES)? == store,
         "eddy served store bytes to the private pull during the outage"
+    );
+    Ok(())
+}
+
+/// A Docker config.json granting `user:password` on registry.test.
+fn docker_config(user_password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(user_password);
+    format!(r#"{{"auths": {{"https://{REGISTRY_HOST}/": {{"auth": "{auth}"}}}}}}"#)
+}
+
+/// 13. Node-level upstream credentials (`--upstream-auth-file`, a Docker config.json as in a
+///     dockerconfigjson Secret): an anonymous client pulls a private image through eddy,
+///     which fetches with the node's credentials (a token from the token host with them).
+///     The file is re-read when it changes: with wrong credentials in it, the same anonymous
+///     pull fails again and no private layer reaches the client.
+#[test]
+fn node_credentials_from_a_docker_config_json() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const PUBLIC: &str = "open/app";
+    const PRIVATE: &str = "closed/app";
+    let auth_dir = tempfile::Builder::new().prefix("eddy-auth-").tempdir()?;
+    let auth_file = auth_dir.path().join("config.json");
+    fs::write(&auth_file, docker_config(&format!("{USER}:{SECRET}")))?;
+    let world = TokenWorld::with_eddy_args(
+        PUBLIC,
+        PRIVATE,
+        vec!["--upstream-auth-file".into(), auth_file.clone().into()],
+    )?;
+    let setup = &world.setup;
+    let image = setup.image(PRIVATE, "v1", &ImageSpec::single(&[4 * MIB, MIB]))?;
+    let reference = reference(PRIVATE, "v1");
+
+    let before = world.tokens.requests().len();
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("anonymous pull of a private image with node credentials in eddy")?;
+    ctd.ensure_content(NS, &image.blobs())?;
+    let asked = world.tokens.requests()[before..].to_vec();
+    println!(
+        "anonymous pull of {PRIVATE} with node credentials: {:.2?}; token requests: {:?}",
+        run.elapsed,
+        asked
+            .iter()
+            .map(|r| format!("{} user={:?} granted={:?}", r.path, r.user, r.granted))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        asked.iter().any(|r| r.user.as_deref() == Some(USER)
+            && r.granted.contains(&format!("repository:{PRIVATE}:pull"))),
+        "eddy did not get a token with the node's credentials: {asked:?}"
+    );
+    assert_store(setup, &image.blobs())?;
+    drop(ctd);
+
+    // A Secret update with wrong credentials: re-read, and no longer good for anything.
+    fs::write(&auth_file, docker_config(&format!("{USER}:wrong")))?;
+    thread::sleep(Duration::from_millis(1500));
+    let ctd = Containerd::start()?;
+    let denied = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], Duration::from_secs(60))?;
+    println!(
+        "after the update: ok={} {}",
+        denied.ok(),
+        denied.stderr().trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "the private image was still served with revoked node credentials; eddy log:\n{}",
+        setup.eddy().log_tail(20)
+    );
+    let have = ctd.content_digests(NS)?;
+    ensure!(
+        image.layers().iter().all(|l| !have.contains(&l.digest)),
+        "a private layer reached the anonymous client after the credentials were revoked"
+    );
+    ensure!(
+        setup.eddy().log_tail(200).contains("reloaded upstream credentials"),
+        "eddy did not log the reload"
     );
     Ok(())
 }
