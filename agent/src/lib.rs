@@ -22,4 +22,5 @@ pub mod status;
 pub mod store;
 pub mod sys;
 pub mod tls;
+pub mod trust;
 pub mod upstream;
