@@ -351,13 +351,19 @@ fn trust_daemon_started_before_the_ca_passes_through_until_restarted() -> Result
     let Some(mut world) = world() else {
         return Ok(());
     };
-    // The daemon's bundle lacks eddy's CA when it starts...
+    // The daemon's bundle lacks eddy's CA when it starts (it dials upstream at once, through
+    // eddy, and keeps that connection alive)...
+    world.start_eddy()?;
     let bundle = world.work.path().join("daemon-bundle.pem");
     write_bundle(&bundle, &[&world.pki.ca_cert])?;
     let mirror = Mirror::start(&world, "mirror-1", &bundle)?;
-    // ... then `eddy ca install` adds it, and eddy starts.
+    // ... then `eddy ca install` adds the CA, and eddy restarts (as a DaemonSet rollout
+    // does): the new eddy has never seen the daemon, and finds the CA in its bundle, but
+    // put there after the daemon started. The restart also ends the daemon's pooled
+    // upstream connections, which the old eddy was splicing.
     thread::sleep(Duration::from_millis(50));
     write_bundle(&bundle, &[&world.pki.ca_cert, &world.eddy_ca])?;
+    world.eddy = None;
     world.start_eddy()?;
 
     mirror.pull(&world, "daemon started before the CA")?;
