@@ -71,6 +71,9 @@ enum Route {
 }
 
 impl Proxy {
+    // Each argument is a separate dependency of the connection handlers; bundling them
+    // into a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bpf: Arc<Bpf>,
         metrics: ProxyMetrics,

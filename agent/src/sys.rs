@@ -193,35 +193,6 @@ pub fn query_cgroup_programs(cgroup: &Path, attach: AttachType) -> io::Result<Ve
     Ok(ids[..n].to_vec())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn monotonic_clock_advances() {
-        let a = monotonic_ns();
-        let b = monotonic_ns();
-        assert!(a > 0 && b >= a);
-    }
-
-    #[test]
-    fn free_bytes_of_tmp() {
-        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
-        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
-    }
-
-    #[test]
-    fn tmp_is_not_bpffs() {
-        assert!(!is_bpffs(Path::new("/tmp")));
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        assert!(process_alive(std::process::id()));
-        assert!(!process_alive(0));
-    }
-}
-
 /// Open `path` below the directory `root` as if `root` were `/`: absolute symlinks and `..`
 /// stay inside it (openat2 with RESOLVE_IN_ROOT, Linux 5.6+). The trust gate reads a client's
 /// trust bundles through `/proc/PID/root` this way, so a client in another mount namespace
@@ -300,4 +271,33 @@ const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
 pub fn in_initial_pid_namespace() -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INITIAL_PID_NS_INODE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_advances() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+
+    #[test]
+    fn free_bytes_of_tmp() {
+        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
+        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
+    }
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        assert!(!is_bpffs(Path::new("/tmp")));
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+    }
 }

@@ -19,7 +19,7 @@ pub mod roots;
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -214,6 +214,7 @@ impl TrustGate {
 
     /// Read a new process's environment and roots, decide, remember.
     fn judge_new(&self, client: &ClientProcess, start_ticks: u64) -> Verdict {
+        let judging = Instant::now();
         let proc_root = &self.host.proc_root;
         let pid = client.tgid;
         let (Ok(env), Ok(root)) = (
@@ -238,15 +239,17 @@ impl TrustGate {
             Verdict::Untrusting(r) => r.label(),
         };
         self.metrics.verdict(label);
+        let judged_us = judging.elapsed().as_micros() as u64;
         match verdict {
             Verdict::Trusting => {
-                debug!(pid, exe = %exe.display(), "client trusts eddy's CA")
+                debug!(pid, exe = %exe.display(), judged_us, "client trusts eddy's CA")
             }
             Verdict::Untrusting(reason) => info!(
                 pid,
                 exe = %exe.display(),
                 cgroup_id = client.cgroup_id,
                 reason = reason.label(),
+                judged_us,
                 "client does not trust eddy's CA: passing its registry connections through uncached; {FIX}"
             ),
         }
@@ -347,8 +350,8 @@ impl TrustGate {
     }
 }
 
-fn is_guarded(guarded: &mut HashMap<(PathBuf, u64), Instant>, exe: &PathBuf, cgroup: u64) -> bool {
-    let key = (exe.clone(), cgroup);
+fn is_guarded(guarded: &mut HashMap<(PathBuf, u64), Instant>, exe: &Path, cgroup: u64) -> bool {
+    let key = (exe.to_path_buf(), cgroup);
     match guarded.get(&key) {
         Some(until) if *until > Instant::now() => true,
         Some(_) => {

@@ -60,7 +60,8 @@ pub struct FileMemo {
 }
 
 impl FileMemo {
-    pub fn len(&self) -> usize {
+    /// How many file versions are remembered.
+    pub fn remembered(&self) -> usize {
         self.holds_ca.lock().unwrap().len()
     }
 }

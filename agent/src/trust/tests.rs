@@ -246,12 +246,12 @@ fn verdicts_are_kept_per_process_and_a_reused_pid_is_judged_again() {
     host.process(17, "r", &[], Duration::ZERO, "/bin/ctr");
     let gate = host.gate();
     assert_eq!(gate.verdict(&client(17)), Verdict::Trusting);
-    let remembered = gate.memo.len();
+    let remembered = gate.memo.remembered();
     // The bundle loses the CA: the same process keeps its verdict (it read its roots
     // already), and no file is read for it again.
     host.bundle(&rootfs, "/etc/ssl/certs/ca-certificates.crt", false);
     assert_eq!(gate.verdict(&client(17)), Verdict::Trusting);
-    assert_eq!(gate.memo.len(), remembered);
+    assert_eq!(gate.memo.remembered(), remembered);
     // A new process under the same pid reads the bundle as it is now.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(17, "r", &[], "/bin/ctr");
