@@ -217,12 +217,13 @@ impl TrustGate {
         let judging = Instant::now();
         let proc_root = &self.host.proc_root;
         let pid = client.tgid;
-        let (Ok(env), Ok(root)) = (
+        let (Ok(mut env), Ok(root)) = (
             process::trust_env(proc_root, pid),
             process::root(proc_root, pid),
         ) else {
             return self.unidentified(client, "process gone");
         };
+        process::anchor_relative(&mut env, proc_root, pid);
         let exe = process::exe(proc_root, pid);
         let boot = self.host.boot_time.unwrap_or_else(sys::boot_time);
         let started = process::started_at(boot, start_ticks, self.ticks_per_second);

@@ -84,6 +84,26 @@ pub fn exe(proc_root: &Path, pid: u32) -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from("?"))
 }
 
+/// Make relative paths in `env` absolute against the process's working directory (as the
+/// process sees it, inside its own root), as the process itself would resolve them.
+pub fn anchor_relative(env: &mut TrustEnv, proc_root: &Path, pid: u32) {
+    let has_relative = env.cert_file.iter().any(|f| f.is_relative())
+        || env.cert_dirs.iter().flatten().any(|d| d.is_relative());
+    if !has_relative {
+        return;
+    }
+    // Unreadable cwd: the paths are then read from the root, which can only miss the CA.
+    let Ok(cwd) = std::fs::read_link(proc_root.join(pid.to_string()).join("cwd")) else {
+        return;
+    };
+    if let Some(f) = &mut env.cert_file {
+        *f = cwd.join(&*f);
+    }
+    for d in env.cert_dirs.iter_mut().flatten() {
+        *d = cwd.join(&*d);
+    }
+}
+
 /// The process's root directory, through which its files are read.
 pub fn root(proc_root: &Path, pid: u32) -> io::Result<File> {
     File::open(proc_root.join(pid.to_string()).join("root"))

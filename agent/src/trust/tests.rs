@@ -220,6 +220,24 @@ fn cert_dirs_are_read_even_with_ssl_cert_file_and_absolute_symlinks_stay_in_the_
 }
 
 #[test]
+fn a_relative_ssl_cert_file_is_read_from_the_working_directory() {
+    let host = FakeHost::new();
+    let rootfs = host.dir.path().join("r");
+    host.bundle(&rootfs, "/work/certs/bundle.pem", true);
+    std::thread::sleep(Duration::from_millis(20));
+    host.process(
+        19,
+        "r",
+        &["SSL_CERT_FILE=certs/bundle.pem"],
+        Duration::ZERO,
+        "/bin/ctr",
+    );
+    // /proc/PID/cwd names the directory as the process sees it, inside its root.
+    symlink("/work", host.proc_root().join("19/cwd")).unwrap();
+    assert_eq!(host.gate().verdict(&client(19)), Verdict::Trusting);
+}
+
+#[test]
 fn each_process_is_judged_by_its_own_root() {
     let host = FakeHost::new();
     let with = host.dir.path().join("with");
