@@ -1,4 +1,5 @@
-//! Admin HTTP on localhost: /metrics (Prometheus text), /healthz and /readyz.
+//! Admin HTTP on localhost: /metrics (Prometheus text), /healthz, /readyz, and /trust (the
+//! clients that do not trust eddy's CA, as JSON, for `eddy status`).
 use std::{
     convert::Infallible,
     sync::{
@@ -21,6 +22,8 @@ pub struct AdminState {
     pub registry: Registry,
     /// Attached and listening; false before setup completes and while draining.
     pub ready: AtomicBool,
+    /// The trust gate whose untrusting clients `/trust` lists.
+    pub trust: Option<Arc<crate::trust::TrustGate>>,
 }
 
 pub async fn serve(
@@ -60,6 +63,18 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             crate::metrics::encode(&state.registry),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/trust" => match &state.trust {
+            Some(gate) => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&gate.report()).unwrap_or_default(),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no trust gate\n".to_string(),
+            ),
+        },
         "/readyz" if state.ready.load(Ordering::Relaxed) => {
             (StatusCode::OK, "text/plain", "ready\n".to_string())
         }

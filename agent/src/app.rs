@@ -20,12 +20,13 @@ use crate::{
     bpf::Bpf,
     catalog::Catalog,
     config::{Config, Registries},
-    metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges},
+    metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
     proxy::Proxy,
     registry::Registry,
     store::Store,
     sys,
     tls::{Ca, TlsError},
+    trust::{Host, TrustGate},
     upstream::Upstream,
 };
 
@@ -141,9 +142,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         registry_metrics,
         node_credentials,
     ));
+    let trust = Arc::new(TrustGate::new(
+        ca.cert_der(),
+        Host::real(),
+        TrustMetrics::register(&mut registry),
+    ));
     let admin_state = Arc::new(AdminState {
         registry,
         ready: false.into(),
+        trust: Some(Arc::clone(&trust)),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -168,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.registries.clone(),
         ca,
         oci,
+        trust,
         stop_rx.clone(),
     ));
     let connections = TaskTracker::new();

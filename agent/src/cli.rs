@@ -91,7 +91,7 @@ pub struct RunArgs {
     /// Destination port to intercept. Repeatable (env: comma-separated).
     #[arg(long = "intercept-port", env = "EDDY_INTERCEPT_PORT", value_delimiter = ',', default_values_t = [443u16])]
     pub intercept_ports: Vec<u16>,
-    /// Admin HTTP address serving /metrics, /healthz and /readyz.
+    /// Admin HTTP address serving /metrics, /healthz, /readyz and /trust.
     #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
     pub admin: SocketAddr,
     #[command(flatten)]
@@ -128,4 +128,7 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The running agent's admin address, asked for the clients that do not trust eddy's CA.
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
 }

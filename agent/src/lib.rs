@@ -3,8 +3,9 @@
 //!
 //! `bpf` (redirect containerd's connects) → `proxy` (accept, recover the original
 //! destination, `peek` at the first bytes) → route: passthrough via `upstream`, or TLS
-//! termination (`tls`) → `registry` (OCI distribution API) → `store` + `catalog`, else
-//! `upstream`.
+//! termination (`tls`, for clients the `trust` gate finds trusting eddy's CA) → `registry` (OCI
+//! distribution API; `visibility`, `credentials` and `token` for upstream's auth) → `store` +
+//! `catalog`, else `upstream`.
 pub mod admin;
 pub mod app;
 pub mod bpf;
@@ -25,5 +26,6 @@ pub mod store;
 pub mod sys;
 pub mod tls;
 pub mod token;
+pub mod trust;
 pub mod upstream;
 pub mod visibility;

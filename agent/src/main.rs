@@ -28,7 +28,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             runtime.block_on(agent::app::run(config))?;
         }
         Command::Status(args) => {
-            let s = status::collect(&args.bpf_pin_dir)?;
+            let s = status::collect(&args.bpf_pin_dir, args.admin)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

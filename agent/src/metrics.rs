@@ -39,6 +39,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -47,6 +52,9 @@ pub struct KindLabels {
 pub mod route {
     /// Spliced to the original destination untouched.
     pub const PASSTHROUGH: &str = "passthrough";
+    /// A registry connection spliced untouched because its client does not trust eddy's CA
+    /// (the trust gate); served, not cached.
+    pub const PASSTHROUGH_UNTRUSTED: &str = "passthrough_untrusted";
     /// Accepted, but no original destination was recorded for it (not a redirect).
     pub const NO_ORIG_DST: &str = "no_orig_dst";
     /// TLS terminated for a registry host; served by the registry handler.
@@ -92,6 +100,36 @@ impl ProxyMetrics {
 
     pub fn connection(&self, route: &'static str) {
         self.connections.get_or_create(&RouteLabels { route }).inc();
+    }
+}
+
+/// Metrics of the trust gate.
+#[derive(Clone, Default)]
+pub struct TrustMetrics {
+    pub verdicts: Family<VerdictLabels, Counter>,
+    pub rejections: Counter,
+}
+
+impl TrustMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "eddy_trust_verdicts",
+            "Client processes judged by the trust gate (once per process), by verdict",
+            m.verdicts.clone(),
+        );
+        registry.register(
+            "eddy_trust_rejections",
+            "TLS handshakes in which a client rejected eddy's certificate (its executable in its cgroup is then passed through for a while)",
+            m.rejections.clone(),
+        );
+        m
+    }
+
+    pub fn verdict(&self, verdict: &'static str) {
+        self.verdicts
+            .get_or_create(&VerdictLabels { verdict })
+            .inc();
     }
 }
 
