@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod peek;
 pub mod proxy;
 pub mod registry;
+pub mod resume;
 pub mod splice;
 pub mod status;
 pub mod store;

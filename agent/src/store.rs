@@ -7,10 +7,11 @@
 //!   or a complete one.
 //! - `meta/sha256/<hex>.json`: a sidecar recording the committed size, written (and made durable)
 //!   before the blob is renamed into place. It is the independent record `get` checks against.
-//! - `tmp/`: fills in progress. Cleared at open: a leftover belongs to a killed process and its
-//!   content was never verified.
+//! - `tmp/<hex>.partial` (+ `.partial.json`): fills in progress, named by digest so that a
+//!   restarted eddy resumes them from their checkpointed, re-verified prefix (see `resume`).
+//!   Anything else in `tmp/` is cleared at open.
 //!
-//! One process owns a store directory at a time.
+//! One process owns a store directory at a time (`eddy run` holds the data dir's lock file).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -28,6 +29,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::digest::Digest;
+use crate::resume;
 
 /// Bytes per positional read. Large enough that a warm blob streams at several GB/s (one blocking
 /// task hop per chunk), small enough that a tee'd reader is never far behind the writer.
@@ -38,6 +40,28 @@ const WRITE_BATCH: usize = 1024 * 1024;
 
 /// Any error the upstream body or fetch may produce.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a fill's fetch returns. The fetch is given the length of the prefix the store already
+/// holds (0 for a fresh fill) and may resume from it (`Range: bytes=N-`) or send the whole blob.
+pub struct Fetched<S> {
+    pub body: S,
+    /// The blob's total length, if upstream announced it.
+    pub len: Option<u64>,
+    /// Where in the blob `body` starts: the prefix length it was asked for (a 206), or 0 (a
+    /// 200: upstream ignored the range, and the store skips the bytes it already has).
+    pub offset: u64,
+}
+
+impl<S> Fetched<S> {
+    /// The whole blob from its first byte.
+    pub fn whole(body: S, len: Option<u64>) -> Self {
+        Fetched {
+            body,
+            len,
+            offset: 0,
+        }
+    }
+}
 
 /// Cloneable so a failed fill can hand the same error to every waiting reader.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -132,7 +156,7 @@ impl Store {
     /// Opens (creating if needed) the store under `<data_dir>/store`.
     ///
     /// Blobs found on disk are indexed if their sidecar exists and records their current size;
-    /// anything else in `blobs/` is deleted, and `tmp/` is emptied. Content is not re-hashed here, so
+    /// anything else in `blobs/` is deleted, and `tmp/` is emptied but for resumable fills. Content is not re-hashed here, so
     /// open stays fast for a large store; see [`Store::scrub`].
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let root = data_dir.join("store");
@@ -145,6 +169,13 @@ impl Store {
 
         for entry in fs::read_dir(&tmp_dir).map_err(io_err("list", &tmp_dir))? {
             let path = entry.map_err(io_err("list", &tmp_dir))?.path();
+            let resumable = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(resume::is_resumable_name);
+            if resumable && path.is_file() {
+                continue;
+            }
             debug!(path = %path.display(), "removing leftover temp file");
             let removed = if path.is_dir() {
                 fs::remove_dir_all(&path)
@@ -249,8 +280,8 @@ impl Store {
     /// away: the next pull of the same image then hits the cache. Must be called within a tokio runtime.
     pub fn fill<F, Fut, S, E1, E2>(&self, digest: &Digest, fetch: F) -> Fill
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(S, Option<u64>), E1>> + Send + 'static,
+        F: FnOnce(u64) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fetched<S>, E1>> + Send + 'static,
         S: Stream<Item = Result<Bytes, E2>> + Send + 'static,
         E1: Into<BoxError> + Send + 'static,
         E2: Into<BoxError> + Send + 'static,
@@ -264,7 +295,7 @@ impl Store {
         if let Some(blob) = self.get(digest) {
             return Fill::committed(blob);
         }
-        let (writer, tmp_path, read_file) = match self.inner.create_temp(digest) {
+        let (writer, tmp_path, read_file) = match self.inner.open_partial(digest) {
             Ok(files) => files,
             Err(err) => return Fill::failed(*digest, err),
         };
@@ -389,16 +420,18 @@ impl Inner {
         self.meta_dir.join(format!("{}.json", digest.hex()))
     }
 
-    /// A fresh temp file: a write handle for the fill, and a separate read handle shared by readers.
-    /// The read handle is opened now, by path, so it follows the inode through the commit rename (and
-    /// stays valid if a failed fill unlinks it): readers never race the rename.
-    fn create_temp(&self, digest: &Digest) -> Result<(File, PathBuf, File), StoreError> {
-        let path = self
-            .tmp_dir
-            .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
+    /// The fill's partial file, created or (after a crash) reopened as it is: a write handle
+    /// for the fill, and a separate read handle shared by readers. The read handle is opened now,
+    /// by path, so it follows the inode through the commit rename (and stays valid if a failed
+    /// fill unlinks it): readers never race the rename. Only one fill per digest runs at a time
+    /// (`inflight`), and one process owns the store, so the stable name has one writer.
+    fn open_partial(&self, digest: &Digest) -> Result<(File, PathBuf, File), StoreError> {
+        let path = resume::partial_path(&self.tmp_dir, digest);
         let writer = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(io_err("create", &path))?;
         let reader = File::open(&path).map_err(io_err("open", &path))?;
@@ -429,6 +462,7 @@ impl Inner {
 
         let blob_path = self.blob_path(digest);
         fs::rename(tmp_path, &blob_path).map_err(io_err("rename", &blob_path))?;
+        let _ = fs::remove_file(resume::checkpoint_path(tmp_path));
         sync_dir(&self.blobs_dir)
     }
 }
@@ -755,7 +789,11 @@ impl FillGuard {
             }
             Err(err) => {
                 // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
-                let _ = fs::remove_file(&self.tmp_path);
+                // A fill cut short by shutdown keeps its partial: the next run resumes it. Any other
+                // failure (a mismatch, upstream refusing) starts the next attempt from zero.
+                if !matches!(err, StoreError::Aborted { .. }) {
+                    resume::discard(&self.tmp_path);
+                }
                 let _ = fs::remove_file(meta_tmp_path(&self.tmp_path));
                 // A fetch that never started is upstream saying no (a 401 before the client
                 // authenticates is routine); its caller relays that. A fill that started and
@@ -806,8 +844,8 @@ async fn run_fill<F, Fut, S, E1, E2>(
     read_file: Option<Arc<File>>,
     fetch: F,
 ) where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    F: FnOnce(u64) -> Fut,
+    Fut: Future<Output = Result<Fetched<S>, E1>>,
     S: Stream<Item = Result<Bytes, E2>>,
     E1: Into<BoxError> + Send,
     E2: Into<BoxError> + Send,
@@ -826,16 +864,17 @@ async fn run_fill<F, Fut, S, E1, E2>(
     guard.finish(result);
 }
 
-/// Streams upstream into the temp file, hashing as it goes, then verifies and commits. Returns the
-/// committed length.
+/// Streams upstream into the partial file (after the verified prefix a crashed run left), hashing
+/// as it goes and checkpointing now and then, then verifies and commits. Returns the committed
+/// length.
 async fn download<F, Fut, S, E1, E2>(
     guard: &FillGuard,
     writer: File,
     fetch: F,
 ) -> Result<u64, StoreError>
 where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    F: FnOnce(u64) -> Fut,
+    Fut: Future<Output = Result<Fetched<S>, E1>>,
     S: Stream<Item = Result<Bytes, E2>>,
     E1: Into<BoxError> + Send,
     E2: Into<BoxError> + Send,
@@ -845,18 +884,47 @@ where
         digest,
         source: Arc::from(err),
     };
+    let writer = Arc::new(writer);
 
-    let (body, len) = fetch().await.map_err(|e| upstream(e.into()))?;
+    let prefix = {
+        let (w, path) = (writer.clone(), guard.tmp_path.clone());
+        tokio::task::spawn_blocking(move || resume::recover(&path, &w))
+            .await
+            .unwrap_or_else(|join| Err(io::Error::other(join)))
+            .map_err(io_err("resume", &guard.tmp_path))?
+    };
+    if prefix.len > 0 {
+        info!(%digest, bytes = prefix.len, "resuming a fill from its verified prefix");
+    }
+    let Fetched { body, len, offset } = fetch(prefix.len).await.map_err(|e| upstream(e.into()))?;
+    // Bytes at the front of the body that the prefix already holds (upstream ignored the Range).
+    let mut skip = match offset {
+        0 => prefix.len,
+        o if o == prefix.len => 0,
+        o => {
+            let odd: BoxError =
+                format!("upstream sent the blob from byte {o}, asked from {}", prefix.len).into();
+            return Err(upstream(odd));
+        }
+    };
+    if let Some(expected) = len.filter(|&l| l < prefix.len) {
+        return Err(StoreError::LengthMismatch {
+            digest,
+            expected,
+            actual: prefix.len,
+        });
+    }
     guard.tx.send_modify(|p| {
         p.len = len;
         p.started = true;
+        p.written = prefix.len;
     });
 
     // Fused: the batching below may see the end, after which the stream must not be polled again.
     let mut body = pin!(body.fuse());
-    let writer = Arc::new(writer);
-    let mut hasher = Sha256::new();
-    let mut written = 0u64;
+    let mut hasher = prefix.hasher;
+    let mut written = prefix.len;
+    let mut checkpointed = prefix.len;
     while let Some(first) = body.next().await {
         // Batch whatever else is already buffered, so a fast upstream costs one blocking hop per
         // ~1 MiB rather than per 16 KiB frame, without ever waiting for more data.
@@ -872,6 +940,17 @@ where
                 _ => break,
             }
         }
+        if skip > 0 {
+            for chunk in batch.iter_mut() {
+                let n = skip.min(chunk.len() as u64);
+                *chunk = chunk.slice(n as usize..);
+                skip -= n;
+            }
+            batch_len = batch.iter().map(Bytes::len).sum();
+            if batch_len == 0 {
+                continue;
+            }
+        }
         if let Some(expected) = len {
             if written + batch_len as u64 > expected {
                 return Err(StoreError::LengthMismatch {
@@ -881,22 +960,39 @@ where
                 });
             }
         }
+        let checkpoint = written + batch_len as u64 - checkpointed >= resume::CHECKPOINT_EVERY;
         // Hashing a MiB takes long enough to stall other tasks, so it rides the blocking hop too.
         let w = writer.clone();
         let tmp_path = guard.tmp_path.clone();
+        let at = written;
         hasher = tokio::task::spawn_blocking(move || {
+            let mut pos = at;
             for chunk in &batch {
                 hasher.update(chunk);
-                (&*w).write_all(chunk)?;
+                w.write_all_at(chunk, pos)?;
+                pos += chunk.len() as u64;
+            }
+            if checkpoint {
+                // Best effort: a missed checkpoint only means more to fetch after a crash.
+                if let Err(err) = resume::write_checkpoint(&tmp_path, pos, &hasher) {
+                    debug!(%err, "fill checkpoint not written");
+                }
             }
             Ok(hasher)
         })
         .await
         .unwrap_or_else(|join| Err(io::Error::other(join)))
-        .map_err(io_err("write", &tmp_path))?;
+        .map_err(io_err("write", &guard.tmp_path))?;
         written += batch_len as u64;
+        if checkpoint {
+            checkpointed = written;
+        }
         // Only now are the bytes in the file (page cache), where readers' preads will find them.
         guard.tx.send_modify(|p| p.written = written);
+    }
+    if skip > 0 {
+        let short: BoxError = "upstream's body ended inside the prefix already held".into();
+        return Err(upstream(short));
     }
 
     if let Some(expected) = len.filter(|&l| l != written) {
@@ -933,8 +1029,8 @@ mod tests {
     const T: Duration = Duration::from_secs(10);
 
     type Chunk = Result<Bytes, io::Error>;
-    type Fetched = futures_util::future::Ready<
-        Result<(futures_util::stream::BoxStream<'static, Chunk>, Option<u64>), io::Error>,
+    type FetchFut = futures_util::future::Ready<
+        Result<Fetched<futures_util::stream::BoxStream<'static, Chunk>>, io::Error>,
     >;
 
     fn content(n: usize) -> Vec<u8> {
@@ -966,25 +1062,49 @@ mod tests {
             self.calls.load(Ordering::SeqCst)
         }
 
-        fn fetch(&self) -> impl FnOnce() -> Fetched + Send + 'static {
+        /// Always the whole body, as an upstream that ignores Range does.
+        fn fetch(&self) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
             let up = self.clone();
-            move || {
+            move |_from| {
                 up.calls.fetch_add(1, Ordering::SeqCst);
                 let mut rx = lock(&up.body).take().expect("body fetched twice");
                 let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-                futures_util::future::ready(Ok((body.boxed(), up.len)))
+                futures_util::future::ready(Ok(Fetched::whole(body.boxed(), up.len)))
             }
         }
     }
 
     /// A whole body at once, in 7000-byte chunks (deliberately not aligned to anything).
-    fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce() -> Fetched + Send + 'static {
-        move || {
+    fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+        move |_from| {
             let chunks: Vec<Chunk> = data
                 .chunks(7000)
                 .map(|c| Ok(Bytes::copy_from_slice(c)))
                 .collect();
-            futures_util::future::ready(Ok((futures_util::stream::iter(chunks).boxed(), len)))
+            futures_util::future::ready(Ok(Fetched::whole(
+                futures_util::stream::iter(chunks).boxed(),
+                len,
+            )))
+        }
+    }
+
+    /// An upstream that honours Range: the body from the asked offset, recording each offset.
+    fn fetch_range(
+        data: Vec<u8>,
+        asked: Arc<Mutex<Vec<u64>>>,
+    ) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+        move |from| {
+            lock(&asked).push(from);
+            let len = Some(data.len() as u64);
+            let chunks: Vec<Chunk> = data[from as usize..]
+                .chunks(7000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            futures_util::future::ready(Ok(Fetched {
+                body: futures_util::stream::iter(chunks).boxed(),
+                len,
+                offset: from,
+            }))
         }
     }
 
@@ -1311,8 +1431,8 @@ mod tests {
         assert_clean(&store, dir.path(), &digest);
 
         // At the fetch itself (say, upstream answered 503).
-        let fill = store.fill(&digest, || async {
-            Err::<(futures_util::stream::Empty<Chunk>, Option<u64>), _>(io::Error::other("503"))
+        let fill = store.fill(&digest, |_| async {
+            Err::<Fetched<futures_util::stream::Empty<Chunk>>, _>(io::Error::other("503"))
         });
         assert!(matches!(fill.len().await, Err(StoreError::Upstream { .. })));
         assert!(matches!(
@@ -1324,6 +1444,156 @@ mod tests {
         let blob = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
         assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
         assert!(store.get(&digest).is_some());
+    }
+
+    /// A partial file and checkpoint as a killed eddy leaves them: `written` bytes of `data`, the
+    /// first `checkpointed` of them recorded.
+    fn crashed_fill(dir: &Path, data: &[u8], written: usize, checkpointed: usize) -> PathBuf {
+        let tmp = dir.join("store/tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let partial = resume::partial_path(&tmp, &Digest::of(data));
+        fs::write(&partial, &data[..written]).unwrap();
+        let prefix = Sha256::new().chain_update(&data[..checkpointed]);
+        resume::write_checkpoint(&partial, checkpointed as u64, &prefix).unwrap();
+        partial
+    }
+
+    #[tokio::test]
+    async fn a_crashed_fill_resumes_from_its_verified_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let partial = crashed_fill(dir.path(), &data, 180_000, 150_000);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(partial.exists(), "open must keep a resumable partial");
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
+        // A reader from byte 0 gets the prefix from disk and the rest from upstream.
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+        fill.done().await.unwrap();
+        assert_eq!(*lock(&asked), vec![150_000]);
+        assert_eq!(dir_entries(&dir.path().join("store/tmp")), Vec::<PathBuf>::new());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.scrub().await, 0);
+        assert!(store.get(&digest).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_prefix_is_discarded_and_the_fill_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let partial = crashed_fill(dir.path(), &data, 200_000, 200_000);
+        // Bit rot (or a power loss before the bytes were durable) inside the checkpointed prefix.
+        let f = OpenOptions::new().write(true).open(&partial).unwrap();
+        f.write_all_at(&[0u8; 4096], 65_536).unwrap();
+        drop(f);
+        let store = Store::open(dir.path()).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+        fill.done().await.unwrap();
+        assert_eq!(*lock(&asked), vec![0], "a corrupt prefix must be fetched again");
+        assert_eq!(store.scrub().await, 0);
+    }
+
+    #[tokio::test]
+    async fn upstream_ignoring_the_range_still_completes_the_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        crashed_fill(dir.path(), &data, 100_000, 100_000);
+        let store = Store::open(dir.path()).unwrap();
+        // A 200 with the whole body: the store skips the 100,000 bytes it already holds.
+        let fill = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
+        let tail = collect(fill.read_range(250_000, None)).await.unwrap();
+        assert_eq!(tail, &data[250_000..]);
+        let blob = fill.done().await.unwrap();
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_does_not_leave_a_partial_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(100_000);
+        let digest = Digest::of(&data);
+        crashed_fill(dir.path(), &data, 60_000, 60_000);
+        let store = Store::open(dir.path()).unwrap();
+        let mut wrong = data.clone();
+        wrong[90_000] ^= 1;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(wrong, asked.clone()));
+        assert!(matches!(
+            fill.done().await,
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert_eq!(*lock(&asked), vec![60_000]);
+        assert_clean(&store, dir.path(), &digest);
+        // The next attempt starts from zero.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        store
+            .fill(&digest, fetch_range(data.clone(), asked.clone()))
+            .done()
+            .await
+            .unwrap();
+        assert_eq!(*lock(&asked), vec![0]);
+    }
+
+    /// A runtime torn down mid-fill (as at shutdown) keeps the partial and its checkpoints; the
+    /// next store resumes from the last checkpoint.
+    #[test]
+    fn a_fill_interrupted_by_shutdown_is_resumed_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(3 * resume::CHECKPOINT_EVERY as usize);
+        let digest = Digest::of(&data);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path()).unwrap();
+            let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+            let fill = store.fill(&digest, up.fetch());
+            let half = data.len() / 2;
+            for chunk in data[..half].chunks(64 * 1024) {
+                tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+            }
+            let got = collect_n(fill.read_range(0, None), half).await;
+            assert_eq!(got, &data[..half]);
+            std::mem::forget(tx);
+        });
+        drop(rt);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path()).unwrap();
+            let asked = Arc::new(Mutex::new(Vec::new()));
+            let blob = store
+                .fill(&digest, fetch_range(data.clone(), asked.clone()))
+                .done()
+                .await
+                .unwrap();
+            let from = lock(&asked).clone();
+            assert_eq!(from.len(), 1);
+            assert!(
+                from[0] >= resume::CHECKPOINT_EVERY && from[0] <= data.len() as u64 / 2,
+                "resumed from {from:?}"
+            );
+            assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+        });
+    }
+
+    async fn collect_n(stream: impl Stream<Item = Result<Bytes, StoreError>>, n: usize) -> Vec<u8> {
+        let mut stream = pin!(stream);
+        let mut out = Vec::new();
+        while out.len() < n {
+            let chunk = timeout(T, stream.next()).await.expect("read stalled");
+            out.extend_from_slice(&chunk.unwrap().unwrap());
+        }
+        out
     }
 
     #[tokio::test]
@@ -1497,8 +1767,8 @@ mod tests {
             .map(|i| Ok(data.slice(i..i + 16 * 1024)))
             .collect();
         let start = Instant::now();
-        let fill = store.fill(&digest, move || async move {
-            Ok::<_, io::Error>((futures_util::stream::iter(chunks), Some(len)))
+        let fill = store.fill(&digest, move |_| async move {
+            Ok::<_, io::Error>(Fetched::whole(futures_util::stream::iter(chunks), Some(len)))
         });
         let mut tee = pin!(fill.read_range(0, None));
         let mut n = 0;

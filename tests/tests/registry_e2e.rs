@@ -1138,7 +1138,9 @@ fn pull_by_tag_survives_upstream_outage() -> Result<()> {
 }
 
 /// 8. eddy is killed (SIGKILL) in the middle of a slow pull. Restarted on the same data
-///    dir, the retried pull succeeds, and no store file is corrupt.
+///    dir, it resumes the half-written blob from its verified prefix (`Range`), the retried
+///    pull succeeds, upstream sent the image about once (at most 1.1x), and no store file is
+///    corrupt.
 #[test]
 fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
@@ -1216,10 +1218,36 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     println!("fresh pull after the restart: {:.2?}", run.elapsed);
     fresh.ensure_content(NS, &image.blobs())?;
     let served = setup.served()?;
+    let ratio = served.bytes() as f64 / image.total_bytes() as f64;
     println!(
-        "registry sent {:.1} MiB in all for the {:.1} MiB image; other files in the data dir now: {:?}",
+        "registry sent {:.1} MiB in all for the {:.1} MiB image ({ratio:.3}x); other files in the data dir now: {:?}",
         mib(served.bytes()),
         mib(image.total_bytes()),
+        other_files(&setup.eddy_config.data_dir)
+    );
+    let log = setup.eddy().log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming a fill from its verified prefix"));
+    println!("restarted eddy: {}", resumed.unwrap_or("(no resume logged)"));
+    ensure!(
+        resumed.is_some_and(|l| l.contains(big.hex())),
+        "the restarted eddy did not resume the fill of {}; log:\n{}",
+        big.digest,
+        setup.eddy().log_tail(30)
+    );
+    // Resumed from its prefix, eddy fetched the big layer about once in all.
+    ensure!(
+        ratio <= 1.1,
+        "upstream sent {} bytes for a {}-byte image ({ratio:.3}x): the fill started over",
+        served.bytes(),
+        image.total_bytes()
+    );
+    ensure!(
+        other_files(&setup.eddy_config.data_dir)
+            .iter()
+            .all(|(name, _)| !name.contains(".partial")),
+        "a partial fill was left behind: {:?}",
         other_files(&setup.eddy_config.data_dir)
     );
     assert_store(&setup, &image.blobs())
