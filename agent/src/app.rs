@@ -43,6 +43,8 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Lock(#[from] crate::datadir_lock::LockError),
+    #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -62,6 +64,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if !sys::has_bpf_privileges() {
         return Err(crate::bpf::BpfError::NotPrivileged.into());
     }
+    // Before anything else is written to the data dir (or attached): a second agent on the
+    // same store stops here with one line naming the first.
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let _data_dir_lock = crate::datadir_lock::acquire(&config.data_dir)?;
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
@@ -83,10 +92,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
     let ca = Arc::new(load_ca(
         &config.data_dir,
         &config.registries,

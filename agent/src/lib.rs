@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod datadir_lock;
 pub mod digest;
 pub mod metrics;
 pub mod peek;

@@ -50,6 +50,8 @@ pub struct RegistryEddyConfig {
     /// The log's tail is still printed when the guard drops, unless it is stopped with
     /// [`RegistryEddy::stop_quietly`].
     pub quiet_start: bool,
+    /// More `eddy run` flags, as (flag, value) pairs, e.g. `("--cache-ttl", "5s")`.
+    pub extra_flags: Vec<(String, String)>,
 }
 
 /// A running eddy. Killed on drop (printing the tail of its log); its pins are removed.
@@ -111,6 +113,9 @@ impl RegistryEddy {
         }
         for ca in &config.upstream_cas {
             run.flag("--upstream-ca", ca);
+        }
+        for (flag, value) in &config.extra_flags {
+            run.flag(flag, value);
         }
         let mut inner = run.spawn(work, config.quiet_start)?;
         inner.wait_ready(Duration::from_secs(20))?;

@@ -96,6 +96,7 @@ impl Setup {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
+            extra_flags: Vec::new(),
         };
         let mut intercept_ports = Vec::new();
         configure(&mut eddy_config, &mut intercept_ports, &netns);
@@ -1986,6 +1987,68 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     ensure!(
         store_ok - store_after >= layer.size && served_after.blob_bytes == served_before.blob_bytes,
         "the authorised blob GET was not served from eddy's store"
+    );
+    Ok(())
+}
+
+/// 16. One owner per data dir: a second `eddy run` on the running eddy's `--data-dir` exits
+///     at once with one line naming the first one's pid, and attaches nothing; `eddy ca
+///     export` and `eddy status` keep working beside the running agent.
+#[test]
+fn a_second_eddy_on_the_same_data_dir_is_refused() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let bin = eddy_bin();
+    let data_dir = &setup.eddy_config.data_dir;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/eddy-test-second-{}",
+        eddy_tests::unique_suffix()
+    ));
+    let port = eddy_tests::eddy::free_port;
+    let mut second = std::process::Command::new(&bin);
+    second
+        .args(["run", "--cgroup"])
+        .arg(&setup.eddy_config.cgroup)
+        .args(["--listen", &format!("127.0.0.1:{}", port()?)])
+        .args(["--admin", &format!("127.0.0.1:{}", port()?)])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--bpf-pin-dir")
+        .arg(&pin_dir)
+        .args(["--registry", REGISTRY_HOST]);
+    let out = eddy_tests::process::run_bounded(&mut second, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("second eddy: {}: {}", out.status, stderr.trim());
+    let _ = fs::remove_dir_all(&pin_dir);
+    ensure!(!out.status.success(), "a second eddy on the same data dir started");
+    let lines: Vec<&str> = stderr.lines().collect();
+    ensure!(
+        lines.len() == 1
+            && lines[0].contains("in use by another eddy")
+            && lines[0].contains(&format!("pid {}", setup.eddy().pid())),
+        "expected one line naming pid {}, got:\n{stderr}",
+        setup.eddy().pid()
+    );
+    ensure!(
+        !pin_dir.exists(),
+        "the refused eddy left pins at {}",
+        pin_dir.display()
+    );
+    let attached = eddy_tests::cgroup::attached_programs(&setup.eddy_config.cgroup)?;
+    ensure!(
+        attached.len() == 3,
+        "expected only the first eddy's 3 programs on the cgroup, found {attached:?}"
+    );
+
+    ca_export(&bin, data_dir, &setup.eddy_config.registries)
+        .context("eddy ca export beside the running agent")?;
+    setup.eddy().metric(INFLIGHT_FETCHES)?;
+    let status = eddy_tests::eddy::status_command(&bin, &setup.eddy().pin_dir)?;
+    ensure!(
+        status.status.success(),
+        "eddy status beside the running agent failed: {}",
+        String::from_utf8_lossy(&status.stderr)
     );
     Ok(())
 }
