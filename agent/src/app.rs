@@ -132,6 +132,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let registry_metrics = RegistryMetrics::register(&mut registry);
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        Arc::clone(&store),
+        config.cache_policy,
+    ));
     let oci = Arc::new(Registry::new(
         Upstream::new(upstream_tls, config.socket_mark),
         store,
@@ -141,9 +145,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let admin_state = Arc::new(AdminState {
         registry,
         ready: false.into(),
+        lifecycle: Arc::clone(&lifecycle),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),
         config.heartbeat_interval(),

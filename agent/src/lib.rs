@@ -14,6 +14,8 @@ pub mod cli;
 pub mod config;
 pub mod datadir_lock;
 pub mod digest;
+pub mod gc;
+pub mod lifecycle;
 pub mod metrics;
 pub mod peek;
 pub mod proxy;

@@ -41,9 +41,6 @@ use crate::{
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
 /// rather than hanging every client that shares it.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// Below this much free disk (beyond the blob itself), eddy stops caching and streams
-/// straight from upstream: a full disk must not fail a pull.
-const MIN_FREE_BYTES: u64 = 256 << 20;
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
@@ -294,15 +291,13 @@ impl Registry {
                 } else {
                     content_length(resp.headers())
                 };
-                let free = store.free_bytes().unwrap_or(0);
-                let needed = len.unwrap_or(0).saturating_sub(offset);
-                if free < needed.saturating_add(MIN_FREE_BYTES) {
+                if !store.admits(len.unwrap_or(0).saturating_sub(offset)) {
                     // The client gets the whole blob, uncached: a 206 is not what it asked for.
                     if offset > 0 {
                         resp = fetch(0).await.map_err(boxed)?;
                     }
                     let _ = uncached_tx.send(resp);
-                    let full: BoxError = format!("only {free} bytes free: not caching").into();
+                    let full: BoxError = "disk below the free-space floor: not caching".into();
                     return Err(full);
                 }
                 let media_type = match kind {
@@ -536,7 +531,7 @@ impl Registry {
             warn!(error = %e, "recording manifest metadata failed");
             return;
         }
-        if self.store.get(digest).is_some() {
+        if self.store.contains(digest).is_some() {
             return;
         }
         let len = bytes.len() as u64;

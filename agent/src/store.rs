@@ -20,7 +20,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -37,6 +39,12 @@ const READ_CHUNK: u64 = 256 * 1024;
 /// Upper bound on upstream chunks batched into one write (only chunks that are already available are
 /// batched, so batching never delays a reader).
 const WRITE_BATCH: usize = 1024 * 1024;
+/// Below this much free disk (beyond the blob itself), eddy stops caching and streams straight
+/// from upstream: a full disk must not fail a pull.
+pub const MIN_FREE_BYTES: u64 = 256 << 20;
+/// A hit is written to the blob file's atime at most this often: LRU order survives a restart
+/// to within this much, for one futimens per blob per interval.
+const PERSIST_ACCESS_EVERY: Duration = Duration::from_secs(60);
 
 /// Any error the upstream body or fetch may produce.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -127,6 +135,47 @@ struct Inner {
     index: Mutex<Index>,
     /// Fills in progress. Lock order: `inflight` before `index`.
     inflight: Mutex<HashMap<Digest, Fill>>,
+    stats: Stats,
+    /// Woken at every commit, so the size policy reacts to growth at once.
+    committed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    evicted_size: AtomicU64,
+    evicted_ttl: AtomicU64,
+    /// Below the free-space floor: fills are relayed uncached.
+    proxy_only: AtomicBool,
+}
+
+/// Why content left the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictReason {
+    Size,
+    Ttl,
+}
+
+/// A committed entry as the lifecycle policy sees it.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub last_access: SystemTime,
+    /// Being served right now (a [`Blob`] handle is alive): never evicted.
+    pub in_use: bool,
+}
+
+/// Counters for metrics and `GET /store`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StoreStats {
+    pub bytes: u64,
+    pub entries: u64,
+    pub hits: u64,
+    pub evicted_size: u64,
+    pub evicted_ttl: u64,
+    pub proxy_only: bool,
 }
 
 #[derive(Default)]
@@ -139,6 +188,31 @@ struct Entry {
     size: u64,
     /// Hashed by this process: either filled here, or found at open and checked by `scrub`.
     verified: bool,
+    /// Last hit (or commit); persisted as the blob file's atime, see [`PERSIST_ACCESS_EVERY`].
+    last_access: SystemTime,
+    persisted_access: SystemTime,
+    /// Shared by every [`Blob`] handed out for this entry: alive means being served.
+    lease: Weak<()>,
+}
+
+impl Entry {
+    fn new(size: u64, verified: bool, last_access: SystemTime) -> Entry {
+        Entry {
+            size,
+            verified,
+            last_access,
+            persisted_access: last_access,
+            lease: Weak::new(),
+        }
+    }
+
+    fn lease(&mut self) -> Arc<()> {
+        self.lease.upgrade().unwrap_or_else(|| {
+            let lease = Arc::new(());
+            self.lease = Arc::downgrade(&lease);
+            lease
+        })
+    }
 }
 
 /// The sidecar in `meta/`. Unknown fields are ignored, so later versions can add some.
@@ -198,13 +272,13 @@ impl Store {
             match (digest, recorded) {
                 (Some(digest), Some(meta)) if actual.is_file() && actual.len() == meta.size => {
                     index.total += meta.size;
-                    index.entries.insert(
-                        digest,
-                        Entry {
-                            size: meta.size,
-                            verified: false,
-                        },
-                    );
+                    let accessed = actual
+                        .accessed()
+                        .or_else(|_| actual.modified())
+                        .unwrap_or_else(|_| SystemTime::now());
+                    index
+                        .entries
+                        .insert(digest, Entry::new(meta.size, false, accessed));
                 }
                 _ => {
                     warn!(path = %path.display(), "removing blob without a matching size record");
@@ -233,6 +307,8 @@ impl Store {
                 tmp_dir,
                 index: Mutex::new(index),
                 inflight: Mutex::new(HashMap::new()),
+                stats: Stats::default(),
+                committed: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -245,7 +321,7 @@ impl Store {
     /// the blob before its first byte on every cold start, for a failure mode (silent bit rot under an
     /// unchanged size) far rarer than the crash and disk-full cases the commit protocol already rules out.
     pub fn get(&self, digest: &Digest) -> Option<Blob> {
-        let size = lock(&self.inner.index).entries.get(digest)?.size;
+        let size = self.contains(digest)?;
         let path = self.inner.blob_path(digest);
         // The open fd keeps the content readable even if the blob is evicted while being served.
         let file = match File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
@@ -266,11 +342,118 @@ impl Store {
                 return None;
             }
         };
+        // A hit: it extends the entry's TTL and moves it to the back of the LRU order.
+        let now = SystemTime::now();
+        let (lease, persist) = {
+            let mut index = lock(&self.inner.index);
+            let entry = index.entries.get_mut(digest)?;
+            entry.last_access = now;
+            let persist = now
+                .duration_since(entry.persisted_access)
+                .is_ok_and(|d| d >= PERSIST_ACCESS_EVERY);
+            if persist {
+                entry.persisted_access = now;
+            }
+            (entry.lease(), persist)
+        };
+        if persist {
+            let _ = file.set_times(fs::FileTimes::new().set_accessed(now));
+        }
+        self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(Blob {
             digest: *digest,
             len: size,
             file: Arc::new(file),
+            lease: Some(lease),
         })
+    }
+
+    /// The size of a committed blob, without counting a hit or opening it.
+    pub fn contains(&self, digest: &Digest) -> Option<u64> {
+        lock(&self.inner.index).entries.get(digest).map(|e| e.size)
+    }
+
+    /// Every committed entry, for the lifecycle policy.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        lock(&self.inner.index)
+            .entries
+            .iter()
+            .map(|(digest, e)| EntryInfo {
+                digest: *digest,
+                size: e.size,
+                last_access: e.last_access,
+                in_use: e.lease.strong_count() > 0,
+            })
+            .collect()
+    }
+
+    /// Evicts `digest` unless it is being served or was used after `seen_access` (the policy
+    /// decided on a snapshot; a hit since then wins). Returns the bytes freed.
+    pub fn evict(&self, digest: &Digest, seen_access: SystemTime, reason: EvictReason) -> Option<u64> {
+        let size = self.contains(digest)?;
+        let removed = self.remove_if(digest, |e| {
+            e.lease.strong_count() == 0 && e.last_access <= seen_access
+        });
+        if !removed {
+            return None;
+        }
+        let counter = match reason {
+            EvictReason::Size => &self.inner.stats.evicted_size,
+            EvictReason::Ttl => &self.inner.stats.evicted_ttl,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        info!(%digest, bytes = size, ?reason, "evicted");
+        Some(size)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (bytes, entries) = {
+            let index = lock(&self.inner.index);
+            (index.total, index.entries.len() as u64)
+        };
+        let s = &self.inner.stats;
+        StoreStats {
+            bytes,
+            entries,
+            hits: s.hits.load(Ordering::Relaxed),
+            evicted_size: s.evicted_size.load(Ordering::Relaxed),
+            evicted_ttl: s.evicted_ttl.load(Ordering::Relaxed),
+            proxy_only: s.proxy_only.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves at the next commit.
+    pub async fn next_commit(&self) {
+        self.inner.committed.notified().await
+    }
+
+    /// Whether a blob of `bytes` (0 if unknown) may be stored: the disk keeps [`MIN_FREE_BYTES`]
+    /// free beyond it. Below that the store is proxy-only (fills are relayed uncached); each
+    /// change is logged once.
+    pub fn admits(&self, bytes: u64) -> bool {
+        let free = self.free_bytes().unwrap_or(0);
+        let ok = free >= bytes.saturating_add(MIN_FREE_BYTES);
+        self.set_proxy_only(!ok, free);
+        ok
+    }
+
+    /// Leaves proxy-only once the disk has room again (called by the lifecycle loop, since no fill
+    /// may come to notice).
+    pub fn refresh_proxy_only(&self) {
+        if self.inner.stats.proxy_only.load(Ordering::Relaxed) {
+            let free = self.free_bytes().unwrap_or(0);
+            self.set_proxy_only(free < MIN_FREE_BYTES, free);
+        }
+    }
+
+    fn set_proxy_only(&self, on: bool, free: u64) {
+        if self.inner.stats.proxy_only.swap(on, Ordering::Relaxed) != on {
+            if on {
+                warn!(free, floor = MIN_FREE_BYTES, "disk below the free-space floor: proxy-only, fills are relayed uncached");
+            } else {
+                info!(free, "disk has room again: caching resumes");
+            }
+        }
     }
 
     /// Starts a fill for `digest`, or joins the one in progress, or returns an already committed blob
@@ -334,6 +517,11 @@ impl Store {
     /// Free bytes on the store's filesystem (None if it cannot be read).
     pub fn free_bytes(&self) -> Option<u64> {
         crate::sys::free_bytes(&self.inner.blobs_dir).ok()
+    }
+
+    /// Size of the store's filesystem (None if it cannot be read).
+    pub fn fs_total_bytes(&self) -> Option<u64> {
+        crate::sys::total_bytes(&self.inner.blobs_dir).ok()
     }
 
     /// How many fills are running (for the in-flight metric).
@@ -504,6 +692,8 @@ pub struct Blob {
     digest: Digest,
     len: u64,
     file: Arc<File>,
+    /// Keeps the entry from eviction while this handle (and so a response) is alive.
+    lease: Option<Arc<()>>,
 }
 
 impl Blob {
@@ -775,17 +965,17 @@ impl FillGuard {
             Ok(blob) => {
                 let mut index = lock(&self.inner.index);
                 index.total += blob.len;
+                let mut entry = Entry::new(blob.len, true, SystemTime::now());
+                if let Some(lease) = &blob.lease {
+                    entry.lease = Arc::downgrade(lease);
+                }
                 // A re-fill of an evicted-then-recreated entry replaces it; keep the total honest.
-                if let Some(old) = index.entries.insert(
-                    digest,
-                    Entry {
-                        size: blob.len,
-                        verified: true,
-                    },
-                ) {
+                if let Some(old) = index.entries.insert(digest, entry) {
                     index.total -= old.size;
                 }
+                drop(index);
                 info!(%digest, bytes = blob.len, "blob committed");
+                self.inner.committed.notify_waiters();
             }
             Err(err) => {
                 // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
@@ -859,6 +1049,7 @@ async fn run_fill<F, Fut, S, E1, E2>(
             digest: guard.digest,
             len,
             file,
+            lease: Some(Arc::new(())),
         })
     });
     guard.finish(result);
@@ -1594,6 +1785,71 @@ mod tests {
             out.extend_from_slice(&chunk.unwrap().unwrap());
         }
         out
+    }
+
+    #[tokio::test]
+    async fn eviction_spares_content_in_use_and_content_hit_since_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (content(10_000), content(20_000));
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        // A fill's reader keeps the fresh blob in use after commit.
+        let fill = store.fill(&da, fetch_bytes(a.clone(), None));
+        fill.done().await.unwrap();
+        store.fill(&db, fetch_bytes(b.clone(), None)).done().await.unwrap();
+        let seen = |d: &Digest| store.entries().into_iter().find(|e| e.digest == *d).unwrap();
+        assert!(seen(&da).in_use && !seen(&db).in_use);
+        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), None);
+        drop(fill);
+        // Served from the store: in use while the handle lives.
+        let blob = store.get(&da).unwrap();
+        assert!(seen(&da).in_use);
+        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), None);
+        drop(blob);
+        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), Some(10_000));
+        assert!(store.get(&da).is_none());
+        // A hit after the policy's snapshot wins.
+        let planned = seen(&db).last_access;
+        std::thread::sleep(Duration::from_millis(5));
+        drop(store.get(&db).unwrap());
+        assert_eq!(store.evict(&db, planned, EvictReason::Ttl), None);
+        assert_eq!(store.evict(&db, seen(&db).last_access, EvictReason::Ttl), Some(20_000));
+        let stats = store.stats();
+        assert_eq!((stats.bytes, stats.entries), (0, 0));
+        assert_eq!((stats.evicted_size, stats.evicted_ttl), (1, 1));
+        assert_eq!(stats.hits, 2);
+        // An evicted digest is a plain miss: the next fill fetches it again.
+        let (up, tx) = FakeUpstream::new(Some(a.len() as u64));
+        tx.send(Ok(Bytes::copy_from_slice(&a))).unwrap();
+        drop(tx);
+        store.fill(&da, up.fetch()).done().await.unwrap();
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn access_times_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(1_000);
+        let digest = Digest::of(&data);
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.fill(&digest, fetch_bytes(data, None)).done().await.unwrap();
+        }
+        let path = dir.path().join("store/blobs/sha256").join(digest.hex());
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_times(fs::FileTimes::new().set_accessed(old))
+            .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = store.entries().pop().unwrap();
+        assert_eq!(entry.last_access, old);
+        // A hit long after the last persisted access is written back to the file.
+        drop(store.get(&digest).unwrap());
+        let accessed = fs::metadata(&path).unwrap().accessed().unwrap();
+        assert!(accessed > old + Duration::from_secs(3000), "{accessed:?}");
     }
 
     #[tokio::test]
