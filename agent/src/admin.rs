@@ -56,14 +56,17 @@ pub async fn serve(
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let json = |value: serde_json::Value| (StatusCode::OK, "application/json", format!("{value}\n"));
+    let json =
+        |value: serde_json::Value| (StatusCode::OK, "application/json", format!("{value}\n"));
     let (status, content_type, body) = match req.uri().path() {
-        "/store" if req.method() == Method::GET => json(crate::lifecycle::store_status(&state.lifecycle)),
+        "/store" if req.method() == Method::GET => {
+            json(crate::lifecycle::store_status(&state.lifecycle))
+        }
         "/gc" if req.method() == Method::POST => {
-            let dry_run = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "dry_run=1" || kv == "dry_run=true"));
+            let dry_run = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv == "dry_run=1" || kv == "dry_run=true")
+            });
             let report = state.lifecycle.collect(dry_run);
             json(serde_json::to_value(report).expect("GcReport serializes"))
         }

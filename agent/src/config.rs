@@ -227,10 +227,14 @@ mod tests {
         assert_eq!(a.cache.cache_max_size, CacheSize::Bytes(500 << 20));
         assert_eq!(a.cache.cache_ttl, Duration::from_secs(12 * 3600));
         let argv = ["eddy", "run", "--cache-ttl", "soon"];
-        let e = crate::cli::Cli::try_parse_from(argv).unwrap_err().to_string();
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a duration"), "{e}");
         let argv = ["eddy", "run", "--cache-max-size", "lots"];
-        let e = crate::cli::Cli::try_parse_from(argv).unwrap_err().to_string();
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a size"), "{e}");
     }
 

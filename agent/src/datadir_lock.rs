@@ -93,7 +93,8 @@ mod tests {
         );
         let text = err.to_string();
         assert!(
-            text.contains("in use by another eddy") && text.contains(&std::process::id().to_string()),
+            text.contains("in use by another eddy")
+                && text.contains(&std::process::id().to_string()),
             "{text}"
         );
         assert!(!text.contains('\n'));

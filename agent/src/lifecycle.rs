@@ -75,7 +75,10 @@ impl FromStr for CacheSize {
             "tib" => 1 << 40,
             _ => return Err(bad()),
         };
-        number.checked_mul(unit).map(CacheSize::Bytes).ok_or_else(bad)
+        number
+            .checked_mul(unit)
+            .map(CacheSize::Bytes)
+            .ok_or_else(bad)
     }
 }
 
@@ -249,21 +252,31 @@ impl Lifecycle {
             ttl_secs = self.policy.ttl.as_secs(),
             "store lifecycle: size limit and TTL"
         );
+        let mut wait = every;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = self.store.next_commit() => {}
                 _ = stop.changed() => return,
             }
             let this = Arc::clone(&self);
+            wait = every;
             match tokio::task::spawn_blocking(move || this.collect(false)).await {
-                Ok(report) if !report.removed.is_empty() => info!(
-                    removed = report.removed.len(),
-                    bytes_freed = report.bytes_freed,
-                    store_bytes = report.store_bytes,
-                    "store lifecycle evicted content"
-                ),
-                Ok(_) => {}
+                Ok(report) => {
+                    if !report.removed.is_empty() {
+                        info!(
+                            removed = report.removed.len(),
+                            bytes_freed = report.bytes_freed,
+                            store_bytes = report.store_bytes,
+                            "store lifecycle evicted content"
+                        );
+                    }
+                    // Still above the limit: what is left was being served. Look again soon,
+                    // when those responses are likely done.
+                    if report.store_bytes > report.limit_bytes {
+                        wait = Duration::from_secs(1);
+                    }
+                }
                 Err(e) => warn!(error = %e, "store lifecycle pass failed"),
             }
             self.store.refresh_proxy_only();
@@ -296,7 +309,11 @@ pub fn store_status(lifecycle: &Lifecycle) -> serde_json::Value {
 
 /// Human-readable text of a report, for `eddy gc`.
 pub fn render_text(report: &GcReport) -> String {
-    let verb = if report.dry_run { "would remove" } else { "removed" };
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
     let mut out = String::new();
     for r in &report.removed {
         out.push_str(&format!(
@@ -334,7 +351,14 @@ mod tests {
         assert_eq!("2G".parse(), Ok(CacheSize::Bytes(2_000_000_000)));
         assert_eq!("1234".parse(), Ok(CacheSize::Bytes(1234)));
         assert_eq!("80%".parse(), Ok(CacheSize::Percent(80)));
-        for bad in ["", "GiB", "12 parsecs", "-5MiB", "1.5GiB", "99999999999999TiB"] {
+        for bad in [
+            "",
+            "GiB",
+            "12 parsecs",
+            "-5MiB",
+            "1.5GiB",
+            "99999999999999TiB",
+        ] {
             assert!(
                 matches!(bad.parse::<CacheSize>(), Err(PolicyError::BadSize { .. })),
                 "{bad}"
@@ -342,7 +366,10 @@ mod tests {
         }
         for bad in ["0%", "101%", "x%"] {
             assert!(
-                matches!(bad.parse::<CacheSize>(), Err(PolicyError::BadPercent { .. })),
+                matches!(
+                    bad.parse::<CacheSize>(),
+                    Err(PolicyError::BadPercent { .. })
+                ),
                 "{bad}"
             );
         }

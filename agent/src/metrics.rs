@@ -205,7 +205,11 @@ impl Collector for StoreGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let stats = self.0.stats();
         let gauges = [
-            ("eddy_store_entries", "Committed blobs and manifests in the store", stats.entries as i64),
+            (
+                "eddy_store_entries",
+                "Committed blobs and manifests in the store",
+                stats.entries as i64,
+            ),
             (
                 "eddy_store_proxy_only",
                 "1 while the disk is below the free-space floor and fills are relayed uncached",

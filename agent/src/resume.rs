@@ -74,7 +74,10 @@ pub fn write_checkpoint(partial: &Path, len: u64, prefix: &Sha256) -> io::Result
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, serde_json::to_vec(&record).expect("Checkpoint serializes"))?;
+    fs::write(
+        &tmp,
+        serde_json::to_vec(&record).expect("Checkpoint serializes"),
+    )?;
     fs::rename(&tmp, &path)
 }
 
@@ -103,12 +106,10 @@ pub fn recover(partial: &Path, file: &File) -> io::Result<Prefix> {
         .and_then(|raw| serde_json::from_slice(&raw).ok());
     let prefix = match checkpoint {
         Some(cp) if cp.len > 0 && cp.len <= on_disk => match hash_prefix(file, cp.len)? {
-            Some(hasher) if hex::encode(hasher.clone().finalize()) == cp.prefix_sha256 => {
-                Prefix {
-                    len: cp.len,
-                    hasher,
-                }
-            }
+            Some(hasher) if hex::encode(hasher.clone().finalize()) == cp.prefix_sha256 => Prefix {
+                len: cp.len,
+                hasher,
+            },
             _ => {
                 tracing::warn!(path = %partial.display(), len = cp.len, "partial fill does not match its checkpoint; starting over");
                 empty()
@@ -143,7 +144,6 @@ fn hash_prefix(file: &File, len: u64) -> io::Result<Option<Sha256>> {
     }
     Ok(Some(hasher))
 }
-
 
 #[cfg(test)]
 mod tests {

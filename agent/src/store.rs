@@ -389,7 +389,12 @@ impl Store {
 
     /// Evicts `digest` unless it is being served or was used after `seen_access` (the policy
     /// decided on a snapshot; a hit since then wins). Returns the bytes freed.
-    pub fn evict(&self, digest: &Digest, seen_access: SystemTime, reason: EvictReason) -> Option<u64> {
+    pub fn evict(
+        &self,
+        digest: &Digest,
+        seen_access: SystemTime,
+        reason: EvictReason,
+    ) -> Option<u64> {
         let size = self.contains(digest)?;
         let removed = self.remove_if(digest, |e| {
             e.lease.strong_count() == 0 && e.last_access <= seen_access
@@ -449,7 +454,11 @@ impl Store {
     fn set_proxy_only(&self, on: bool, free: u64) {
         if self.inner.stats.proxy_only.swap(on, Ordering::Relaxed) != on {
             if on {
-                warn!(free, floor = MIN_FREE_BYTES, "disk below the free-space floor: proxy-only, fills are relayed uncached");
+                warn!(
+                    free,
+                    floor = MIN_FREE_BYTES,
+                    "disk below the free-space floor: proxy-only, fills are relayed uncached"
+                );
             } else {
                 info!(free, "disk has room again: caching resumes");
             }
@@ -1093,8 +1102,11 @@ where
         0 => prefix.len,
         o if o == prefix.len => 0,
         o => {
-            let odd: BoxError =
-                format!("upstream sent the blob from byte {o}, asked from {}", prefix.len).into();
+            let odd: BoxError = format!(
+                "upstream sent the blob from byte {o}, asked from {}",
+                prefix.len
+            )
+            .into();
             return Err(upstream(odd));
         }
     };
@@ -1266,7 +1278,10 @@ mod tests {
     }
 
     /// A whole body at once, in 7000-byte chunks (deliberately not aligned to anything).
-    fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+    fn fetch_bytes(
+        data: Vec<u8>,
+        len: Option<u64>,
+    ) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
         move |_from| {
             let chunks: Vec<Chunk> = data
                 .chunks(7000)
@@ -1663,7 +1678,10 @@ mod tests {
         assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
         fill.done().await.unwrap();
         assert_eq!(*lock(&asked), vec![150_000]);
-        assert_eq!(dir_entries(&dir.path().join("store/tmp")), Vec::<PathBuf>::new());
+        assert_eq!(
+            dir_entries(&dir.path().join("store/tmp")),
+            Vec::<PathBuf>::new()
+        );
         drop(store);
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.scrub().await, 0);
@@ -1685,7 +1703,11 @@ mod tests {
         let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
         assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
         fill.done().await.unwrap();
-        assert_eq!(*lock(&asked), vec![0], "a corrupt prefix must be fetched again");
+        assert_eq!(
+            *lock(&asked),
+            vec![0],
+            "a corrupt prefix must be fetched again"
+        );
         assert_eq!(store.scrub().await, 0);
     }
 
@@ -1796,24 +1818,46 @@ mod tests {
         // A fill's reader keeps the fresh blob in use after commit.
         let fill = store.fill(&da, fetch_bytes(a.clone(), None));
         fill.done().await.unwrap();
-        store.fill(&db, fetch_bytes(b.clone(), None)).done().await.unwrap();
-        let seen = |d: &Digest| store.entries().into_iter().find(|e| e.digest == *d).unwrap();
+        store
+            .fill(&db, fetch_bytes(b.clone(), None))
+            .done()
+            .await
+            .unwrap();
+        let seen = |d: &Digest| {
+            store
+                .entries()
+                .into_iter()
+                .find(|e| e.digest == *d)
+                .unwrap()
+        };
         assert!(seen(&da).in_use && !seen(&db).in_use);
-        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), None);
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            None
+        );
         drop(fill);
         // Served from the store: in use while the handle lives.
         let blob = store.get(&da).unwrap();
         assert!(seen(&da).in_use);
-        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), None);
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            None
+        );
         drop(blob);
-        assert_eq!(store.evict(&da, seen(&da).last_access, EvictReason::Size), Some(10_000));
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            Some(10_000)
+        );
         assert!(store.get(&da).is_none());
         // A hit after the policy's snapshot wins.
         let planned = seen(&db).last_access;
         std::thread::sleep(Duration::from_millis(5));
         drop(store.get(&db).unwrap());
         assert_eq!(store.evict(&db, planned, EvictReason::Ttl), None);
-        assert_eq!(store.evict(&db, seen(&db).last_access, EvictReason::Ttl), Some(20_000));
+        assert_eq!(
+            store.evict(&db, seen(&db).last_access, EvictReason::Ttl),
+            Some(20_000)
+        );
         let stats = store.stats();
         assert_eq!((stats.bytes, stats.entries), (0, 0));
         assert_eq!((stats.evicted_size, stats.evicted_ttl), (1, 1));
@@ -1834,7 +1878,11 @@ mod tests {
         let old = SystemTime::now() - Duration::from_secs(3600);
         {
             let store = Store::open(dir.path()).unwrap();
-            store.fill(&digest, fetch_bytes(data, None)).done().await.unwrap();
+            store
+                .fill(&digest, fetch_bytes(data, None))
+                .done()
+                .await
+                .unwrap();
         }
         let path = dir.path().join("store/blobs/sha256").join(digest.hex());
         File::options()
@@ -2024,7 +2072,10 @@ mod tests {
             .collect();
         let start = Instant::now();
         let fill = store.fill(&digest, move |_| async move {
-            Ok::<_, io::Error>(Fetched::whole(futures_util::stream::iter(chunks), Some(len)))
+            Ok::<_, io::Error>(Fetched::whole(
+                futures_util::stream::iter(chunks),
+                Some(len),
+            ))
         });
         let mut tee = pin!(fill.read_range(0, None));
         let mut n = 0;
