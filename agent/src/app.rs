@@ -44,6 +44,8 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Lock(#[from] crate::datadir_lock::LockError),
+    #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -65,6 +67,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if !sys::has_bpf_privileges() {
         return Err(crate::bpf::BpfError::NotPrivileged.into());
     }
+    // Before anything else is written to the data dir (or attached): a second agent on the
+    // same store stops here with one line naming the first.
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let _data_dir_lock = crate::datadir_lock::acquire(&config.data_dir)?;
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
@@ -86,10 +95,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
     let ca = Arc::new(load_ca(
         &config.data_dir,
         &config.registries,
@@ -135,6 +140,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let registry_metrics = RegistryMetrics::register(&mut registry);
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        Arc::clone(&store),
+        config.cache_policy,
+    ));
     let oci = Arc::new(Registry::new(
         Upstream::new(upstream_tls, config.socket_mark),
         store,
@@ -151,9 +160,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         registry,
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
+        lifecycle: Arc::clone(&lifecycle),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),
         config.heartbeat_interval(),

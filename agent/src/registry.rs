@@ -37,7 +37,7 @@ use crate::{
     credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
-    store::{Blob, Store},
+    store::{Blob, Fetched, Store},
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
     token::TokenClient,
     visibility::{Verdict, Visibility},
@@ -46,9 +46,6 @@ use crate::{
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
 /// rather than hanging every client that shares it.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// Below this much free disk (beyond the blob itself), eddy stops caching and streams
-/// straight from upstream: a full disk must not fail a pull.
-const MIN_FREE_BYTES: u64 = 256 << 20;
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Getting a token with the node's credentials gives up after this long: the request then
@@ -300,25 +297,57 @@ impl Registry {
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
             let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
-            self.store.fill(digest, move || async move {
+            self.store.fill(digest, move |held| async move {
                 owned.store(true, Ordering::Relaxed);
                 let started = Instant::now();
-                let resp = upstream
-                    .fetch_following(Method::GET, uri, &headers)
-                    .await
-                    .map_err(|e| -> BoxError { Box::new(e) })?;
+                // The fill fetches the whole blob (the client's own Range is served from it), or
+                // the rest after the prefix a crashed run left (`held`). Manifests are small:
+                // never resumed.
+                let from = if kind == Kind::Blob { held } else { 0 };
+                let fetch = |from: u64| {
+                    let mut headers = headers.clone();
+                    headers.remove(header::RANGE);
+                    headers.remove(header::IF_RANGE);
+                    if from > 0 {
+                        let range = format!("bytes={from}-").parse().expect("valid header");
+                        headers.insert(header::RANGE, range);
+                    }
+                    let (upstream, uri) = (&upstream, uri.clone());
+                    async move { upstream.fetch_following(Method::GET, uri, &headers).await }
+                };
+                let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
+                let mut resp = fetch(from).await.map_err(boxed)?;
+                let mut offset = 0;
+                if from > 0 {
+                    match resumed_at(&resp) {
+                        Some(at) if at == from => offset = from,
+                        // A 200 (upstream ignores Range) is a whole body the store can use.
+                        _ if resp.status() == StatusCode::OK => {}
+                        // A 416, or an answer that does not fit: ask again for the whole blob.
+                        _ => resp = fetch(0).await.map_err(boxed)?,
+                    }
+                }
                 metrics.upstream_latency(kind.label(), started.elapsed());
-                if resp.status() != StatusCode::OK {
+                let status_ok = resp.status() == StatusCode::OK
+                    || (offset > 0 && resp.status() == StatusCode::PARTIAL_CONTENT);
+                if !status_ok {
                     let status = resp.status();
                     let _ = uncached_tx.send(resp);
                     let refused: BoxError = format!("upstream answered {status}").into();
                     return Err(refused);
                 }
-                let len = content_length(resp.headers());
-                let free = store.free_bytes().unwrap_or(0);
-                if free < len.unwrap_or(0).saturating_add(MIN_FREE_BYTES) {
+                let len = if offset > 0 {
+                    content_range_total(resp.headers())
+                } else {
+                    content_length(resp.headers())
+                };
+                if !store.admits(len.unwrap_or(0).saturating_sub(offset)) {
+                    // The client gets the whole blob, uncached: a 206 is not what it asked for.
+                    if offset > 0 {
+                        resp = fetch(0).await.map_err(boxed)?;
+                    }
                     let _ = uncached_tx.send(resp);
-                    let full: BoxError = format!("only {free} bytes free: not caching").into();
+                    let full: BoxError = "disk below the free-space floor: not caching".into();
                     return Err(full);
                 }
                 let media_type = match kind {
@@ -347,7 +376,11 @@ impl Registry {
                     .into_body()
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
-                Ok((idle_timeout(body, UPSTREAM_IDLE), len))
+                Ok(Fetched {
+                    body: idle_timeout(body, UPSTREAM_IDLE),
+                    len,
+                    offset,
+                })
             })
         };
 
@@ -548,13 +581,13 @@ impl Registry {
             warn!(error = %e, "recording manifest metadata failed");
             return;
         }
-        if self.store.get(digest).is_some() {
+        if self.store.contains(digest).is_some() {
             return;
         }
         let len = bytes.len() as u64;
-        let fill = self.store.fill(digest, move || async move {
+        let fill = self.store.fill(digest, move |_| async move {
             let body = futures_util::stream::once(async move { Ok::<_, BoxError>(bytes) });
-            Ok::<_, BoxError>((body, Some(len)))
+            Ok::<_, BoxError>(Fetched::whole(body, Some(len)))
         });
         if let Err(e) = fill.done().await {
             warn!(%digest, error = %e, "storing manifest failed");
@@ -1014,6 +1047,22 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// Where a 206's body starts (`Content-Range: bytes START-END/TOTAL`).
+fn resumed_at(resp: &Response<Incoming>) -> Option<u64> {
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return None;
+    }
+    let range = resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (start, _) = range.strip_prefix("bytes ")?.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+/// The blob's total length from a 206's `Content-Range` (None for `*`).
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    let range = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    range.rsplit_once('/')?.1.trim().parse().ok()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

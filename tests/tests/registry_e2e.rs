@@ -1139,7 +1139,9 @@ fn pull_by_tag_survives_upstream_outage() -> Result<()> {
 }
 
 /// 8. eddy is killed (SIGKILL) in the middle of a slow pull. Restarted on the same data
-///    dir, the retried pull succeeds, and no store file is corrupt.
+///    dir, it resumes the half-written blob from its verified prefix (`Range`), the retried
+///    pull succeeds, upstream sent the image about once (at most 1.1x), and no store file is
+///    corrupt.
 #[test]
 fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
@@ -1217,10 +1219,39 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     println!("fresh pull after the restart: {:.2?}", run.elapsed);
     fresh.ensure_content(NS, &image.blobs())?;
     let served = setup.served()?;
+    let ratio = served.bytes() as f64 / image.total_bytes() as f64;
     println!(
-        "registry sent {:.1} MiB in all for the {:.1} MiB image; other files in the data dir now: {:?}",
+        "registry sent {:.1} MiB in all for the {:.1} MiB image ({ratio:.3}x); other files in the data dir now: {:?}",
         mib(served.bytes()),
         mib(image.total_bytes()),
+        other_files(&setup.eddy_config.data_dir)
+    );
+    let log = setup.eddy().log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming a fill from its verified prefix"));
+    println!(
+        "restarted eddy: {}",
+        resumed.unwrap_or("(no resume logged)")
+    );
+    ensure!(
+        resumed.is_some_and(|l| l.contains(big.hex())),
+        "the restarted eddy did not resume the fill of {}; log:\n{}",
+        big.digest,
+        setup.eddy().log_tail(30)
+    );
+    // Resumed from its prefix, eddy fetched the big layer about once in all.
+    ensure!(
+        ratio <= 1.1,
+        "upstream sent {} bytes for a {}-byte image ({ratio:.3}x): the fill started over",
+        served.bytes(),
+        image.total_bytes()
+    );
+    ensure!(
+        other_files(&setup.eddy_config.data_dir)
+            .iter()
+            .all(|(name, _)| !name.contains(".partial")),
+        "a partial fill was left behind: {:?}",
         other_files(&setup.eddy_config.data_dir)
     );
     assert_store(&setup, &image.blobs())
@@ -2238,5 +2269,354 @@ fn node_credentials_from_a_docker_config_json() -> Result<()> {
         setup.eddy().log_tail(200).contains("reloaded upstream credentials"),
         "eddy did not log the reload"
     );
+    Ok(())
+}
+
+/// 16. One owner per data dir: a second `eddy run` on the running eddy's `--data-dir` exits
+///     at once with one line naming the first one's pid, and attaches nothing; `eddy ca
+///     export` and `eddy status` keep working beside the running agent.
+#[test]
+fn a_second_eddy_on_the_same_data_dir_is_refused() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let bin = eddy_bin();
+    let data_dir = &setup.eddy_config.data_dir;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/eddy-test-second-{}",
+        eddy_tests::unique_suffix()
+    ));
+    let port = eddy_tests::eddy::free_port;
+    let mut second = std::process::Command::new(&bin);
+    second
+        .args(["run", "--cgroup"])
+        .arg(&setup.eddy_config.cgroup)
+        .args(["--listen", &format!("127.0.0.1:{}", port()?)])
+        .args(["--admin", &format!("127.0.0.1:{}", port()?)])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--bpf-pin-dir")
+        .arg(&pin_dir)
+        .args(["--registry", REGISTRY_HOST]);
+    let out = eddy_tests::process::run_bounded(&mut second, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("second eddy: {}: {}", out.status, stderr.trim());
+    let _ = fs::remove_dir_all(&pin_dir);
+    ensure!(
+        !out.status.success(),
+        "a second eddy on the same data dir started"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    ensure!(
+        lines.len() == 1
+            && lines[0].contains("in use by another eddy")
+            && lines[0].contains(&format!("pid {}", setup.eddy().pid())),
+        "expected one line naming pid {}, got:\n{stderr}",
+        setup.eddy().pid()
+    );
+    ensure!(
+        !pin_dir.exists(),
+        "the refused eddy left pins at {}",
+        pin_dir.display()
+    );
+    let attached = eddy_tests::cgroup::attached_programs(&setup.eddy_config.cgroup)?;
+    ensure!(
+        attached.len() == 3,
+        "expected only the first eddy's 3 programs on the cgroup, found {attached:?}"
+    );
+
+    ca_export(&bin, data_dir, &setup.eddy_config.registries)
+        .context("eddy ca export beside the running agent")?;
+    setup.eddy().metric(INFLIGHT_FETCHES)?;
+    let status = eddy_tests::eddy::status_command(&bin, &setup.eddy().pin_dir)?;
+    ensure!(
+        status.status.success(),
+        "eddy status beside the running agent failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(())
+}
+
+/// The store's committed blobs: digest hex → size.
+fn store_files(data_dir: &Path) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut files = std::collections::BTreeMap::new();
+    let dir = eddy_tests::registry_eddy::store_blob_dir(data_dir);
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        files.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.metadata()?.len(),
+        );
+    }
+    Ok(files)
+}
+
+/// Setup with extra `eddy run` flags.
+fn setup_with_flags(flags: &[(&str, &str)]) -> Option<Setup> {
+    if !require_privileges() {
+        return None;
+    }
+    let setup = Setup::with_eddy_config(UpstreamOptions::default(), true, |config, _, _| {
+        config.extra_args = flags
+            .iter()
+            .flat_map(|(f, v)| [OsString::from(f), OsString::from(v)])
+            .collect();
+    });
+    Some(setup.expect("setting up upstream, cgroup and eddy"))
+}
+
+/// Poll (bounded) until the store holds at most `max` bytes; returns what it holds.
+fn wait_store_at_most(data_dir: &Path, max: u64, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bytes: u64 = store_files(data_dir)?.values().sum();
+        if bytes <= max || Instant::now() >= deadline {
+            return Ok(bytes);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 17. `--cache-max-size` below the image's size: the pull succeeds (content being served is
+///     never evicted), the store then holds at most the limit (LRU down to 80% of it), and a
+///     later pull from a fresh containerd refetches what was evicted instead of failing.
+#[test]
+fn a_store_smaller_than_the_image_still_serves_it() -> Result<()> {
+    let Some(setup) = setup_with_flags(&[("--cache-max-size", "12MiB")]) else {
+        return Ok(());
+    };
+    let limit = 12 * MIB;
+    let repo = "bounded/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[8 * MIB, 8 * MIB, 4 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+
+    let first = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&first, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull through eddy with a 12 MiB store")?;
+    first.ensure_content(NS, &image.blobs())?;
+    let held = wait_store_at_most(&data_dir, limit, Duration::from_secs(15))?;
+    let evicted = setup
+        .eddy()
+        .metric(r#"eddy_store_evictions_total{reason="size"}"#)?;
+    let gauge = setup.eddy().metric("eddy_store_bytes")? as u64;
+    println!(
+        "pull of the {:.1} MiB image with a 12 MiB store: {:.2?}; store then holds {:.1} MiB \
+         (gauge {:.1} MiB), {evicted} size evictions",
+        mib(image.total_bytes()),
+        run.elapsed,
+        mib(held),
+        mib(gauge)
+    );
+    ensure!(
+        held <= limit && gauge <= limit,
+        "the store holds {held} bytes (gauge {gauge}) over its {limit}-byte limit; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(evicted >= 1.0, "no size eviction counted");
+    verify_store(&data_dir)?;
+
+    let before = setup.served()?;
+    let second = Containerd::start()?;
+    setup
+        .client
+        .fetch(&second, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("second pull after evictions")?;
+    second.ensure_content(NS, &image.blobs())?;
+    let after = setup.served()?;
+    println!(
+        "second pull: registry sent {:.1} MiB more ({} blob GETs) for what was evicted",
+        mib(after.bytes() - before.bytes()),
+        after.blob_gets - before.blob_gets
+    );
+    ensure!(
+        after.blob_gets > before.blob_gets,
+        "evicted blobs were not refetched"
+    );
+    let held = wait_store_at_most(&data_dir, limit, Duration::from_secs(15))?;
+    ensure!(
+        held <= limit,
+        "after the second pull the store holds {held} bytes"
+    );
+    Ok(())
+}
+
+/// 18. `--cache-ttl 3s`: unused content expires from the store; the next pull refetches it
+///     and succeeds.
+#[test]
+fn content_expires_after_its_ttl_and_is_refetched() -> Result<()> {
+    let Some(setup) = setup_with_flags(&[("--cache-ttl", "3s")]) else {
+        return Ok(());
+    };
+    let repo = "ttl/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+
+    let first = Containerd::start()?;
+    setup
+        .client
+        .fetch(&first, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("first pull")?;
+    let filled = Instant::now();
+    assert_store(&setup, &image.blobs())?;
+    let left = wait_store_at_most(&data_dir, 0, Duration::from_secs(20))?;
+    let expired = setup
+        .eddy()
+        .metric(r#"eddy_store_evictions_total{reason="ttl"}"#)?;
+    println!(
+        "store emptied {:.2?} after the pull ({left} bytes left, {expired} TTL evictions)",
+        filled.elapsed()
+    );
+    ensure!(
+        left == 0 && expired >= image.blobs().len() as f64,
+        "content did not expire: {left} bytes left, {expired} TTL evictions; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(
+        filled.elapsed() >= Duration::from_secs(2),
+        "content expired before its 3 s TTL ({:.2?})",
+        filled.elapsed()
+    );
+
+    let before = setup.served()?;
+    let second = Containerd::start()?;
+    setup
+        .client
+        .fetch(&second, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull after expiry")?;
+    second.ensure_content(NS, &image.blobs())?;
+    let after = setup.served()?;
+    let layers: u64 = image.layers().iter().map(|b| b.size).sum();
+    println!(
+        "pull after expiry: registry sent {:.1} MiB ({} blob GETs)",
+        mib(after.blob_bytes - before.blob_bytes),
+        after.blob_gets - before.blob_gets
+    );
+    ensure!(
+        after.blob_bytes - before.blob_bytes >= layers,
+        "the expired layers were not refetched from upstream"
+    );
+    Ok(())
+}
+
+/// `eddy gc ARGS... --json`, parsed.
+fn eddy_gc(args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
+    let mut cmd = std::process::Command::new(eddy_bin());
+    cmd.arg("gc").args(args).arg("--json");
+    let out = eddy_tests::process::run_bounded(&mut cmd, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "eddy gc failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// 19. `eddy gc`: through the running agent's admin endpoint (its report matches `GET
+///     /store`), then directly on the data dir once the agent is gone: `--dry-run` changes
+///     nothing, and the real run removes exactly what the dry run reported, freeing the bytes
+///     it reported.
+#[test]
+fn eddy_gc_dry_run_changes_nothing_and_gc_frees_what_it_reported() -> Result<()> {
+    let Some(mut setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "gc/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+    let ctd = Containerd::start()?;
+    setup
+        .client
+        .fetch(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull")?;
+    assert_store(&setup, &image.blobs())?;
+
+    // Through the agent (default policy: nothing to remove).
+    let admin = setup.eddy().admin.to_string();
+    let dir_arg = data_dir.as_os_str();
+    let report = eddy_gc(&[
+        "--admin".as_ref(),
+        admin.as_ref(),
+        "--data-dir".as_ref(),
+        dir_arg,
+        "--dry-run".as_ref(),
+    ])?;
+    let (code, store) = eddy_tests::eddy::http_get(setup.eddy().admin, "/store")?;
+    println!(
+        "agent gc --dry-run: {report}\nGET /store: {code} {}",
+        store.trim()
+    );
+    let store: serde_json::Value = serde_json::from_str(&store)?;
+    let on_disk: u64 = store_files(&data_dir)?.values().sum();
+    ensure!(code == 200 && store["bytes"] == on_disk && report["store_bytes"] == on_disk);
+    ensure!(
+        report["dry_run"] == true && report["removed"].as_array().is_some_and(|r| r.is_empty())
+    );
+
+    // Directly on the data dir, with a 3 MiB limit.
+    setup.eddy.as_mut().expect("eddy").kill9()?;
+    let limit = [
+        "--cache-max-size".as_ref(),
+        "3MiB".as_ref(),
+        "--data-dir".as_ref(),
+        dir_arg,
+    ];
+    let before = store_files(&data_dir)?;
+    let dry = eddy_gc(&[&limit[..], &["--dry-run".as_ref()]].concat())?;
+    ensure!(
+        store_files(&data_dir)? == before,
+        "eddy gc --dry-run changed the store"
+    );
+    let would: Vec<String> = dry["removed"]
+        .as_array()
+        .context("removed")?
+        .iter()
+        .map(|r| {
+            r["digest"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    ensure!(
+        !would.is_empty(),
+        "a 3 MiB limit on a {} MiB store removes nothing: {dry}",
+        on_disk / MIB
+    );
+    let done = eddy_gc(&limit)?;
+    let after = store_files(&data_dir)?;
+    let gone: Vec<String> = before
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .cloned()
+        .collect();
+    let freed: u64 = gone.iter().map(|k| before[k]).sum();
+    println!(
+        "direct gc: dry run would remove {} entries ({} bytes); gc removed {} ({} bytes reported, {freed} bytes gone)",
+        would.len(),
+        dry["bytes_freed"],
+        gone.len(),
+        done["bytes_freed"]
+    );
+    let mut would_sorted = would.clone();
+    would_sorted.sort();
+    ensure!(
+        gone == would_sorted,
+        "gc removed {gone:?}, the dry run reported {would:?}"
+    );
+    ensure!(
+        done["bytes_freed"] == freed && dry["bytes_freed"] == freed,
+        "bytes freed: dry run {}, gc {}, actually {freed}",
+        dry["bytes_freed"],
+        done["bytes_freed"]
+    );
+    ensure!(after.values().sum::<u64>() <= 3 * MIB);
+    verify_store(&data_dir)?;
     Ok(())
 }
