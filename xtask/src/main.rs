@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod chart_test;
 mod demo;
 mod test;
 mod util;
@@ -25,6 +26,8 @@ enum Command {
     Test(test::Options),
     /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
     Demo(demo::Options),
+    /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
+    ChartTest(chart_test::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
 }
@@ -36,5 +39,6 @@ fn main() -> Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::ChartTest(opts) => chart_test::run(&opts),
     }
 }

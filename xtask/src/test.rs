@@ -60,6 +60,8 @@ pub fn run(opts: &Options) -> Result<()> {
     };
 
     if !opts.privileged_only {
+        // Seconds, and no root needed: the chart is checked with real helm and schemas.
+        crate::chart_test::run(&Default::default())?;
         eprintln!("xtask: unit tests");
         // --release shares the dependency builds with the release binary.
         util::run(cargo().current_dir(workspace_root()).args([
