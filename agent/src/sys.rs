@@ -221,3 +221,66 @@ mod tests {
         assert!(!process_alive(0));
     }
 }
+
+/// The bpf(2) syscall works here: create (and drop) a one-entry array map. Fails with
+/// EPERM without privileges and ENOSYS on kernels built without BPF.
+pub fn bpf_syscall_works() -> io::Result<()> {
+    // The first fields of union bpf_attr for BPF_MAP_CREATE; the kernel zero-checks the rest
+    // of the size we pass.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised prefix of bpf_attr, and the size passed
+    // is its size; the kernel reads no further.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
+}
+
+/// When a process started (wall clock), from /proc/PID/stat and the boot time in /proc/stat.
+pub fn process_start_time(pid: u32) -> Option<std::time::SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 22 (starttime) is the 20th after the name.
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    let btime: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return None;
+    }
+    let secs = btime as f64 + ticks as f64 / hz as f64;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs))
+}
