@@ -118,7 +118,11 @@ pub struct DoctorArgs {
     #[command(flatten)]
     pub trust: TrustArgs,
     /// The host trust bundle containerd reads.
-    #[arg(long, env = "EDDY_CA_BUNDLE", default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    #[arg(
+        long,
+        env = "EDDY_CA_BUNDLE",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
     pub bundle: PathBuf,
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,

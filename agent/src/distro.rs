@@ -80,6 +80,14 @@ const TALOS_SYSTEM_SOCKET_DIR: &str = "/system/run/containerd";
 
 /// Find the node's containerd in `proc` (normally /proc).
 pub fn detect(proc: &Path) -> Result<Containerd, DistroError> {
+    detect_where(proc, |_| true)
+}
+
+/// The oldest containerd process for which `wanted` holds (e.g. the one in a given cgroup).
+pub fn detect_where(
+    proc: &Path,
+    wanted: impl Fn(&Containerd) -> bool,
+) -> Result<Containerd, DistroError> {
     let entries = fs::read_dir(proc).map_err(|source| DistroError::Io {
         path: proc.to_path_buf(),
         source,
@@ -105,8 +113,15 @@ pub fn detect(proc: &Path) -> Result<Containerd, DistroError> {
             continue;
         };
         let cgroup = fs::read_to_string(dir.join("cgroup")).unwrap_or_default();
-        if let Some(c) = classify(pid, &split_cmdline(&cmdline), &cgroup) {
-            found.push(c);
+        let args = split_cmdline(&cmdline);
+        // The config file's paths are the host's; read them through the process's own root.
+        let config_socket = flag_value(&args, &["-c", "--config"])
+            .and_then(|c| fs::read_to_string(dir.join("root").join(c.trim_start_matches('/'))).ok())
+            .and_then(|text| grpc_address(&text));
+        if let Some(c) = classify(pid, &args, config_socket, &cgroup) {
+            if wanted(&c) {
+                found.push(c);
+            }
         }
     }
     choose(found).ok_or(DistroError::NoContainerd {
@@ -141,9 +156,16 @@ fn split_cmdline(raw: &[u8]) -> Vec<String> {
 
 /// What a containerd process is, from its arguments and /proc/PID/cgroup. None for Talos'
 /// system containerd.
-fn classify(pid: u32, args: &[String], cgroup_file: &str) -> Option<Containerd> {
+fn classify(
+    pid: u32,
+    args: &[String],
+    config_socket: Option<PathBuf>,
+    cgroup_file: &str,
+) -> Option<Containerd> {
+    // The flag wins over the config file, as in containerd.
     let socket = flag_value(args, &["-a", "--address"])
         .map(PathBuf::from)
+        .or(config_socket)
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     if socket.starts_with(TALOS_SYSTEM_SOCKET_DIR) {
         return None;
@@ -173,6 +195,27 @@ fn classify(pid: u32, args: &[String], cgroup_file: &str) -> Option<Containerd> 
         cgroup,
         unit,
     })
+}
+
+/// `address` in the `[grpc]` table of a containerd config.toml (a line-based reading: the
+/// table and key are always written this way).
+fn grpc_address(config: &str) -> Option<PathBuf> {
+    let mut in_grpc = false;
+    for line in config.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_grpc = line == "[grpc]";
+        } else if in_grpc {
+            if let Some(value) = line.strip_prefix("address") {
+                let value = value
+                    .trim_start()
+                    .strip_prefix('=')?
+                    .trim()
+                    .trim_matches('"');
+                return (!value.is_empty()).then(|| PathBuf::from(value));
+            }
+        }
+    }
+    None
 }
 
 /// `-a PATH`, `--address PATH` or `--address=PATH`.
@@ -215,6 +258,7 @@ mod tests {
         let c = classify(
             812,
             &args("/usr/bin/containerd"),
+            None,
             "0::/system.slice/containerd.service\n",
         )
         .unwrap();
@@ -228,14 +272,14 @@ mod tests {
         let line = "containerd -c /var/lib/rancher/k3s/agent/etc/containerd/config.toml \
                     -a /run/k3s/containerd/containerd.sock --state /run/k3s/containerd \
                     --root /var/lib/rancher/k3s/agent/containerd";
-        let c = classify(1, &args(line), "0::/system.slice/k3s.service\n").unwrap();
+        let c = classify(1, &args(line), None, "0::/system.slice/k3s.service\n").unwrap();
         assert_eq!(c.distro, Distro::K3s);
         assert_eq!(
             c.socket,
             PathBuf::from("/run/k3s/containerd/containerd.sock")
         );
         assert_eq!(c.unit.as_deref(), Some("k3s.service"));
-        let agent = classify(1, &args(line), "0::/system.slice/k3s-agent.service\n").unwrap();
+        let agent = classify(1, &args(line), None, "0::/system.slice/k3s-agent.service\n").unwrap();
         assert_eq!(agent.unit.as_deref(), Some("k3s-agent.service"));
     }
 
@@ -244,7 +288,13 @@ mod tests {
         let line = "/var/lib/rancher/rke2/data/v1.30.1-rke2r1-abc/bin/containerd \
                     -c /var/lib/rancher/rke2/agent/etc/containerd/config.toml \
                     -a /run/k3s/containerd/containerd.sock";
-        let c = classify(1, &args(line), "0::/system.slice/rke2-agent.service\n").unwrap();
+        let c = classify(
+            1,
+            &args(line),
+            None,
+            "0::/system.slice/rke2-agent.service\n",
+        )
+        .unwrap();
         assert_eq!(c.distro, Distro::Rke2);
         assert_eq!(c.unit.as_deref(), Some("rke2-agent.service"));
     }
@@ -259,6 +309,7 @@ mod tests {
         let c = classify(
             1,
             &args(line),
+            None,
             "0::/system.slice/snap.microk8s.daemon-containerd.service\n",
         )
         .unwrap();
@@ -279,6 +330,7 @@ mod tests {
             classify(
                 5,
                 &args("/bin/containerd --address /system/run/containerd/containerd.sock"),
+                None,
                 "0::/system/runtime\n"
             ),
             None
@@ -286,6 +338,7 @@ mod tests {
         let cri = classify(
             9,
             &args("/bin/containerd --address /run/containerd/containerd.sock --config /etc/cri/containerd.toml"),
+            None,
             "0::/podruntime/runtime\n",
         )
         .unwrap();
@@ -295,14 +348,37 @@ mod tests {
 
     #[test]
     fn address_with_equals_sign() {
-        let c = classify(1, &args("containerd --address=/tmp/x.sock"), "").unwrap();
+        let c = classify(1, &args("containerd --address=/tmp/x.sock"), None, "").unwrap();
         assert_eq!(c.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.unit, None);
     }
 
     #[test]
+    fn socket_from_the_config_file_unless_given_as_a_flag() {
+        let config = "version = 2\nroot = \"/r\"\n[grpc]\n  address = \"/run/c/c.sock\"\n[ttrpc]\n  address = \"/run/c/t.sock\"\n";
+        assert_eq!(grpc_address(config), Some(PathBuf::from("/run/c/c.sock")));
+        assert_eq!(grpc_address("[ttrpc]\naddress = \"/x\"\n"), None);
+        let c = classify(
+            1,
+            &args("containerd --config /etc/c.toml"),
+            grpc_address(config),
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/c/c.sock"));
+        let c = classify(
+            1,
+            &args("containerd -a /flag.sock"),
+            grpc_address(config),
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/flag.sock"));
+    }
+
+    #[test]
     fn oldest_containerd_wins() {
-        let mk = |pid| classify(pid, &args("containerd"), "0::/x.service\n").unwrap();
+        let mk = |pid| classify(pid, &args("containerd"), None, "0::/x.service\n").unwrap();
         assert_eq!(choose(vec![mk(900), mk(12), mk(400)]).unwrap().pid, 12);
         assert_eq!(choose(vec![]), None);
     }

