@@ -238,3 +238,252 @@ fn deploy_cluster_ca_from_a_read_only_dir() -> Result<()> {
     ensure!(!work.path().join("data/ca").exists());
     Ok(())
 }
+
+/// The image `cargo xtask image` builds, run by containerd as the chart's DaemonSet runs it:
+/// privileged, host network and PID namespace, bpffs, the cgroup file system, the data
+/// hostPath, the trust bundle's directory and containerd's socket directory mounted. The
+/// init step (`ca install`) and `eddy doctor` pass in it, and `eddy run` attaches its hooks
+/// to a test cgroup from inside the container.
+#[test]
+fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let archive = std::env::var_os("EDDY_IMAGE").context(
+        "EDDY_IMAGE is not set: run through `cargo xtask test`, which builds the image with `cargo xtask image`",
+    )?;
+    let work = tempfile::tempdir()?;
+    let data = work.path().join("data");
+    let trust = work.path().join("trust");
+    fs::create_dir_all(&data)?;
+    fs::create_dir_all(&trust)?;
+    fs::write(trust.join("bundle.crt"), "")?;
+    let cgroup = CgroupGuard::new()?;
+    let hooked = cgroup.child("hooked")?;
+    let node_cgroup = cgroup.child("node-containerd.service")?;
+    // The runtime that runs eddy's container.
+    let runtime = Containerd::start()?;
+    let ctr = |args: &[&str]| -> Result<Output> {
+        run_bounded(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&runtime.socket)
+                .args(["-n", "deploy"])
+                .args(args),
+            Duration::from_secs(60),
+        )
+    };
+    let import = ctr(&[
+        "images",
+        "import",
+        "--base-name",
+        "eddy.test/eddy",
+        Path::new(&archive).to_str().unwrap(),
+    ])?;
+    ensure!(
+        import.status.success(),
+        "ctr images import: {}",
+        text(&import)
+    );
+    let names = ctr(&["images", "ls", "-q"])?;
+    let image = String::from_utf8_lossy(&names.stdout)
+        .lines()
+        .find(|l| l.starts_with("eddy.test/eddy:"))
+        .map(str::to_string)
+        .with_context(|| format!("imported image not listed: {}", text(&names)))?;
+
+    let pin_dir = format!("/sys/fs/bpf/eddy-img-{}", unique_suffix());
+    let mounts = |socket_dir: &Path| -> Vec<String> {
+        let bind = |src: &Path, dst: &Path, mode: &str| {
+            format!(
+                "type=bind,src={},dst={},options=rbind:{mode}",
+                src.display(),
+                dst.display()
+            )
+        };
+        [
+            bind(Path::new("/sys/fs/bpf"), Path::new("/sys/fs/bpf"), "rw"),
+            // As the chart: the host's /sys/fs/cgroup (with a hybrid host's unified/ below).
+            bind(
+                Path::new("/sys/fs/cgroup"),
+                Path::new("/sys/fs/cgroup"),
+                "ro",
+            ),
+            bind(&data, Path::new("/var/lib/eddy"), "rw"),
+            bind(&trust, Path::new("/host-trust"), "rw"),
+            bind(socket_dir, socket_dir, "ro"),
+        ]
+        .into_iter()
+        .flat_map(|m| ["--mount".to_string(), m])
+        .collect()
+    };
+    // The host's PID namespace, as hostPID gives (named through this process: /proc/1 may
+    // be unreadable in a sandbox).
+    let host_pid_ns = format!("pid:/proc/{}/ns/pid", std::process::id());
+    let eddy_log = work.path().join("eddy-in-image.log");
+    let run_in_image = |id: &str, socket_dir: &Path, detach: bool, argv: &[&str]| {
+        let mut args: Vec<String> = vec!["run".into(), "--rm".into()];
+        if detach {
+            // The detached task's output goes to a file, for the failure messages.
+            args = vec![
+                "run".into(),
+                "-d".into(),
+                "--log-uri".into(),
+                format!("file://{}", eddy_log.display()),
+            ];
+        }
+        args.extend(["--privileged", "--net-host", "--with-ns", &host_pid_ns].map(String::from));
+        args.extend(mounts(socket_dir));
+        args.push(image.clone());
+        args.push(id.to_string());
+        args.extend(argv.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        ctr(&refs)
+    };
+    let runtime_dir = runtime.socket.parent().unwrap().to_path_buf();
+
+    let version = run_in_image(
+        &format!("version-{}", unique_suffix()),
+        &runtime_dir,
+        false,
+        &["/usr/local/bin/eddy", "--version"],
+    )?;
+    ensure!(
+        version.status.success() && text(&version).starts_with("eddy "),
+        "eddy --version in the image: {}",
+        text(&version)
+    );
+
+    // The chart's init step, in the image.
+    let install = run_in_image(
+        &format!("install-{}", unique_suffix()),
+        &runtime_dir,
+        false,
+        &[
+            "/usr/local/bin/eddy",
+            "ca",
+            "install",
+            "--bundle",
+            "/host-trust/bundle.crt",
+        ],
+    )?;
+    ensure!(
+        install.status.success() && text(&install).contains("added eddy's CA"),
+        "ca install in the image: {}",
+        text(&install)
+    );
+    ensure!(
+        data.join("ca/ca.crt").exists(),
+        "the CA is not on the data hostPath"
+    );
+
+    // The node's containerd starts after the CA is in place, as after a restart.
+    thread::sleep(Duration::from_millis(50));
+    let node = containerd_in(&node_cgroup)?;
+    let node_dir = node.socket.parent().unwrap().to_path_buf();
+    let upstream = TcpListener::bind("127.0.0.1:0")?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let admin = format!("127.0.0.1:{}", free_port()?);
+    let registry = upstream.local_addr()?.to_string();
+    let doctor = run_in_image(
+        &format!("doctor-{}", unique_suffix()),
+        &node_dir,
+        false,
+        &[
+            "/usr/local/bin/eddy",
+            "doctor",
+            "--cgroup",
+            node_cgroup.to_str().unwrap(),
+            "--containerd-socket",
+            node.socket.to_str().unwrap(),
+            "--bundle",
+            "/host-trust/bundle.crt",
+            "--registry",
+            &registry,
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--bpf-pin-dir",
+            &pin_dir,
+        ],
+    )?;
+    ensure!(
+        doctor.status.success(),
+        "eddy doctor in the image failed:\n{}",
+        text(&doctor)
+    );
+
+    // eddy run in the image attaches to the test cgroup; `eddy status` on the host sees it.
+    let container = format!("run-{}", unique_suffix());
+    let run = run_in_image(
+        &container,
+        &node_dir,
+        true,
+        &[
+            "/usr/local/bin/eddy",
+            "run",
+            "--cgroup",
+            hooked.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--admin",
+            &admin,
+            "--registry",
+            &registry,
+            "--bpf-pin-dir",
+            &pin_dir,
+        ],
+    )?;
+    ensure!(run.status.success(), "ctr run -d: {}", text(&run));
+    let mut attached = String::new();
+    for _ in 0..100 {
+        let status = eddy(&["status", "--json", "--bpf-pin-dir", &pin_dir])?;
+        if status.status.success() {
+            let s: Value = serde_json::from_slice(&status.stdout)?;
+            let names: Vec<String> = s["attached"]
+                .as_array()
+                .map(|a| a.iter().map(|p| p["name"].to_string()).collect())
+                .unwrap_or_default();
+            if s["running"] == true
+                && s["cgroup"]["path"] == hooked.to_str().unwrap()
+                && names.iter().any(|n| n.contains("eddy_connect4"))
+            {
+                attached = names.join(",");
+                break;
+            }
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctr(&["tasks", "kill", "-s", "SIGTERM", &container]);
+    // Bounded: eddy drains for at most its drain timeout (10 s), then exits.
+    let mut stopped = false;
+    for _ in 0..150 {
+        let tasks = ctr(&["tasks", "ls"])?;
+        stopped = String::from_utf8_lossy(&tasks.stdout)
+            .lines()
+            .any(|l| l.starts_with(&container) && l.contains("STOPPED"));
+        if stopped {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctr(&["tasks", "delete", "-f", &container]);
+    let _ = ctr(&["containers", "delete", &container]);
+    let log = fs::read_to_string(&eddy_log).unwrap_or_default();
+    ensure!(
+        !attached.is_empty(),
+        "eddy in the image did not attach to {}; its log:\n{log}",
+        hooked.display()
+    );
+    ensure!(
+        stopped,
+        "eddy in the image did not stop on SIGTERM; its log:\n{log}"
+    );
+    ensure!(
+        !Path::new(&pin_dir).exists(),
+        "{pin_dir} left behind after SIGTERM; eddy's log:\n{log}"
+    );
+    drop(node);
+    Ok(())
+}

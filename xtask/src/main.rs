@@ -6,6 +6,7 @@ mod bench;
 mod build_ebpf;
 mod chart_test;
 mod demo;
+mod image;
 mod test;
 mod util;
 
@@ -26,6 +27,8 @@ enum Command {
     Test(test::Options),
     /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
     Demo(demo::Options),
+    /// Build eddy's OCI image (FROM scratch: the binary, its libraries, CA roots) with umoci.
+    Image(image::Options),
     /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
     ChartTest(chart_test::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
@@ -40,5 +43,6 @@ fn main() -> Result<()> {
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::ChartTest(opts) => chart_test::run(&opts),
+        Command::Image(opts) => image::run(&opts),
     }
 }

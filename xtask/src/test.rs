@@ -73,6 +73,11 @@ pub fn run(opts: &Options) -> Result<()> {
         ]))?;
     }
 
+    let image = if eddy.is_some() {
+        Some(crate::image::build()?)
+    } else {
+        None
+    };
     let Some(eddy) = eddy else {
         eprintln!();
         eprintln!("xtask: ==========================================================");
@@ -97,7 +102,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 "--test-threads=1",
             ])
             .args(&opts.test_args)
-            .env("EDDY_BIN", &eddy),
+            .env("EDDY_BIN", &eddy)
+            .env("EDDY_IMAGE", &image.expect("built with eddy").archive),
     )?;
     Ok(())
 }
