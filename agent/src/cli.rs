@@ -99,6 +99,13 @@ pub enum CaCommand {
         #[arg(long, default_value_t = 1, hide = true)]
         host_pid: u32,
     },
+    /// Remove the CA certificate from a host trust bundle (leaves the rest untouched).
+    Uninstall {
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[arg(long, env = "EDDY_CA_BUNDLE")]
+        bundle: PathBuf,
+    },
     /// Print a Talos machine-config patch that adds the CA to the node's trusted roots.
     TalosPatch(TrustArgs),
 }

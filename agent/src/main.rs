@@ -70,6 +70,23 @@ fn run(command: Command) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Ca(CaCommand::Uninstall { trust, bundle }) => {
+            // Never create a CA just to remove it: read the existing one.
+            let cert = trust.ca_dir().join("ca.crt");
+            match std::fs::read_to_string(&cert) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("no CA at {}: nothing to remove", cert.display());
+                }
+                Err(e) => return Err(e).context(format!("reading {}", cert.display())),
+                Ok(pem) => {
+                    if agent::tls::remove_from_bundle(&bundle, &pem)? {
+                        println!("removed eddy's CA from {}", bundle.display());
+                    } else {
+                        println!("eddy's CA is not in {}", bundle.display());
+                    }
+                }
+            }
+        }
         Command::Ca(CaCommand::TalosPatch(trust)) => {
             print!(
                 "{}",

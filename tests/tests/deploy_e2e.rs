@@ -184,6 +184,27 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
         "{stdout}"
     );
     drop(restarted);
+
+    // Uninstall leaves the bundle as it was before install (empty here), and says so twice.
+    let uninstall = |expect: &str| -> Result<()> {
+        let out = eddy(&[
+            "ca",
+            "uninstall",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])?;
+        ensure!(
+            out.status.success() && text(&out).contains(expect),
+            "{}",
+            text(&out)
+        );
+        Ok(())
+    };
+    uninstall("removed eddy's CA")?;
+    ensure!(fs::read_to_string(&bundle)?.is_empty());
+    uninstall("is not in")?;
     Ok(())
 }
 
