@@ -193,35 +193,6 @@ pub fn query_cgroup_programs(cgroup: &Path, attach: AttachType) -> io::Result<Ve
     Ok(ids[..n].to_vec())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn monotonic_clock_advances() {
-        let a = monotonic_ns();
-        let b = monotonic_ns();
-        assert!(a > 0 && b >= a);
-    }
-
-    #[test]
-    fn free_bytes_of_tmp() {
-        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
-        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
-    }
-
-    #[test]
-    fn tmp_is_not_bpffs() {
-        assert!(!is_bpffs(Path::new("/tmp")));
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        assert!(process_alive(std::process::id()));
-        assert!(!process_alive(0));
-    }
-}
-
 /// The bpf(2) syscall works here: create (and drop) a one-entry array map. Fails with
 /// EPERM without privileges and ENOSYS on kernels built without BPF.
 pub fn bpf_syscall_works() -> io::Result<()> {
@@ -283,4 +254,33 @@ pub fn process_start_time(pid: u32) -> Option<std::time::SystemTime> {
     }
     let secs = btime as f64 + ticks as f64 / hz as f64;
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_advances() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+
+    #[test]
+    fn free_bytes_of_tmp() {
+        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
+        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
+    }
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        assert!(!is_bpffs(Path::new("/tmp")));
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+    }
 }
