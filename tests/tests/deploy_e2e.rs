@@ -14,7 +14,14 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    cgroup::CgroupGuard, containerd::Containerd, eddy::eddy_bin, process::run_bounded,
+    cgroup::CgroupGuard,
+    containerd::{Client, Containerd},
+    eddy::eddy_bin,
+    netns::Netns,
+    oci::{self, ImageSpec},
+    pki::{write_bundle, Pki},
+    process::run_bounded,
+    registry::{check_programs, Upstream, UpstreamOptions, REGISTRY_HOST},
     require_privileges, unique_suffix,
 };
 use serde_json::Value;
@@ -264,7 +271,8 @@ fn deploy_cluster_ca_from_a_read_only_dir() -> Result<()> {
 /// privileged, host network and PID namespace, bpffs, the cgroup file system, the data
 /// hostPath, the trust bundle's directory and containerd's socket directory mounted. The
 /// init step (`ca install`) and `eddy doctor` pass in it, and `eddy run` attaches its hooks
-/// to a test cgroup from inside the container.
+/// to a test cgroup from inside the container and serves a second pull from its cache: a
+/// real docker-registry upstream in a network namespace, ctr pulling from the hooked cgroup.
 #[test]
 fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     if !require_privileges() {
@@ -273,7 +281,21 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     let archive = std::env::var_os("EDDY_IMAGE").context(
         "EDDY_IMAGE is not set: run through `cargo xtask test`, which builds the image with `cargo xtask image`",
     )?;
+    check_programs()?;
     let work = tempfile::tempdir()?;
+    let netns = Netns::new()?;
+    let pki = Pki::create(
+        &work.path().join("pki"),
+        &[REGISTRY_HOST],
+        &[netns.ns_v4.into()],
+    )?;
+    let upstream = Upstream::start(&netns, &pki, UpstreamOptions::default())?;
+    let layout = work.path().join("layout");
+    let app = oci::write_layout(&layout, "v1", &ImageSpec::single(&[3 << 20, 1 << 20]))?;
+    upstream.push(&app, "deploy/app")?;
+    // eddy (in the container) and the pulling client resolve registry.test to the upstream.
+    let hosts = work.path().join("hosts");
+    Client::write_hosts(&hosts, netns.ns_v4, &[REGISTRY_HOST])?;
     let data = work.path().join("data");
     let trust = work.path().join("trust");
     fs::create_dir_all(&data)?;
@@ -333,6 +355,9 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
             bind(&data, Path::new("/var/lib/eddy"), "rw"),
             bind(&trust, Path::new("/host-trust"), "rw"),
             bind(socket_dir, socket_dir, "ro"),
+            // The test's name for the upstream, and its CA (eddy verifies upstream TLS).
+            bind(&hosts, Path::new("/etc/hosts"), "ro"),
+            bind(&pki.ca_cert, Path::new("/etc/eddy/upstream-ca.crt"), "ro"),
         ]
         .into_iter()
         .flat_map(|m| ["--mount".to_string(), m])
@@ -386,6 +411,8 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
             "install",
             "--bundle",
             "/host-trust/bundle.crt",
+            "--registry",
+            REGISTRY_HOST,
         ],
     )?;
     ensure!(
@@ -402,10 +429,11 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     thread::sleep(Duration::from_millis(50));
     let node = containerd_in(&node_cgroup)?;
     let node_dir = node.socket.parent().unwrap().to_path_buf();
-    let upstream = TcpListener::bind("127.0.0.1:0")?;
+    // For doctor's reachability check: a listener on loopback.
+    let reachable = TcpListener::bind("127.0.0.1:0")?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let admin = format!("127.0.0.1:{}", free_port()?);
-    let registry = upstream.local_addr()?.to_string();
+    let registry = reachable.local_addr()?.to_string();
     let doctor = run_in_image(
         &format!("doctor-{}", unique_suffix()),
         &node_dir,
@@ -451,7 +479,9 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
             "--admin",
             &admin,
             "--registry",
-            &registry,
+            REGISTRY_HOST,
+            "--upstream-ca",
+            "/etc/eddy/upstream-ca.crt",
             "--bpf-pin-dir",
             &pin_dir,
         ],
@@ -476,6 +506,11 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
         }
         thread::sleep(Duration::from_millis(100));
     }
+    let pulls = if attached.is_empty() {
+        Ok(())
+    } else {
+        pull_twice(&work, &hooked, &hosts, &pki, &data, &upstream, &app)
+    };
     let _ = ctr(&["tasks", "kill", "-s", "SIGTERM", &container]);
     // Bounded: eddy drains for at most its drain timeout (10 s), then exits.
     let mut stopped = false;
@@ -497,6 +532,7 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
         "eddy in the image did not attach to {}; its log:\n{log}",
         hooked.display()
     );
+    pulls.with_context(|| format!("pulls through eddy in the image; its log:\n{log}"))?;
     ensure!(
         stopped,
         "eddy in the image did not stop on SIGTERM; its log:\n{log}"
@@ -506,5 +542,61 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
         "{pin_dir} left behind after SIGTERM; eddy's log:\n{log}"
     );
     drop(node);
+    Ok(())
+}
+
+/// A cold then a warm pull (each into a fresh containerd) from the hooked cgroup, trusting
+/// eddy's CA from the data hostPath: the warm one is served by eddy's store, so upstream
+/// sends no blob bytes for it.
+fn pull_twice(
+    work: &tempfile::TempDir,
+    hooked: &Path,
+    hosts: &Path,
+    pki: &Pki,
+    data: &Path,
+    upstream: &Upstream,
+    app: &oci::Image,
+) -> Result<()> {
+    let bundle = work.path().join("client-bundle.pem");
+    write_bundle(&bundle, &[&data.join("ca/ca.crt"), &pki.ca_cert])?;
+    let client = Client {
+        cgroup: Some(hooked.to_path_buf()),
+        hosts: hosts.to_path_buf(),
+        ca_bundle: bundle,
+    };
+    let reference = format!("{REGISTRY_HOST}/deploy/app:v1");
+    let timeout = Duration::from_secs(120);
+    let cold = Containerd::start()?;
+    client
+        .fetch(&cold, "deploy", &reference, &[], timeout)?
+        .check("cold pull through eddy in the image")?;
+    let after_cold = upstream.served()?;
+    ensure!(
+        after_cold.blob_bytes + (64 << 10) >= app.total_bytes(),
+        "upstream sent {} blob bytes for a {} byte image: the cold pull did not go upstream",
+        after_cold.blob_bytes,
+        app.total_bytes()
+    );
+    drop(cold);
+    let warm = Containerd::start()?;
+    client
+        .fetch(&warm, "deploy", &reference, &[], timeout)?
+        .check("warm pull through eddy in the image")?;
+    let after_warm = upstream.served()?;
+    println!(
+        "image {} B; upstream blob bytes after the cold pull {}, after the warm pull {}",
+        app.total_bytes(),
+        after_cold.blob_bytes,
+        after_warm.blob_bytes
+    );
+    ensure!(
+        after_warm.blob_bytes == after_cold.blob_bytes,
+        "upstream sent {} more blob bytes for the warm pull: not served from eddy's cache",
+        after_warm.blob_bytes - after_cold.blob_bytes
+    );
+    ensure!(
+        fs::read_dir(data.join("store"))?.next().is_some(),
+        "nothing in eddy's store on the data hostPath"
+    );
     Ok(())
 }
