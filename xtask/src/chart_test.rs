@@ -111,6 +111,7 @@ pub fn run(_opts: &Options) -> Result<()> {
         rendered.len(),
         versions.join(", ")
     );
+    self_test_crd_check(&tools, &out)?;
     for file in &rendered {
         validate_crds(&tools, file, &out)?;
     }
@@ -304,6 +305,27 @@ fn validate_core(tools: &Tools, files: &[PathBuf], version: &str) -> Result<()> 
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    Ok(())
+}
+
+/// The CRD validator must reject a bad object, or its passes prove nothing.
+fn self_test_crd_check(tools: &Tools, out: &Path) -> Result<()> {
+    let bad = out.join("crd-self-test.json");
+    fs::write(
+        &bad,
+        r#"[{"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+             "metadata": {"name": "bad"},
+             "spec": {"selector": {}, "podMetricsEndpoints": [{"interval": "5 minutes"}]}}]"#,
+    )?;
+    let output = Command::new("node")
+        .arg(tools.npm_dir.join("crd_check.mjs"))
+        .arg(&bad)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        !output.status.success() && stdout.contains("FAIL PodMonitor/bad"),
+        "the Prometheus Operator schema check accepted a bad interval: {stdout}"
+    );
     Ok(())
 }
 
