@@ -96,7 +96,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "starting eddy"
     );
     let ca = Arc::new(load_ca(
-        &config.data_dir,
+        &config.ca_dir,
         &config.registries,
         config.ca_unconstrained,
     )?);
@@ -236,14 +236,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// The node's CA, constrained to the configured registries unless told otherwise.
+/// The node's CA (in `ca_dir`, see `TrustArgs::ca_dir`), constrained to the configured
+/// registries unless told otherwise.
 pub fn load_ca(
-    data_dir: &std::path::Path,
+    ca_dir: &std::path::Path,
     registries: &Registries,
     unconstrained: bool,
 ) -> Result<Ca, TlsError> {
     let names = registries.names();
-    Ca::load_or_create(data_dir, (!unconstrained).then_some(names.as_slice()))
+    Ca::load_or_create_in(ca_dir, (!unconstrained).then_some(names.as_slice()))
 }
 
 /// Bind with a deep accept queue: pulls start many connections at once, and an overflow

@@ -34,6 +34,8 @@ pub enum Command {
     /// eddy's certificate authority: export it, or install it into a host trust bundle.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check that eddy can work on this node: one line per check, with the fix.
+    Doctor(DoctorArgs),
     /// Apply the store's size limit and TTL now: through the running agent's admin endpoint,
     /// or directly on --data-dir when no agent holds it.
     Gc(GcArgs),
@@ -93,6 +95,19 @@ pub struct TrustArgs {
     /// configured registries, so a leaked key cannot impersonate other hosts).
     #[arg(long, env = "EDDY_CA_UNCONSTRAINED")]
     pub ca_unconstrained: bool,
+    /// Directory of the CA (ca.crt, ca.key, ca.json) instead of <data dir>/ca: e.g. one
+    /// cluster-wide CA from a mounted Secret. Created there if it holds no CA yet.
+    #[arg(long, env = "EDDY_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The CA directory these arguments name.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca"))
+    }
 }
 
 /// The public registries eddy serves by default.
@@ -119,7 +134,51 @@ pub enum CaCommand {
         /// The trust bundle file, e.g. /etc/ssl/certs/ca-certificates.crt.
         #[arg(long, env = "EDDY_CA_BUNDLE")]
         bundle: PathBuf,
+        /// When the CA was newly added, restart the node's containerd once (through the
+        /// host's PID 1, `systemctl restart` of the unit that holds containerd).
+        #[arg(long, env = "EDDY_RESTART_CONTAINERD")]
+        restart_containerd: bool,
+        /// The process whose mount namespace is the host's (needs hostPID).
+        #[arg(long, default_value_t = 1, hide = true)]
+        host_pid: u32,
     },
+    /// Remove the CA certificate from a host trust bundle (leaves the rest untouched).
+    Uninstall {
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[arg(long, env = "EDDY_CA_BUNDLE")]
+        bundle: PathBuf,
+    },
+    /// Print a Talos machine-config patch that adds the CA to the node's trusted roots.
+    TalosPatch(TrustArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// As for `eddy run`: containerd's cgroup v2 directory, or `auto`.
+    #[arg(long, env = "EDDY_CGROUP", default_value = "auto")]
+    pub cgroup: String,
+    /// containerd's socket, or `auto` (from containerd's command line, else the known paths).
+    #[arg(long, env = "EDDY_CONTAINERD_SOCKET", default_value = "auto")]
+    pub containerd_socket: String,
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:15443")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// The host trust bundle containerd reads.
+    #[arg(
+        long,
+        env = "EDDY_CA_BUNDLE",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
+    pub bundle: PathBuf,
+    #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -116,6 +116,8 @@ pub struct Config {
     pub intercept_ports: Vec<u16>,
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the CA lives: `--ca-dir`, or `<data dir>/ca`.
+    pub ca_dir: PathBuf,
     pub registries: Registries,
     pub ca_unconstrained: bool,
     pub upstream_ca: Vec<PathBuf>,
@@ -170,6 +172,7 @@ impl Config {
             intercept_ports: ports,
             admin: args.admin,
             data_dir: args.trust.data_dir.clone(),
+            ca_dir: args.trust.ca_dir(),
             pin_dir: args.bpf_pin_dir.clone(),
             socket_mark: args.socket_mark,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),

@@ -45,6 +45,8 @@ pub struct Status {
     pub trust: Option<TrustReport>,
     /// Why `trust` is missing.
     pub trust_error: Option<String>,
+    /// The node's containerd as found now (distro, socket, unit); None if none was found.
+    pub containerd: Option<crate::distro::Containerd>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +100,7 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
         counters: maps.counters.iter().map(|(c, v)| (c.name(), *v)).collect(),
         trust,
         trust_error,
+        containerd: crate::distro::detect(Path::new("/proc")).ok(),
     })
 }
 
@@ -198,6 +201,21 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "heartbeat: cleared (redirects off)");
         }
     }
+    match &s.containerd {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "containerd: pid {} ({}), socket {}, unit {}",
+                c.pid,
+                c.distro,
+                c.socket.display(),
+                c.unit.as_deref().unwrap_or("none")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "containerd: not found in /proc");
+        }
+    }
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());
     for (name, v) in &s.counters {
         let _ = writeln!(out, "  {name:<20} {v}");
@@ -268,6 +286,7 @@ mod tests {
             counters: BTreeMap::new(),
             trust_error: trust.is_none().then(|| "connection refused".into()),
             trust,
+            containerd: None,
         }
     }
 

@@ -4,7 +4,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod chart_test;
 mod demo;
+mod image;
 mod test;
 mod util;
 
@@ -25,6 +27,10 @@ enum Command {
     Test(test::Options),
     /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
     Demo(demo::Options),
+    /// Build eddy's OCI image (FROM scratch: the binary, its libraries, CA roots) with umoci.
+    Image(image::Options),
+    /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
+    ChartTest(chart_test::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
 }
@@ -36,5 +42,7 @@ fn main() -> Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::ChartTest(opts) => chart_test::run(&opts),
+        Command::Image(opts) => image::run(&opts),
     }
 }

@@ -60,6 +60,8 @@ pub fn run(opts: &Options) -> Result<()> {
     };
 
     if !opts.privileged_only {
+        // Seconds, and no root needed: the chart is checked with real helm and schemas.
+        crate::chart_test::run(&Default::default())?;
         eprintln!("xtask: unit tests");
         // --release shares the dependency builds with the release binary.
         util::run(cargo().current_dir(workspace_root()).args([
@@ -71,6 +73,11 @@ pub fn run(opts: &Options) -> Result<()> {
         ]))?;
     }
 
+    let image = if eddy.is_some() {
+        Some(crate::image::build()?)
+    } else {
+        None
+    };
     let Some(eddy) = eddy else {
         eprintln!();
         eprintln!("xtask: ==========================================================");
@@ -95,7 +102,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 "--test-threads=1",
             ])
             .args(&opts.test_args)
-            .env("EDDY_BIN", &eddy),
+            .env("EDDY_BIN", &eddy)
+            .env("EDDY_IMAGE", &image.expect("built with eddy").archive),
     )?;
     Ok(())
 }

@@ -37,6 +37,16 @@ pub fn started_at(boot: SystemTime, start_ticks: u64, ticks_per_second: u64) -> 
         + Duration::from_nanos((start_ticks % hz) * 1_000_000_000 / hz)
 }
 
+/// When process `pid` started (wall clock), or None if it is gone.
+pub fn start_time(pid: u32) -> Option<SystemTime> {
+    let ticks = start_ticks(Path::new("/proc"), pid).ok()?;
+    Some(started_at(
+        crate::sys::boot_time(),
+        ticks,
+        crate::sys::clock_ticks_per_second(),
+    ))
+}
+
 /// The trust-related variables of a process's environment.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustEnv {
