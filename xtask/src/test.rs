@@ -73,10 +73,10 @@ pub fn run(opts: &Options) -> Result<()> {
         ]))?;
     }
 
-    let image = if eddy.is_some() {
-        Some(crate::image::build()?)
-    } else {
-        None
+    // The image the DaemonSet runs, tested with ctr by the privileged tests.
+    let image = match &eddy {
+        Some(eddy) => Some(crate::image::build_from(eddy)?),
+        None => None,
     };
     let Some(eddy) = eddy else {
         eprintln!();
