@@ -52,8 +52,13 @@ pub fn run(_opts: &Options) -> Result<()> {
 }
 
 pub fn build() -> Result<Built> {
-    util::ensure_programs(IMAGE_PROGRAMS)?;
     let eddy = util::build_release()?;
+    build_from(&eddy)
+}
+
+/// The image around an already built release binary.
+pub fn build_from(eddy: &Path) -> Result<Built> {
+    util::ensure_programs(IMAGE_PROGRAMS)?;
     let tag = version()?;
     let out = target_dir().join("image");
     let layout = out.join(format!("eddy-{tag}"));
@@ -80,10 +85,10 @@ pub fn build() -> Result<Built> {
     util::run(
         Command::new("objcopy")
             .arg("--strip-debug")
-            .arg(&eddy)
+            .arg(eddy)
             .arg(&bin),
     )?;
-    for lib in shared_libraries(&eddy)? {
+    for lib in shared_libraries(eddy)? {
         copy_into(&rootfs, &lib)?;
     }
     copy_into(&rootfs, Path::new(CA_BUNDLE))

@@ -23,6 +23,9 @@ pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("python3", "python3"),
     ("openssl", "openssl"),
+    // `cargo xtask image`, whose image the deploy tests run with ctr.
+    ("umoci", "umoci"),
+    ("objcopy", "binutils"),
 ];
 
 #[derive(clap::Args, Default)]
@@ -73,10 +76,10 @@ pub fn run(opts: &Options) -> Result<()> {
         ]))?;
     }
 
-    let image = if eddy.is_some() {
-        Some(crate::image::build()?)
-    } else {
-        None
+    // The image the DaemonSet runs, tested with ctr by the privileged tests.
+    let image = match &eddy {
+        Some(eddy) => Some(crate::image::build_from(eddy)?),
+        None => None,
     };
     let Some(eddy) = eddy else {
         eprintln!();
