@@ -28,6 +28,8 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 const MAX_TOKEN_RESPONSE: usize = 64 << 10;
 /// The token spec's default lifetime, when the realm does not say.
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// How long a repository that answered a credential-less HEAD is taken to need none.
+const OPEN_TTL: Duration = Duration::from_secs(60);
 /// Bound on cached tokens (one per repository and credentials).
 const MAX_TOKENS: usize = 10_000;
 
@@ -48,6 +50,10 @@ pub struct TokenClient {
     /// registry authority → the challenge its 401s carry (stable per registry), so a cached
     /// token needs no request at all.
     challenges: Mutex<HashMap<String, Challenge>>,
+    /// `authority/name` → until when a credential-less HEAD is known to need no credentials
+    /// (a registry without auth, or a repository it serves anonymously), so such requests do
+    /// not cost a HEAD each.
+    open: Mutex<HashMap<String, Instant>>,
 }
 
 impl TokenClient {
@@ -56,6 +62,7 @@ impl TokenClient {
             upstream,
             cache: Mutex::new(HashMap::new()),
             challenges: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
         }
     }
 
@@ -71,6 +78,16 @@ impl TokenClient {
         basic: Option<&HeaderValue>,
     ) -> Result<Option<HeaderValue>, TokenError> {
         let authority = probe.authority().map(|a| a.as_str()).unwrap_or_default();
+        let open_key = format!("{authority}/{name}");
+        if self
+            .open
+            .lock()
+            .unwrap()
+            .get(&open_key)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Ok(None);
+        }
         let known = self.challenges.lock().unwrap().get(authority).cloned();
         let challenge = match known {
             Some(c) => c,
@@ -84,6 +101,16 @@ impl TokenClient {
                     .insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
                 let resp = self.upstream.send(head).await?;
                 if resp.status() != StatusCode::UNAUTHORIZED {
+                    // Only a success says "no credentials needed"; a 404 may hide a private
+                    // repository.
+                    if !(resp.status().is_success() || resp.status().is_redirection()) {
+                        return Ok(None);
+                    }
+                    let mut open = self.open.lock().unwrap();
+                    if open.len() >= MAX_TOKENS {
+                        open.clear();
+                    }
+                    open.insert(open_key, Instant::now() + OPEN_TTL);
                     return Ok(None);
                 }
                 let Some(c) = challenge::from_headers(resp.headers()) else {
