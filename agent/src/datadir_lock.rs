@@ -3,7 +3,7 @@
 //! their commits. The kernel drops the lock when the process dies (kill -9 included), so a stale
 //! file never blocks a restart. The file records the holder's pid, for the error message.
 use std::{
-    fs::{File, OpenOptions, TryLockError},
+    fs::{File, OpenOptions},
     io::{self, Read, Seek, Write},
     path::{Path, PathBuf},
 };
@@ -42,15 +42,15 @@ fn open(data_dir: &Path) -> Result<(File, PathBuf), LockError> {
 /// Takes the data dir's lock, or says who holds it.
 pub fn acquire(data_dir: &Path) -> Result<DataDirLock, LockError> {
     let (mut file, path) = open(data_dir)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
+    match crate::sys::try_lock_exclusive(&file) {
+        Ok(true) => {}
+        Ok(false) => {
             return Err(LockError::Held {
                 dir: data_dir.to_path_buf(),
                 holder: read_pid(&mut file),
             })
         }
-        Err(TryLockError::Error(source)) => return Err(LockError::Io { path, source }),
+        Err(source) => return Err(LockError::Io { path, source }),
     }
     let pid = std::process::id();
     let written = file

@@ -143,6 +143,9 @@ pub struct Removal {
 pub struct GcReport {
     pub dry_run: bool,
     pub removed: Vec<Removal>,
+    /// Included in `bytes_freed`: partial fills idle for longer than the TTL.
+    #[serde(default)]
+    pub partial_bytes: u64,
     pub bytes_freed: u64,
     pub limit_bytes: u64,
     pub ttl_secs: u64,
@@ -231,10 +234,13 @@ impl Lifecycle {
                 });
             }
         }
+        // Partial fills nobody resumed within the TTL follow the same rule as content.
+        let partial_bytes = self.store.remove_stale_partials(self.policy.ttl, dry_run);
         let stats = self.store.stats();
         GcReport {
             dry_run,
-            bytes_freed: removed.iter().map(|r| r.bytes).sum(),
+            bytes_freed: removed.iter().map(|r| r.bytes).sum::<u64>() + partial_bytes,
+            partial_bytes,
             removed,
             limit_bytes: limit,
             ttl_secs: self.policy.ttl.as_secs(),

@@ -528,6 +528,43 @@ impl Store {
         crate::sys::free_bytes(&self.inner.blobs_dir).ok()
     }
 
+    /// Removes the partial files of fills that are not running and were last written more than
+    /// `idle` ago (a crashed run's fill of a blob nobody asked for again). Returns the bytes
+    /// freed, or that would be freed when `dry_run`.
+    pub fn remove_stale_partials(&self, idle: Duration, dry_run: bool) -> u64 {
+        let Ok(dir) = fs::read_dir(&self.inner.tmp_dir) else {
+            return 0;
+        };
+        let now = SystemTime::now();
+        let mut freed = 0;
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".partial")) else {
+                continue;
+            };
+            let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else { continue };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            // Checked under the inflight lock, which a fill holds while it opens its partial.
+            let inflight = lock(&self.inner.inflight);
+            if age < idle || inflight.contains_key(&digest) {
+                continue;
+            }
+            freed += meta.len();
+            if !dry_run {
+                info!(%digest, bytes = meta.len(), "removing a stale partial fill");
+                resume::discard(&entry.path());
+            }
+        }
+        freed
+    }
+
     /// Size of the store's filesystem (None if it cannot be read).
     pub fn fs_total_bytes(&self) -> Option<u64> {
         crate::sys::total_bytes(&self.inner.blobs_dir).ok()
@@ -1898,6 +1935,36 @@ mod tests {
         drop(store.get(&digest).unwrap());
         let accessed = fs::metadata(&path).unwrap().accessed().unwrap();
         assert!(accessed > old + Duration::from_secs(3000), "{accessed:?}");
+    }
+
+    #[tokio::test]
+    async fn stale_partials_are_removed_but_running_fills_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(50_000);
+        let partial = crashed_fill(dir.path(), &data, 20_000, 20_000);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.remove_stale_partials(Duration::from_secs(3600), false),
+            0
+        );
+        assert_eq!(store.remove_stale_partials(Duration::ZERO, true), 20_000);
+        assert!(partial.exists());
+        // A running fill's partial is left alone.
+        let (up, tx) = FakeUpstream::new(None);
+        let fill = store.fill(&Digest::of(&data), up.fetch());
+        assert_eq!(store.remove_stale_partials(Duration::ZERO, false), 0);
+        drop((fill, tx));
+        timeout(T, async {
+            while store.in_flight_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let other = content(30_000);
+        let stale = crashed_fill(dir.path(), &other, 10_000, 10_000);
+        assert_eq!(store.remove_stale_partials(Duration::ZERO, false), 10_000);
+        assert!(!stale.exists() && !resume::checkpoint_path(&stale).exists());
     }
 
     #[tokio::test]

@@ -103,6 +103,23 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     }
 }
 
+/// Takes an exclusive `flock` on `file` without waiting: Ok(false) if another open file
+/// description holds it. Released when the file is closed (or the process dies).
+pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor `file` keeps open for the duration of the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
 /// Size of the filesystem holding `path`.
 pub fn total_bytes(path: &Path) -> io::Result<u64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())?;
