@@ -44,6 +44,8 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Lock(#[from] crate::datadir_lock::LockError),
+    #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -51,6 +53,8 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -63,6 +67,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if !sys::has_bpf_privileges() {
         return Err(crate::bpf::BpfError::NotPrivileged.into());
     }
+    // Before anything else is written to the data dir (or attached): a second agent on the
+    // same store stops here with one line naming the first.
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let _data_dir_lock = crate::datadir_lock::acquire(&config.data_dir)?;
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
@@ -84,16 +95,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
     let ca = Arc::new(load_ca(
         &config.data_dir,
         &config.registries,
         config.ca_unconstrained,
     )?);
     let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
+    let node_credentials = config
+        .upstream_auth_file
+        .as_deref()
+        .map(crate::credentials::NodeCredentials::load)
+        .transpose()?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     // Re-hash what an earlier run left, in the background: open only checks sizes.
     tokio::spawn({
@@ -128,11 +140,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let registry_metrics = RegistryMetrics::register(&mut registry);
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        Arc::clone(&store),
+        config.cache_policy,
+    ));
     let oci = Arc::new(Registry::new(
         Upstream::new(upstream_tls, config.socket_mark),
         store,
         catalog,
         registry_metrics,
+        node_credentials,
     ));
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
@@ -143,9 +160,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         registry,
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
+        lifecycle: Arc::clone(&lifecycle),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),
         config.heartbeat_interval(),

@@ -34,6 +34,49 @@ pub enum Command {
     /// eddy's certificate authority: export it, or install it into a host trust bundle.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Apply the store's size limit and TTL now: through the running agent's admin endpoint,
+    /// or directly on --data-dir when no agent holds it.
+    Gc(GcArgs),
+}
+
+/// The store's lifecycle policy.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Store size limit: bytes with a unit (50GiB, 500MiB) or a share of the store's
+    /// filesystem (80%). Above it the least recently used content is evicted down to 80% of it.
+    #[arg(long, env = "EDDY_CACHE_MAX_SIZE", default_value = "80%")]
+    pub cache_max_size: crate::lifecycle::CacheSize,
+    /// Content not used for this long is removed (7d, 12h, 30s); every hit extends it.
+    #[arg(long, env = "EDDY_CACHE_TTL", default_value = "7d", value_parser = crate::lifecycle::parse_duration)]
+    pub cache_ttl: std::time::Duration,
+}
+
+impl CacheArgs {
+    pub fn policy(&self) -> crate::lifecycle::Policy {
+        crate::lifecycle::Policy {
+            max_size: self.cache_max_size,
+            ttl: self.cache_ttl,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// Report what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The running agent's admin address.
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
+    /// The data dir; worked on directly when no agent holds it.
+    #[arg(long, env = "EDDY_DATA_DIR", default_value = "/var/lib/eddy")]
+    pub data_dir: PathBuf,
+    /// The policy for a direct run (a running agent applies its own).
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 /// The registries served through TLS termination, and the CA that signs for them.
@@ -100,6 +143,12 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long = "upstream-ca", env = "EDDY_UPSTREAM_CA", value_delimiter = ',')]
     pub upstream_ca: Vec<PathBuf>,
+    /// Node-level upstream credentials: a Docker config.json (what a
+    /// kubernetes.io/dockerconfigjson Secret holds). Used for requests that carry no
+    /// credentials of their own; any client on the node may pull what they can read.
+    /// Re-read when the file changes.
+    #[arg(long, env = "EDDY_UPSTREAM_AUTH_FILE")]
+    pub upstream_auth_file: Option<PathBuf>,
     /// bpffs directory where the maps are pinned.
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -112,6 +161,8 @@ pub struct RunArgs {
     /// On SIGTERM, wait at most this many seconds for open connections to finish.
     #[arg(long, env = "EDDY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Debug, Clone)]

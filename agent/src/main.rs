@@ -35,6 +35,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                 print!("{}", status::render_text(&s));
             }
         }
+        Command::Gc(args) => {
+            let report = agent::gc::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", agent::lifecycle::render_text(&report));
+            }
+        }
         Command::Ca(CaCommand::Export(trust)) => {
             print!("{}", load_ca(&trust)?.cert_pem());
         }

@@ -241,7 +241,43 @@ impl std::fmt::Debug for StoreGauges {
 
 impl Collector for StoreGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let size = ConstGauge::new(self.0.size_bytes() as i64);
+        let stats = self.0.stats();
+        let gauges = [
+            (
+                "eddy_store_entries",
+                "Committed blobs and manifests in the store",
+                stats.entries as i64,
+            ),
+            (
+                "eddy_store_proxy_only",
+                "1 while the disk is below the free-space floor and fills are relayed uncached",
+                i64::from(stats.proxy_only),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let hits = ConstCounter::new(stats.hits);
+        let metric = encoder.encode_descriptor(
+            "eddy_store_hits",
+            "Lookups that found committed content in the store",
+            None,
+            hits.metric_type(),
+        )?;
+        hits.encode(metric)?;
+        let mut family = encoder.encode_descriptor(
+            "eddy_store_evictions",
+            "Entries evicted by the lifecycle policy, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, value) in [("size", stats.evicted_size), ("ttl", stats.evicted_ttl)] {
+            let labels = [("reason", reason)];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let size = ConstGauge::new(stats.bytes as i64);
         let metric = encoder.encode_descriptor(
             "eddy_store_bytes",
             "Bytes of committed content in the store",

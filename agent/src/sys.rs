@@ -103,6 +103,19 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     }
 }
 
+/// Size of the filesystem holding `path`.
+pub fn total_bytes(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_blocks as u64 * st.f_frsize as u64)
+    }
+}
+
 /// Raise RLIMIT_NOFILE to its hard limit: every proxied connection costs two descriptors.
 pub fn raise_nofile_limit() {
     // SAFETY: getrlimit/setrlimit on a struct we own.

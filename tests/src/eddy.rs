@@ -40,6 +40,8 @@ pub struct EddyConfig {
     pub run_in_cgroup: Option<PathBuf>,
     /// A program and arguments to run eddy under, e.g. `unshare --pid --fork --mount-proc`.
     pub wrapper: Vec<String>,
+    /// More `eddy run` arguments, appended as they are.
+    pub extra_args: Vec<OsString>,
 }
 
 impl EddyConfig {
@@ -51,6 +53,7 @@ impl EddyConfig {
             heartbeat_timeout_ms: None,
             run_in_cgroup: None,
             wrapper: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -100,6 +103,7 @@ impl Eddy {
         if let Some(ms) = config.heartbeat_timeout_ms {
             run.flag("--heartbeat-timeout-ms", ms.to_string());
         }
+        run.argv.extend(config.extra_args.iter().cloned());
         let inner = run.spawn(work, false)?;
         Ok(Self {
             bin: bin.to_path_buf(),
@@ -217,7 +221,7 @@ pub(crate) struct RunCommand {
     listen: SocketAddr,
     admin: SocketAddr,
     pin_dir: PathBuf,
-    argv: Vec<OsString>,
+    pub(crate) argv: Vec<OsString>,
 }
 
 impl RunCommand {

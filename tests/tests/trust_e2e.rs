@@ -88,6 +88,7 @@ impl World {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
+            extra_args: Vec::new(),
         };
         let eddy_ca = work.path().join("eddy-ca.pem");
         fs::write(

@@ -264,6 +264,7 @@ impl Env {
             hosts: Some(self.upstream_hosts.clone()),
             // The harness's "starting eddy: ..." line stays off the report's stderr.
             quiet_start: true,
+            extra_args: Vec::new(),
         };
         let ca = dir.join("eddy-ca.pem");
         fs::write(&ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
