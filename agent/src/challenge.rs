@@ -63,7 +63,9 @@ mod tests {
 
     #[test]
     fn docker_hub_challenge() {
-        let c = parse(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#);
+        let c = parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        );
         assert_eq!(
             c,
             Some(Challenge::Bearer(Bearer {

@@ -123,7 +123,10 @@ fn sorted_hosts(entries: &Entries) -> Vec<&str> {
 fn read(path: &Path) -> Result<(Entries, Option<SystemTime>), String> {
     let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.len() > MAX_FILE {
-        return Err(format!("{} bytes is too large for a config.json", meta.len()));
+        return Err(format!(
+            "{} bytes is too large for a config.json",
+            meta.len()
+        ));
     }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     Ok((parse(&bytes)?, meta.modified().ok()))
@@ -149,7 +152,8 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("not a Docker config.json: {e}"))?;
     let mut out = Entries::new();
     for (key, entry) in config.auths {
-        let host = registry_host(&key).ok_or_else(|| format!("auths: {key:?} names no registry"))?;
+        let host =
+            registry_host(&key).ok_or_else(|| format!("auths: {key:?} names no registry"))?;
         let user_pass = match (&entry.auth, &entry.username, &entry.password) {
             (Some(auth), _, _) if !auth.is_empty() => {
                 let decoded = STANDARD
@@ -163,7 +167,11 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, String> {
                 text
             }
             (_, Some(user), Some(password)) => format!("{user}:{password}"),
-            _ => return Err(format!("auths.{key}: neither auth nor username and password")),
+            _ => {
+                return Err(format!(
+                    "auths.{key}: neither auth nor username and password"
+                ))
+            }
         };
         let value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(user_pass)))
             .map_err(|_| format!("auths.{key}: credentials are not a header value"))?;
@@ -260,6 +268,9 @@ mod tests {
         assert_eq!(creds.basic_for("r.test"), Some(basic("c:d")), "kept");
         let missing = dir.path().join("missing.json");
         let e = NodeCredentials::load(&missing).err().unwrap().to_string();
-        assert!(e.starts_with("--upstream-auth-file ") && e.contains("missing.json"), "{e}");
+        assert!(
+            e.starts_with("--upstream-auth-file ") && e.contains("missing.json"),
+            "{e}"
+        );
     }
 }

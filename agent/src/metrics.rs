@@ -115,7 +115,7 @@ impl TrustMetrics {
         let m = Self::default();
         registry.register(
             "eddy_trust_verdicts",
-            "Client processes judged by the trust gate (once per process), by verdict",
+            "Verdicts of the trust gate: once per client process, and per connection for clients it cannot identify",
             m.verdicts.clone(),
         );
         registry.register(

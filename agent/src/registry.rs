@@ -38,8 +38,8 @@ use crate::{
     digest::Digest,
     metrics::RegistryMetrics,
     store::{Blob, Fetched, Store},
-    upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
     token::TokenClient,
+    upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
     visibility::{Verdict, Visibility},
 };
 
@@ -674,11 +674,7 @@ impl Registry {
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if headers.contains_key(header::AUTHORIZATION) && self.visibility.is_public(repo_key) {
-            if let Some(own) = self
-                .visibility
-                .anonymous_authorization(repo, &probe)
-                .await
-            {
+            if let Some(own) = self.visibility.anonymous_authorization(repo, &probe).await {
                 let mut anonymous = headers.clone();
                 anonymous.insert(header::AUTHORIZATION, own);
                 let resp = self
@@ -833,7 +829,9 @@ impl Registry {
     ) -> Result<(), Response<Body>> {
         let uri = content_uri(origin, repo, kind, digest);
         let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
-        let verdict = seen_in_repo.then(|| self.visibility.known(repo_key)).flatten();
+        let verdict = seen_in_repo
+            .then(|| self.visibility.known(repo_key))
+            .flatten();
         if verdict.is_some() {
             // Re-checked in the background once old; the last verdict stands meanwhile.
             self.visibility.refresh(repo_key, repo, uri.clone());

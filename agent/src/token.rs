@@ -161,7 +161,8 @@ impl TokenClient {
             .body(empty())
             .expect("valid request");
         if let Some(basic) = basic {
-            req.headers_mut().insert(header::AUTHORIZATION, basic.clone());
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, basic.clone());
         }
         let resp = self.upstream.send(req).await?;
         let status = resp.status();
@@ -253,7 +254,9 @@ mod tests {
         );
         // A realm with a query of its own keeps it.
         let uri = token_uri(&bearer("https://q.test/v2/auth?x=1", None), "a/b").unwrap();
-        assert!(uri.to_string().starts_with("https://q.test/v2/auth?x=1&scope="));
+        assert!(uri
+            .to_string()
+            .starts_with("https://q.test/v2/auth?x=1&scope="));
         // Relative or odd realms are refused.
         assert!(token_uri(&bearer("/token", None), "a").is_none());
         assert!(token_uri(&bearer("file:///etc/passwd", None), "a").is_none());

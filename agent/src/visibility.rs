@@ -147,9 +147,7 @@ impl Visibility {
 
     /// Ask upstream now, record and return the verdict. `None`: undecided (nothing changes).
     pub async fn check(&self, repo: &str, name: &str, probe: &Uri) -> Option<Verdict> {
-        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, self.decide(name, probe))
-            .await
-        {
+        let outcome = match tokio::time::timeout(CHECK_TIMEOUT, self.decide(name, probe)).await {
             Ok(r) => r,
             Err(_) => Err(Undecided::Timeout),
         };
@@ -165,7 +163,11 @@ impl Visibility {
                     debug!(error = %e, "recording a repository's visibility failed");
                 }
                 if before != Some(verdict) {
-                    info!(repo, ?verdict, "repository visibility decided by an anonymous check upstream");
+                    info!(
+                        repo,
+                        ?verdict,
+                        "repository visibility decided by an anonymous check upstream"
+                    );
                 }
                 Some(verdict)
             }
@@ -181,7 +183,10 @@ impl Visibility {
     /// anonymous clients none.
     pub async fn anonymous_authorization(&self, name: &str, probe: &Uri) -> Option<HeaderValue> {
         let fetch = self.tokens.authorization(probe, name, None);
-        tokio::time::timeout(CHECK_TIMEOUT, fetch).await.ok()?.ok()?
+        tokio::time::timeout(CHECK_TIMEOUT, fetch)
+            .await
+            .ok()?
+            .ok()?
     }
 
     async fn decide(&self, name: &str, probe: &Uri) -> Result<Verdict, Undecided> {
@@ -213,7 +218,6 @@ impl Visibility {
             .flatten();
         Ok((resp.status(), challenge))
     }
-
 }
 
 fn verdict_of(r: &RepoVisibility) -> Verdict {
@@ -244,7 +248,10 @@ fn head_request(uri: &Uri, auth: Option<&HeaderValue>) -> Request<crate::upstrea
         headers.insert(header::AUTHORIZATION, auth.clone());
     }
     // Manifests need an Accept the registry can answer; blobs ignore it.
-    headers.insert(header::ACCEPT, HeaderValue::from_static(token::MANIFEST_ACCEPT));
+    headers.insert(
+        header::ACCEPT,
+        HeaderValue::from_static(token::MANIFEST_ACCEPT),
+    );
     let mut req = Request::builder()
         .method(Method::HEAD)
         .uri(uri.clone())
@@ -276,7 +283,10 @@ mod tests {
             content_verdict(StatusCode::UNAUTHORIZED),
             Some(Verdict::Private)
         );
-        assert_eq!(content_verdict(StatusCode::NOT_FOUND), Some(Verdict::Private));
+        assert_eq!(
+            content_verdict(StatusCode::NOT_FOUND),
+            Some(Verdict::Private)
+        );
         assert_eq!(content_verdict(StatusCode::SERVICE_UNAVAILABLE), None);
     }
 

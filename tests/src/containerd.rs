@@ -36,16 +36,45 @@ pub struct Containerd {
 impl Containerd {
     /// Start a daemon and wait (bounded) until it answers `ctr version`.
     pub fn start() -> Result<Self> {
+        Self::start_with(None)
+    }
+
+    /// Start a daemon with the CRI plugin, as `client` (in its cgroup, with its /etc/hosts
+    /// and its `SSL_CERT_FILE`): pulls requested through CRI ([`crate::cri::pull_image`])
+    /// then run in this daemon, with the trust roots it read when it started, as the
+    /// kubelet's pulls do on a node. Its images land in namespace `k8s.io`.
+    pub fn start_cri(client: &Client) -> Result<Self> {
+        Self::start_with(Some(client))
+    }
+
+    fn start_with(cri_client: Option<&Client>) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
         let dir = work.path();
         let socket = dir.join("containerd.sock");
         let root = dir.join("root");
+        let cri = if cri_client.is_some() {
+            // Image pulls need no CNI; an empty CNI directory only logs a warning.
+            format!(
+                r#"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{cni}"
+  conf_dir = "{cni}"
+"#,
+                cni = dir.join("cni").display()
+            )
+        } else {
+            String::new()
+        };
+        let disabled_cri = if cri_client.is_some() {
+            ""
+        } else {
+            "\n  \"io.containerd.grpc.v1.cri\","
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
+disabled_plugins = [{disabled_cri}
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.zfs",
@@ -68,7 +97,7 @@ disabled_plugins = [
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
-"#,
+{cri}"#,
             root = root.display(),
             state = dir.join("state").display(),
             socket = socket.display(),
@@ -78,11 +107,19 @@ disabled_plugins = [
         fs::write(&config_path, config)?;
         let log = dir.join("containerd.log");
         let log_file = fs::File::create(&log)?;
+        let mut command = match cri_client {
+            Some(client) => {
+                client.command(&["containerd".into(), "--config".into(), config_path.into()])
+            }
+            None => {
+                let mut c = Command::new("containerd");
+                c.arg("--config").arg(&config_path);
+                c
+            }
+        };
         let process = ProcessGuard::spawn(
             "containerd",
-            Command::new("containerd")
-                .arg("--config")
-                .arg(&config_path)
+            command
                 .stdin(Stdio::null())
                 .stdout(log_file.try_clone()?)
                 .stderr(log_file),
@@ -133,7 +170,7 @@ disabled_plugins = [
         tail(&fs::read_to_string(&self.log).unwrap_or_default(), 20)
     }
 
-    /// The daemon's pid (e.g. to move it into a cgroup).
+    /// The daemon's pid (the client wrapper execs it, so it keeps the wrapper's pid).
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }

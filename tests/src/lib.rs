@@ -14,6 +14,7 @@ use anyhow::Result;
 
 pub mod cgroup;
 pub mod containerd;
+pub mod cri;
 pub mod eddy;
 pub mod netns;
 pub mod oci;

@@ -537,7 +537,10 @@ fn bad_setup_upstream_auth_file() -> Result<()> {
     let world = World::new(&ctx.probe)?;
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("config.json");
-    std::fs::write(&file, r#"{"auths": {"registry.test": {"auth": "not base64!"}}}"#)?;
+    std::fs::write(
+        &file,
+        r#"{"auths": {"registry.test": {"auth": "not base64!"}}}"#,
+    )?;
     let mut config = EddyConfig::new(world.cgroup.path());
     config.extra_args = vec!["--upstream-auth-file".into(), file.clone().into()];
     let mut eddy = Eddy::spawn(&ctx.eddy_bin, &config)?;

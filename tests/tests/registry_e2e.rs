@@ -2085,7 +2085,10 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
     let pull = |setup: &Setup, r: &str, extra: &[&str], what: &str| -> Result<Vec<String>> {
         let before = setup.upstream.requests().len();
         let ctd = Containerd::start()?;
-        let run = setup.client.pull(&ctd, NS, r, extra, PULL_TIMEOUT)?.check(what)?;
+        let run = setup
+            .client
+            .pull(&ctd, NS, r, extra, PULL_TIMEOUT)?
+            .check(what)?;
         let requests = setup.upstream.requests()[before..].to_vec();
         let content = content_requests(&requests);
         println!(
@@ -2096,8 +2099,18 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
         Ok(content)
     };
 
-    pull(&world.setup, &pub_ref, &[], "anonymous cold pull of hub/app")?;
-    pull(&world.setup, &priv_ref, &with_user, "cold pull of team/app with credentials")?;
+    pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous cold pull of hub/app",
+    )?;
+    pull(
+        &world.setup,
+        &priv_ref,
+        &with_user,
+        "cold pull of team/app with credentials",
+    )?;
     // eddy asks the token host itself, anonymously, in the background: wait for it.
     let keys = [
         format!("{REGISTRY_HOST}/{PUBLIC}"),
@@ -2111,7 +2124,10 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
         }
         thread::sleep(Duration::from_millis(100));
     };
-    println!("verdicts: {PUBLIC}: {:?}, {PRIVATE}: {:?}", verdicts[0], verdicts[1]);
+    println!(
+        "verdicts: {PUBLIC}: {:?}, {PRIVATE}: {:?}",
+        verdicts[0], verdicts[1]
+    );
     ensure!(
         verdicts == [Some(true), Some(false)],
         "expected {PUBLIC} public and {PRIVATE} private, got {verdicts:?}; eddy log:\n{}",
@@ -2130,7 +2146,12 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
 
     // Warm, the public image needs nothing upstream but the tag's revalidation; the private
     // one is still checked per client (HEADs with the client's token).
-    let content = pull(&world.setup, &pub_ref, &[], "anonymous warm pull of hub/app")?;
+    let content = pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous warm pull of hub/app",
+    )?;
     ensure!(
         content.is_empty(),
         "the warm pull of public content asked upstream about content: {content:?}"
@@ -2143,7 +2164,12 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
 
     // The verdict survives a restart.
     world.setup.restart_eddy()?;
-    let content = pull(&world.setup, &pub_ref, &[], "anonymous warm pull after a restart")?;
+    let content = pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous warm pull after a restart",
+    )?;
     ensure!(
         content.is_empty(),
         "after a restart, the warm pull of public content asked upstream: {content:?}"
@@ -2168,7 +2194,10 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
          stale manifests served {stale}",
         run.elapsed
     );
-    ensure!(stale >= 1.0, "eddy did not serve the tag from its last record");
+    ensure!(
+        stale >= 1.0,
+        "eddy did not serve the tag from its last record"
+    );
     ensure!(
         passthrough_after == passthrough,
         "the client dialled the (unreachable) token host: eddy answered with a challenge"
@@ -2177,10 +2206,11 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
 
     let store = eddy.metric(STORE_BYTES)?;
     let ctd = Containerd::start()?;
-    let denied = world
-        .setup
-        .client
-        .pull(&ctd, NS, &priv_ref, &with_user, Duration::from_secs(60))?;
+    let denied =
+        world
+            .setup
+            .client
+            .pull(&ctd, NS, &priv_ref, &with_user, Duration::from_secs(60))?;
     println!(
         "outage, private: ok={} {}",
         denied.ok(),
@@ -2192,7 +2222,10 @@ fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<
     );
     let have = ctd.content_digests(NS)?;
     ensure!(
-        priv_image.layers().iter().all(|l| !have.contains(&l.digest)),
+        priv_image
+            .layers()
+            .iter()
+            .all(|l| !have.contains(&l.digest)),
         "a private layer reached the client during the outage"
     );
     ensure!(
@@ -2280,7 +2313,10 @@ fn node_credentials_from_a_docker_config_json() -> Result<()> {
         "a private layer reached the anonymous client after the credentials were revoked"
     );
     ensure!(
-        setup.eddy().log_tail(200).contains("reloaded upstream credentials"),
+        setup
+            .eddy()
+            .log_tail(200)
+            .contains("reloaded upstream credentials"),
         "eddy did not log the reload"
     );
     Ok(())

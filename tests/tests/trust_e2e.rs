@@ -1,28 +1,27 @@
 //! End-to-end tests of the trust gate with real programs: docker-registry upstream in a
-//! network namespace, ctr, curl and a long-lived Go daemon (docker-registry as a pull-through
-//! mirror) in the hooked cgroup. A client that does not trust eddy's CA must pull
-//! successfully through eddy, untouched and uncached; one that trusts it is served and
+//! network namespace; ctr, curl and a containerd daemon pulling through its CRI plugin (as
+//! the kubelet has it do) in the hooked cgroup. A client that does not trust eddy's CA must
+//! pull successfully through eddy, untouched and uncached; one that trusts it is served and
 //! cached; a client that rejects eddy's certificate anyway fails once, then passes through.
 //!
 //! Run as root: `cargo xtask test --privileged-only -- trust_` (or `cargo xtask test`).
 use std::{
     fs,
-    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use eddy_tests::{
     cgroup::CgroupGuard,
     containerd::{http_status, Client, Containerd},
-    eddy::{eddy_bin, free_port},
+    eddy::eddy_bin,
     netns::Netns,
     oci::{self, Image, ImageSpec},
     pki::{write_bundle, Pki},
-    process::{run_bounded, ProcessGuard},
+    process::run_bounded,
     registry::{check_programs, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
     registry_eddy::{
         ca_export, connections_series, verify_store, RegistryEddy, RegistryEddyConfig,
@@ -271,168 +270,6 @@ fn trust_ctr_without_the_ca_passes_through_and_with_it_is_cached() -> Result<()>
     Ok(())
 }
 
-/// A docker-registry pull-through mirror: a long-lived Go daemon that pulls from
-/// registry.test in its own process (as containerd's CRI plugin does) and reads its roots
-/// once. Runs in the hooked cgroup; clients reach it over plain HTTP on loopback.
-struct Mirror {
-    process: ProcessGuard,
-    addr: SocketAddr,
-    log: PathBuf,
-}
-
-impl Mirror {
-    fn start(world: &World, name: &str, bundle: &Path) -> Result<Self> {
-        let dir = world.work.path().join(name);
-        let storage = dir.join("storage");
-        fs::create_dir_all(&storage)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let config = format!(
-            "version: 0.1\n\
-             log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: true\n\
-             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n\
-             http:\n  addr: {addr}\n\
-             proxy:\n  remoteurl: https://{REGISTRY_HOST}\n",
-            storage = storage.display(),
-        );
-        let config_path = dir.join("config.yml");
-        fs::write(&config_path, config)?;
-        let log = dir.join("mirror.log");
-        let argv = ["docker-registry", "serve"]
-            .map(Into::into)
-            .into_iter()
-            .chain([config_path.into_os_string()])
-            .collect::<Vec<_>>();
-        let mut process = world.client(bundle, true).spawn(&argv, &log)?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            if let Some(status) = process.try_wait()? {
-                bail!(
-                    "the mirror exited ({status}) at start: {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the mirror does not listen on {addr} after 15 s: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Mirror { process, addr, log })
-    }
-
-    /// `ctr content fetch --plain-http` of the image from the mirror, by a ctr outside the
-    /// hooked cgroup (only the mirror's own upstream connections go through eddy).
-    fn pull(&self, world: &World, what: &str) -> Result<()> {
-        let ctd = Containerd::start()?;
-        let reference = format!("{}/{REPO}:v1", self.addr);
-        let run = world.client(&world.without_eddy, false).fetch(
-            &ctd,
-            NS,
-            &reference,
-            &["--plain-http"],
-            PULL_TIMEOUT,
-        )?;
-        ensure!(
-            run.ok(),
-            "{what}: ctr content fetch from the mirror failed: {}\nmirror log:\n{}",
-            run.stderr(),
-            eddy_tests::tail(&fs::read_to_string(&self.log).unwrap_or_default(), 15)
-        );
-        ctd.ensure_content(NS, &world.image.blobs())
-    }
-}
-
-/// c) A daemon started BEFORE eddy's CA entered its bundle (containerd after `eddy ca
-/// install`, before its restart) pulls successfully through eddy, uncached, and `eddy
-/// status` names it with the fix. After a restart with the CA in its bundle, eddy caches
-/// its pulls by itself.
-#[test]
-fn trust_daemon_started_before_the_ca_passes_through_until_restarted() -> Result<()> {
-    let Some(mut world) = world() else {
-        return Ok(());
-    };
-    // The daemon's bundle lacks eddy's CA when it starts (it dials upstream at once, through
-    // eddy, and keeps that connection alive)...
-    world.start_eddy()?;
-    let bundle = world.work.path().join("daemon-bundle.pem");
-    write_bundle(&bundle, &[&world.pki.ca_cert])?;
-    let mirror = Mirror::start(&world, "mirror-1", &bundle)?;
-    // ... then `eddy ca install` adds the CA, and eddy restarts (as a DaemonSet rollout
-    // does): the new eddy has never seen the daemon, and finds the CA in its bundle, but
-    // put there after the daemon started. The restart also ends the daemon's pooled
-    // upstream connections, which the old eddy was splicing.
-    thread::sleep(Duration::from_millis(50));
-    write_bundle(&bundle, &[&world.pki.ca_cert, &world.eddy_ca])?;
-    world.eddy = None;
-    world.start_eddy()?;
-
-    mirror.pull(&world, "daemon started before the CA")?;
-    let eddy = world.eddy();
-    let passed = eddy.metric(&untrusted_series())?;
-    println!(
-        "daemon started before the CA: {} = {passed}, registry_tls = {}, store {} files",
-        untrusted_series(),
-        eddy.metric(&tls_series())?,
-        world.store_files()?
-    );
-    ensure!(
-        passed >= 1.0 && eddy.metric(&tls_series())? == 0.0,
-        "the daemon's connections were not passed through; eddy log:\n{}",
-        eddy.log_tail(30)
-    );
-    ensure!(
-        eddy.metric(r#"eddy_trust_verdicts_total{verdict="started_before_ca"}"#)? >= 1.0,
-        "no started_before_ca verdict recorded"
-    );
-    ensure!(
-        world.store_files()? == 0,
-        "eddy cached an untrusting daemon's pull"
-    );
-    let status = world.status_text()?;
-    println!("eddy status:\n{status}");
-    let pid_line = format!("pid {} ", mirror.process.pid());
-    ensure!(
-        status.lines().any(|l| l.contains(&pid_line)
-            && l.contains("docker-registry")
-            && l.contains("started_before_ca")
-            && l.contains(&world.cgroup.path().display().to_string())),
-        "eddy status does not name the untrusting daemon (pid, exe, cgroup):\n{status}"
-    );
-    ensure!(
-        status.contains(
-            "restart containerd once (after `eddy ca install`), or set trust.restartContainerd in the chart"
-        ),
-        "eddy status does not give the fix:\n{status}"
-    );
-    drop(mirror);
-
-    // Restarted with the CA in its bundle: caching starts by itself.
-    let mirror = Mirror::start(&world, "mirror-2", &bundle)?;
-    mirror.pull(&world, "daemon restarted with the CA")?;
-    let terminated = eddy.metric(&tls_series())?;
-    let files = world.store_files()?;
-    println!("restarted daemon: registry_tls = {terminated}, store {files} files");
-    ensure!(
-        terminated >= 1.0,
-        "the restarted daemon was not terminated; eddy log:\n{}",
-        eddy.log_tail(30)
-    );
-    for blob in world.image.layers() {
-        ensure!(
-            eddy_tests::registry_eddy::store_has(&world.eddy_config.data_dir, &blob.digest),
-            "eddy did not cache {} for the restarted daemon",
-            blob.digest
-        );
-    }
-    let status = world.status_text()?;
-    ensure!(
-        status.contains("every client seen trusts eddy's CA"),
-        "eddy status still lists untrusting clients after the restart:\n{status}"
-    );
-    Ok(())
-}
-
 /// d) The reactive guard: curl whose SSL_CERT_FILE has eddy's CA (so the gate trusts it) but
 /// whose `--cacert` does not. Its first connection fails (it rejects eddy's certificate);
 /// later connections from curl in that cgroup pass through and succeed.
@@ -495,4 +332,103 @@ fn trust_a_client_that_rejects_eddys_certificate_fails_once_then_passes_through(
         "eddy status does not name the guarded curl:\n{status}"
     );
     Ok(())
+}
+
+/// c) The CRI path: a containerd daemon started BEFORE eddy's CA entered its bundle (the
+/// state of every node right after eddy's install) pulls through its CRI plugin, as the
+/// kubelet asks it to, successfully and uncached through eddy; `eddy status` names it and
+/// the fix. After a restart with the CA in its bundle, eddy caches its pulls by itself.
+#[test]
+fn trust_cri_pull_by_containerd_started_before_the_ca_is_cached_after_restart() -> Result<()> {
+    let Some(mut world) = world() else {
+        return Ok(());
+    };
+    world.start_eddy()?;
+    let bundle = world.work.path().join("containerd-bundle.pem");
+    write_bundle(&bundle, &[&world.pki.ca_cert])?;
+    let daemon = world.client(&bundle, true);
+    let containerd = Containerd::start_cri(&daemon)?;
+    // `eddy ca install` adds eddy's CA to the bundle the running daemon already read.
+    thread::sleep(Duration::from_millis(50));
+    write_bundle(&bundle, &[&world.pki.ca_cert, &world.eddy_ca])?;
+
+    let reference = world.reference();
+    let image_ref = cri_pull(&containerd, &reference)?;
+    containerd.ensure_content("k8s.io", &world.image.blobs())?;
+    let eddy = world.eddy();
+    let passed = eddy.metric(&untrusted_series())?;
+    println!(
+        "CRI pull by containerd started before the CA: {image_ref}; {} = {passed}, \
+         registry_tls = {}, store {} files",
+        untrusted_series(),
+        eddy.metric(&tls_series())?,
+        world.store_files()?
+    );
+    ensure!(
+        passed >= 1.0 && eddy.metric(&tls_series())? == 0.0,
+        "containerd's connections were not passed through; eddy log:\n{}",
+        eddy.log_tail(30)
+    );
+    ensure!(
+        eddy.metric(r#"eddy_trust_verdicts_total{verdict="started_before_ca"}"#)? >= 1.0,
+        "no started_before_ca verdict recorded"
+    );
+    ensure!(
+        world.store_files()? == 0 && eddy.upstream_bytes()? == 0,
+        "eddy cached content for an untrusting containerd"
+    );
+    let status = world.status_text()?;
+    println!("eddy status:\n{status}");
+    let pid_line = format!("pid {} ", containerd.pid());
+    ensure!(
+        status.lines().any(|l| l.contains(&pid_line)
+            && l.contains("containerd")
+            && l.contains("started_before_ca")
+            && l.contains(&world.cgroup.path().display().to_string())),
+        "eddy status does not name the untrusting containerd (pid, exe, cgroup):\n{status}"
+    );
+    ensure!(
+        status.contains(
+            "restart containerd once (after `eddy ca install`), or set trust.restartContainerd in the chart"
+        ),
+        "eddy status does not give the fix:\n{status}"
+    );
+    drop(containerd);
+
+    // Restarted with the CA in its bundle: caching starts by itself.
+    let containerd = Containerd::start_cri(&daemon)?;
+    cri_pull(&containerd, &reference)?;
+    containerd.ensure_content("k8s.io", &world.image.blobs())?;
+    let terminated = eddy.metric(&tls_series())?;
+    println!(
+        "restarted containerd: registry_tls = {terminated}, store {} files",
+        world.store_files()?
+    );
+    ensure!(
+        terminated >= 1.0,
+        "the restarted containerd was not terminated; eddy log:\n{}",
+        eddy.log_tail(30)
+    );
+    for blob in world.image.layers() {
+        ensure!(
+            eddy_tests::registry_eddy::store_has(&world.eddy_config.data_dir, &blob.digest),
+            "eddy did not cache {} for the restarted containerd",
+            blob.digest
+        );
+    }
+    let status = world.status_text()?;
+    ensure!(
+        status.contains("every client seen trusts eddy's CA"),
+        "eddy status still lists untrusting clients after the restart:\n{status}"
+    );
+    Ok(())
+}
+
+fn cri_pull(containerd: &Containerd, reference: &str) -> Result<String> {
+    eddy_tests::cri::pull_image(&containerd.socket, reference, PULL_TIMEOUT).with_context(|| {
+        format!(
+            "CRI PullImage {reference}; containerd log:\n{}",
+            containerd.log_tail()
+        )
+    })
 }

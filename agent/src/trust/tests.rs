@@ -152,7 +152,9 @@ fn a_process_started_before_the_ca_entered_its_bundle_does_not_trust() {
         Verdict::Untrusting(Reason::StartedBeforeCa)
     );
     assert_eq!(gate.report().untrusting.len(), 1);
-    // After a restart (same pid, new start time) it reads the bundle with the CA.
+    // After a restart (same pid, new start time) it reads the bundle with the CA. Start
+    // times have tick resolution: let the restart fall in a later tick than the write.
+    std::thread::sleep(Duration::from_millis(20));
     host.restart(12, "r", &[], "/usr/bin/containerd");
     assert_eq!(gate.verdict(&client(12)), Verdict::Trusting);
     assert!(gate.report().untrusting.is_empty());
@@ -315,7 +317,7 @@ fn a_rejection_guards_the_executable_in_its_cgroup_for_a_while() {
     host.process(20, "r", &[], Duration::ZERO, "/usr/bin/curl");
     host.process(21, "r", &[], Duration::ZERO, "/usr/bin/curl");
     host.process(22, "r", &[], Duration::ZERO, "/usr/bin/ctr");
-    let gate = host.gate().with_guard_for(Duration::from_millis(300));
+    let gate = host.gate().with_guard_for(Duration::from_secs(1));
     assert_eq!(gate.verdict(&client(20)), Verdict::Trusting);
     gate.record_rejection(&client(20));
     assert_eq!(gate.metrics.rejections.get(), 1);
@@ -339,7 +341,7 @@ fn a_rejection_guards_the_executable_in_its_cgroup_for_a_while() {
         "{report:?}"
     );
     // The guard expires.
-    std::thread::sleep(Duration::from_millis(350));
+    std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(gate.verdict(&client(21)), Verdict::Trusting);
     assert!(gate.report().untrusting.is_empty());
 }
