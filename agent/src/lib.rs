@@ -6,6 +6,7 @@
 //! termination (`tls`) → `registry` (OCI distribution API) → `store` + `catalog`, else
 //! `upstream`.
 pub mod admin;
+pub mod api_path;
 pub mod app;
 pub mod bpf;
 pub mod catalog;
@@ -16,6 +17,7 @@ pub mod digest;
 pub mod metrics;
 pub mod peek;
 pub mod proxy;
+pub mod range;
 pub mod registry;
 pub mod splice;
 pub mod status;

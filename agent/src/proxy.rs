@@ -56,7 +56,7 @@ pub struct Proxy {
 
 /// Where a connection goes.
 #[derive(Debug, PartialEq, Eq)]
-enum Route {
+pub enum Route {
     Passthrough,
     /// Terminate TLS for this registry; `ip` when the client sent no SNI.
     Tls {
@@ -267,7 +267,7 @@ fn plain_http_origin(req: &Request<Incoming>, orig: SocketAddr, registry: &Regis
 }
 
 /// Pick the route for a connection from its first bytes and original destination.
-fn route(hello: &Hello, orig: SocketAddr, registries: &Registries, ca: &Ca) -> Route {
+pub fn route(hello: &Hello, orig: SocketAddr, registries: &Registries, ca: &Ca) -> Route {
     let name = match hello {
         Hello::Tls { sni: Some(sni) } if registries.has_host(sni) => RegistryName::Dns(sni.clone()),
         Hello::Tls { sni: None } if registries.has_addr(orig) => RegistryName::Ip(orig.ip()),
