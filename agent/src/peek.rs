@@ -159,6 +159,33 @@ mod tests {
         assert_eq!(classify_bytes(&hello[..3]), None);
     }
 
+    /// ClientHellos captured from real clients (fuzz/seeds/capture-client-hellos.sh), also
+    /// the fuzzer's seeds: Go's crypto/tls as containerd's ctr and skopeo send it, curl and
+    /// openssl.
+    #[test]
+    fn captured_client_hellos() {
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/peek_route/");
+        let cases = [
+            ("ctr-go", Some("ghcr.io")),
+            ("skopeo-go", Some("ghcr.io")),
+            ("curl", Some("ghcr.io")),
+            ("curl-http2", Some("ghcr.io")),
+            ("openssl-s_client", Some("ghcr.io")),
+            ("openssl-tls12", Some("registry.test")),
+            ("openssl-no-sni", None),
+        ];
+        for (name, sni) in cases {
+            let hello = std::fs::read(format!("{seeds}{name}")).unwrap();
+            assert_eq!(
+                classify_bytes(&hello),
+                Some(Hello::Tls {
+                    sni: sni.map(String::from)
+                }),
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn a_client_dialling_an_ip_sends_no_sni() {
         assert_eq!(

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod test;
 mod util;
 
@@ -25,6 +26,8 @@ enum Command {
     Test(test::Options),
     /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
     Demo(demo::Options),
+    /// Fuzz eddy's parsers (cargo-fuzz, nightly): every target for --secs each.
+    Fuzz(fuzz::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
 }
@@ -35,6 +38,7 @@ fn main() -> Result<()> {
         Command::Build => util::build_release().map(drop),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
     }
 }
