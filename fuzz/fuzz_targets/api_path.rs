@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         Api::Base | Api::Other => return,
     };
     assert!(!repo.is_empty() && !reference.is_empty() && !reference.contains('/'));
+    // Nothing eddy caches under can climb out of its repository.
+    assert!(agent::api_path::valid_repository(repo), "{repo:?}");
+    assert!(repo.split('/').all(|c| c != ".." && c != "."), "{repo:?}");
     assert!(path.contains(repo) && path.ends_with(reference));
     if let Ok(digest) = reference.parse::<Digest>() {
         // One spelling per digest: what parses prints back identically.

@@ -36,6 +36,19 @@ pub struct Containerd {
 impl Containerd {
     /// Start a daemon and wait (bounded) until it answers `ctr version`.
     pub fn start() -> Result<Self> {
+        Self::start_with_config("")
+    }
+
+    /// As [`Containerd::start`], with content isolated per namespace: a pull into a new
+    /// namespace downloads every blob again instead of reusing another namespace's copy
+    /// (repeated pulls by one daemon, as in the soak).
+    pub fn start_isolated() -> Result<Self> {
+        Self::start_with_config(
+            "\n[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n",
+        )
+    }
+
+    fn start_with_config(extra: &str) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
         let dir = work.path();
         let socket = dir.join("containerd.sock");
@@ -73,7 +86,7 @@ disabled_plugins = [
             state = dir.join("state").display(),
             socket = socket.display(),
             opt = dir.join("opt").display(),
-        );
+        ) + extra;
         let config_path = dir.join("config.toml");
         fs::write(&config_path, config)?;
         let log = dir.join("containerd.log");

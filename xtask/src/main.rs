@@ -6,6 +6,7 @@ mod bench;
 mod build_ebpf;
 mod demo;
 mod fuzz;
+mod soak;
 mod test;
 mod util;
 
@@ -28,6 +29,8 @@ enum Command {
     Demo(demo::Options),
     /// Fuzz eddy's parsers (cargo-fuzz, nightly): every target for --secs each.
     Fuzz(fuzz::Options),
+    /// Mixed cold and warm pulls for --minutes through eddy; RSS, fds and pull times (not in CI).
+    Soak(soak::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
 }
@@ -39,6 +42,7 @@ fn main() -> Result<()> {
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
     }
 }
