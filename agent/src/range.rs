@@ -49,4 +49,19 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,4-5", 10), RangeSpec::Ignore);
         assert_eq!(parse_range("items=0-1", 10), RangeSpec::Ignore);
     }
+
+    /// Found by the `range` fuzz target (fuzz/seeds/range/bytes_0_u64_max): `end + 1`
+    /// overflowed for a last-byte position of u64::MAX (a panic with overflow checks, and a
+    /// wrong 416 without them). RFC 9110 allows any last-byte position past the end.
+    #[test]
+    fn a_last_byte_position_of_u64_max() {
+        assert_eq!(
+            parse_range("bytes=0-18446744073709551615", 10),
+            RangeSpec::Satisfiable(0, 10)
+        );
+        assert_eq!(
+            parse_range("bytes=3-18446744073709551615", 1 << 40),
+            RangeSpec::Satisfiable(3, 1 << 40)
+        );
+    }
 }
