@@ -24,7 +24,7 @@ pub fn parse_range(spec: &str, len: u64) -> RangeSpec {
     let (first, last) = (first.trim(), last.trim());
     let parsed = match (first.parse::<u64>().ok(), last.parse::<u64>().ok()) {
         (Some(start), None) if last.is_empty() => Some((start, len)),
-        (Some(start), Some(end)) if end >= start => Some((start, (end + 1).min(len))),
+        (Some(start), Some(end)) if end >= start => Some((start, end.saturating_add(1).min(len))),
         (None, Some(suffix)) if first.is_empty() => Some((len.saturating_sub(suffix), len)),
         _ => return RangeSpec::Ignore,
     };
