@@ -628,6 +628,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             elif fault == "reset":
                                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                                            struct.pack("ii", 1, 0))
+                                # The descriptor closes (with an RST) only once rfile lets go.
+                                self.rfile.close()
                                 self.connection.close()
                                 self.record(status, sent)
                                 return
