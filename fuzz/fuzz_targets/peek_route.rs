@@ -59,7 +59,10 @@ fuzz_target!(|data: &[u8]| {
             Route::Tls { authority, .. } => {
                 // Only configured registries are ever terminated.
                 assert!(matches!(hello, Hello::Tls { .. }));
-                assert!(authority.parse::<http::uri::Authority>().is_ok(), "{authority:?}");
+                assert!(
+                    authority.parse::<http::uri::Authority>().is_ok(),
+                    "{authority:?}"
+                );
             }
             Route::Http => assert_eq!(hello, Hello::HttpRegistry),
             Route::Passthrough => {}

@@ -11,7 +11,10 @@ fuzz_target!(|input: (u64, &[u8])| {
     for len in [len, len % 4096, 0, u64::MAX] {
         if let RangeSpec::Satisfiable(start, end) = parse_range(spec, len) {
             // A served range is never empty and never reaches past the content.
-            assert!(start < end && end <= len, "{spec:?} len {len} -> {start}..{end}");
+            assert!(
+                start < end && end <= len,
+                "{spec:?} len {len} -> {start}..{end}"
+            );
         }
     }
 });
