@@ -2,7 +2,7 @@
 //!
 //! - `eddy_connect4` / `eddy_connect6` (cgroup/connect4|6) rewrite a TCP connect to an
 //!   intercepted port so that it lands on eddy's proxy listener, and remember the original
-//!   destination under the socket cookie.
+//!   destination and the calling process (tgid, cgroup id) under the socket cookie.
 //! - `eddy_sock_ops` (sock_ops, ACTIVE_ESTABLISHED) moves that record to a map keyed by the
 //!   connection tuple, which is what the proxy can see after accept(): the accepted socket
 //!   has a different cookie than the client's.
@@ -18,7 +18,10 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
     macros::{btf_map, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
@@ -162,6 +165,17 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
             };
             (orig, Redirect::V6(config.proxy_ip6))
         }
+    };
+
+    // The client process, for the proxy's trust gate: it terminates TLS only for a process
+    // whose trust roots hold eddy's CA. connect() runs in the caller's context, so the
+    // "current" task is the client.
+    // SAFETY: helpers without arguments.
+    let (pid_tgid, cgroup_id) = unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_cgroup_id()) };
+    let orig = OrigDst {
+        tgid: (pid_tgid >> 32) as u32,
+        cgroup_id,
+        ..orig
     };
 
     // SAFETY: helper call on the program context.

@@ -1,4 +1,6 @@
-//! Admin HTTP on localhost: /metrics (Prometheus text), /healthz and /readyz.
+//! Admin HTTP on localhost: /metrics (Prometheus text), /healthz, /readyz, /trust (the
+//! clients that do not trust eddy's CA, as JSON, for `eddy status`), and the store:
+//! `GET /store` (size, entries, oldest access, proxy-only) and `POST /gc[?dry_run=1]` (JSON).
 use std::{
     convert::Infallible,
     sync::{
@@ -10,7 +12,8 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
-    body::Incoming, header, server::conn::http1, service::service_fn, Request, Response, StatusCode,
+    body::Incoming, header, server::conn::http1, service::service_fn, Method, Request, Response,
+    StatusCode,
 };
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
@@ -21,6 +24,9 @@ pub struct AdminState {
     pub registry: Registry,
     /// Attached and listening; false before setup completes and while draining.
     pub ready: AtomicBool,
+    /// The trust gate whose untrusting clients `/trust` lists.
+    pub trust: Option<Arc<crate::trust::TrustGate>>,
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 pub async fn serve(
@@ -53,13 +59,43 @@ pub async fn serve(
 }
 
 fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let json =
+        |value: serde_json::Value| (StatusCode::OK, "application/json", format!("{value}\n"));
     let (status, content_type, body) = match req.uri().path() {
+        "/store" if req.method() == Method::GET => {
+            json(crate::lifecycle::store_status(&state.lifecycle))
+        }
+        "/gc" if req.method() == Method::POST => {
+            let dry_run = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv == "dry_run=1" || kv == "dry_run=true")
+            });
+            let report = state.lifecycle.collect(dry_run);
+            json(serde_json::to_value(report).expect("GcReport serializes"))
+        }
+        "/store" | "/gc" => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /store, POST /gc\n".to_string(),
+        ),
         "/metrics" => (
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             crate::metrics::encode(&state.registry),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/trust" => match &state.trust {
+            Some(gate) => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&gate.report()).unwrap_or_default(),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no trust gate\n".to_string(),
+            ),
+        },
         "/readyz" if state.ready.load(Ordering::Relaxed) => {
             (StatusCode::OK, "text/plain", "ready\n".to_string())
         }

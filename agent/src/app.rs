@@ -20,12 +20,13 @@ use crate::{
     bpf::Bpf,
     catalog::Catalog,
     config::{Config, Registries},
-    metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges},
+    metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
     proxy::Proxy,
     registry::Registry,
     store::Store,
     sys,
     tls::{Ca, TlsError},
+    trust::{Host, TrustGate},
     upstream::Upstream,
 };
 
@@ -43,6 +44,8 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Lock(#[from] crate::datadir_lock::LockError),
+    #[error(transparent)]
     Bpf(#[from] crate::bpf::BpfError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
@@ -50,6 +53,8 @@ pub enum AppError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Credentials(#[from] crate::credentials::CredentialsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -62,6 +67,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if !sys::has_bpf_privileges() {
         return Err(crate::bpf::BpfError::NotPrivileged.into());
     }
+    // Before anything else is written to the data dir (or attached): a second agent on the
+    // same store stops here with one line naming the first.
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let _data_dir_lock = crate::datadir_lock::acquire(&config.data_dir)?;
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
@@ -83,16 +95,17 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AppError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
     let ca = Arc::new(load_ca(
-        &config.data_dir,
+        &config.ca_dir,
         &config.registries,
         config.ca_unconstrained,
     )?);
     let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
+    let node_credentials = config
+        .upstream_auth_file
+        .as_deref()
+        .map(crate::credentials::NodeCredentials::load)
+        .transpose()?;
     let store = Arc::new(Store::open(&config.data_dir)?);
     // Re-hash what an earlier run left, in the background: open only checks sizes.
     tokio::spawn({
@@ -127,18 +140,31 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let registry_metrics = RegistryMetrics::register(&mut registry);
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        Arc::clone(&store),
+        config.cache_policy,
+    ));
     let oci = Arc::new(Registry::new(
         Upstream::new(upstream_tls, config.socket_mark),
         store,
         catalog,
         registry_metrics,
+        node_credentials,
+    ));
+    let trust = Arc::new(TrustGate::new(
+        ca.cert_der(),
+        Host::real(),
+        TrustMetrics::register(&mut registry),
     ));
     let admin_state = Arc::new(AdminState {
         registry,
         ready: false.into(),
+        trust: Some(Arc::clone(&trust)),
+        lifecycle: Arc::clone(&lifecycle),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),
         config.heartbeat_interval(),
@@ -160,6 +186,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         config.registries.clone(),
         ca,
         oci,
+        trust,
         stop_rx.clone(),
     ));
     let connections = TaskTracker::new();
@@ -209,14 +236,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     Ok(())
 }
 
-/// The node's CA, constrained to the configured registries unless told otherwise.
+/// The node's CA (in `ca_dir`, see `TrustArgs::ca_dir`), constrained to the configured
+/// registries unless told otherwise.
 pub fn load_ca(
-    data_dir: &std::path::Path,
+    ca_dir: &std::path::Path,
     registries: &Registries,
     unconstrained: bool,
 ) -> Result<Ca, TlsError> {
     let names = registries.names();
-    Ca::load_or_create(data_dir, (!unconstrained).then_some(names.as_slice()))
+    Ca::load_or_create_in(ca_dir, (!unconstrained).then_some(names.as_slice()))
 }
 
 /// Bind with a deep accept queue: pulls start many connections at once, and an overflow

@@ -14,7 +14,7 @@ use aya::{
 };
 use eddy_common::{map, program, v4_mapped, Config as BpfConfig, ConnKey, Counter, OrigDst};
 
-use crate::{config::Config, sys};
+use crate::{config::Config, sys, trust::ClientProcess};
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EDDY_EBPF_OBJECT"));
@@ -187,13 +187,18 @@ impl Bpf {
         }
     }
 
-    /// The original destination of an accepted connection, removed from the map.
-    pub fn take_orig_dst(&self, client: SocketAddr, proxy: SocketAddr) -> Option<SocketAddr> {
+    /// The original destination of an accepted connection and the process that connected,
+    /// removed from the map.
+    pub fn take_orig_dst(
+        &self,
+        client: SocketAddr,
+        proxy: SocketAddr,
+    ) -> Option<(SocketAddr, ClientProcess)> {
         let key = conn_key(client, proxy);
         let mut map = self.orig_dst.lock().unwrap();
         let dst = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
-        Some(orig_dst_addr(&dst))
+        Some((orig_dst_addr(&dst), client_process(&dst)))
     }
 
     /// Sum of each counter over all CPUs.
@@ -284,6 +289,14 @@ fn ip16(ip: IpAddr) -> [u8; 16] {
     match ip {
         IpAddr::V4(v4) => v4_mapped(v4.octets()),
         IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The process the connect hook saw calling connect().
+pub fn client_process(dst: &OrigDst) -> ClientProcess {
+    ClientProcess {
+        tgid: dst.tgid,
+        cgroup_id: dst.cgroup_id,
     }
 }
 
@@ -439,5 +452,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(orig_dst_addr(&v6).to_string(), "[fd00::1]:443");
+    }
+
+    #[test]
+    fn the_record_names_the_connecting_process() {
+        let dst = OrigDst {
+            tgid: 4242,
+            cgroup_id: 77,
+            ..Default::default()
+        };
+        assert_eq!(
+            client_process(&dst),
+            ClientProcess {
+                tgid: 4242,
+                cgroup_id: 77
+            }
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! What eddy knows ABOUT cached content, beside the bytes in the store: the media type of
 //! manifests, which repositories a digest was seen in, whether upstream served it without
-//! credentials, and the last digest each tag resolved to (served while upstream is down).
+//! credentials, the last digest each tag resolved to (served while upstream is down), and
+//! whether upstream serves each repository to anonymous clients (its public/private verdict).
 //!
 //! Small JSON sidecars under `<data_dir>/catalog`, written atomically (temp + rename).
 use std::{
@@ -38,6 +39,14 @@ pub struct TagRecord {
     pub public: bool,
 }
 
+/// Whether upstream serves a repository to anonymous clients, and when that was last asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoVisibility {
+    pub public: bool,
+    /// Seconds since the Unix epoch (wall clock: the record outlives restarts).
+    pub checked_at: u64,
+}
+
 pub struct Catalog {
     dir: PathBuf,
     /// Serialises read-modify-write of sidecars.
@@ -47,7 +56,7 @@ pub struct Catalog {
 impl Catalog {
     pub fn open(data_dir: &Path) -> Result<Self, CatalogError> {
         let dir = data_dir.join("catalog");
-        for sub in ["content", "tags", "tmp"] {
+        for sub in ["content", "tags", "repos", "tmp"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| CatalogError { path, source })?;
         }
@@ -102,6 +111,19 @@ impl Catalog {
         self.write_json(&path, record)
     }
 
+    pub fn repo_visibility(&self, repo: &str) -> Option<RepoVisibility> {
+        read_json(&self.repo_path(repo))
+    }
+
+    pub fn record_repo_visibility(
+        &self,
+        repo: &str,
+        visibility: &RepoVisibility,
+    ) -> Result<(), CatalogError> {
+        let _guard = self.write.lock().unwrap();
+        self.write_json(&self.repo_path(repo), visibility)
+    }
+
     fn content_path(&self, digest: &Digest) -> PathBuf {
         self.dir
             .join("content")
@@ -112,6 +134,11 @@ impl Catalog {
     fn tag_path(&self, repo: &str, tag: &str) -> PathBuf {
         let key = hex::encode(Sha256::digest(format!("{repo}:{tag}")));
         self.dir.join("tags").join(format!("{key}.json"))
+    }
+
+    fn repo_path(&self, repo: &str) -> PathBuf {
+        let key = hex::encode(Sha256::digest(repo));
+        self.dir.join("repos").join(format!("{key}.json"))
     }
 
     fn write_json<T: Serialize>(&self, path: &Path, value: &T) -> Result<(), CatalogError> {
@@ -177,5 +204,21 @@ mod tests {
         let cat = Catalog::open(dir.path()).unwrap();
         assert_eq!(cat.tag("r.test/a/b", "v1"), Some(rec));
         assert_eq!(cat.tag("r.test/a/b", "v2"), None);
+    }
+
+    #[test]
+    fn repo_visibility_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = RepoVisibility {
+            public: true,
+            checked_at: 1_700_000_000,
+        };
+        Catalog::open(dir.path())
+            .unwrap()
+            .record_repo_visibility("r.test/library/busybox", &v)
+            .unwrap();
+        let cat = Catalog::open(dir.path()).unwrap();
+        assert_eq!(cat.repo_visibility("r.test/library/busybox"), Some(v));
+        assert_eq!(cat.repo_visibility("r.test/library/other"), None);
     }
 }

@@ -116,43 +116,19 @@ fn is_cgroup2(path: &Path) -> bool {
     }
 }
 
-/// The cgroup v2 directory of the (oldest) process named `containerd`.
+/// The cgroup v2 directory of the node's containerd (see `distro::detect`: the oldest
+/// containerd process, never Talos' system containerd).
 fn containerd_cgroup() -> Result<PathBuf, CgroupError> {
-    let pid = find_process("containerd")?.ok_or(CgroupError::NoContainerd)?;
-    let cgroup_file = read(&format!("/proc/{pid}/cgroup"))?;
-    let rel = parse_v2_cgroup(&cgroup_file).ok_or(CgroupError::ContainerdNotInV2 { pid })?;
-    Ok(cgroup2_mount()?.join(rel.trim_start_matches('/')))
-}
-
-/// The `0::/path` entry of a /proc/PID/cgroup file.
-fn parse_v2_cgroup(content: &str) -> Option<&str> {
-    content.lines().find_map(|l| l.strip_prefix("0::"))
-}
-
-/// The lowest pid whose comm is exactly `name` (containerd, not containerd-shim).
-fn find_process(name: &str) -> Result<Option<u32>, CgroupError> {
-    let entries = fs::read_dir("/proc").map_err(|source| CgroupError::Io {
-        path: "/proc".into(),
-        source,
+    let containerd = crate::distro::detect(Path::new("/proc")).map_err(|e| match e {
+        crate::distro::DistroError::Io { path, source } => CgroupError::Io { path, source },
+        _ => CgroupError::NoContainerd,
     })?;
-    let mut found = None;
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may exit while we scan; skip it.
-        let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {
-            continue;
-        };
-        if comm.trim_end() == name && found.is_none_or(|f| pid < f) {
-            found = Some(pid);
-        }
+    if containerd.cgroup.is_empty() {
+        return Err(CgroupError::ContainerdNotInV2 {
+            pid: containerd.pid,
+        });
     }
-    Ok(found)
+    Ok(cgroup2_mount()?.join(containerd.cgroup.trim_start_matches('/')))
 }
 
 /// Find the path of the cgroup with `id` below the cgroup2 mount (for `eddy status`).
@@ -212,13 +188,6 @@ mod tests {
     fn unescapes_octal_mount_paths() {
         assert_eq!(unescape_mount_path(r"/a\040b"), "/a b");
         assert_eq!(unescape_mount_path("/plain"), "/plain");
-    }
-
-    #[test]
-    fn parses_v2_cgroup_line() {
-        let f = "12:memory:/x\n0::/system.slice/containerd.service\n";
-        assert_eq!(parse_v2_cgroup(f), Some("/system.slice/containerd.service"));
-        assert_eq!(parse_v2_cgroup("1:name=systemd:/\n"), None);
     }
 
     #[test]

@@ -34,6 +34,51 @@ pub enum Command {
     /// eddy's certificate authority: export it, or install it into a host trust bundle.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Check that eddy can work on this node: one line per check, with the fix.
+    Doctor(DoctorArgs),
+    /// Apply the store's size limit and TTL now: through the running agent's admin endpoint,
+    /// or directly on --data-dir when no agent holds it.
+    Gc(GcArgs),
+}
+
+/// The store's lifecycle policy.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// Store size limit: bytes with a unit (50GiB, 500MiB) or a share of the store's
+    /// filesystem (80%). Above it the least recently used content is evicted down to 80% of it.
+    #[arg(long, env = "EDDY_CACHE_MAX_SIZE", default_value = "80%")]
+    pub cache_max_size: crate::lifecycle::CacheSize,
+    /// Content not used for this long is removed (7d, 12h, 30s); every hit extends it.
+    #[arg(long, env = "EDDY_CACHE_TTL", default_value = "7d", value_parser = crate::lifecycle::parse_duration)]
+    pub cache_ttl: std::time::Duration,
+}
+
+impl CacheArgs {
+    pub fn policy(&self) -> crate::lifecycle::Policy {
+        crate::lifecycle::Policy {
+            max_size: self.cache_max_size,
+            ttl: self.cache_ttl,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GcArgs {
+    /// Report what would be removed, remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The running agent's admin address.
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
+    /// The data dir; worked on directly when no agent holds it.
+    #[arg(long, env = "EDDY_DATA_DIR", default_value = "/var/lib/eddy")]
+    pub data_dir: PathBuf,
+    /// The policy for a direct run (a running agent applies its own).
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 /// The registries served through TLS termination, and the CA that signs for them.
@@ -50,6 +95,19 @@ pub struct TrustArgs {
     /// configured registries, so a leaked key cannot impersonate other hosts).
     #[arg(long, env = "EDDY_CA_UNCONSTRAINED")]
     pub ca_unconstrained: bool,
+    /// Directory of the CA (ca.crt, ca.key, ca.json) instead of <data dir>/ca: e.g. one
+    /// cluster-wide CA from a mounted Secret. Created there if it holds no CA yet.
+    #[arg(long, env = "EDDY_CA_DIR")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The CA directory these arguments name.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca"))
+    }
 }
 
 /// The public registries eddy serves by default.
@@ -76,7 +134,51 @@ pub enum CaCommand {
         /// The trust bundle file, e.g. /etc/ssl/certs/ca-certificates.crt.
         #[arg(long, env = "EDDY_CA_BUNDLE")]
         bundle: PathBuf,
+        /// When the CA was newly added, restart the node's containerd once (through the
+        /// host's PID 1, `systemctl restart` of the unit that holds containerd).
+        #[arg(long, env = "EDDY_RESTART_CONTAINERD")]
+        restart_containerd: bool,
+        /// The process whose mount namespace is the host's (needs hostPID).
+        #[arg(long, default_value_t = 1, hide = true)]
+        host_pid: u32,
     },
+    /// Remove the CA certificate from a host trust bundle (leaves the rest untouched).
+    Uninstall {
+        #[command(flatten)]
+        trust: TrustArgs,
+        #[arg(long, env = "EDDY_CA_BUNDLE")]
+        bundle: PathBuf,
+    },
+    /// Print a Talos machine-config patch that adds the CA to the node's trusted roots.
+    TalosPatch(TrustArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// As for `eddy run`: containerd's cgroup v2 directory, or `auto`.
+    #[arg(long, env = "EDDY_CGROUP", default_value = "auto")]
+    pub cgroup: String,
+    /// containerd's socket, or `auto` (from containerd's command line, else the known paths).
+    #[arg(long, env = "EDDY_CONTAINERD_SOCKET", default_value = "auto")]
+    pub containerd_socket: String,
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:15443")]
+    pub listen: SocketAddr,
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
+    #[command(flatten)]
+    pub trust: TrustArgs,
+    /// The host trust bundle containerd reads.
+    #[arg(
+        long,
+        env = "EDDY_CA_BUNDLE",
+        default_value = "/etc/ssl/certs/ca-certificates.crt"
+    )]
+    pub bundle: PathBuf,
+    #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -91,7 +193,7 @@ pub struct RunArgs {
     /// Destination port to intercept. Repeatable (env: comma-separated).
     #[arg(long = "intercept-port", env = "EDDY_INTERCEPT_PORT", value_delimiter = ',', default_values_t = [443u16])]
     pub intercept_ports: Vec<u16>,
-    /// Admin HTTP address serving /metrics, /healthz and /readyz.
+    /// Admin HTTP address serving /metrics, /healthz, /readyz and /trust.
     #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
     pub admin: SocketAddr,
     #[command(flatten)]
@@ -100,6 +202,12 @@ pub struct RunArgs {
     /// Repeatable.
     #[arg(long = "upstream-ca", env = "EDDY_UPSTREAM_CA", value_delimiter = ',')]
     pub upstream_ca: Vec<PathBuf>,
+    /// Node-level upstream credentials: a Docker config.json (what a
+    /// kubernetes.io/dockerconfigjson Secret holds). Used for requests that carry no
+    /// credentials of their own; any client on the node may pull what they can read.
+    /// Re-read when the file changes.
+    #[arg(long, env = "EDDY_UPSTREAM_AUTH_FILE")]
+    pub upstream_auth_file: Option<PathBuf>,
     /// bpffs directory where the maps are pinned.
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
@@ -112,6 +220,8 @@ pub struct RunArgs {
     /// On SIGTERM, wait at most this many seconds for open connections to finish.
     #[arg(long, env = "EDDY_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     pub drain_timeout_secs: u64,
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -122,4 +232,7 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The running agent's admin address, asked for the clients that do not trust eddy's CA.
+    #[arg(long, env = "EDDY_ADMIN", default_value = "127.0.0.1:15090")]
+    pub admin: SocketAddr,
 }

@@ -116,13 +116,17 @@ pub struct Config {
     pub intercept_ports: Vec<u16>,
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where the CA lives: `--ca-dir`, or `<data dir>/ca`.
+    pub ca_dir: PathBuf,
     pub registries: Registries,
     pub ca_unconstrained: bool,
     pub upstream_ca: Vec<PathBuf>,
+    pub upstream_auth_file: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub socket_mark: u32,
     pub heartbeat_timeout: Duration,
     pub drain_timeout: Duration,
+    pub cache_policy: crate::lifecycle::Policy,
 }
 
 impl Config {
@@ -162,15 +166,18 @@ impl Config {
             registries,
             ca_unconstrained: args.trust.ca_unconstrained,
             upstream_ca: args.upstream_ca.clone(),
+            upstream_auth_file: args.upstream_auth_file.clone(),
             listen,
             listen6: SocketAddr::from((Ipv6Addr::LOCALHOST, listen.port())),
             intercept_ports: ports,
             admin: args.admin,
             data_dir: args.trust.data_dir.clone(),
+            ca_dir: args.trust.ca_dir(),
             pin_dir: args.bpf_pin_dir.clone(),
             socket_mark: args.socket_mark,
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            cache_policy: args.cache.policy(),
         })
     }
 
@@ -213,6 +220,27 @@ mod tests {
         assert!(matches!(e, ConfigError::HeartbeatTimeout { .. }));
         let e = Config::from_args(&args(&["--socket-mark", "0"])).unwrap_err();
         assert!(matches!(e, ConfigError::MarkZero));
+    }
+
+    #[test]
+    fn cache_flags_parse_and_default() {
+        use crate::lifecycle::CacheSize;
+        let a = args(&[]);
+        assert_eq!(a.cache.cache_max_size, CacheSize::Percent(80));
+        assert_eq!(a.cache.cache_ttl, Duration::from_secs(7 * 86_400));
+        let a = args(&["--cache-max-size", "500MiB", "--cache-ttl", "12h"]);
+        assert_eq!(a.cache.cache_max_size, CacheSize::Bytes(500 << 20));
+        assert_eq!(a.cache.cache_ttl, Duration::from_secs(12 * 3600));
+        let argv = ["eddy", "run", "--cache-ttl", "soon"];
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a duration"), "{e}");
+        let argv = ["eddy", "run", "--cache-max-size", "lots"];
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a size"), "{e}");
     }
 
     #[test]

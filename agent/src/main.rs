@@ -28,17 +28,30 @@ fn run(command: Command) -> anyhow::Result<()> {
             runtime.block_on(agent::app::run(config))?;
         }
         Command::Status(args) => {
-            let s = status::collect(&args.bpf_pin_dir)?;
+            let s = status::collect(&args.bpf_pin_dir, args.admin)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print!("{}", status::render_text(&s));
             }
         }
+        Command::Gc(args) => {
+            let report = agent::gc::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", agent::lifecycle::render_text(&report));
+            }
+        }
         Command::Ca(CaCommand::Export(trust)) => {
             print!("{}", load_ca(&trust)?.cert_pem());
         }
-        Command::Ca(CaCommand::Install { trust, bundle }) => {
+        Command::Ca(CaCommand::Install {
+            trust,
+            bundle,
+            restart_containerd,
+            host_pid,
+        }) => {
             let ca = load_ca(&trust)?;
             let added = agent::tls::install_into_bundle(&bundle, ca.cert_pem())?;
             if added {
@@ -46,9 +59,70 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 println!("eddy's CA is already in {}", bundle.display());
             }
-            println!(
-                "containerd reads its trust roots once: start it after the CA is in place, or restart it once now"
+            if restart_containerd && added {
+                // Only now: a containerd that started after an earlier install trusts the CA.
+                let containerd = agent::distro::detect(std::path::Path::new("/proc"))?;
+                let argv = agent::restart::restart_command(&containerd)?;
+                agent::restart::run_in_host(host_pid, &argv)?;
+                println!(
+                    "restarted containerd ({}, pid {} was): {}",
+                    containerd.distro,
+                    containerd.pid,
+                    argv.join(" ")
+                );
+            } else if restart_containerd {
+                println!("containerd not restarted: the CA was already installed");
+            } else {
+                println!(
+                    "containerd reads its trust roots once: start it after the CA is in place, or restart it once now"
+                );
+            }
+        }
+        Command::Ca(CaCommand::Uninstall { trust, bundle }) => {
+            // Never create a CA just to remove it: read the existing one.
+            let cert = trust.ca_dir().join("ca.crt");
+            match std::fs::read_to_string(&cert) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    println!("no CA at {}: nothing to remove", cert.display());
+                }
+                Err(e) => return Err(e).context(format!("reading {}", cert.display())),
+                Ok(pem) => {
+                    if agent::tls::remove_from_bundle(&bundle, &pem)? {
+                        println!("removed eddy's CA from {}", bundle.display());
+                    } else {
+                        println!("eddy's CA is not in {}", bundle.display());
+                    }
+                }
+            }
+        }
+        Command::Ca(CaCommand::TalosPatch(trust)) => {
+            print!(
+                "{}",
+                agent::talos::trusted_roots_patch(load_ca(&trust)?.cert_pem())
             );
+        }
+        Command::Doctor(args) => {
+            let inputs = agent::doctor::Inputs {
+                cgroup: args.cgroup,
+                containerd_socket: args.containerd_socket,
+                listen: args.listen,
+                admin: args.admin,
+                data_dir: args.trust.data_dir.clone(),
+                ca_dir: args.trust.ca_dir(),
+                bundle: args.bundle,
+                pin_dir: args.bpf_pin_dir,
+                registries: Registries::parse(&args.trust.registries)?,
+                proc: "/proc".into(),
+            };
+            let checks = agent::doctor::run(&inputs);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                print!("{}", agent::doctor::render_text(&checks));
+            }
+            if agent::doctor::failed(&checks) {
+                anyhow::bail!("eddy doctor: some checks failed (see above)");
+            }
         }
     }
     Ok(())
@@ -57,7 +131,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn load_ca(trust: &TrustArgs) -> anyhow::Result<agent::tls::Ca> {
     let registries = Registries::parse(&trust.registries)?;
     Ok(agent::app::load_ca(
-        &trust.data_dir,
+        &trust.ca_dir(),
         &registries,
         trust.ca_unconstrained,
     )?)

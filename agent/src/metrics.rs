@@ -39,6 +39,11 @@ pub struct SourceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub verdict: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -47,6 +52,9 @@ pub struct KindLabels {
 pub mod route {
     /// Spliced to the original destination untouched.
     pub const PASSTHROUGH: &str = "passthrough";
+    /// A registry connection spliced untouched because its client does not trust eddy's CA
+    /// (the trust gate); served, not cached.
+    pub const PASSTHROUGH_UNTRUSTED: &str = "passthrough_untrusted";
     /// Accepted, but no original destination was recorded for it (not a redirect).
     pub const NO_ORIG_DST: &str = "no_orig_dst";
     /// TLS terminated for a registry host; served by the registry handler.
@@ -92,6 +100,36 @@ impl ProxyMetrics {
 
     pub fn connection(&self, route: &'static str) {
         self.connections.get_or_create(&RouteLabels { route }).inc();
+    }
+}
+
+/// Metrics of the trust gate.
+#[derive(Clone, Default)]
+pub struct TrustMetrics {
+    pub verdicts: Family<VerdictLabels, Counter>,
+    pub rejections: Counter,
+}
+
+impl TrustMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "eddy_trust_verdicts",
+            "Client processes judged by the trust gate (once per process), by verdict",
+            m.verdicts.clone(),
+        );
+        registry.register(
+            "eddy_trust_rejections",
+            "TLS handshakes in which a client rejected eddy's certificate (its executable in its cgroup is then passed through for a while)",
+            m.rejections.clone(),
+        );
+        m
+    }
+
+    pub fn verdict(&self, verdict: &'static str) {
+        self.verdicts
+            .get_or_create(&VerdictLabels { verdict })
+            .inc();
     }
 }
 
@@ -203,7 +241,43 @@ impl std::fmt::Debug for StoreGauges {
 
 impl Collector for StoreGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let size = ConstGauge::new(self.0.size_bytes() as i64);
+        let stats = self.0.stats();
+        let gauges = [
+            (
+                "eddy_store_entries",
+                "Committed blobs and manifests in the store",
+                stats.entries as i64,
+            ),
+            (
+                "eddy_store_proxy_only",
+                "1 while the disk is below the free-space floor and fills are relayed uncached",
+                i64::from(stats.proxy_only),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(value);
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let hits = ConstCounter::new(stats.hits);
+        let metric = encoder.encode_descriptor(
+            "eddy_store_hits",
+            "Lookups that found committed content in the store",
+            None,
+            hits.metric_type(),
+        )?;
+        hits.encode(metric)?;
+        let mut family = encoder.encode_descriptor(
+            "eddy_store_evictions",
+            "Entries evicted by the lifecycle policy, by reason",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, value) in [("size", stats.evicted_size), ("ttl", stats.evicted_ttl)] {
+            let labels = [("reason", reason)];
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        let size = ConstGauge::new(stats.bytes as i64);
         let metric = encoder.encode_descriptor(
             "eddy_store_bytes",
             "Bytes of committed content in the store",

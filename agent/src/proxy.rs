@@ -1,7 +1,8 @@
 //! The proxy listener: accept redirected connections, recover their original destination
 //! and pick a route from the connection's first bytes:
 //! - a TLS ClientHello for a configured registry (by SNI, or by address when there is no
-//!   SNI): terminate TLS with a leaf from eddy's CA and serve the registry API;
+//!   SNI): terminate TLS with a leaf from eddy's CA and serve the registry API, if the
+//!   client process trusts that CA (the trust gate, `trust`); else pass it through;
 //! - a plain-HTTP `/v2` request: serve the registry API over HTTP;
 //! - anything else: the transparent passthrough, bytes spliced to the original destination.
 use std::{
@@ -34,6 +35,7 @@ use crate::{
     peek::{self, Hello},
     registry::{Origin, Registry},
     tls::{self, Ca, RegistryName},
+    trust::{self, ClientProcess, TrustGate, Verdict},
     upstream,
 };
 
@@ -54,6 +56,8 @@ pub struct Proxy {
     pub registries: Registries,
     pub ca: Arc<Ca>,
     pub registry: Arc<Registry>,
+    /// Decides, per client process, whether terminating TLS is safe.
+    pub trust: Arc<TrustGate>,
     tls_by_sni: Arc<rustls::ServerConfig>,
     /// Flips to true on SIGTERM: HTTP connections then close once idle.
     shutdown: watch::Receiver<bool>,
@@ -73,6 +77,9 @@ pub enum Route {
 }
 
 impl Proxy {
+    // Each argument is a separate dependency of the connection handlers; bundling them
+    // into a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         bpf: Arc<Bpf>,
         metrics: ProxyMetrics,
@@ -80,6 +87,7 @@ impl Proxy {
         registries: Registries,
         ca: Arc<Ca>,
         registry: Arc<Registry>,
+        trust: Arc<TrustGate>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Proxy {
@@ -90,6 +98,7 @@ impl Proxy {
             tls_by_sni: tls::server_config(Arc::clone(&ca)),
             ca,
             registry,
+            trust,
             shutdown,
             next_id: AtomicU64::new(1),
         }
@@ -133,7 +142,7 @@ impl Proxy {
         let Ok(local) = client.local_addr() else {
             return;
         };
-        let Some(orig) = self.bpf.take_orig_dst(peer, local) else {
+        let Some((orig, process)) = self.bpf.take_orig_dst(peer, local) else {
             // Someone dialled the proxy port directly: there is nowhere to send it.
             self.metrics.connection(route::NO_ORIG_DST);
             debug!("no original destination recorded; closing");
@@ -148,40 +157,64 @@ impl Proxy {
                     debug!(dst = %orig, error = %e, "passthrough ended with an error");
                 }
             }
-            Route::Tls { authority, ip } => {
-                self.metrics.connection(route::REGISTRY_TLS);
-                self.registry.upstream().pins.pin(&authority, orig);
-                let config = match ip {
-                    Some(ip) => tls::server_config_for_ip(Arc::clone(&self.ca), ip),
-                    None => Arc::clone(&self.tls_by_sni),
-                };
-                let handshake = tokio_rustls::TlsAcceptor::from(config).accept(client);
-                let Ok(handshake) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await
-                else {
-                    debug!("TLS handshake with the client timed out");
-                    self.metrics.active.dec();
-                    return;
-                };
-                match handshake {
-                    Ok(mut tls) => {
-                        // rustls encrypts at most this much per write (default 64 KiB):
-                        // larger batches mean fewer, larger socket writes for layer bytes.
-                        tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
-                        let origin = Origin {
-                            scheme: http::uri::Scheme::HTTPS,
-                            authority,
-                        };
-                        self.serve_http(tls, Some(Arc::new(origin)), orig).await;
+            Route::Tls { authority, ip } => match self.trust.judge(process).await {
+                Verdict::Untrusting(reason) => {
+                    // A client that does not trust eddy's CA would fail the handshake:
+                    // its pull must still work, so leave the connection alone.
+                    self.metrics.connection(route::PASSTHROUGH_UNTRUSTED);
+                    debug!(pid = process.tgid, reason = reason.label(), dst = %orig, "untrusting client; passing through");
+                    if let Err(e) = self.passthrough(client, orig).await {
+                        debug!(dst = %orig, error = %e, "passthrough ended with an error");
                     }
-                    Err(e) => debug!(error = %e, "TLS handshake with the client failed"),
                 }
-            }
+                Verdict::Trusting => self.terminate(client, authority, ip, orig, process).await,
+            },
             Route::Http => {
                 self.metrics.connection(route::REGISTRY_HTTP);
                 self.serve_http(client, None, orig).await;
             }
         }
         self.metrics.active.dec();
+    }
+
+    /// Terminate TLS with a leaf from eddy's CA and serve the registry API. A client that
+    /// rejects the certificate anyway puts its executable under the trust gate's guard.
+    async fn terminate(
+        &self,
+        client: TcpStream,
+        authority: String,
+        ip: Option<std::net::IpAddr>,
+        orig: SocketAddr,
+        process: ClientProcess,
+    ) {
+        self.metrics.connection(route::REGISTRY_TLS);
+        self.registry.upstream().pins.pin(&authority, orig);
+        let config = match ip {
+            Some(ip) => tls::server_config_for_ip(Arc::clone(&self.ca), ip),
+            None => Arc::clone(&self.tls_by_sni),
+        };
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(client);
+        let Ok(handshake) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await else {
+            debug!("TLS handshake with the client timed out");
+            return;
+        };
+        match handshake {
+            Ok(mut tls) => {
+                // rustls encrypts at most this much per write (default 64 KiB):
+                // larger batches mean fewer, larger socket writes for layer bytes.
+                tls.get_mut().1.set_buffer_limit(Some(TLS_WRITE_BUFFER));
+                let origin = Origin {
+                    scheme: http::uri::Scheme::HTTPS,
+                    authority,
+                };
+                self.serve_http(tls, Some(Arc::new(origin)), orig).await;
+            }
+            Err(e) if trust::is_certificate_rejection(&e) => {
+                debug!(error = %e, "the client rejected eddy's certificate");
+                self.trust.record_rejection(&process);
+            }
+            Err(e) => debug!(error = %e, "TLS handshake with the client failed"),
+        }
     }
 
     /// Serve the registry API on a (decrypted) stream, HTTP/1.1 or HTTP/2.

@@ -8,8 +8,10 @@
 //!   (single-flight, streamed to every waiting client as it arrives);
 //! - manifests by tag: revalidated upstream with HEAD on every request, served from the store
 //!   when the digest is known, and from the last known record while upstream is unreachable;
-//! - private content: served from the store only to a client whose credentials upstream
-//!   accepts for that repository (a HEAD upstream, remembered briefly).
+//! - public or private is upstream's verdict (see `visibility`): content of a repository that
+//!   upstream serves to anonymous clients is served to anyone, also while upstream is down;
+//!   private content only to a client whose credentials upstream accepts for that repository
+//!   (a HEAD upstream, remembered briefly).
 use std::{
     collections::HashMap,
     sync::{
@@ -33,21 +35,24 @@ use tracing::{debug, warn};
 use crate::{
     api_path::{parse_path, Api},
     catalog::{Catalog, ContentMeta, TagRecord},
+    credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
     range::{parse_range, RangeSpec},
-    store::{Blob, Store},
+    store::{Blob, Fetched, Store},
+    token::TokenClient,
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
+    visibility::{Verdict, Visibility},
 };
 
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
 /// rather than hanging every client that shares it.
 const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
-/// Below this much free disk (beyond the blob itself), eddy stops caching and streams
-/// straight from upstream: a full disk must not fail a pull.
-const MIN_FREE_BYTES: u64 = 256 << 20;
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
+/// Getting a token with the node's credentials gives up after this long: the request then
+/// goes upstream as it came.
+const NODE_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -67,18 +72,32 @@ pub struct Registry {
     store: Arc<Store>,
     catalog: Arc<Catalog>,
     metrics: RegistryMetrics,
+    visibility: Arc<Visibility>,
+    /// eddy's own token requests (anonymous ones, and with node credentials).
+    tokens: Arc<TokenClient>,
+    node_credentials: Option<NodeCredentials>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
 }
 
 impl Registry {
+    /// `node_credentials`: from `--upstream-auth-file`.
     pub fn new(
         upstream: Upstream,
         store: Arc<Store>,
         catalog: Arc<Catalog>,
         metrics: RegistryMetrics,
+        node_credentials: Option<NodeCredentials>,
     ) -> Self {
+        let tokens = Arc::new(TokenClient::new(upstream.clone()));
         Registry {
+            visibility: Arc::new(Visibility::new(
+                upstream.clone(),
+                Arc::clone(&tokens),
+                Arc::clone(&catalog),
+            )),
+            tokens,
+            node_credentials,
             upstream,
             store,
             catalog,
@@ -94,11 +113,15 @@ impl Registry {
     pub async fn handle(
         self: Arc<Self>,
         origin: Arc<Origin>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Response<Body> {
         let path = req.uri().path().to_string();
         let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
-        match parse_path(&path) {
+        let api = parse_path(&path);
+        if let (Api::Blob { repo, .. } | Api::Manifest { repo, .. }, true) = (&api, is_read) {
+            self.add_node_credentials(&origin, repo, &mut req).await;
+        }
+        match api {
             Api::Blob { repo, digest } if is_read => match digest.parse::<Digest>() {
                 Ok(digest) => self.content(&origin, repo, &digest, Kind::Blob, req).await,
                 Err(_) => self.forward(&origin, req, "blob").await,
@@ -115,6 +138,26 @@ impl Registry {
             },
             Api::Base => self.base(&origin, req).await,
             _ => self.forward(&origin, req, "other").await,
+        }
+    }
+
+    /// A request without credentials of its own goes upstream with the node's, if it has
+    /// some for this registry (see `credentials`).
+    async fn add_node_credentials(&self, origin: &Origin, repo: &str, req: &mut Request<Incoming>) {
+        let Some(creds) = &self.node_credentials else {
+            return;
+        };
+        if req.headers().contains_key(header::AUTHORIZATION) {
+            return;
+        }
+        let probe = upstream_uri(origin, req.uri());
+        let auth = tokio::time::timeout(
+            NODE_AUTH_TIMEOUT,
+            creds.authorization(&self.tokens, &origin.authority, repo, &probe),
+        )
+        .await;
+        if let Ok(Some(auth)) = auth {
+            req.headers_mut().insert(header::AUTHORIZATION, auth);
         }
     }
 
@@ -208,6 +251,10 @@ impl Registry {
         let uri = content_uri(origin, repo, kind, digest);
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
+        if !public {
+            // Fetched with the client's credentials: find out whether anyone may have it.
+            self.visibility.refresh(repo_key, repo, uri.clone());
+        }
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
         // on disk) go to this client as they are, uncached.
         let (uncached_tx, uncached_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
@@ -219,25 +266,57 @@ impl Registry {
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
             let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
-            self.store.fill(digest, move || async move {
+            self.store.fill(digest, move |held| async move {
                 owned.store(true, Ordering::Relaxed);
                 let started = Instant::now();
-                let resp = upstream
-                    .fetch_following(Method::GET, uri, &headers)
-                    .await
-                    .map_err(|e| -> BoxError { Box::new(e) })?;
+                // The fill fetches the whole blob (the client's own Range is served from it), or
+                // the rest after the prefix a crashed run left (`held`). Manifests are small:
+                // never resumed.
+                let from = if kind == Kind::Blob { held } else { 0 };
+                let fetch = |from: u64| {
+                    let mut headers = headers.clone();
+                    headers.remove(header::RANGE);
+                    headers.remove(header::IF_RANGE);
+                    if from > 0 {
+                        let range = format!("bytes={from}-").parse().expect("valid header");
+                        headers.insert(header::RANGE, range);
+                    }
+                    let (upstream, uri) = (&upstream, uri.clone());
+                    async move { upstream.fetch_following(Method::GET, uri, &headers).await }
+                };
+                let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
+                let mut resp = fetch(from).await.map_err(boxed)?;
+                let mut offset = 0;
+                if from > 0 {
+                    match resumed_at(&resp) {
+                        Some(at) if at == from => offset = from,
+                        // A 200 (upstream ignores Range) is a whole body the store can use.
+                        _ if resp.status() == StatusCode::OK => {}
+                        // A 416, or an answer that does not fit: ask again for the whole blob.
+                        _ => resp = fetch(0).await.map_err(boxed)?,
+                    }
+                }
                 metrics.upstream_latency(kind.label(), started.elapsed());
-                if resp.status() != StatusCode::OK {
+                let status_ok = resp.status() == StatusCode::OK
+                    || (offset > 0 && resp.status() == StatusCode::PARTIAL_CONTENT);
+                if !status_ok {
                     let status = resp.status();
                     let _ = uncached_tx.send(resp);
                     let refused: BoxError = format!("upstream answered {status}").into();
                     return Err(refused);
                 }
-                let len = content_length(resp.headers());
-                let free = store.free_bytes().unwrap_or(0);
-                if free < len.unwrap_or(0).saturating_add(MIN_FREE_BYTES) {
+                let len = if offset > 0 {
+                    content_range_total(resp.headers())
+                } else {
+                    content_length(resp.headers())
+                };
+                if !store.admits(len.unwrap_or(0).saturating_sub(offset)) {
+                    // The client gets the whole blob, uncached: a 206 is not what it asked for.
+                    if offset > 0 {
+                        resp = fetch(0).await.map_err(boxed)?;
+                    }
                     let _ = uncached_tx.send(resp);
-                    let full: BoxError = format!("only {free} bytes free: not caching").into();
+                    let full: BoxError = "disk below the free-space floor: not caching".into();
                     return Err(full);
                 }
                 let media_type = match kind {
@@ -266,7 +345,11 @@ impl Registry {
                     .into_body()
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
-                Ok((idle_timeout(body, UPSTREAM_IDLE), len))
+                Ok(Fetched {
+                    body: idle_timeout(body, UPSTREAM_IDLE),
+                    len,
+                    offset,
+                })
             })
         };
 
@@ -467,13 +550,13 @@ impl Registry {
             warn!(error = %e, "recording manifest metadata failed");
             return;
         }
-        if self.store.get(digest).is_some() {
+        if self.store.contains(digest).is_some() {
             return;
         }
         let len = bytes.len() as u64;
-        let fill = self.store.fill(digest, move || async move {
+        let fill = self.store.fill(digest, move |_| async move {
             let body = futures_util::stream::once(async move { Ok::<_, BoxError>(bytes) });
-            Ok::<_, BoxError>((body, Some(len)))
+            Ok::<_, BoxError>(Fetched::whole(body, Some(len)))
         });
         if let Err(e) = fill.done().await {
             warn!(%digest, error = %e, "storing manifest failed");
@@ -490,14 +573,15 @@ impl Registry {
         req: Request<Incoming>,
     ) -> Response<Body> {
         let repo_key = format!("{}/{repo}", origin.authority);
+        let probe = upstream_uri(origin, req.uri());
         let headers = request_headers(req.headers());
-        let public = !headers.contains_key(header::AUTHORIZATION);
+        let with_credentials = headers.contains_key(header::AUTHORIZATION);
+        if with_credentials {
+            self.visibility.refresh(&repo_key, repo, probe.clone());
+        }
+        let public = !with_credentials || self.visibility.is_public(&repo_key);
         let started = Instant::now();
-        let head = self
-            .upstream
-            .fetch_following(Method::HEAD, upstream_uri(origin, req.uri()), &headers)
-            .await;
-        let head = match head {
+        let head = match self.revalidate_tag(&repo_key, repo, probe, &headers).await {
             Ok(h) => h,
             Err(e) if e.is_unreachable() => return self.stale_tag(&repo_key, tag, &req, &e),
             Err(e) => return bad_gateway(&e),
@@ -547,6 +631,35 @@ impl Registry {
             .await
     }
 
+    /// HEAD a tag upstream (registries do not count it as a pull). For a public repository,
+    /// with eddy's own anonymous token in place of the client's, so the answer does not
+    /// depend on what the client's token grants; if that does not get a 200, with the
+    /// client's own headers, whose answer the client gets.
+    async fn revalidate_tag(
+        &self,
+        repo_key: &str,
+        repo: &str,
+        probe: Uri,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if headers.contains_key(header::AUTHORIZATION) && self.visibility.is_public(repo_key) {
+            if let Some(own) = self.visibility.anonymous_authorization(repo, &probe).await {
+                let mut anonymous = headers.clone();
+                anonymous.insert(header::AUTHORIZATION, own);
+                let resp = self
+                    .upstream
+                    .fetch_following(Method::HEAD, probe.clone(), &anonymous)
+                    .await;
+                if resp.as_ref().is_ok_and(|r| r.status() == StatusCode::OK) {
+                    return resp;
+                }
+            }
+        }
+        self.upstream
+            .fetch_following(Method::HEAD, probe, headers)
+            .await
+    }
+
     /// Upstream is unreachable: serve the tag's last known manifest if we may.
     fn stale_tag(
         &self,
@@ -558,7 +671,8 @@ impl Registry {
         let usable = self.catalog.tag(repo_key, tag).and_then(|rec| {
             let digest: Digest = rec.digest.parse().ok()?;
             // Private content needs upstream's word on the credentials, which we cannot get.
-            let ok = rec.public && accepts(req.headers(), &rec.media_type);
+            let public = rec.public || self.visibility.is_public(repo_key);
+            let ok = public && accepts(req.headers(), &rec.media_type);
             ok.then(|| {
                 self.store
                     .get(&digest)
@@ -682,7 +796,24 @@ impl Registry {
         meta: Option<&ContentMeta>,
         req_headers: &HeaderMap,
     ) -> Result<(), Response<Body>> {
-        if meta.is_some_and(|m| m.public) {
+        let uri = content_uri(origin, repo, kind, digest);
+        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
+        let verdict = seen_in_repo
+            .then(|| self.visibility.known(repo_key))
+            .flatten();
+        if verdict.is_some() {
+            // Re-checked in the background once old; the last verdict stands meanwhile.
+            self.visibility.refresh(repo_key, repo, uri.clone());
+        }
+        if meta.is_some_and(|m| self.visibility.content_is_public(m)) {
+            return Ok(());
+        }
+        // Content fetched with credentials, from a repository never checked: ask upstream
+        // once whether anonymous clients may have it, instead of checking every client.
+        if seen_in_repo
+            && verdict.is_none()
+            && self.visibility.check(repo_key, repo, &uri).await == Some(Verdict::Public)
+        {
             return Ok(());
         }
         let credentials: [u8; 32] = Sha256::digest(
@@ -692,7 +823,6 @@ impl Registry {
                 .unwrap_or_default(),
         )
         .into();
-        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
         let key = (repo_key.to_string(), credentials);
         if seen_in_repo {
             if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
@@ -701,7 +831,6 @@ impl Registry {
                 }
             }
         }
-        let uri = content_uri(origin, repo, kind, digest);
         let mut headers = HeaderMap::new();
         for name in [header::AUTHORIZATION, header::ACCEPT] {
             if let Some(v) = req_headers.get(&name) {
@@ -885,6 +1014,22 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes)
         .map_err(|never| match never {})
         .boxed_unsync()
+}
+
+/// Where a 206's body starts (`Content-Range: bytes START-END/TOTAL`).
+fn resumed_at(resp: &Response<Incoming>) -> Option<u64> {
+    if resp.status() != StatusCode::PARTIAL_CONTENT {
+        return None;
+    }
+    let range = resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?;
+    let (start, _) = range.strip_prefix("bytes ")?.split_once('-')?;
+    start.trim().parse().ok()
+}
+
+/// The blob's total length from a 206's `Content-Range` (None for `*`).
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    let range = headers.get(header::CONTENT_RANGE)?.to_str().ok()?;
+    range.rsplit_once('/')?.1.trim().parse().ok()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

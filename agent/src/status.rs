@@ -1,13 +1,23 @@
 //! `eddy status`: what is attached where, the BPF counters and the heartbeat age, read
 //! from the pinned maps and the kernel, so it works whether eddy is healthy, hung or dead.
+//! The clients that do not trust eddy's CA come from the running agent (`GET /trust` on
+//! its admin listener); when it does not answer, the rest is shown anyway.
 use std::{
     collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Serialize;
 
-use crate::{bpf::PinnedMaps, cgroup, sys};
+use crate::{bpf::PinnedMaps, cgroup, sys, trust::TrustReport};
+
+/// How long `eddy status` waits for the agent's admin listener.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most of a `/trust` answer read.
+const MAX_TRUST_REPORT: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -31,6 +41,12 @@ pub struct Status {
     /// Milliseconds since the last heartbeat; null if eddy cleared it (shutting down).
     pub heartbeat_age_ms: Option<u64>,
     pub counters: BTreeMap<&'static str, u64>,
+    /// Clients that do not trust eddy's CA (from the agent); None when it did not answer.
+    pub trust: Option<TrustReport>,
+    /// Why `trust` is missing.
+    pub trust_error: Option<String>,
+    /// The node's containerd as found now (distro, socket, unit); None if none was found.
+    pub containerd: Option<crate::distro::Containerd>,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,7 +62,7 @@ pub struct Attached {
     pub name: String,
 }
 
-pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
+pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError> {
     if !pin_dir.join("config").exists() {
         return Err(StatusError::NotPinned {
             dir: pin_dir.to_path_buf(),
@@ -59,6 +75,15 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         .map(attached_programs)
         .unwrap_or_default();
     let now = sys::monotonic_ns();
+    let (trust, trust_error) = match fetch_trust(admin) {
+        Ok(report) => (Some(report), None),
+        Err(e) => (
+            None,
+            Some(format!(
+                "the agent at {admin} did not answer GET /trust: {e}"
+            )),
+        ),
+    };
     Ok(Status {
         pin_dir: pin_dir.to_path_buf(),
         running: sys::process_alive(maps.config.agent_pid),
@@ -73,7 +98,48 @@ pub fn collect(pin_dir: &Path) -> Result<Status, StatusError> {
         heartbeat_age_ms: (maps.heartbeat_ns != 0)
             .then(|| now.saturating_sub(maps.heartbeat_ns) / 1_000_000),
         counters: maps.counters.iter().map(|(c, v)| (c.name(), *v)).collect(),
+        trust,
+        trust_error,
+        containerd: crate::distro::detect(Path::new("/proc")).ok(),
     })
+}
+
+/// `GET /trust` from the agent's admin listener, with the cgroup paths filled in.
+fn fetch_trust(admin: SocketAddr) -> Result<TrustReport, String> {
+    let body = http_get(admin, "/trust").map_err(|e| e.to_string())?;
+    let mut report: TrustReport =
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))?;
+    let mut paths = BTreeMap::new();
+    for client in &mut report.untrusting {
+        let path = paths
+            .entry(client.cgroup_id)
+            .or_insert_with(|| cgroup::path_of_id(client.cgroup_id));
+        client.cgroup = path.as_ref().map(|p| p.display().to_string());
+    }
+    Ok(report)
+}
+
+/// A minimal, bounded HTTP/1.1 GET (the admin listener is local and speaks HTTP/1.1).
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect_timeout(&addr, ADMIN_TIMEOUT)?;
+    stream.set_read_timeout(Some(ADMIN_TIMEOUT))?;
+    stream.set_write_timeout(Some(ADMIN_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.take(MAX_TRUST_REPORT).read_to_end(&mut response)?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other("no HTTP header end"))?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status_line = head.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(std::io::Error::other(format!("answered {status_line:?}")));
+    }
+    Ok(response[split + 4..].to_vec())
 }
 
 /// eddy's programs attached to the cgroup, by kernel query (other agents' programs on the
@@ -135,9 +201,129 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "heartbeat: cleared (redirects off)");
         }
     }
+    match &s.containerd {
+        Some(c) => {
+            let _ = writeln!(
+                out,
+                "containerd: pid {} ({}), socket {}, unit {}",
+                c.pid,
+                c.distro,
+                c.socket.display(),
+                c.unit.as_deref().unwrap_or("none")
+            );
+        }
+        None => {
+            let _ = writeln!(out, "containerd: not found in /proc");
+        }
+    }
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());
     for (name, v) in &s.counters {
         let _ = writeln!(out, "  {name:<20} {v}");
     }
+    render_trust(&mut out, s);
     out
+}
+
+fn render_trust(out: &mut String, s: &Status) {
+    use std::fmt::Write;
+    let Some(trust) = &s.trust else {
+        let why = s.trust_error.as_deref().unwrap_or("unknown");
+        let _ = writeln!(out, "trust:     unknown ({why})");
+        return;
+    };
+    if !trust.pids_visible {
+        let _ = writeln!(
+            out,
+            "trust:     eddy cannot see host process ids (run it with hostPID): every registry connection passes through uncached"
+        );
+    }
+    if trust.untrusting.is_empty() {
+        let _ = writeln!(out, "trust:     every client seen trusts eddy's CA");
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "trust:     {} client(s) do not trust eddy's CA; their pulls pass through uncached:",
+        trust.untrusting.len()
+    );
+    for c in &trust.untrusting {
+        let pid = c
+            .pid
+            .map_or_else(|| "any pid".to_string(), |p| format!("pid {p}"));
+        let cgroup = c
+            .cgroup
+            .clone()
+            .unwrap_or_else(|| format!("cgroup id {}", c.cgroup_id));
+        let guard = c
+            .guarded_secs
+            .map(|secs| format!(", passed through for {secs} s more"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {pid} {} in {cgroup}: {}{guard}",
+            c.exe,
+            c.reason.label()
+        );
+    }
+    let _ = writeln!(out, "  fix: {}", trust.fix);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::{Reason, UntrustingClient, FIX};
+
+    fn status(trust: Option<TrustReport>) -> Status {
+        Status {
+            pin_dir: "/sys/fs/bpf/eddy".into(),
+            running: true,
+            pid: 1,
+            cgroup: CgroupStatus { id: 1, path: None },
+            attached: vec![],
+            listen: "127.0.0.1:15443".into(),
+            intercept_ports: vec![443],
+            heartbeat_age_ms: Some(1),
+            counters: BTreeMap::new(),
+            trust_error: trust.is_none().then(|| "connection refused".into()),
+            trust,
+            containerd: None,
+        }
+    }
+
+    #[test]
+    fn names_each_untrusting_client_and_the_fix() {
+        let report = TrustReport {
+            pids_visible: true,
+            untrusting: vec![UntrustingClient {
+                pid: Some(812),
+                exe: "/usr/bin/containerd".into(),
+                cgroup_id: 9,
+                cgroup: Some("/sys/fs/cgroup/system.slice/containerd.service".into()),
+                reason: Reason::StartedBeforeCa,
+                guarded_secs: None,
+            }],
+            fix: FIX.into(),
+        };
+        let text = render_text(&status(Some(report)));
+        assert!(text.contains("pid 812 /usr/bin/containerd in /sys/fs/cgroup/system.slice/containerd.service: started_before_ca"), "{text}");
+        assert!(text.contains("restart containerd once (after `eddy ca install`), or set trust.restartContainerd in the chart"), "{text}");
+    }
+
+    #[test]
+    fn an_unreachable_agent_leaves_the_rest_of_the_status() {
+        let text = render_text(&status(None));
+        assert!(text.contains("listen:    127.0.0.1:15443"), "{text}");
+        assert!(
+            text.contains("trust:     unknown (connection refused)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn fetching_from_a_closed_port_fails_soft() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        assert!(fetch_trust(addr).is_err());
+    }
 }

@@ -7,10 +7,11 @@
 //!   or a complete one.
 //! - `meta/sha256/<hex>.json`: a sidecar recording the committed size, written (and made durable)
 //!   before the blob is renamed into place. It is the independent record `get` checks against.
-//! - `tmp/`: fills in progress. Cleared at open: a leftover belongs to a killed process and its
-//!   content was never verified.
+//! - `tmp/<hex>.partial` (+ `.partial.json`): fills in progress, named by digest so that a
+//!   restarted eddy resumes them from their checkpointed, re-verified prefix (see `resume`).
+//!   Anything else in `tmp/` is cleared at open.
 //!
-//! One process owns a store directory at a time.
+//! One process owns a store directory at a time (`eddy run` holds the data dir's lock file).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -19,7 +20,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
@@ -28,6 +31,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::digest::Digest;
+use crate::resume;
 
 /// Bytes per positional read. Large enough that a warm blob streams at several GB/s (one blocking
 /// task hop per chunk), small enough that a tee'd reader is never far behind the writer.
@@ -35,9 +39,37 @@ const READ_CHUNK: u64 = 256 * 1024;
 /// Upper bound on upstream chunks batched into one write (only chunks that are already available are
 /// batched, so batching never delays a reader).
 const WRITE_BATCH: usize = 1024 * 1024;
+/// Below this much free disk (beyond the blob itself), eddy stops caching and streams straight
+/// from upstream: a full disk must not fail a pull.
+pub const MIN_FREE_BYTES: u64 = 256 << 20;
+/// A hit is written to the blob file's atime at most this often: LRU order survives a restart
+/// to within this much, for one futimens per blob per interval.
+const PERSIST_ACCESS_EVERY: Duration = Duration::from_secs(60);
 
 /// Any error the upstream body or fetch may produce.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a fill's fetch returns. The fetch is given the length of the prefix the store already
+/// holds (0 for a fresh fill) and may resume from it (`Range: bytes=N-`) or send the whole blob.
+pub struct Fetched<S> {
+    pub body: S,
+    /// The blob's total length, if upstream announced it.
+    pub len: Option<u64>,
+    /// Where in the blob `body` starts: the prefix length it was asked for (a 206), or 0 (a
+    /// 200: upstream ignored the range, and the store skips the bytes it already has).
+    pub offset: u64,
+}
+
+impl<S> Fetched<S> {
+    /// The whole blob from its first byte.
+    pub fn whole(body: S, len: Option<u64>) -> Self {
+        Fetched {
+            body,
+            len,
+            offset: 0,
+        }
+    }
+}
 
 /// Cloneable so a failed fill can hand the same error to every waiting reader.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -103,6 +135,47 @@ struct Inner {
     index: Mutex<Index>,
     /// Fills in progress. Lock order: `inflight` before `index`.
     inflight: Mutex<HashMap<Digest, Fill>>,
+    stats: Stats,
+    /// Woken at every commit, so the size policy reacts to growth at once.
+    committed: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: AtomicU64,
+    evicted_size: AtomicU64,
+    evicted_ttl: AtomicU64,
+    /// Below the free-space floor: fills are relayed uncached.
+    proxy_only: AtomicBool,
+}
+
+/// Why content left the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvictReason {
+    Size,
+    Ttl,
+}
+
+/// A committed entry as the lifecycle policy sees it.
+#[derive(Debug, Clone)]
+pub struct EntryInfo {
+    pub digest: Digest,
+    pub size: u64,
+    pub last_access: SystemTime,
+    /// Being served right now (a [`Blob`] handle is alive): never evicted.
+    pub in_use: bool,
+}
+
+/// Counters for metrics and `GET /store`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct StoreStats {
+    pub bytes: u64,
+    pub entries: u64,
+    pub hits: u64,
+    pub evicted_size: u64,
+    pub evicted_ttl: u64,
+    pub proxy_only: bool,
 }
 
 #[derive(Default)]
@@ -115,6 +188,31 @@ struct Entry {
     size: u64,
     /// Hashed by this process: either filled here, or found at open and checked by `scrub`.
     verified: bool,
+    /// Last hit (or commit); persisted as the blob file's atime, see [`PERSIST_ACCESS_EVERY`].
+    last_access: SystemTime,
+    persisted_access: SystemTime,
+    /// Shared by every [`Blob`] handed out for this entry: alive means being served.
+    lease: Weak<()>,
+}
+
+impl Entry {
+    fn new(size: u64, verified: bool, last_access: SystemTime) -> Entry {
+        Entry {
+            size,
+            verified,
+            last_access,
+            persisted_access: last_access,
+            lease: Weak::new(),
+        }
+    }
+
+    fn lease(&mut self) -> Arc<()> {
+        self.lease.upgrade().unwrap_or_else(|| {
+            let lease = Arc::new(());
+            self.lease = Arc::downgrade(&lease);
+            lease
+        })
+    }
 }
 
 /// The sidecar in `meta/`. Unknown fields are ignored, so later versions can add some.
@@ -132,7 +230,7 @@ impl Store {
     /// Opens (creating if needed) the store under `<data_dir>/store`.
     ///
     /// Blobs found on disk are indexed if their sidecar exists and records their current size;
-    /// anything else in `blobs/` is deleted, and `tmp/` is emptied. Content is not re-hashed here, so
+    /// anything else in `blobs/` is deleted, and `tmp/` is emptied but for resumable fills. Content is not re-hashed here, so
     /// open stays fast for a large store; see [`Store::scrub`].
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let root = data_dir.join("store");
@@ -145,6 +243,13 @@ impl Store {
 
         for entry in fs::read_dir(&tmp_dir).map_err(io_err("list", &tmp_dir))? {
             let path = entry.map_err(io_err("list", &tmp_dir))?.path();
+            let resumable = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(resume::is_resumable_name);
+            if resumable && path.is_file() {
+                continue;
+            }
             debug!(path = %path.display(), "removing leftover temp file");
             let removed = if path.is_dir() {
                 fs::remove_dir_all(&path)
@@ -167,13 +272,13 @@ impl Store {
             match (digest, recorded) {
                 (Some(digest), Some(meta)) if actual.is_file() && actual.len() == meta.size => {
                     index.total += meta.size;
-                    index.entries.insert(
-                        digest,
-                        Entry {
-                            size: meta.size,
-                            verified: false,
-                        },
-                    );
+                    let accessed = actual
+                        .accessed()
+                        .or_else(|_| actual.modified())
+                        .unwrap_or_else(|_| SystemTime::now());
+                    index
+                        .entries
+                        .insert(digest, Entry::new(meta.size, false, accessed));
                 }
                 _ => {
                     warn!(path = %path.display(), "removing blob without a matching size record");
@@ -202,6 +307,8 @@ impl Store {
                 tmp_dir,
                 index: Mutex::new(index),
                 inflight: Mutex::new(HashMap::new()),
+                stats: Stats::default(),
+                committed: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -214,7 +321,7 @@ impl Store {
     /// the blob before its first byte on every cold start, for a failure mode (silent bit rot under an
     /// unchanged size) far rarer than the crash and disk-full cases the commit protocol already rules out.
     pub fn get(&self, digest: &Digest) -> Option<Blob> {
-        let size = lock(&self.inner.index).entries.get(digest)?.size;
+        let size = self.contains(digest)?;
         let path = self.inner.blob_path(digest);
         // The open fd keeps the content readable even if the blob is evicted while being served.
         let file = match File::open(&path).and_then(|f| Ok((f.metadata()?.len(), f))) {
@@ -235,11 +342,127 @@ impl Store {
                 return None;
             }
         };
+        // A hit: it extends the entry's TTL and moves it to the back of the LRU order.
+        let now = SystemTime::now();
+        let (lease, persist) = {
+            let mut index = lock(&self.inner.index);
+            let entry = index.entries.get_mut(digest)?;
+            entry.last_access = now;
+            let persist = now
+                .duration_since(entry.persisted_access)
+                .is_ok_and(|d| d >= PERSIST_ACCESS_EVERY);
+            if persist {
+                entry.persisted_access = now;
+            }
+            (entry.lease(), persist)
+        };
+        if persist {
+            let _ = file.set_times(fs::FileTimes::new().set_accessed(now));
+        }
+        self.inner.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(Blob {
             digest: *digest,
             len: size,
             file: Arc::new(file),
+            lease: Some(lease),
         })
+    }
+
+    /// The size of a committed blob, without counting a hit or opening it.
+    pub fn contains(&self, digest: &Digest) -> Option<u64> {
+        lock(&self.inner.index).entries.get(digest).map(|e| e.size)
+    }
+
+    /// Every committed entry, for the lifecycle policy.
+    pub fn entries(&self) -> Vec<EntryInfo> {
+        lock(&self.inner.index)
+            .entries
+            .iter()
+            .map(|(digest, e)| EntryInfo {
+                digest: *digest,
+                size: e.size,
+                last_access: e.last_access,
+                in_use: e.lease.strong_count() > 0,
+            })
+            .collect()
+    }
+
+    /// Evicts `digest` unless it is being served or was used after `seen_access` (the policy
+    /// decided on a snapshot; a hit since then wins). Returns the bytes freed.
+    pub fn evict(
+        &self,
+        digest: &Digest,
+        seen_access: SystemTime,
+        reason: EvictReason,
+    ) -> Option<u64> {
+        let size = self.contains(digest)?;
+        let removed = self.remove_if(digest, |e| {
+            e.lease.strong_count() == 0 && e.last_access <= seen_access
+        });
+        if !removed {
+            return None;
+        }
+        let counter = match reason {
+            EvictReason::Size => &self.inner.stats.evicted_size,
+            EvictReason::Ttl => &self.inner.stats.evicted_ttl,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        info!(%digest, bytes = size, ?reason, "evicted");
+        Some(size)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (bytes, entries) = {
+            let index = lock(&self.inner.index);
+            (index.total, index.entries.len() as u64)
+        };
+        let s = &self.inner.stats;
+        StoreStats {
+            bytes,
+            entries,
+            hits: s.hits.load(Ordering::Relaxed),
+            evicted_size: s.evicted_size.load(Ordering::Relaxed),
+            evicted_ttl: s.evicted_ttl.load(Ordering::Relaxed),
+            proxy_only: s.proxy_only.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves at the next commit.
+    pub async fn next_commit(&self) {
+        self.inner.committed.notified().await
+    }
+
+    /// Whether a blob of `bytes` (0 if unknown) may be stored: the disk keeps [`MIN_FREE_BYTES`]
+    /// free beyond it. Below that the store is proxy-only (fills are relayed uncached); each
+    /// change is logged once.
+    pub fn admits(&self, bytes: u64) -> bool {
+        let free = self.free_bytes().unwrap_or(0);
+        let ok = free >= bytes.saturating_add(MIN_FREE_BYTES);
+        self.set_proxy_only(!ok, free);
+        ok
+    }
+
+    /// Leaves proxy-only once the disk has room again (called by the lifecycle loop, since no fill
+    /// may come to notice).
+    pub fn refresh_proxy_only(&self) {
+        if self.inner.stats.proxy_only.load(Ordering::Relaxed) {
+            let free = self.free_bytes().unwrap_or(0);
+            self.set_proxy_only(free < MIN_FREE_BYTES, free);
+        }
+    }
+
+    fn set_proxy_only(&self, on: bool, free: u64) {
+        if self.inner.stats.proxy_only.swap(on, Ordering::Relaxed) != on {
+            if on {
+                warn!(
+                    free,
+                    floor = MIN_FREE_BYTES,
+                    "disk below the free-space floor: proxy-only, fills are relayed uncached"
+                );
+            } else {
+                info!(free, "disk has room again: caching resumes");
+            }
+        }
     }
 
     /// Starts a fill for `digest`, or joins the one in progress, or returns an already committed blob
@@ -249,8 +472,8 @@ impl Store {
     /// away: the next pull of the same image then hits the cache. Must be called within a tokio runtime.
     pub fn fill<F, Fut, S, E1, E2>(&self, digest: &Digest, fetch: F) -> Fill
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(S, Option<u64>), E1>> + Send + 'static,
+        F: FnOnce(u64) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Fetched<S>, E1>> + Send + 'static,
         S: Stream<Item = Result<Bytes, E2>> + Send + 'static,
         E1: Into<BoxError> + Send + 'static,
         E2: Into<BoxError> + Send + 'static,
@@ -264,7 +487,7 @@ impl Store {
         if let Some(blob) = self.get(digest) {
             return Fill::committed(blob);
         }
-        let (writer, tmp_path, read_file) = match self.inner.create_temp(digest) {
+        let (writer, tmp_path, read_file) = match self.inner.open_partial(digest) {
             Ok(files) => files,
             Err(err) => return Fill::failed(*digest, err),
         };
@@ -303,6 +526,11 @@ impl Store {
     /// Free bytes on the store's filesystem (None if it cannot be read).
     pub fn free_bytes(&self) -> Option<u64> {
         crate::sys::free_bytes(&self.inner.blobs_dir).ok()
+    }
+
+    /// Size of the store's filesystem (None if it cannot be read).
+    pub fn fs_total_bytes(&self) -> Option<u64> {
+        crate::sys::total_bytes(&self.inner.blobs_dir).ok()
     }
 
     /// How many fills are running (for the in-flight metric).
@@ -389,16 +617,18 @@ impl Inner {
         self.meta_dir.join(format!("{}.json", digest.hex()))
     }
 
-    /// A fresh temp file: a write handle for the fill, and a separate read handle shared by readers.
-    /// The read handle is opened now, by path, so it follows the inode through the commit rename (and
-    /// stays valid if a failed fill unlinks it): readers never race the rename.
-    fn create_temp(&self, digest: &Digest) -> Result<(File, PathBuf, File), StoreError> {
-        let path = self
-            .tmp_dir
-            .join(format!("{}.{:016x}", digest.hex(), rand::random::<u64>()));
+    /// The fill's partial file, created or (after a crash) reopened as it is: a write handle
+    /// for the fill, and a separate read handle shared by readers. The read handle is opened now,
+    /// by path, so it follows the inode through the commit rename (and stays valid if a failed
+    /// fill unlinks it): readers never race the rename. Only one fill per digest runs at a time
+    /// (`inflight`), and one process owns the store, so the stable name has one writer.
+    fn open_partial(&self, digest: &Digest) -> Result<(File, PathBuf, File), StoreError> {
+        let path = resume::partial_path(&self.tmp_dir, digest);
         let writer = OpenOptions::new()
+            .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(&path)
             .map_err(io_err("create", &path))?;
         let reader = File::open(&path).map_err(io_err("open", &path))?;
@@ -429,6 +659,7 @@ impl Inner {
 
         let blob_path = self.blob_path(digest);
         fs::rename(tmp_path, &blob_path).map_err(io_err("rename", &blob_path))?;
+        let _ = fs::remove_file(resume::checkpoint_path(tmp_path));
         sync_dir(&self.blobs_dir)
     }
 }
@@ -470,6 +701,8 @@ pub struct Blob {
     digest: Digest,
     len: u64,
     file: Arc<File>,
+    /// Keeps the entry from eviction while this handle (and so a response) is alive.
+    lease: Option<Arc<()>>,
 }
 
 impl Blob {
@@ -741,21 +974,25 @@ impl FillGuard {
             Ok(blob) => {
                 let mut index = lock(&self.inner.index);
                 index.total += blob.len;
+                let mut entry = Entry::new(blob.len, true, SystemTime::now());
+                if let Some(lease) = &blob.lease {
+                    entry.lease = Arc::downgrade(lease);
+                }
                 // A re-fill of an evicted-then-recreated entry replaces it; keep the total honest.
-                if let Some(old) = index.entries.insert(
-                    digest,
-                    Entry {
-                        size: blob.len,
-                        verified: true,
-                    },
-                ) {
+                if let Some(old) = index.entries.insert(digest, entry) {
                     index.total -= old.size;
                 }
+                drop(index);
                 info!(%digest, bytes = blob.len, "blob committed");
+                self.inner.committed.notify_waiters();
             }
             Err(err) => {
                 // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
-                let _ = fs::remove_file(&self.tmp_path);
+                // A fill cut short by shutdown keeps its partial: the next run resumes it. Any other
+                // failure (a mismatch, upstream refusing) starts the next attempt from zero.
+                if !matches!(err, StoreError::Aborted { .. }) {
+                    resume::discard(&self.tmp_path);
+                }
                 let _ = fs::remove_file(meta_tmp_path(&self.tmp_path));
                 // A fetch that never started is upstream saying no (a 401 before the client
                 // authenticates is routine); its caller relays that. A fill that started and
@@ -806,8 +1043,8 @@ async fn run_fill<F, Fut, S, E1, E2>(
     read_file: Option<Arc<File>>,
     fetch: F,
 ) where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    F: FnOnce(u64) -> Fut,
+    Fut: Future<Output = Result<Fetched<S>, E1>>,
     S: Stream<Item = Result<Bytes, E2>>,
     E1: Into<BoxError> + Send,
     E2: Into<BoxError> + Send,
@@ -821,21 +1058,23 @@ async fn run_fill<F, Fut, S, E1, E2>(
             digest: guard.digest,
             len,
             file,
+            lease: Some(Arc::new(())),
         })
     });
     guard.finish(result);
 }
 
-/// Streams upstream into the temp file, hashing as it goes, then verifies and commits. Returns the
-/// committed length.
+/// Streams upstream into the partial file (after the verified prefix a crashed run left), hashing
+/// as it goes and checkpointing now and then, then verifies and commits. Returns the committed
+/// length.
 async fn download<F, Fut, S, E1, E2>(
     guard: &FillGuard,
     writer: File,
     fetch: F,
 ) -> Result<u64, StoreError>
 where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = Result<(S, Option<u64>), E1>>,
+    F: FnOnce(u64) -> Fut,
+    Fut: Future<Output = Result<Fetched<S>, E1>>,
     S: Stream<Item = Result<Bytes, E2>>,
     E1: Into<BoxError> + Send,
     E2: Into<BoxError> + Send,
@@ -845,18 +1084,50 @@ where
         digest,
         source: Arc::from(err),
     };
+    let writer = Arc::new(writer);
 
-    let (body, len) = fetch().await.map_err(|e| upstream(e.into()))?;
+    let prefix = {
+        let (w, path) = (writer.clone(), guard.tmp_path.clone());
+        tokio::task::spawn_blocking(move || resume::recover(&path, &w))
+            .await
+            .unwrap_or_else(|join| Err(io::Error::other(join)))
+            .map_err(io_err("resume", &guard.tmp_path))?
+    };
+    if prefix.len > 0 {
+        info!(%digest, bytes = prefix.len, "resuming a fill from its verified prefix");
+    }
+    let Fetched { body, len, offset } = fetch(prefix.len).await.map_err(|e| upstream(e.into()))?;
+    // Bytes at the front of the body that the prefix already holds (upstream ignored the Range).
+    let mut skip = match offset {
+        0 => prefix.len,
+        o if o == prefix.len => 0,
+        o => {
+            let odd: BoxError = format!(
+                "upstream sent the blob from byte {o}, asked from {}",
+                prefix.len
+            )
+            .into();
+            return Err(upstream(odd));
+        }
+    };
+    if let Some(expected) = len.filter(|&l| l < prefix.len) {
+        return Err(StoreError::LengthMismatch {
+            digest,
+            expected,
+            actual: prefix.len,
+        });
+    }
     guard.tx.send_modify(|p| {
         p.len = len;
         p.started = true;
+        p.written = prefix.len;
     });
 
     // Fused: the batching below may see the end, after which the stream must not be polled again.
     let mut body = pin!(body.fuse());
-    let writer = Arc::new(writer);
-    let mut hasher = Sha256::new();
-    let mut written = 0u64;
+    let mut hasher = prefix.hasher;
+    let mut written = prefix.len;
+    let mut checkpointed = prefix.len;
     while let Some(first) = body.next().await {
         // Batch whatever else is already buffered, so a fast upstream costs one blocking hop per
         // ~1 MiB rather than per 16 KiB frame, without ever waiting for more data.
@@ -872,6 +1143,17 @@ where
                 _ => break,
             }
         }
+        if skip > 0 {
+            for chunk in batch.iter_mut() {
+                let n = skip.min(chunk.len() as u64);
+                *chunk = chunk.slice(n as usize..);
+                skip -= n;
+            }
+            batch_len = batch.iter().map(Bytes::len).sum();
+            if batch_len == 0 {
+                continue;
+            }
+        }
         if let Some(expected) = len {
             if written + batch_len as u64 > expected {
                 return Err(StoreError::LengthMismatch {
@@ -881,22 +1163,39 @@ where
                 });
             }
         }
+        let checkpoint = written + batch_len as u64 - checkpointed >= resume::CHECKPOINT_EVERY;
         // Hashing a MiB takes long enough to stall other tasks, so it rides the blocking hop too.
         let w = writer.clone();
         let tmp_path = guard.tmp_path.clone();
+        let at = written;
         hasher = tokio::task::spawn_blocking(move || {
+            let mut pos = at;
             for chunk in &batch {
                 hasher.update(chunk);
-                (&*w).write_all(chunk)?;
+                w.write_all_at(chunk, pos)?;
+                pos += chunk.len() as u64;
+            }
+            if checkpoint {
+                // Best effort: a missed checkpoint only means more to fetch after a crash.
+                if let Err(err) = resume::write_checkpoint(&tmp_path, pos, &hasher) {
+                    debug!(%err, "fill checkpoint not written");
+                }
             }
             Ok(hasher)
         })
         .await
         .unwrap_or_else(|join| Err(io::Error::other(join)))
-        .map_err(io_err("write", &tmp_path))?;
+        .map_err(io_err("write", &guard.tmp_path))?;
         written += batch_len as u64;
+        if checkpoint {
+            checkpointed = written;
+        }
         // Only now are the bytes in the file (page cache), where readers' preads will find them.
         guard.tx.send_modify(|p| p.written = written);
+    }
+    if skip > 0 {
+        let short: BoxError = "upstream's body ended inside the prefix already held".into();
+        return Err(upstream(short));
     }
 
     if let Some(expected) = len.filter(|&l| l != written) {
@@ -933,8 +1232,8 @@ mod tests {
     const T: Duration = Duration::from_secs(10);
 
     type Chunk = Result<Bytes, io::Error>;
-    type Fetched = futures_util::future::Ready<
-        Result<(futures_util::stream::BoxStream<'static, Chunk>, Option<u64>), io::Error>,
+    type FetchFut = futures_util::future::Ready<
+        Result<Fetched<futures_util::stream::BoxStream<'static, Chunk>>, io::Error>,
     >;
 
     fn content(n: usize) -> Vec<u8> {
@@ -966,25 +1265,52 @@ mod tests {
             self.calls.load(Ordering::SeqCst)
         }
 
-        fn fetch(&self) -> impl FnOnce() -> Fetched + Send + 'static {
+        /// Always the whole body, as an upstream that ignores Range does.
+        fn fetch(&self) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
             let up = self.clone();
-            move || {
+            move |_from| {
                 up.calls.fetch_add(1, Ordering::SeqCst);
                 let mut rx = lock(&up.body).take().expect("body fetched twice");
                 let body = futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx));
-                futures_util::future::ready(Ok((body.boxed(), up.len)))
+                futures_util::future::ready(Ok(Fetched::whole(body.boxed(), up.len)))
             }
         }
     }
 
     /// A whole body at once, in 7000-byte chunks (deliberately not aligned to anything).
-    fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce() -> Fetched + Send + 'static {
-        move || {
+    fn fetch_bytes(
+        data: Vec<u8>,
+        len: Option<u64>,
+    ) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+        move |_from| {
             let chunks: Vec<Chunk> = data
                 .chunks(7000)
                 .map(|c| Ok(Bytes::copy_from_slice(c)))
                 .collect();
-            futures_util::future::ready(Ok((futures_util::stream::iter(chunks).boxed(), len)))
+            futures_util::future::ready(Ok(Fetched::whole(
+                futures_util::stream::iter(chunks).boxed(),
+                len,
+            )))
+        }
+    }
+
+    /// An upstream that honours Range: the body from the asked offset, recording each offset.
+    fn fetch_range(
+        data: Vec<u8>,
+        asked: Arc<Mutex<Vec<u64>>>,
+    ) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+        move |from| {
+            lock(&asked).push(from);
+            let len = Some(data.len() as u64);
+            let chunks: Vec<Chunk> = data[from as usize..]
+                .chunks(7000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect();
+            futures_util::future::ready(Ok(Fetched {
+                body: futures_util::stream::iter(chunks).boxed(),
+                len,
+                offset: from,
+            }))
         }
     }
 
@@ -1311,8 +1637,8 @@ mod tests {
         assert_clean(&store, dir.path(), &digest);
 
         // At the fetch itself (say, upstream answered 503).
-        let fill = store.fill(&digest, || async {
-            Err::<(futures_util::stream::Empty<Chunk>, Option<u64>), _>(io::Error::other("503"))
+        let fill = store.fill(&digest, |_| async {
+            Err::<Fetched<futures_util::stream::Empty<Chunk>>, _>(io::Error::other("503"))
         });
         assert!(matches!(fill.len().await, Err(StoreError::Upstream { .. })));
         assert!(matches!(
@@ -1324,6 +1650,254 @@ mod tests {
         let blob = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
         assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
         assert!(store.get(&digest).is_some());
+    }
+
+    /// A partial file and checkpoint as a killed eddy leaves them: `written` bytes of `data`, the
+    /// first `checkpointed` of them recorded.
+    fn crashed_fill(dir: &Path, data: &[u8], written: usize, checkpointed: usize) -> PathBuf {
+        let tmp = dir.join("store/tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        let partial = resume::partial_path(&tmp, &Digest::of(data));
+        fs::write(&partial, &data[..written]).unwrap();
+        let prefix = Sha256::new().chain_update(&data[..checkpointed]);
+        resume::write_checkpoint(&partial, checkpointed as u64, &prefix).unwrap();
+        partial
+    }
+
+    #[tokio::test]
+    async fn a_crashed_fill_resumes_from_its_verified_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let partial = crashed_fill(dir.path(), &data, 180_000, 150_000);
+        let store = Store::open(dir.path()).unwrap();
+        assert!(partial.exists(), "open must keep a resumable partial");
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
+        // A reader from byte 0 gets the prefix from disk and the rest from upstream.
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+        fill.done().await.unwrap();
+        assert_eq!(*lock(&asked), vec![150_000]);
+        assert_eq!(
+            dir_entries(&dir.path().join("store/tmp")),
+            Vec::<PathBuf>::new()
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.scrub().await, 0);
+        assert!(store.get(&digest).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_prefix_is_discarded_and_the_fill_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let partial = crashed_fill(dir.path(), &data, 200_000, 200_000);
+        // Bit rot (or a power loss before the bytes were durable) inside the checkpointed prefix.
+        let f = OpenOptions::new().write(true).open(&partial).unwrap();
+        f.write_all_at(&[0u8; 4096], 65_536).unwrap();
+        drop(f);
+        let store = Store::open(dir.path()).unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+        fill.done().await.unwrap();
+        assert_eq!(
+            *lock(&asked),
+            vec![0],
+            "a corrupt prefix must be fetched again"
+        );
+        assert_eq!(store.scrub().await, 0);
+    }
+
+    #[tokio::test]
+    async fn upstream_ignoring_the_range_still_completes_the_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        crashed_fill(dir.path(), &data, 100_000, 100_000);
+        let store = Store::open(dir.path()).unwrap();
+        // A 200 with the whole body: the store skips the 100,000 bytes it already holds.
+        let fill = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
+        let tail = collect(fill.read_range(250_000, None)).await.unwrap();
+        assert_eq!(tail, &data[250_000..]);
+        let blob = fill.done().await.unwrap();
+        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_does_not_leave_a_partial_to_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(100_000);
+        let digest = Digest::of(&data);
+        crashed_fill(dir.path(), &data, 60_000, 60_000);
+        let store = Store::open(dir.path()).unwrap();
+        let mut wrong = data.clone();
+        wrong[90_000] ^= 1;
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let fill = store.fill(&digest, fetch_range(wrong, asked.clone()));
+        assert!(matches!(
+            fill.done().await,
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert_eq!(*lock(&asked), vec![60_000]);
+        assert_clean(&store, dir.path(), &digest);
+        // The next attempt starts from zero.
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        store
+            .fill(&digest, fetch_range(data.clone(), asked.clone()))
+            .done()
+            .await
+            .unwrap();
+        assert_eq!(*lock(&asked), vec![0]);
+    }
+
+    /// A runtime torn down mid-fill (as at shutdown) keeps the partial and its checkpoints; the
+    /// next store resumes from the last checkpoint.
+    #[test]
+    fn a_fill_interrupted_by_shutdown_is_resumed_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(3 * resume::CHECKPOINT_EVERY as usize);
+        let digest = Digest::of(&data);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path()).unwrap();
+            let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+            let fill = store.fill(&digest, up.fetch());
+            let half = data.len() / 2;
+            for chunk in data[..half].chunks(64 * 1024) {
+                tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+            }
+            let got = collect_n(fill.read_range(0, None), half).await;
+            assert_eq!(got, &data[..half]);
+            std::mem::forget(tx);
+        });
+        drop(rt);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let store = Store::open(dir.path()).unwrap();
+            let asked = Arc::new(Mutex::new(Vec::new()));
+            let blob = store
+                .fill(&digest, fetch_range(data.clone(), asked.clone()))
+                .done()
+                .await
+                .unwrap();
+            let from = lock(&asked).clone();
+            assert_eq!(from.len(), 1);
+            assert!(
+                from[0] >= resume::CHECKPOINT_EVERY && from[0] <= data.len() as u64 / 2,
+                "resumed from {from:?}"
+            );
+            assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
+        });
+    }
+
+    async fn collect_n(stream: impl Stream<Item = Result<Bytes, StoreError>>, n: usize) -> Vec<u8> {
+        let mut stream = pin!(stream);
+        let mut out = Vec::new();
+        while out.len() < n {
+            let chunk = timeout(T, stream.next()).await.expect("read stalled");
+            out.extend_from_slice(&chunk.unwrap().unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn eviction_spares_content_in_use_and_content_hit_since_the_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (content(10_000), content(20_000));
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        // A fill's reader keeps the fresh blob in use after commit.
+        let fill = store.fill(&da, fetch_bytes(a.clone(), None));
+        fill.done().await.unwrap();
+        store
+            .fill(&db, fetch_bytes(b.clone(), None))
+            .done()
+            .await
+            .unwrap();
+        let seen = |d: &Digest| {
+            store
+                .entries()
+                .into_iter()
+                .find(|e| e.digest == *d)
+                .unwrap()
+        };
+        assert!(seen(&da).in_use && !seen(&db).in_use);
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            None
+        );
+        drop(fill);
+        // Served from the store: in use while the handle lives.
+        let blob = store.get(&da).unwrap();
+        assert!(seen(&da).in_use);
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            None
+        );
+        drop(blob);
+        assert_eq!(
+            store.evict(&da, seen(&da).last_access, EvictReason::Size),
+            Some(10_000)
+        );
+        assert!(store.get(&da).is_none());
+        // A hit after the policy's snapshot wins.
+        let planned = seen(&db).last_access;
+        std::thread::sleep(Duration::from_millis(5));
+        drop(store.get(&db).unwrap());
+        assert_eq!(store.evict(&db, planned, EvictReason::Ttl), None);
+        assert_eq!(
+            store.evict(&db, seen(&db).last_access, EvictReason::Ttl),
+            Some(20_000)
+        );
+        let stats = store.stats();
+        assert_eq!((stats.bytes, stats.entries), (0, 0));
+        assert_eq!((stats.evicted_size, stats.evicted_ttl), (1, 1));
+        assert_eq!(stats.hits, 2);
+        // An evicted digest is a plain miss: the next fill fetches it again.
+        let (up, tx) = FakeUpstream::new(Some(a.len() as u64));
+        tx.send(Ok(Bytes::copy_from_slice(&a))).unwrap();
+        drop(tx);
+        store.fill(&da, up.fetch()).done().await.unwrap();
+        assert_eq!(up.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn access_times_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = content(1_000);
+        let digest = Digest::of(&data);
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .fill(&digest, fetch_bytes(data, None))
+                .done()
+                .await
+                .unwrap();
+        }
+        let path = dir.path().join("store/blobs/sha256").join(digest.hex());
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_times(fs::FileTimes::new().set_accessed(old))
+            .unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let entry = store.entries().pop().unwrap();
+        assert_eq!(entry.last_access, old);
+        // A hit long after the last persisted access is written back to the file.
+        drop(store.get(&digest).unwrap());
+        let accessed = fs::metadata(&path).unwrap().accessed().unwrap();
+        assert!(accessed > old + Duration::from_secs(3000), "{accessed:?}");
     }
 
     #[tokio::test]
@@ -1497,8 +2071,11 @@ mod tests {
             .map(|i| Ok(data.slice(i..i + 16 * 1024)))
             .collect();
         let start = Instant::now();
-        let fill = store.fill(&digest, move || async move {
-            Ok::<_, io::Error>((futures_util::stream::iter(chunks), Some(len)))
+        let fill = store.fill(&digest, move |_| async move {
+            Ok::<_, io::Error>(Fetched::whole(
+                futures_util::stream::iter(chunks),
+                Some(len),
+            ))
         });
         let mut tee = pin!(fill.read_range(0, None));
         let mut n = 0;

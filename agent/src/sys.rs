@@ -103,6 +103,19 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     }
 }
 
+/// Size of the filesystem holding `path`.
+pub fn total_bytes(path: &Path) -> io::Result<u64> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st.f_blocks as u64 * st.f_frsize as u64)
+    }
+}
+
 /// Raise RLIMIT_NOFILE: every proxied connection costs two descriptors, and a spliced
 /// passthrough six (two sockets, two pipes), so 5,000 idle clients need 30,000. As root the
 /// hard limit itself is lifted to the kernel's per-process maximum (fs.nr_open); otherwise
@@ -213,6 +226,86 @@ pub fn query_cgroup_programs(cgroup: &Path, attach: AttachType) -> io::Result<Ve
     Ok(ids[..n].to_vec())
 }
 
+/// Open `path` below the directory `root` as if `root` were `/`: absolute symlinks and `..`
+/// stay inside it (openat2 with RESOLVE_IN_ROOT, Linux 5.6+). The trust gate reads a client's
+/// trust bundles through `/proc/PID/root` this way, so a client in another mount namespace
+/// is judged by its own files even when they are symlinks such as Debian's
+/// `/etc/ssl/certs/*.pem -> /usr/share/ca-certificates/...`.
+/// `no_follow`: open a final symlink itself (O_PATH), to read its own mtime.
+pub fn open_in_root(
+    root: &std::fs::File,
+    path: &Path,
+    no_follow: bool,
+) -> io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let relative = path.strip_prefix("/").unwrap_or(path);
+    let c = CString::new(relative.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let flags = if no_follow {
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC
+    } else {
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK
+    };
+    // SAFETY: open_how is plain integers; all-zero is its documented "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `c` is a NUL-terminated string and `how` a properly initialised open_how,
+    // both alive for the call; the kernel copies them and returns a new descriptor we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh descriptor nobody else owns.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Wall-clock time of boot, to place a process's start (clock ticks since boot, from
+/// /proc/PID/stat) on the same clock as file mtimes. Computed now, so it follows clock steps.
+pub fn boot_time() -> std::time::SystemTime {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    };
+    let since_boot = read(libc::CLOCK_BOOTTIME);
+    let now = read(libc::CLOCK_REALTIME);
+    std::time::UNIX_EPOCH + now.saturating_sub(since_boot)
+}
+
+/// USER_HZ: the unit of the start time in /proc/PID/stat.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as u64
+    } else {
+        100
+    }
+}
+
+/// The inode number of the initial pid namespace (PROC_PID_INIT_INO).
+const INITIAL_PID_NS_INODE: u64 = 0xEFFF_FFFC;
+
+/// Whether eddy sees the host's process ids: the connect hook records ids as the initial pid
+/// namespace numbers them, and only there do they name the same process in /proc.
+pub fn in_initial_pid_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INITIAL_PID_NS_INODE)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,4 +333,44 @@ mod tests {
         assert!(process_alive(std::process::id()));
         assert!(!process_alive(0));
     }
+}
+
+/// The bpf(2) syscall works here: create (and drop) a one-entry array map. Fails with
+/// EPERM without privileges and ENOSYS on kernels built without BPF.
+pub fn bpf_syscall_works() -> io::Result<()> {
+    // The first fields of union bpf_attr for BPF_MAP_CREATE; the kernel zero-checks the rest
+    // of the size we pass.
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        map_flags: 0,
+    };
+    // SAFETY: `attr` is a valid, fully initialised prefix of bpf_attr, and the size passed
+    // is its size; the kernel reads no further.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
 }

@@ -86,7 +86,9 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 64);
 
-/// The destination a client asked for before connect4/6 rewrote it.
+/// The destination a client asked for before connect4/6 rewrote it, and the process that
+/// asked: the proxy's trust gate judges that process's trust roots before terminating TLS.
+/// sock_ops copies the record as is.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OrigDst {
@@ -97,9 +99,15 @@ pub struct OrigDst {
     /// 4 if the client dialled an IPv4 address (AF_INET, or v4-mapped on AF_INET6), else 6.
     pub family: u8,
     pub _pad0: u8,
-    pub _pad1: u32,
+    /// Thread-group id (the process id as the initial pid namespace numbers it) of the
+    /// process that called connect(), from `bpf_get_current_pid_tgid() >> 32`; host byte
+    /// order. 0: unknown.
+    pub tgid: u32,
+    /// cgroup v2 id (inode number) of that process's cgroup, from
+    /// `bpf_get_current_cgroup_id()`; host byte order. 0: unknown.
+    pub cgroup_id: u64,
 }
-const _: () = assert!(size_of::<OrigDst>() == 24);
+const _: () = assert!(size_of::<OrigDst>() == 32);
 
 /// A redirected connection as both ends see it: the client's address and the proxy address
 /// it was sent to. Unique per network namespace, and redirects only happen in the agent's.

@@ -146,6 +146,11 @@ disabled_plugins = [
         tail(&fs::read_to_string(&self.log).unwrap_or_default(), 20)
     }
 
+    /// The daemon's pid (e.g. to move it into a cgroup).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// `ctr --address SOCK -n NS` followed by `args`.
     pub fn ctr_args(&self, namespace: &str, args: &[&str]) -> Vec<OsString> {
         let mut argv: Vec<OsString> =

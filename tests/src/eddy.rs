@@ -44,6 +44,8 @@ pub struct EddyConfig {
     /// Only for an eddy in a network namespace of the test's own, where they cannot collide;
     /// `listen` and `admin` then name those defaults, as seen inside that namespace.
     pub default_addresses: bool,
+    /// More `eddy run` arguments, appended as they are.
+    pub extra_args: Vec<OsString>,
 }
 
 impl EddyConfig {
@@ -56,6 +58,7 @@ impl EddyConfig {
             run_in_cgroup: None,
             wrapper: Vec::new(),
             default_addresses: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -108,6 +111,7 @@ impl Eddy {
         if config.default_addresses {
             run.use_default_addresses();
         }
+        run.argv.extend(config.extra_args.iter().cloned());
         let inner = run.spawn(work, false)?;
         Ok(Self {
             bin: bin.to_path_buf(),
@@ -225,7 +229,7 @@ pub(crate) struct RunCommand {
     listen: SocketAddr,
     admin: SocketAddr,
     pin_dir: PathBuf,
-    argv: Vec<OsString>,
+    pub(crate) argv: Vec<OsString>,
 }
 
 impl RunCommand {

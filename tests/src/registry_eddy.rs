@@ -50,6 +50,8 @@ pub struct RegistryEddyConfig {
     /// The log's tail is still printed when the guard drops, unless it is stopped with
     /// [`RegistryEddy::stop_quietly`].
     pub quiet_start: bool,
+    /// More `eddy run` arguments, appended as they are.
+    pub extra_args: Vec<OsString>,
 }
 
 /// A running eddy. Killed on drop (printing the tail of its log); its pins are removed.
@@ -112,6 +114,7 @@ impl RegistryEddy {
         for ca in &config.upstream_cas {
             run.flag("--upstream-ca", ca);
         }
+        run.argv.extend(config.extra_args.iter().cloned());
         let mut inner = run.spawn(work, config.quiet_start)?;
         inner.wait_ready(Duration::from_secs(20))?;
         Ok(Self {

@@ -69,6 +69,7 @@ impl RegistryWorld {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
+            extra_args: Vec::new(),
         };
         let bin = eddy_bin();
         let eddy_ca = work.path().join("eddy-ca.pem");

@@ -514,7 +514,7 @@ fn percent_decode(s: &str) -> String {
 
 /// The token server running in a netns (`eddy-probe token-server`). Killed on drop.
 pub struct TokenServer {
-    _process: ProcessGuard,
+    process: ProcessGuard,
     pub addr: SocketAddr,
     pub log: PathBuf,
 }
@@ -561,10 +561,15 @@ impl TokenServer {
             "the token server said ready but {addr} does not accept connections"
         );
         Ok(Self {
-            _process: process,
+            process,
             addr,
             log: log.to_path_buf(),
         })
+    }
+
+    /// Kill the server (an outage of the token host); its log stays readable.
+    pub fn stop(&mut self) -> Result<()> {
+        self.process.kill_and_wait().map(drop)
     }
 
     /// Every request so far, in order.

@@ -529,6 +529,31 @@ fn bad_setup_missing_cgroup() -> Result<()> {
     Ok(())
 }
 
+/// h) An `--upstream-auth-file` that is not a Docker config.json: one line naming the file
+///    and what is wrong, before anything is attached.
+#[test]
+fn bad_setup_upstream_auth_file() -> Result<()> {
+    let Some(ctx) = setup() else { return Ok(()) };
+    let world = World::new(&ctx.probe)?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("config.json");
+    std::fs::write(
+        &file,
+        r#"{"auths": {"registry.test": {"auth": "not base64!"}}}"#,
+    )?;
+    let mut config = EddyConfig::new(world.cgroup.path());
+    config.extra_args = vec!["--upstream-auth-file".into(), file.clone().into()];
+    let mut eddy = Eddy::spawn(&ctx.eddy_bin, &config)?;
+    let line = assert_clean_failure(&mut eddy, &file.display().to_string())?;
+    assert!(line.contains("not base64"), "{line}");
+    let attached = world.cgroup.attached_programs()?;
+    assert!(
+        attached.is_empty(),
+        "attached after a failed start: {attached:?}"
+    );
+    Ok(())
+}
+
 /// h) The proxy listen port is already taken: fail before attaching anything.
 #[test]
 fn bad_setup_listen_port_in_use() -> Result<()> {

@@ -96,6 +96,7 @@ impl Setup {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
+            extra_args: Vec::new(),
         };
         let mut intercept_ports = Vec::new();
         configure(&mut eddy_config, &mut intercept_ports, &netns);
@@ -1138,7 +1139,9 @@ fn pull_by_tag_survives_upstream_outage() -> Result<()> {
 }
 
 /// 8. eddy is killed (SIGKILL) in the middle of a slow pull. Restarted on the same data
-///    dir, the retried pull succeeds, and no store file is corrupt.
+///    dir, it resumes the half-written blob from its verified prefix (`Range`), the retried
+///    pull succeeds, upstream sent the image about once (at most 1.1x), and no store file is
+///    corrupt.
 #[test]
 fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
@@ -1216,10 +1219,39 @@ fn crash_mid_pull_leaves_no_corrupt_blob() -> Result<()> {
     println!("fresh pull after the restart: {:.2?}", run.elapsed);
     fresh.ensure_content(NS, &image.blobs())?;
     let served = setup.served()?;
+    let ratio = served.bytes() as f64 / image.total_bytes() as f64;
     println!(
-        "registry sent {:.1} MiB in all for the {:.1} MiB image; other files in the data dir now: {:?}",
+        "registry sent {:.1} MiB in all for the {:.1} MiB image ({ratio:.3}x); other files in the data dir now: {:?}",
         mib(served.bytes()),
         mib(image.total_bytes()),
+        other_files(&setup.eddy_config.data_dir)
+    );
+    let log = setup.eddy().log_text();
+    let resumed = log
+        .lines()
+        .find(|l| l.contains("resuming a fill from its verified prefix"));
+    println!(
+        "restarted eddy: {}",
+        resumed.unwrap_or("(no resume logged)")
+    );
+    ensure!(
+        resumed.is_some_and(|l| l.contains(big.hex())),
+        "the restarted eddy did not resume the fill of {}; log:\n{}",
+        big.digest,
+        setup.eddy().log_tail(30)
+    );
+    // Resumed from its prefix, eddy fetched the big layer about once in all.
+    ensure!(
+        ratio <= 1.1,
+        "upstream sent {} bytes for a {}-byte image ({ratio:.3}x): the fill started over",
+        served.bytes(),
+        image.total_bytes()
+    );
+    ensure!(
+        other_files(&setup.eddy_config.data_dir)
+            .iter()
+            .all(|(name, _)| !name.contains(".partial")),
+        "a partial fill was left behind: {:?}",
         other_files(&setup.eddy_config.data_dir)
     );
     assert_store(&setup, &image.blobs())
@@ -1546,6 +1578,82 @@ fn bearer_step(
     new_tokens
 }
 
+/// The credentials the token host of a [`TokenWorld`] accepts.
+const USER: &str = "user";
+const SECRET: &str = "secret";
+
+/// Docker Hub / GHCR style auth: the registry wants Bearer tokens from a separate token host
+/// (auth.test on a second address, HTTPS on 443) that grants anonymous pulls of one
+/// repository and pulls of another to USER:SECRET only. Both ctr and eddy resolve auth.test.
+struct TokenWorld {
+    // Dropped in this order: the token server, then the namespace it runs in, then its key.
+    tokens: TokenServer,
+    setup: Setup,
+    _keys: tempfile::TempDir,
+}
+
+impl TokenWorld {
+    fn start(public: &str, private: &str) -> Result<Self> {
+        Self::with_eddy_args(public, private, Vec::new())
+    }
+
+    /// As [`TokenWorld::start`], with more `eddy run` arguments.
+    fn with_eddy_args(public: &str, private: &str, eddy_args: Vec<OsString>) -> Result<Self> {
+        let keys = tempfile::Builder::new()
+            .prefix("eddy-token-keys-")
+            .tempdir()?;
+        let signing = SigningKey::create(keys.path())?;
+        let mut setup = Setup::with_eddy_config(
+            UpstreamOptions {
+                token_auth: Some(
+                    signing.registry_auth_config(&format!("https://{AUTH_HOST}/token")),
+                ),
+                push_creds: Some((USER.into(), SECRET.into())),
+                ..Default::default()
+            },
+            true,
+            |config, _, _| config.extra_args = eddy_args,
+        )?;
+        let auth_ip = setup.netns.add_v4(3)?;
+        // eddy's hosts file is bind-mounted into its mount namespace: appending shows there.
+        for hosts in [&setup.client.hosts, &setup.work.path().join("hosts.eddy")] {
+            writeln!(
+                fs::OpenOptions::new().append(true).open(hosts)?,
+                "{auth_ip} {AUTH_HOST}"
+            )?;
+        }
+        let push_hosts = setup.work.path().join("hosts.push");
+        fs::write(
+            &push_hosts,
+            format!("127.0.0.1 localhost\n{auth_ip} {AUTH_HOST}\n"),
+        )?;
+        setup.upstream.options.push_hosts = Some(push_hosts);
+        let tokens = TokenServer::start(
+            Path::new(env!("CARGO_BIN_EXE_eddy-probe")),
+            &setup.netns,
+            auth_ip,
+            &setup.pki,
+            &signing,
+            &Grants {
+                public: vec![public.into()],
+                private: vec![private.into()],
+                users: vec![(USER.into(), SECRET.into())],
+            },
+            &setup.work.path().join("tokens.log"),
+        )?;
+        println!(
+            "token server at {} ({AUTH_HOST}); registry at {} ({REGISTRY_HOST})",
+            tokens.addr,
+            setup.upstream.addr()
+        );
+        Ok(Self {
+            tokens,
+            setup,
+            _keys: keys,
+        })
+    }
+}
+
 /// 11. Docker Hub / GHCR style auth: the registry wants Bearer tokens from a separate token
 ///     host (auth.test, another address, port 443). ctr's connections to the token host are
 ///     intercepted and passed through (its SNI is not a registry); the registry's are
@@ -1556,56 +1664,10 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    const USER: &str = "user";
-    const SECRET: &str = "secret";
     const PUBLIC: &str = "pub/app";
     const PRIVATE: &str = "priv/app";
-    // Declared first, dropped last: the registry reads the certificate.
-    let keys = tempfile::Builder::new()
-        .prefix("eddy-token-keys-")
-        .tempdir()?;
-    let signing = SigningKey::create(keys.path())?;
-    let mut setup = Setup::new(
-        UpstreamOptions {
-            token_auth: Some(signing.registry_auth_config(&format!("https://{AUTH_HOST}/token"))),
-            push_creds: Some((USER.into(), SECRET.into())),
-            ..Default::default()
-        },
-        true,
-    )?;
-    // The token host: a second address behind the same link, HTTPS on 443.
-    let auth_ip = setup.netns.add_v4(3)?;
-    writeln!(
-        fs::OpenOptions::new()
-            .append(true)
-            .open(&setup.client.hosts)?,
-        "{auth_ip} {AUTH_HOST}"
-    )?;
-    let push_hosts = setup.work.path().join("hosts.push");
-    fs::write(
-        &push_hosts,
-        format!("127.0.0.1 localhost\n{auth_ip} {AUTH_HOST}\n"),
-    )?;
-    setup.upstream.options.push_hosts = Some(push_hosts);
-    // Declared after the setup: stopped before the namespace goes.
-    let tokens = TokenServer::start(
-        Path::new(env!("CARGO_BIN_EXE_eddy-probe")),
-        &setup.netns,
-        auth_ip,
-        &setup.pki,
-        &signing,
-        &Grants {
-            public: vec![PUBLIC.into()],
-            private: vec![PRIVATE.into()],
-            users: vec![(USER.into(), SECRET.into())],
-        },
-        &setup.work.path().join("tokens.log"),
-    )?;
-    println!(
-        "token server at {} ({AUTH_HOST}); registry at {} ({REGISTRY_HOST})",
-        tokens.addr,
-        setup.upstream.addr()
-    );
+    let world = TokenWorld::start(PUBLIC, PRIVATE)?;
+    let (setup, tokens) = (&world.setup, &world.tokens);
     let pub_image = setup.image(PUBLIC, "v1", &ImageSpec::single(&[12 * MIB, 3 * MIB]))?;
     let priv_image = setup.image(PRIVATE, "v1", &ImageSpec::single(&[10 * MIB, 2 * MIB]))?;
     let layer_bytes = |image: &Image| image.layers().iter().map(|b| b.size).sum::<u64>();
@@ -1959,5 +2021,638 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         store_ok - store_after >= layer.size && served_after.blob_bytes == served_before.blob_bytes,
         "the authorised blob GET was not served from eddy's store"
     );
+    Ok(())
+}
+
+/// eddy's persisted public/private verdict on `authority/repository`, if it has one yet.
+fn repo_verdict(setup: &Setup, repo_key: &str) -> Option<bool> {
+    let path = setup
+        .eddy_config
+        .data_dir
+        .join("catalog/repos")
+        .join(format!("{}.json", sha256_hex(repo_key.as_bytes())));
+    let v: serde_json::Value = serde_json::from_slice(&fs::read(path).ok()?).ok()?;
+    v["public"].as_bool()
+}
+
+/// Requests for content (blobs, manifests by digest) in a slice of the registry's log.
+fn content_requests(requests: &[eddy_tests::registry::LoggedRequest]) -> Vec<String> {
+    requests
+        .iter()
+        .filter(|r| r.uri.contains("/blobs/") || r.uri.contains("/manifests/sha256:"))
+        .map(|r| format!("{} {} {}", r.method, r.uri, r.status))
+        .collect()
+}
+
+/// 12. Public content of a token registry is public (the Docker Hub case): every client,
+///     anonymous ones included, pulls with a bearer token, yet eddy serves the content of a
+///     repository that anonymous clients may read to anyone, with no per-blob check upstream,
+///     after a restart, and through an outage of both the registry and its token host. A
+///     private repository keeps the per-client check, and is never served in the outage.
+#[test]
+fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const PUBLIC: &str = "hub/app";
+    const PRIVATE: &str = "team/app";
+    let mut world = TokenWorld::start(PUBLIC, PRIVATE)?;
+    let pub_image = world
+        .setup
+        .image(PUBLIC, "v1", &ImageSpec::single(&[6 * MIB, 2 * MIB]))?;
+    let priv_image = world
+        .setup
+        .image(PRIVATE, "v1", &ImageSpec::single(&[5 * MIB, MIB]))?;
+    let (pub_ref, priv_ref) = (reference(PUBLIC, "v1"), reference(PRIVATE, "v1"));
+    let creds = format!("{USER}:{SECRET}");
+    let with_user = ["--user", creds.as_str()];
+
+    // A pull from a fresh containerd; returns the registry requests it caused.
+    let pull = |setup: &Setup, r: &str, extra: &[&str], what: &str| -> Result<Vec<String>> {
+        let before = setup.upstream.requests().len();
+        let ctd = Containerd::start()?;
+        let run = setup
+            .client
+            .pull(&ctd, NS, r, extra, PULL_TIMEOUT)?
+            .check(what)?;
+        let requests = setup.upstream.requests()[before..].to_vec();
+        let content = content_requests(&requests);
+        println!(
+            "{what}: {:.2?}; {} registry requests, for content: {content:?}",
+            run.elapsed,
+            requests.len()
+        );
+        Ok(content)
+    };
+
+    pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous cold pull of hub/app",
+    )?;
+    pull(
+        &world.setup,
+        &priv_ref,
+        &with_user,
+        "cold pull of team/app with credentials",
+    )?;
+    // eddy asks the token host itself, anonymously, in the background: wait for it.
+    let keys = [
+        format!("{REGISTRY_HOST}/{PUBLIC}"),
+        format!("{REGISTRY_HOST}/{PRIVATE}"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let verdicts = loop {
+        let v = keys.clone().map(|k| repo_verdict(&world.setup, &k));
+        if v.iter().all(Option::is_some) || Instant::now() > deadline {
+            break v;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "verdicts: {PUBLIC}: {:?}, {PRIVATE}: {:?}",
+        verdicts[0], verdicts[1]
+    );
+    ensure!(
+        verdicts == [Some(true), Some(false)],
+        "expected {PUBLIC} public and {PRIVATE} private, got {verdicts:?}; eddy log:\n{}",
+        world.setup.eddy().log_tail(30)
+    );
+    let eddy_asked: Vec<_> = world
+        .tokens
+        .requests()
+        .into_iter()
+        .filter(|r| r.scopes.iter().any(|s| s.contains(PRIVATE)) && !r.credentials)
+        .collect();
+    ensure!(
+        !eddy_asked.is_empty(),
+        "nobody asked the token host anonymously about {PRIVATE}: the private verdict is not upstream's"
+    );
+
+    // Warm, the public image needs nothing upstream but the tag's revalidation; the private
+    // one is still checked per client (HEADs with the client's token).
+    let content = pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous warm pull of hub/app",
+    )?;
+    ensure!(
+        content.is_empty(),
+        "the warm pull of public content asked upstream about content: {content:?}"
+    );
+    let content = pull(&world.setup, &priv_ref, &with_user, "warm pull of team/app")?;
+    ensure!(
+        !content.is_empty() && content.iter().all(|r| r.starts_with("HEAD ")),
+        "the warm pull of private content was not checked per client with HEADs: {content:?}"
+    );
+
+    // The verdict survives a restart.
+    world.setup.restart_eddy()?;
+    let content = pull(
+        &world.setup,
+        &pub_ref,
+        &[],
+        "anonymous warm pull after a restart",
+    )?;
+    ensure!(
+        content.is_empty(),
+        "after a restart, the warm pull of public content asked upstream: {content:?}"
+    );
+
+    // Outage of the registry and its token host.
+    world.setup.upstream.stop_registry()?;
+    world.tokens.stop()?;
+    let eddy = world.setup.eddy();
+    let passthrough = eddy.metric(&connections_series("passthrough"))?;
+    let ctd = Containerd::start()?;
+    let run = world
+        .setup
+        .client
+        .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
+        .check("anonymous pull by tag of public content, registry and token host down")?;
+    ctd.ensure_content(NS, &pub_image.blobs())?;
+    let passthrough_after = eddy.metric(&connections_series("passthrough"))?;
+    let stale = eddy.metric(STALE_MANIFESTS)?;
+    println!(
+        "outage, public: {:.2?}; passthrough connections {passthrough} -> {passthrough_after}; \
+         stale manifests served {stale}",
+        run.elapsed
+    );
+    ensure!(
+        stale >= 1.0,
+        "eddy did not serve the tag from its last record"
+    );
+    ensure!(
+        passthrough_after == passthrough,
+        "the client dialled the (unreachable) token host: eddy answered with a challenge"
+    );
+    drop(ctd);
+
+    let store = eddy.metric(STORE_BYTES)?;
+    let ctd = Containerd::start()?;
+    let denied =
+        world
+            .setup
+            .client
+            .pull(&ctd, NS, &priv_ref, &with_user, Duration::from_secs(60))?;
+    println!(
+        "outage, private: ok={} {}",
+        denied.ok(),
+        denied.stderr().trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "private content was served while its credentials could not be checked"
+    );
+    let have = ctd.content_digests(NS)?;
+    ensure!(
+        priv_image
+            .layers()
+            .iter()
+            .all(|l| !have.contains(&l.digest)),
+        "a private layer reached the client during the outage"
+    );
+    ensure!(
+        eddy.metric(STORE_BYTES)? == store,
+        "eddy served store bytes to the private pull during the outage"
+    );
+    Ok(())
+}
+
+/// A Docker config.json granting `user:password` on registry.test.
+fn docker_config(user_password: &str) -> String {
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(user_password);
+    format!(r#"{{"auths": {{"https://{REGISTRY_HOST}/": {{"auth": "{auth}"}}}}}}"#)
+}
+
+/// 13. Node-level upstream credentials (`--upstream-auth-file`, a Docker config.json as in a
+///     dockerconfigjson Secret): an anonymous client pulls a private image through eddy,
+///     which fetches with the node's credentials (a token from the token host with them).
+///     The file is re-read when it changes: with wrong credentials in it, the same anonymous
+///     pull fails again and no private layer reaches the client.
+#[test]
+fn node_credentials_from_a_docker_config_json() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    const PUBLIC: &str = "open/app";
+    const PRIVATE: &str = "closed/app";
+    let auth_dir = tempfile::Builder::new().prefix("eddy-auth-").tempdir()?;
+    let auth_file = auth_dir.path().join("config.json");
+    fs::write(&auth_file, docker_config(&format!("{USER}:{SECRET}")))?;
+    let world = TokenWorld::with_eddy_args(
+        PUBLIC,
+        PRIVATE,
+        vec!["--upstream-auth-file".into(), auth_file.clone().into()],
+    )?;
+    let setup = &world.setup;
+    let image = setup.image(PRIVATE, "v1", &ImageSpec::single(&[4 * MIB, MIB]))?;
+    let reference = reference(PRIVATE, "v1");
+
+    let before = world.tokens.requests().len();
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("anonymous pull of a private image with node credentials in eddy")?;
+    ctd.ensure_content(NS, &image.blobs())?;
+    let asked = world.tokens.requests()[before..].to_vec();
+    println!(
+        "anonymous pull of {PRIVATE} with node credentials: {:.2?}; token requests: {:?}",
+        run.elapsed,
+        asked
+            .iter()
+            .map(|r| format!("{} user={:?} granted={:?}", r.path, r.user, r.granted))
+            .collect::<Vec<_>>()
+    );
+    ensure!(
+        asked.iter().any(|r| r.user.as_deref() == Some(USER)
+            && r.granted.contains(&format!("repository:{PRIVATE}:pull"))),
+        "eddy did not get a token with the node's credentials: {asked:?}"
+    );
+    assert_store(setup, &image.blobs())?;
+    drop(ctd);
+
+    // A Secret update with wrong credentials: re-read, and no longer good for anything.
+    fs::write(&auth_file, docker_config(&format!("{USER}:wrong")))?;
+    thread::sleep(Duration::from_millis(1500));
+    let ctd = Containerd::start()?;
+    let denied = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], Duration::from_secs(60))?;
+    println!(
+        "after the update: ok={} {}",
+        denied.ok(),
+        denied.stderr().trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "the private image was still served with revoked node credentials; eddy log:\n{}",
+        setup.eddy().log_tail(20)
+    );
+    let have = ctd.content_digests(NS)?;
+    ensure!(
+        image.layers().iter().all(|l| !have.contains(&l.digest)),
+        "a private layer reached the anonymous client after the credentials were revoked"
+    );
+    ensure!(
+        setup
+            .eddy()
+            .log_tail(200)
+            .contains("reloaded upstream credentials"),
+        "eddy did not log the reload"
+    );
+    Ok(())
+}
+
+/// 16. One owner per data dir: a second `eddy run` on the running eddy's `--data-dir` exits
+///     at once with one line naming the first one's pid, and attaches nothing; `eddy ca
+///     export` and `eddy status` keep working beside the running agent.
+#[test]
+fn a_second_eddy_on_the_same_data_dir_is_refused() -> Result<()> {
+    let Some(setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let bin = eddy_bin();
+    let data_dir = &setup.eddy_config.data_dir;
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/eddy-test-second-{}",
+        eddy_tests::unique_suffix()
+    ));
+    let port = eddy_tests::eddy::free_port;
+    let mut second = std::process::Command::new(&bin);
+    second
+        .args(["run", "--cgroup"])
+        .arg(&setup.eddy_config.cgroup)
+        .args(["--listen", &format!("127.0.0.1:{}", port()?)])
+        .args(["--admin", &format!("127.0.0.1:{}", port()?)])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--bpf-pin-dir")
+        .arg(&pin_dir)
+        .args(["--registry", REGISTRY_HOST]);
+    let out = eddy_tests::process::run_bounded(&mut second, Duration::from_secs(20))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("second eddy: {}: {}", out.status, stderr.trim());
+    let _ = fs::remove_dir_all(&pin_dir);
+    ensure!(
+        !out.status.success(),
+        "a second eddy on the same data dir started"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    ensure!(
+        lines.len() == 1
+            && lines[0].contains("in use by another eddy")
+            && lines[0].contains(&format!("pid {}", setup.eddy().pid())),
+        "expected one line naming pid {}, got:\n{stderr}",
+        setup.eddy().pid()
+    );
+    ensure!(
+        !pin_dir.exists(),
+        "the refused eddy left pins at {}",
+        pin_dir.display()
+    );
+    let attached = eddy_tests::cgroup::attached_programs(&setup.eddy_config.cgroup)?;
+    ensure!(
+        attached.len() == 3,
+        "expected only the first eddy's 3 programs on the cgroup, found {attached:?}"
+    );
+
+    ca_export(&bin, data_dir, &setup.eddy_config.registries)
+        .context("eddy ca export beside the running agent")?;
+    setup.eddy().metric(INFLIGHT_FETCHES)?;
+    let status = eddy_tests::eddy::status_command(&bin, &setup.eddy().pin_dir)?;
+    ensure!(
+        status.status.success(),
+        "eddy status beside the running agent failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(())
+}
+
+/// The store's committed blobs: digest hex → size.
+fn store_files(data_dir: &Path) -> Result<std::collections::BTreeMap<String, u64>> {
+    let mut files = std::collections::BTreeMap::new();
+    let dir = eddy_tests::registry_eddy::store_blob_dir(data_dir);
+    for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        files.insert(
+            entry.file_name().to_string_lossy().into_owned(),
+            entry.metadata()?.len(),
+        );
+    }
+    Ok(files)
+}
+
+/// Setup with extra `eddy run` flags.
+fn setup_with_flags(flags: &[(&str, &str)]) -> Option<Setup> {
+    if !require_privileges() {
+        return None;
+    }
+    let setup = Setup::with_eddy_config(UpstreamOptions::default(), true, |config, _, _| {
+        config.extra_args = flags
+            .iter()
+            .flat_map(|(f, v)| [OsString::from(f), OsString::from(v)])
+            .collect();
+    });
+    Some(setup.expect("setting up upstream, cgroup and eddy"))
+}
+
+/// Poll (bounded) until the store holds at most `max` bytes; returns what it holds.
+fn wait_store_at_most(data_dir: &Path, max: u64, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let bytes: u64 = store_files(data_dir)?.values().sum();
+        if bytes <= max || Instant::now() >= deadline {
+            return Ok(bytes);
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// 17. `--cache-max-size` below the image's size: the pull succeeds (content being served is
+///     never evicted), the store then holds at most the limit (LRU down to 80% of it), and a
+///     later pull from a fresh containerd refetches what was evicted instead of failing.
+#[test]
+fn a_store_smaller_than_the_image_still_serves_it() -> Result<()> {
+    let Some(setup) = setup_with_flags(&[("--cache-max-size", "12MiB")]) else {
+        return Ok(());
+    };
+    let limit = 12 * MIB;
+    let repo = "bounded/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[8 * MIB, 8 * MIB, 4 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+
+    let first = Containerd::start()?;
+    let run = setup
+        .client
+        .fetch(&first, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull through eddy with a 12 MiB store")?;
+    first.ensure_content(NS, &image.blobs())?;
+    let held = wait_store_at_most(&data_dir, limit, Duration::from_secs(15))?;
+    let evicted = setup
+        .eddy()
+        .metric(r#"eddy_store_evictions_total{reason="size"}"#)?;
+    let gauge = setup.eddy().metric("eddy_store_bytes")? as u64;
+    println!(
+        "pull of the {:.1} MiB image with a 12 MiB store: {:.2?}; store then holds {:.1} MiB \
+         (gauge {:.1} MiB), {evicted} size evictions",
+        mib(image.total_bytes()),
+        run.elapsed,
+        mib(held),
+        mib(gauge)
+    );
+    ensure!(
+        held <= limit && gauge <= limit,
+        "the store holds {held} bytes (gauge {gauge}) over its {limit}-byte limit; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(evicted >= 1.0, "no size eviction counted");
+    verify_store(&data_dir)?;
+
+    let before = setup.served()?;
+    let second = Containerd::start()?;
+    setup
+        .client
+        .fetch(&second, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("second pull after evictions")?;
+    second.ensure_content(NS, &image.blobs())?;
+    let after = setup.served()?;
+    println!(
+        "second pull: registry sent {:.1} MiB more ({} blob GETs) for what was evicted",
+        mib(after.bytes() - before.bytes()),
+        after.blob_gets - before.blob_gets
+    );
+    ensure!(
+        after.blob_gets > before.blob_gets,
+        "evicted blobs were not refetched"
+    );
+    let held = wait_store_at_most(&data_dir, limit, Duration::from_secs(15))?;
+    ensure!(
+        held <= limit,
+        "after the second pull the store holds {held} bytes"
+    );
+    Ok(())
+}
+
+/// 18. `--cache-ttl 3s`: unused content expires from the store; the next pull refetches it
+///     and succeeds.
+#[test]
+fn content_expires_after_its_ttl_and_is_refetched() -> Result<()> {
+    let Some(setup) = setup_with_flags(&[("--cache-ttl", "3s")]) else {
+        return Ok(());
+    };
+    let repo = "ttl/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+
+    let first = Containerd::start()?;
+    setup
+        .client
+        .fetch(&first, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("first pull")?;
+    let filled = Instant::now();
+    assert_store(&setup, &image.blobs())?;
+    let left = wait_store_at_most(&data_dir, 0, Duration::from_secs(20))?;
+    let expired = setup
+        .eddy()
+        .metric(r#"eddy_store_evictions_total{reason="ttl"}"#)?;
+    println!(
+        "store emptied {:.2?} after the pull ({left} bytes left, {expired} TTL evictions)",
+        filled.elapsed()
+    );
+    ensure!(
+        left == 0 && expired >= image.blobs().len() as f64,
+        "content did not expire: {left} bytes left, {expired} TTL evictions; eddy log:\n{}",
+        setup.eddy().log_tail(30)
+    );
+    ensure!(
+        filled.elapsed() >= Duration::from_secs(2),
+        "content expired before its 3 s TTL ({:.2?})",
+        filled.elapsed()
+    );
+
+    let before = setup.served()?;
+    let second = Containerd::start()?;
+    setup
+        .client
+        .fetch(&second, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull after expiry")?;
+    second.ensure_content(NS, &image.blobs())?;
+    let after = setup.served()?;
+    let layers: u64 = image.layers().iter().map(|b| b.size).sum();
+    println!(
+        "pull after expiry: registry sent {:.1} MiB ({} blob GETs)",
+        mib(after.blob_bytes - before.blob_bytes),
+        after.blob_gets - before.blob_gets
+    );
+    ensure!(
+        after.blob_bytes - before.blob_bytes >= layers,
+        "the expired layers were not refetched from upstream"
+    );
+    Ok(())
+}
+
+/// `eddy gc ARGS... --json`, parsed.
+fn eddy_gc(args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
+    let mut cmd = std::process::Command::new(eddy_bin());
+    cmd.arg("gc").args(args).arg("--json");
+    let out = eddy_tests::process::run_bounded(&mut cmd, Duration::from_secs(30))?;
+    ensure!(
+        out.status.success(),
+        "eddy gc failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// 19. `eddy gc`: through the running agent's admin endpoint (its report matches `GET
+///     /store`), then directly on the data dir once the agent is gone: `--dry-run` changes
+///     nothing, and the real run removes exactly what the dry run reported, freeing the bytes
+///     it reported.
+#[test]
+fn eddy_gc_dry_run_changes_nothing_and_gc_frees_what_it_reported() -> Result<()> {
+    let Some(mut setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "gc/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+    let ctd = Containerd::start()?;
+    setup
+        .client
+        .fetch(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull")?;
+    assert_store(&setup, &image.blobs())?;
+
+    // Through the agent (default policy: nothing to remove).
+    let admin = setup.eddy().admin.to_string();
+    let dir_arg = data_dir.as_os_str();
+    let report = eddy_gc(&[
+        "--admin".as_ref(),
+        admin.as_ref(),
+        "--data-dir".as_ref(),
+        dir_arg,
+        "--dry-run".as_ref(),
+    ])?;
+    let (code, store) = eddy_tests::eddy::http_get(setup.eddy().admin, "/store")?;
+    println!(
+        "agent gc --dry-run: {report}\nGET /store: {code} {}",
+        store.trim()
+    );
+    let store: serde_json::Value = serde_json::from_str(&store)?;
+    let on_disk: u64 = store_files(&data_dir)?.values().sum();
+    ensure!(code == 200 && store["bytes"] == on_disk && report["store_bytes"] == on_disk);
+    ensure!(
+        report["dry_run"] == true && report["removed"].as_array().is_some_and(|r| r.is_empty())
+    );
+
+    // Directly on the data dir, with a 3 MiB limit.
+    setup.eddy.as_mut().expect("eddy").kill9()?;
+    let limit = [
+        "--cache-max-size".as_ref(),
+        "3MiB".as_ref(),
+        "--data-dir".as_ref(),
+        dir_arg,
+    ];
+    let before = store_files(&data_dir)?;
+    let dry = eddy_gc(&[&limit[..], &["--dry-run".as_ref()]].concat())?;
+    ensure!(
+        store_files(&data_dir)? == before,
+        "eddy gc --dry-run changed the store"
+    );
+    let would: Vec<String> = dry["removed"]
+        .as_array()
+        .context("removed")?
+        .iter()
+        .map(|r| {
+            r["digest"]
+                .as_str()
+                .unwrap_or("")
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect();
+    ensure!(
+        !would.is_empty(),
+        "a 3 MiB limit on a {} MiB store removes nothing: {dry}",
+        on_disk / MIB
+    );
+    let done = eddy_gc(&limit)?;
+    let after = store_files(&data_dir)?;
+    let gone: Vec<String> = before
+        .keys()
+        .filter(|k| !after.contains_key(*k))
+        .cloned()
+        .collect();
+    let freed: u64 = gone.iter().map(|k| before[k]).sum();
+    println!(
+        "direct gc: dry run would remove {} entries ({} bytes); gc removed {} ({} bytes reported, {freed} bytes gone)",
+        would.len(),
+        dry["bytes_freed"],
+        gone.len(),
+        done["bytes_freed"]
+    );
+    let mut would_sorted = would.clone();
+    would_sorted.sort();
+    ensure!(
+        gone == would_sorted,
+        "gc removed {gone:?}, the dry run reported {would:?}"
+    );
+    ensure!(
+        done["bytes_freed"] == freed && dry["bytes_freed"] == freed,
+        "bytes freed: dry run {}, gc {}, actually {freed}",
+        dry["bytes_freed"],
+        done["bytes_freed"]
+    );
+    ensure!(after.values().sum::<u64>() <= 3 * MIB);
+    verify_store(&data_dir)?;
     Ok(())
 }

@@ -4,8 +4,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod chart_test;
 mod demo;
 mod fuzz;
+mod image;
 mod soak;
 mod test;
 mod util;
@@ -31,6 +33,10 @@ enum Command {
     Fuzz(fuzz::Options),
     /// Mixed cold and warm pulls for --minutes through eddy; RSS, fds and pull times (not in CI).
     Soak(soak::Options),
+    /// Build eddy's OCI image (FROM scratch: the binary, its libraries, CA roots) with umoci.
+    Image(image::Options),
+    /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
+    ChartTest(chart_test::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
 }
@@ -44,5 +50,7 @@ fn main() -> Result<()> {
         Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Soak(opts) => soak::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::ChartTest(opts) => chart_test::run(&opts),
+        Command::Image(opts) => image::run(&opts),
     }
 }

@@ -25,6 +25,9 @@ pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     ("mount", "mount"),
     ("nsenter", "util-linux"),
+    // `cargo xtask image`, whose image the deploy tests run with ctr.
+    ("umoci", "umoci"),
+    ("objcopy", "binutils"),
 ];
 
 #[derive(clap::Args, Default)]
@@ -62,6 +65,8 @@ pub fn run(opts: &Options) -> Result<()> {
     };
 
     if !opts.privileged_only {
+        // Seconds, and no root needed: the chart is checked with real helm and schemas.
+        crate::chart_test::run(&Default::default())?;
         eprintln!("xtask: unit tests");
         // --release shares the dependency builds with the release binary.
         util::run(cargo().current_dir(workspace_root()).args([
@@ -73,6 +78,11 @@ pub fn run(opts: &Options) -> Result<()> {
         ]))?;
     }
 
+    // The image the DaemonSet runs, tested with ctr by the privileged tests.
+    let image = match &eddy {
+        Some(eddy) => Some(crate::image::build_from(eddy)?),
+        None => None,
+    };
     let Some(eddy) = eddy else {
         eprintln!();
         eprintln!("xtask: ==========================================================");
@@ -97,7 +107,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 "--test-threads=1",
             ])
             .args(&opts.test_args)
-            .env("EDDY_BIN", &eddy),
+            .env("EDDY_BIN", &eddy)
+            .env("EDDY_IMAGE", &image.expect("built with eddy").archive),
     )?;
     Ok(())
 }

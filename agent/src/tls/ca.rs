@@ -158,10 +158,27 @@ impl Ca {
         data_dir: &Path,
         constrain_to: Option<&[RegistryName]>,
     ) -> Result<Ca, TlsError> {
-        let dir = data_dir.join("ca");
-        ensure_private_dir(&dir)?;
+        Self::load_or_create_in(&data_dir.join("ca"), constrain_to)
+    }
+
+    /// As `load_or_create`, with the CA in `dir` itself (`--ca-dir`). An existing CA may sit on
+    /// a read-only file system, such as a Kubernetes Secret that every node mounts (a cluster CA).
+    pub fn load_or_create_in(
+        dir: &Path,
+        constrain_to: Option<&[RegistryName]>,
+    ) -> Result<Ca, TlsError> {
+        let dir = dir.to_path_buf();
         let wanted = constrain_to.map(Constraints::from_names);
         let cert_path = dir.join(CERT_FILE);
+        let exists = fs::symlink_metadata(&cert_path).is_ok();
+        match ensure_private_dir(&dir) {
+            Err(TlsError::CreateDir { source, .. })
+                if exists && source.kind() == io::ErrorKind::ReadOnlyFilesystem =>
+            {
+                tracing::debug!(dir = %dir.display(), "CA directory is read-only; using it as it is");
+            }
+            other => other?,
+        }
         match fs::symlink_metadata(&cert_path) {
             Ok(_) => {
                 let ca = Self::load(&dir)?;

@@ -7,6 +7,7 @@
 
 mod ca;
 mod leaf;
+mod uninstall;
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -23,6 +24,7 @@ use rustls::{ClientConfig, RootCertStore};
 
 pub use ca::Ca;
 pub use leaf::{server_config, server_config_for_ip};
+pub use uninstall::remove_from_bundle;
 
 /// ALPN offered to clients, most preferred first (rustls servers pick by their own order).
 /// containerd's Go client offers both; HTTP/1.1 is preferred because eddy serves a layer over

@@ -177,6 +177,7 @@ fn run(started: Instant) -> Result<()> {
         upstream_cas: vec![pki.ca_cert.clone()],
         hosts: Some(eddy_hosts),
         quiet_start: false,
+        extra_args: Vec::new(),
     };
     // The node trusts eddy's CA (what `eddy ca install` does for the host bundle) and the
     // registry's own CA.

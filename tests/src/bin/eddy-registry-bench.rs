@@ -264,6 +264,7 @@ impl Env {
             hosts: Some(self.upstream_hosts.clone()),
             // The harness's "starting eddy: ..." line stays off the report's stderr.
             quiet_start: true,
+            extra_args: Vec::new(),
         };
         let ca = dir.join("eddy-ca.pem");
         fs::write(&ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
@@ -1006,7 +1007,11 @@ fn probe_blob(
     let mut cmd = Command::new(probe);
     cmd.args(["https-get", "--connect", &connect.to_string()])
         .args(["--sni", REGISTRY_HOST, "--path", path, "--cacert"])
-        .arg(&client.ca_bundle);
+        .arg(&client.ca_bundle)
+        // eddy's trust gate terminates TLS only for a client whose trust roots hold its
+        // CA: declare the probe's roots the way a Go or OpenSSL client would.
+        .env("SSL_CERT_FILE", &client.ca_bundle)
+        .env_remove("SSL_CERT_DIR");
     if let Some(cgroup) = &client.cgroup {
         cmd.arg("--join-cgroup").arg(cgroup);
     }
