@@ -77,7 +77,8 @@ pub fn run(inputs: &Inputs) -> Vec<Check> {
         &inputs.bundle,
         containerd.as_ref().ok(),
     ));
-    let eddy_running = crate::status::collect(&inputs.pin_dir, inputs.admin).is_ok_and(|s| s.running);
+    let eddy_running =
+        crate::status::collect(&inputs.pin_dir, inputs.admin).is_ok_and(|s| s.running);
     checks.push(check_port("listen", inputs.listen, eddy_running));
     checks.push(check_port("admin", inputs.admin, eddy_running));
     checks.push(check_free_space(&inputs.data_dir));

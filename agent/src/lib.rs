@@ -7,6 +7,7 @@
 //! distribution API; `visibility`, `credentials` and `token` for upstream's auth) → `store` +
 //! `catalog`, else `upstream`.
 pub mod admin;
+pub mod api_path;
 pub mod app;
 pub mod bpf;
 pub mod catalog;
@@ -24,6 +25,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod peek;
 pub mod proxy;
+pub mod range;
 pub mod registry;
 pub mod restart;
 pub mod resume;

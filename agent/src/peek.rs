@@ -11,6 +11,8 @@ use tokio::net::TcpStream;
 /// The most we peek at. A ClientHello with post-quantum key shares is ~1.8 KiB; one TLS
 /// record is at most 16 KiB plus its header.
 const MAX_PEEK: usize = 16 * 1024 + 5;
+/// The first peek: a plain HTTP request line, or a TLS record header and most ClientHellos.
+const FIRST_PEEK: usize = 2048;
 /// How long a client may take to send its first bytes before we stop waiting and pass the
 /// connection through (a server-speaks-first protocol on an intercepted port).
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,7 +29,9 @@ pub enum Hello {
 
 /// Peek at the stream until its first bytes can be classified.
 pub async fn classify(stream: &TcpStream) -> Hello {
-    let mut buf = vec![0u8; MAX_PEEK];
+    // Start small and grow to what the record header asks for: thousands of idle clients
+    // must not each pin a 16 KiB buffer while they say nothing.
+    let mut buf = vec![0u8; FIRST_PEEK];
     let deadline = tokio::time::Instant::now() + FIRST_BYTES_TIMEOUT;
     let mut last_len = 0;
     // Bounded: each round needs more bytes than the last, and the deadline caps the wait.
@@ -41,7 +45,15 @@ pub async fn classify(stream: &TcpStream) -> Hello {
         }
         match classify_bytes(&buf[..n]) {
             Some(hello) => return hello,
-            None if n == buf.len() => return Hello::Other,
+            None if n == MAX_PEEK => return Hello::Other,
+            None if n == buf.len() => {
+                let wanted = match buf[0] {
+                    0x16 if n >= 5 => 5 + u16::from_be_bytes([buf[3], buf[4]]) as usize,
+                    _ => n * 2,
+                };
+                buf.resize(wanted.clamp(n + 1, MAX_PEEK), 0);
+                continue;
+            }
             None => {}
         }
         if n == last_len {
@@ -157,6 +169,33 @@ mod tests {
         // Partial records wait for more bytes.
         assert_eq!(classify_bytes(&hello[..hello.len() - 1]), None);
         assert_eq!(classify_bytes(&hello[..3]), None);
+    }
+
+    /// ClientHellos captured from real clients (fuzz/seeds/capture-client-hellos.sh), also
+    /// the fuzzer's seeds: Go's crypto/tls as containerd's ctr and skopeo send it, curl and
+    /// openssl.
+    #[test]
+    fn captured_client_hellos() {
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/peek_route/");
+        let cases = [
+            ("ctr-go", Some("ghcr.io")),
+            ("skopeo-go", Some("ghcr.io")),
+            ("curl", Some("ghcr.io")),
+            ("curl-http2", Some("ghcr.io")),
+            ("openssl-s_client", Some("ghcr.io")),
+            ("openssl-tls12", Some("registry.test")),
+            ("openssl-no-sni", None),
+        ];
+        for (name, sni) in cases {
+            let hello = std::fs::read(format!("{seeds}{name}")).unwrap();
+            assert_eq!(
+                classify_bytes(&hello),
+                Some(Hello::Tls {
+                    sni: sni.map(String::from)
+                }),
+                "{name}"
+            );
+        }
     }
 
     #[test]

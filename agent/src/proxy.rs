@@ -17,7 +17,7 @@ use std::{
 use http::Request;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
 };
 use tokio::{
@@ -41,6 +41,12 @@ use crate::{
 
 /// Plaintext rustls buffers per connection before it must write to the socket.
 const TLS_WRITE_BUFFER: usize = 1 << 20;
+/// A client that sent its ClientHello but does not finish the handshake in this time is
+/// dropped: a stalled handshake would otherwise hold its buffers for good.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send a whole request head within this time (slowloris); containerd sends
+/// it in one write.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection handler needs.
 pub struct Proxy {
@@ -60,7 +66,7 @@ pub struct Proxy {
 
 /// Where a connection goes.
 #[derive(Debug, PartialEq, Eq)]
-enum Route {
+pub enum Route {
     Passthrough,
     /// Terminate TLS for this registry; `ip` when the client sent no SNI.
     Tls {
@@ -187,7 +193,12 @@ impl Proxy {
             Some(ip) => tls::server_config_for_ip(Arc::clone(&self.ca), ip),
             None => Arc::clone(&self.tls_by_sni),
         };
-        match tokio_rustls::TlsAcceptor::from(config).accept(client).await {
+        let handshake = tokio_rustls::TlsAcceptor::from(config).accept(client);
+        let Ok(handshake) = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await else {
+            debug!("TLS handshake with the client timed out");
+            return;
+        };
+        match handshake {
             Ok(mut tls) => {
                 // rustls encrypts at most this much per write (default 64 KiB):
                 // larger batches mean fewer, larger socket writes for layer bytes.
@@ -223,7 +234,11 @@ impl Proxy {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // Hand body chunks to the TLS layer as they are, instead of copying them into
         // hyper's own write buffer first.
-        builder.http1().writev(true);
+        builder
+            .http1()
+            .writev(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
         builder
             .http2()
             .initial_stream_window_size(4 << 20)
@@ -302,7 +317,7 @@ fn plain_http_origin(req: &Request<Incoming>, orig: SocketAddr, registry: &Regis
 }
 
 /// Pick the route for a connection from its first bytes and original destination.
-fn route(hello: &Hello, orig: SocketAddr, registries: &Registries, ca: &Ca) -> Route {
+pub fn route(hello: &Hello, orig: SocketAddr, registries: &Registries, ca: &Ca) -> Route {
     let name = match hello {
         Hello::Tls { sni: Some(sni) } if registries.has_host(sni) => RegistryName::Dns(sni.clone()),
         Hello::Tls { sni: None } if registries.has_addr(orig) => RegistryName::Ip(orig.ip()),

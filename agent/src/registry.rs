@@ -33,10 +33,12 @@ use sha2::{Digest as _, Sha256};
 use tracing::{debug, warn};
 
 use crate::{
+    api_path::{parse_path, Api},
     catalog::{Catalog, ContentMeta, TagRecord},
     credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
+    range::{parse_range, RangeSpec},
     store::{Blob, Fetched, Store},
     token::TokenClient,
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
@@ -63,39 +65,6 @@ pub struct Origin {
     pub scheme: http::uri::Scheme,
     /// `host[:port]` as clients name it (SNI, or Host for plain HTTP).
     pub authority: String,
-}
-
-/// The parts of the API path eddy understands.
-#[derive(Debug, PartialEq, Eq)]
-enum Api<'a> {
-    Base,
-    Manifest { repo: &'a str, reference: &'a str },
-    Blob { repo: &'a str, digest: &'a str },
-    Other,
-}
-
-fn parse_path(path: &str) -> Api<'_> {
-    let Some(rest) = path.strip_prefix("/v2/") else {
-        return if path == "/v2" { Api::Base } else { Api::Other };
-    };
-    if rest.is_empty() {
-        return Api::Base;
-    }
-    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
-        if !repo.is_empty() && !reference.is_empty() && !reference.contains('/') {
-            return Api::Manifest { repo, reference };
-        }
-    }
-    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
-        if !repo.is_empty()
-            && !digest.is_empty()
-            && !digest.contains('/')
-            && !repo.ends_with("/blobs")
-        {
-            return Api::Blob { repo, digest };
-        }
-    }
-    Api::Other
 }
 
 pub struct Registry {
@@ -1102,78 +1071,10 @@ fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
             .any(|v| *v == "*/*" || v.eq_ignore_ascii_case(media_type))
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum RangeSpec {
-    /// [start, end) in bytes.
-    Satisfiable(u64, u64),
-    /// Not a single byte range we support: serve the whole content (allowed by RFC 9110).
-    Ignore,
-    Unsatisfiable,
-}
-
-fn parse_range(spec: &str, len: u64) -> RangeSpec {
-    let Some(ranges) = spec.trim().strip_prefix("bytes=") else {
-        return RangeSpec::Ignore;
-    };
-    if ranges.contains(',') {
-        return RangeSpec::Ignore;
-    }
-    let Some((first, last)) = ranges.trim().split_once('-') else {
-        return RangeSpec::Ignore;
-    };
-    let (first, last) = (first.trim(), last.trim());
-    let parsed = match (first.parse::<u64>().ok(), last.parse::<u64>().ok()) {
-        (Some(start), None) if last.is_empty() => Some((start, len)),
-        (Some(start), Some(end)) if end >= start => Some((start, (end + 1).min(len))),
-        (None, Some(suffix)) if first.is_empty() => Some((len.saturating_sub(suffix), len)),
-        _ => return RangeSpec::Ignore,
-    };
-    match parsed {
-        Some((start, end)) if start < len && end > start => RangeSpec::Satisfiable(start, end),
-        _ => RangeSpec::Unsatisfiable,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
-
-    #[test]
-    fn parses_api_paths() {
-        assert_eq!(parse_path("/v2/"), Api::Base);
-        assert_eq!(parse_path("/v2"), Api::Base);
-        assert_eq!(
-            parse_path("/v2/library/busybox/manifests/latest"),
-            Api::Manifest {
-                repo: "library/busybox",
-                reference: "latest"
-            }
-        );
-        assert_eq!(
-            parse_path("/v2/a/b/c/blobs/sha256:abc"),
-            Api::Blob {
-                repo: "a/b/c",
-                digest: "sha256:abc"
-            }
-        );
-        assert_eq!(parse_path("/v2/a/blobs/uploads/"), Api::Other);
-        assert_eq!(parse_path("/v2/a/blobs/uploads/123"), Api::Other);
-        assert_eq!(parse_path("/v2/_catalog"), Api::Other);
-        assert_eq!(parse_path("/token"), Api::Other);
-    }
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-", 10), RangeSpec::Satisfiable(0, 10));
-        assert_eq!(parse_range("bytes=4-", 10), RangeSpec::Satisfiable(4, 10));
-        assert_eq!(parse_range("bytes=2-5", 10), RangeSpec::Satisfiable(2, 6));
-        assert_eq!(parse_range("bytes=2-50", 10), RangeSpec::Satisfiable(2, 10));
-        assert_eq!(parse_range("bytes=-3", 10), RangeSpec::Satisfiable(7, 10));
-        assert_eq!(parse_range("bytes=10-", 10), RangeSpec::Unsatisfiable);
-        assert_eq!(parse_range("bytes=0-1,4-5", 10), RangeSpec::Ignore);
-        assert_eq!(parse_range("items=0-1", 10), RangeSpec::Ignore);
-    }
 
     #[test]
     fn accept_matching() {

@@ -21,6 +21,10 @@ pub async fn bidirectional(client: &TcpStream, upstream: &TcpStream) -> io::Resu
 /// Move bytes from `from` to `to` until EOF, then shut down `to`'s sending side so the peer
 /// sees the same half-close it would have seen without eddy.
 async fn one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+    // The pipe is made once the first bytes (or EOF) arrive: an idle connection then costs
+    // its two sockets only, not four pipe descriptors more (5,000 idle clients would need
+    // 30,000 descriptors instead of 10,000).
+    from.readable().await?;
     let (pipe_r, pipe_w) = pipe()?;
     let mut total = 0u64;
     loop {

@@ -133,12 +133,32 @@ pub fn total_bytes(path: &Path) -> io::Result<u64> {
     }
 }
 
-/// Raise RLIMIT_NOFILE to its hard limit: every proxied connection costs two descriptors.
+/// Raise RLIMIT_NOFILE: every proxied connection costs two descriptors, and a spliced
+/// passthrough six (two sockets, two pipes), so 5,000 idle clients need 30,000. As root the
+/// hard limit itself is lifted to the kernel's per-process maximum (fs.nr_open); otherwise
+/// the soft limit goes up to the hard one.
 pub fn raise_nofile_limit() {
-    // SAFETY: getrlimit/setrlimit on a struct we own.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(0);
+    // SAFETY: getrlimit/setrlimit on structs we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if nr_open > lim.rlim_max {
+            let all = libc::rlimit {
+                rlim_cur: nr_open,
+                rlim_max: nr_open,
+            };
+            // Fails without CAP_SYS_RESOURCE; then the soft limit still goes up below.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &all) == 0 {
+                return;
+            }
+        }
+        if lim.rlim_cur < lim.rlim_max {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }

@@ -352,7 +352,7 @@ fn is_redirect(status: StatusCode) -> bool {
 }
 
 /// Resolve a Location header against the request URI (absolute, or absolute-path).
-fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
+pub fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
     let parsed: Uri = location.parse().ok()?;
     if parsed.scheme().is_some() {
         return Some(parsed);

@@ -36,7 +36,7 @@ pub struct Containerd {
 impl Containerd {
     /// Start a daemon and wait (bounded) until it answers `ctr version`.
     pub fn start() -> Result<Self> {
-        Self::start_with(None)
+        Self::start_with(None, "")
     }
 
     /// Start a daemon with the CRI plugin, as `client` (in its cgroup, with its /etc/hosts
@@ -44,10 +44,21 @@ impl Containerd {
     /// then run in this daemon, with the trust roots it read when it started, as the
     /// kubelet's pulls do on a node. Its images land in namespace `k8s.io`.
     pub fn start_cri(client: &Client) -> Result<Self> {
-        Self::start_with(Some(client))
+        Self::start_with(Some(client), "")
     }
 
-    fn start_with(cri_client: Option<&Client>) -> Result<Self> {
+    /// As [`Containerd::start`], with content isolated per namespace: a pull into a new
+    /// namespace downloads every blob again instead of reusing another namespace's copy
+    /// (repeated pulls by one daemon, as in the soak).
+    pub fn start_isolated() -> Result<Self> {
+        Self::start_with(
+            None,
+            "\n[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n",
+        )
+    }
+
+    /// `extra`: appended to the config file.
+    fn start_with(cri_client: Option<&Client>, extra: &str) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
         let dir = work.path();
         let socket = dir.join("containerd.sock");
@@ -102,7 +113,7 @@ disabled_plugins = [{disabled_cri}
             state = dir.join("state").display(),
             socket = socket.display(),
             opt = dir.join("opt").display(),
-        );
+        ) + extra;
         let config_path = dir.join("config.toml");
         fs::write(&config_path, config)?;
         let log = dir.join("containerd.log");

@@ -40,6 +40,10 @@ pub struct EddyConfig {
     pub run_in_cgroup: Option<PathBuf>,
     /// A program and arguments to run eddy under, e.g. `unshare --pid --fork --mount-proc`.
     pub wrapper: Vec<String>,
+    /// Leave `--listen` and `--admin` to eddy's defaults (127.0.0.1:15443, 127.0.0.1:15090).
+    /// Only for an eddy in a network namespace of the test's own, where they cannot collide;
+    /// `listen` and `admin` then name those defaults, as seen inside that namespace.
+    pub default_addresses: bool,
     /// More `eddy run` arguments, appended as they are.
     pub extra_args: Vec<OsString>,
 }
@@ -53,6 +57,7 @@ impl EddyConfig {
             heartbeat_timeout_ms: None,
             run_in_cgroup: None,
             wrapper: Vec::new(),
+            default_addresses: false,
             extra_args: Vec::new(),
         }
     }
@@ -102,6 +107,9 @@ impl Eddy {
         )?;
         if let Some(ms) = config.heartbeat_timeout_ms {
             run.flag("--heartbeat-timeout-ms", ms.to_string());
+        }
+        if config.default_addresses {
+            run.use_default_addresses();
         }
         run.argv.extend(config.extra_args.iter().cloned());
         let inner = run.spawn(work, false)?;
@@ -259,6 +267,17 @@ impl RunCommand {
         run.flag("--data-dir", data_dir);
         run.flag("--bpf-pin-dir", pin_dir);
         Ok(run)
+    }
+
+    /// Drop `--listen` and `--admin`, so eddy binds its defaults.
+    pub(crate) fn use_default_addresses(&mut self) {
+        for flag in ["--listen", "--admin"] {
+            if let Some(i) = self.argv.iter().position(|a| a == flag) {
+                self.argv.drain(i..i + 2);
+            }
+        }
+        self.listen = SocketAddr::from(([127, 0, 0, 1], 15443));
+        self.admin = SocketAddr::from(([127, 0, 0, 1], 15090));
     }
 
     /// Append `FLAG VALUE`.

@@ -24,6 +24,7 @@ pub mod probe;
 pub mod process;
 pub mod registry;
 pub mod registry_eddy;
+pub mod registry_world;
 pub mod token_auth;
 pub mod wire;
 

@@ -108,6 +108,32 @@ impl Probe {
         run_json(&mut cmd, timeout + Duration::from_secs(10))
     }
 
+    /// Start `conns` connections that each send `send` (at once, or one byte per `trickle`)
+    /// and then hold still for `hold`; returns without waiting. See [`BackgroundHold`].
+    pub fn hold_background(
+        &self,
+        target: SocketAddr,
+        conns: u64,
+        hold: Duration,
+        send: Option<&Path>,
+        trickle: Duration,
+        cgroup: Option<&Path>,
+    ) -> Result<BackgroundHold> {
+        let mut cmd = self.client("hold", target, cgroup);
+        cmd.args(["--conns", &conns.to_string()])
+            .args(["--hold-ms", &hold.as_millis().to_string()])
+            .args(["--trickle-ms", &trickle.as_millis().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(path) = send {
+            cmd.arg("--send").arg(path);
+        }
+        let what = format!("{cmd:?}");
+        let process = ProcessGuard::spawn("eddy-probe hold", &mut cmd)?;
+        Ok(BackgroundHold { what, process })
+    }
+
     /// `count` sequential connect() timings, `pause` apart.
     pub fn connect_latency(
         &self,
@@ -211,6 +237,27 @@ impl BackgroundEcho {
             .wait_timeout(timeout)?
             .with_context(|| format!("{} did not finish within {timeout:?}", self.what))?;
         // The report is one short line: it fits in the pipe, so the child never blocked.
+        let mut stdout = String::new();
+        if let Some(mut pipe) = self.process.child_mut().stdout.take() {
+            pipe.read_to_string(&mut stdout)?;
+        }
+        parse_report(&self.what, status, &stdout, "")
+    }
+}
+
+/// Connections held open in the background; see [`Probe::hold_background`].
+pub struct BackgroundHold {
+    what: String,
+    process: ProcessGuard,
+}
+
+impl BackgroundHold {
+    /// Wait (bounded) for the hold to end and return its report.
+    pub fn finish(mut self, timeout: Duration) -> Result<crate::wire::HoldReport> {
+        let status = self
+            .process
+            .wait_timeout(timeout)?
+            .with_context(|| format!("{} did not finish within {timeout:?}", self.what))?;
         let mut stdout = String::new();
         if let Some(mut pipe) = self.process.child_mut().stdout.take() {
             pipe.read_to_string(&mut stdout)?;

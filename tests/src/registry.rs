@@ -202,6 +202,14 @@ impl Upstream {
         Ok(upstream)
     }
 
+    /// Make the CDN's next `count` blob GETs fail with `kind`: `reset` (RST after half the
+    /// body), `corrupt` (one flipped byte), `stall` (half the body, then silence) or `503`.
+    pub fn inject_cdn_fault(&self, kind: &str, count: u32) -> Result<()> {
+        let faults = PathBuf::from(format!("{}.faults", self.cdn_log.display()));
+        fs::write(&faults, format!("{kind} {count}"))?;
+        Ok(())
+    }
+
     /// The registry's address (`10.A.B.1:443`, or the plain-HTTP port).
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from((
@@ -527,11 +535,27 @@ fn python3() -> String {
 
 /// An HTTPS static file server with Range support that logs the bytes of every response.
 const CDN_SERVER: &str = r#"
-import http.server, json, os, ssl, sys, threading
+import http.server, json, os, socket, ssl, struct, sys, threading
 
 root, cert, key, addr, port, log, framing = sys.argv[1:8]
 root = os.path.realpath(root)
 lock = threading.Lock()
+# Fault injection: a file "KIND COUNT" beside the log makes the next COUNT body GETs fail
+# with KIND: reset (RST after half the body), corrupt (a flipped byte, full length),
+# stall (half the body, then silence until the client leaves), 503 (an error answer).
+faults = log + ".faults"
+
+def take_fault():
+    with lock:
+        try:
+            kind, count = open(faults).read().split()
+        except (OSError, ValueError):
+            return None
+        if int(count) <= 0:
+            return None
+        with open(faults, "w") as f:
+            f.write("%s %d" % (kind, int(count) - 1))
+        return kind
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -553,6 +577,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             self.record(404, 0)
+            return
+        fault = take_fault() if with_body else None
+        if fault == "503":
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.record(503, 0)
             return
         size = os.path.getsize(path)
         start, end, status = 0, size - 1, 200
@@ -590,6 +621,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         chunk = f.read(min(left, 1 << 20))
                         if not chunk:
                             break
+                        if fault and sent + len(chunk) > (end - start + 1) // 2:
+                            if fault == "corrupt":
+                                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                                fault = None
+                            elif fault == "reset":
+                                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                           struct.pack("ii", 1, 0))
+                                # The descriptor closes (with an RST) only once rfile lets go.
+                                self.rfile.close()
+                                self.connection.close()
+                                self.record(status, sent)
+                                return
+                            elif fault == "stall":
+                                self.connection.settimeout(None)
+                                try:
+                                    while self.connection.recv(4096):
+                                        pass
+                                except OSError:
+                                    pass
+                                self.record(status, sent)
+                                return
                         if chunked:
                             self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
                         else:

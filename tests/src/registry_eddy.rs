@@ -139,6 +139,16 @@ impl RegistryEddy {
         self.inner.log_text()
     }
 
+    /// SIGTERM, then wait (bounded) for eddy to drain and exit cleanly.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<()> {
+        self.inner.child.signal(libc::SIGTERM)?;
+        match self.inner.child.wait_timeout(timeout)? {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => anyhow::bail!("eddy exited with {status} on SIGTERM"),
+            None => anyhow::bail!("eddy did not exit within {timeout:?} of SIGTERM"),
+        }
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         self.inner.log_tail(lines)
     }

@@ -95,6 +95,17 @@ pub struct ManyReport {
     pub elapsed_ms: u64,
 }
 
+/// `eddy-probe hold`: connections held open (idle clients, slowloris).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub conns: u64,
+    pub failed_connect: u64,
+    /// Closed by the server before the hold ended.
+    pub closed_by_peer: u64,
+    pub open_at_end: u64,
+    pub errors: Vec<String>,
+}
+
 /// `eddy-probe connect-latency`: sequential connect() timings.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct LatencyReport {

@@ -6,7 +6,9 @@ mod bench;
 mod build_ebpf;
 mod chart_test;
 mod demo;
+mod fuzz;
 mod image;
+mod soak;
 mod test;
 mod util;
 
@@ -27,6 +29,10 @@ enum Command {
     Test(test::Options),
     /// The main job: a real registry, real containerd, eddy in between; cold then warm pull.
     Demo(demo::Options),
+    /// Fuzz eddy's parsers (cargo-fuzz, nightly): every target for --secs each.
+    Fuzz(fuzz::Options),
+    /// Mixed cold and warm pulls for --minutes through eddy; RSS, fds and pull times (not in CI).
+    Soak(soak::Options),
     /// Build eddy's OCI image (FROM scratch: the binary, its libraries, CA roots) with umoci.
     Image(image::Options),
     /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
@@ -41,6 +47,8 @@ fn main() -> Result<()> {
         Command::Build => util::build_release().map(drop),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::ChartTest(opts) => chart_test::run(&opts),
         Command::Image(opts) => image::run(&opts),

@@ -23,6 +23,8 @@ pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("python3", "python3"),
     ("openssl", "openssl"),
+    ("mount", "mount"),
+    ("nsenter", "util-linux"),
     // `cargo xtask image`, whose image the deploy tests run with ctr.
     ("umoci", "umoci"),
     ("objcopy", "binutils"),

@@ -104,6 +104,24 @@ enum Cmd {
         #[arg(long)]
         join_cgroup: Option<PathBuf>,
     },
+    /// Hold `conns` connections open for `hold_ms`, each sending `--send` (a file's bytes)
+    /// after connecting, at once or one byte every `--trickle-ms`: idle clients and slowloris.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        conns: u64,
+        #[arg(long, default_value_t = 5_000)]
+        hold_ms: u64,
+        /// Bytes to send on each connection (none: stay silent).
+        #[arg(long)]
+        send: Option<PathBuf>,
+        /// Send one byte per this many ms instead of all at once (0: at once).
+        #[arg(long, default_value_t = 0)]
+        trickle_ms: u64,
+        #[arg(long)]
+        join_cgroup: Option<PathBuf>,
+    },
     /// Sequential connect() timings (connect, then close).
     ConnectLatency {
         #[arg(long)]
@@ -233,6 +251,31 @@ fn main() {
             check_at_most("--bytes", bytes, MAX_BYTES / MAX_CONNS)?;
             let report = many(connect, conns, bytes, Duration::from_millis(timeout_ms))?;
             print_json(&report, report.ok == conns)
+        }),
+        Cmd::Hold {
+            connect,
+            conns,
+            hold_ms,
+            send,
+            trickle_ms,
+            join_cgroup,
+        } => join(join_cgroup.as_deref()).and_then(|()| {
+            check_at_most("--conns", conns, MAX_CONNS)?;
+            check_at_most("--hold-ms", hold_ms, 600_000)?;
+            let payload = match send {
+                Some(path) => {
+                    std::fs::read(&path).with_context(|| format!("{}", path.display()))?
+                }
+                None => Vec::new(),
+            };
+            let report = hold(
+                connect,
+                conns,
+                Duration::from_millis(hold_ms),
+                payload,
+                Duration::from_millis(trickle_ms),
+            )?;
+            print_json(&report, report.failed_connect == 0)
         }),
         Cmd::ConnectLatency {
             connect,
@@ -610,6 +653,86 @@ fn many(target: SocketAddr, conns: u64, bytes: u64, timeout: Duration) -> Result
         report.elapsed_ms = start.elapsed().as_millis() as u64;
         Ok(report)
     })
+}
+
+fn hold(
+    target: SocketAddr,
+    conns: u64,
+    hold: Duration,
+    payload: Vec<u8>,
+    trickle: Duration,
+) -> Result<wire::HoldReport> {
+    raise_fd_limit();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let deadline = tokio::time::Instant::now() + hold;
+        let payload = std::sync::Arc::new(payload);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..conns {
+            let payload = std::sync::Arc::clone(&payload);
+            tasks.spawn(async move {
+                let mut stream = tokio::net::TcpStream::connect(target).await?;
+                let mut sent = 0;
+                let mut buf = [0u8; 4096];
+                // Ok(true): still open at the deadline; Ok(false): the peer closed it.
+                loop {
+                    if sent < payload.len() {
+                        let n = if trickle.is_zero() {
+                            payload.len() - sent
+                        } else {
+                            1
+                        };
+                        if stream.write_all(&payload[sent..sent + n]).await.is_err() {
+                            return Ok::<bool, io::Error>(false);
+                        }
+                        sent += n;
+                    }
+                    let wake = if trickle.is_zero() || sent >= payload.len() {
+                        deadline
+                    } else {
+                        (tokio::time::Instant::now() + trickle).min(deadline)
+                    };
+                    match tokio::time::timeout_at(wake, stream.read(&mut buf)).await {
+                        Err(_) if tokio::time::Instant::now() >= deadline => return Ok(true),
+                        Err(_) => {}
+                        Ok(Ok(0)) | Ok(Err(_)) => return Ok(false),
+                        // The server answered (an error page, a handshake): keep holding.
+                        Ok(Ok(_)) => {}
+                    }
+                }
+            });
+        }
+        let mut report = wire::HoldReport {
+            conns,
+            ..Default::default()
+        };
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(true)) => report.open_at_end += 1,
+                Ok(Ok(false)) => report.closed_by_peer += 1,
+                Ok(Err(e)) => {
+                    report.failed_connect += 1;
+                    if report.errors.len() < 5 {
+                        report.errors.push(e.to_string());
+                    }
+                }
+                Err(e) => bail!("hold task failed: {e}"),
+            }
+        }
+        Ok(report)
+    })
+}
+
+/// Thousands of held sockets need more than the usual soft limit of 1024 descriptors.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 /// One echo; returns getpeername() and whether the echoed bytes matched.
