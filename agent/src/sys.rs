@@ -323,35 +323,6 @@ pub fn in_initial_pid_namespace() -> bool {
     std::fs::metadata("/proc/self/ns/pid").is_ok_and(|m| m.ino() == INITIAL_PID_NS_INODE)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn monotonic_clock_advances() {
-        let a = monotonic_ns();
-        let b = monotonic_ns();
-        assert!(a > 0 && b >= a);
-    }
-
-    #[test]
-    fn free_bytes_of_tmp() {
-        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
-        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
-    }
-
-    #[test]
-    fn tmp_is_not_bpffs() {
-        assert!(!is_bpffs(Path::new("/tmp")));
-    }
-
-    #[test]
-    fn own_process_is_alive() {
-        assert!(process_alive(std::process::id()));
-        assert!(!process_alive(0));
-    }
-}
-
 /// The bpf(2) syscall works here: create (and drop) a one-entry array map. Fails with
 /// EPERM without privileges and ENOSYS on kernels built without BPF.
 pub fn bpf_syscall_works() -> io::Result<()> {
@@ -390,4 +361,33 @@ pub fn bpf_syscall_works() -> io::Result<()> {
     // SAFETY: the kernel returned a new fd that nothing else owns.
     unsafe { libc::close(fd as libc::c_int) };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monotonic_clock_advances() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+    }
+
+    #[test]
+    fn free_bytes_of_tmp() {
+        assert!(free_bytes(Path::new("/tmp")).unwrap() > 0);
+        assert!(free_bytes(Path::new("/nonexistent/x")).is_err());
+    }
+
+    #[test]
+    fn tmp_is_not_bpffs() {
+        assert!(!is_bpffs(Path::new("/tmp")));
+    }
+
+    #[test]
+    fn own_process_is_alive() {
+        assert!(process_alive(std::process::id()));
+        assert!(!process_alive(0));
+    }
 }

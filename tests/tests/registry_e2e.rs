@@ -1690,18 +1690,18 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     let creds = format!("{USER}:{SECRET}");
 
     // 1. Anonymous cold pull of the public image.
-    let c0 = Counters::read(&setup, &tokens)?;
+    let c0 = Counters::read(setup, tokens)?;
     let ctd = Containerd::start()?;
     let run = setup
         .client
         .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
         .check("anonymous cold ctr images pull of pub/app through eddy")?;
-    let c1 = Counters::read(&setup, &tokens)?;
+    let c1 = Counters::read(setup, tokens)?;
     let asked = bearer_step(
         "1. anonymous cold pull of pub/app:v1",
         run.elapsed,
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c0,
         &c1,
     );
@@ -1732,7 +1732,7 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         c1.served,
         pub_image.total_bytes()
     );
-    assert_store(&setup, &pub_image.blobs())?;
+    assert_store(setup, &pub_image.blobs())?;
     drop(ctd);
 
     // 2. Warm anonymous pull from a fresh containerd: a new token, no blob bytes upstream.
@@ -1741,12 +1741,12 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         .client
         .pull(&ctd, NS, &pub_ref, &[], PULL_TIMEOUT)?
         .check("anonymous warm ctr images pull of pub/app through eddy")?;
-    let c2 = Counters::read(&setup, &tokens)?;
+    let c2 = Counters::read(setup, tokens)?;
     let asked = bearer_step(
         "2. anonymous warm pull of pub/app:v1 (fresh containerd)",
         run.elapsed,
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c1,
         &c2,
     );
@@ -1788,12 +1788,12 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         .client
         .pull(&ctd, NS, &priv_ref, &["--user", &creds], PULL_TIMEOUT)?
         .check("ctr images pull --user of priv/app through eddy (cold)")?;
-    let c3 = Counters::read(&setup, &tokens)?;
+    let c3 = Counters::read(setup, tokens)?;
     let asked = bearer_step(
         "3a. cold pull of priv/app:v1 with --user user:secret",
         run.elapsed,
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c2,
         &c3,
     );
@@ -1815,7 +1815,7 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         c2.served,
         c3.served
     );
-    assert_store(&setup, &priv_image.blobs())?;
+    assert_store(setup, &priv_image.blobs())?;
     drop(ctd);
 
     let ctd = Containerd::start()?;
@@ -1823,12 +1823,12 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         .client
         .pull(&ctd, NS, &priv_ref, &["--user", &creds], PULL_TIMEOUT)?
         .check("ctr images pull --user of priv/app through eddy (warm)")?;
-    let c4 = Counters::read(&setup, &tokens)?;
+    let c4 = Counters::read(setup, tokens)?;
     bearer_step(
         "3b. warm pull of priv/app:v1 with --user user:secret (fresh containerd)",
         run.elapsed,
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c3,
         &c4,
     );
@@ -1852,12 +1852,12 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     let denied = setup
         .client
         .pull(&ctd, NS, &priv_ref, &[], Duration::from_secs(60))?;
-    let c5 = Counters::read(&setup, &tokens)?;
+    let c5 = Counters::read(setup, tokens)?;
     let asked = bearer_step(
         "4a. anonymous pull of the cached priv/app:v1 (fresh containerd)",
         denied.elapsed,
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c4,
         &c5,
     );
@@ -1949,7 +1949,7 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
         ),
         ("no Authorization, private blob GET", &blob_path, vec![]),
     ];
-    let c6 = Counters::read(&setup, &tokens)?;
+    let c6 = Counters::read(setup, tokens)?;
     let store_before = c6.eddy_store;
     let served_before = c6.served;
     let started = Instant::now();
@@ -1985,12 +1985,12 @@ fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
             "{what}: not upstream's challenge: WWW-Authenticate: {challenge:?}"
         );
     }
-    let c7 = Counters::read(&setup, &tokens)?;
+    let c7 = Counters::read(setup, tokens)?;
     bearer_step(
         "4b. the five requests above, together",
         started.elapsed(),
-        &setup,
-        &tokens,
+        setup,
+        tokens,
         &c6,
         &c7,
     );
