@@ -119,8 +119,8 @@ impl Visibility {
     }
 
     /// Start a check of `repo` in the background unless a fresh verdict exists or a check
-    /// started less than RETRY_AFTER ago. `probe` is content of the repository upstream just served (a manifest or
-    /// blob URI), `name` the repository path within the registry.
+    /// started less than RETRY_AFTER ago. `probe` is content of the repository upstream just
+    /// served (a manifest or blob URI), `name` the repository path within the registry.
     pub fn refresh(self: &Arc<Self>, repo: &str, name: &str, probe: Uri) {
         if self.is_fresh(repo) {
             return;
