@@ -131,8 +131,8 @@ fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| "/var/cache/eddy-tools".into())
 }
 
-/// `--set` arguments that turn every optional feature on (P2P and upstream credentials are
-/// not in the chart: eddy has neither yet). Talos has no host bundle, so no restart there.
+/// `--set` arguments that turn every optional feature on (P2P is not in the chart: eddy does
+/// not have it yet). Talos has no host bundle, so no restart there.
 fn all_features(distro: &str) -> Vec<String> {
     let mut sets = vec![
         format!("distro={distro}"),
@@ -141,6 +141,8 @@ fn all_features(distro: &str) -> Vec<String> {
         "prometheusRule.enabled=true,prometheusRule.force=true".into(),
         "grafanaDashboard.enabled=true".into(),
         "ca.clusterSecret=eddy-ca".into(),
+        "upstreamAuth.secretName=registry-credentials".into(),
+        "cache.maxSize=50GiB,cache.ttl=12h".into(),
         "registries={docker.io,ghcr.io,10.0.0.1:5000}".into(),
     ];
     if distro != "talos" {
@@ -393,6 +395,12 @@ fn check_schema_rejects(tools: &Tools, chart: &Path) -> Result<()> {
             "at '/logFormat': value must be one of 'text', 'json'",
         ),
         ("ca.clusterSecret=Eddy_CA", "at '/ca/clusterSecret'"),
+        (
+            "upstreamAuth.secretName=Not_A_Name",
+            "at '/upstreamAuth/secretName'",
+        ),
+        ("cache.maxSize=lots", "at '/cache/maxSize'"),
+        ("cache.ttl=7 days", "at '/cache/ttl'"),
         ("listen=localhost", "at '/listen'"),
         // Not a schema rule: a template check with its own message.
         (
