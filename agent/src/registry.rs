@@ -253,7 +253,7 @@ impl Registry {
         let public = !headers.contains_key(header::AUTHORIZATION);
         if !public {
             // Fetched with the client's credentials: find out whether anyone may have it.
-            self.visibility.refresh(repo_key, repo, uri.clone());
+            self.visibility.refresh(repo_key, repo, || uri.clone());
         }
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
         // on disk) go to this client as they are, uncached.
@@ -577,7 +577,7 @@ impl Registry {
         let headers = request_headers(req.headers());
         let with_credentials = headers.contains_key(header::AUTHORIZATION);
         if with_credentials {
-            self.visibility.refresh(&repo_key, repo, probe.clone());
+            self.visibility.refresh(&repo_key, repo, || probe.clone());
         }
         let public = !with_credentials || self.visibility.is_public(&repo_key);
         let started = Instant::now();
@@ -796,18 +796,23 @@ impl Registry {
         meta: Option<&ContentMeta>,
         req_headers: &HeaderMap,
     ) -> Result<(), Response<Body>> {
-        let uri = content_uri(origin, repo, kind, digest);
+        // Served to a request without credentials: public, whatever the repository.
+        if meta.is_some_and(|m| m.public) {
+            return Ok(());
+        }
+        let uri = || content_uri(origin, repo, kind, digest);
         let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
         let verdict = seen_in_repo
             .then(|| self.visibility.known(repo_key))
             .flatten();
         if verdict.is_some() {
             // Re-checked in the background once old; the last verdict stands meanwhile.
-            self.visibility.refresh(repo_key, repo, uri.clone());
+            self.visibility.refresh(repo_key, repo, uri);
         }
         if meta.is_some_and(|m| self.visibility.content_is_public(m)) {
             return Ok(());
         }
+        let uri = uri();
         // Content fetched with credentials, from a repository never checked: ask upstream
         // once whether anonymous clients may have it, instead of checking every client.
         if seen_in_repo

@@ -61,8 +61,9 @@ pub enum Undecided {
 pub struct Visibility {
     upstream: Upstream,
     catalog: Arc<Catalog>,
-    /// repo → last verdict (a read-through cache of the catalog's records).
-    known: Mutex<HashMap<String, RepoVisibility>>,
+    /// repo → last verdict, or None for none yet: a read-through cache of the catalog's
+    /// records, so the request path does not touch the disk for a repository twice.
+    known: Mutex<HashMap<String, Option<RepoVisibility>>>,
     /// repo → when its last background check started.
     attempts: Mutex<HashMap<String, Instant>>,
     tokens: Arc<TokenClient>,
@@ -97,14 +98,14 @@ impl Visibility {
 
     fn record(&self, repo: &str) -> Option<RepoVisibility> {
         if let Some(r) = self.known.lock().unwrap().get(repo) {
-            return Some(*r);
+            return *r;
         }
-        let r = self.catalog.repo_visibility(repo)?;
+        let r = self.catalog.repo_visibility(repo);
         self.remember(repo, r);
-        Some(r)
+        r
     }
 
-    fn remember(&self, repo: &str, record: RepoVisibility) {
+    fn remember(&self, repo: &str, record: Option<RepoVisibility>) {
         let mut known = self.known.lock().unwrap();
         if known.len() >= MAX_ENTRIES {
             // The catalog has them all; this is only a cache.
@@ -119,9 +120,10 @@ impl Visibility {
     }
 
     /// Start a check of `repo` in the background unless a fresh verdict exists or a check
-    /// started less than RETRY_AFTER ago. `probe` is content of the repository upstream just
-    /// served (a manifest or blob URI), `name` the repository path within the registry.
-    pub fn refresh(self: &Arc<Self>, repo: &str, name: &str, probe: Uri) {
+    /// started less than RETRY_AFTER ago. `probe` gives content of the repository upstream
+    /// just served (a manifest or blob URI; built only when a check starts), `name` the
+    /// repository path within the registry.
+    pub fn refresh(self: &Arc<Self>, repo: &str, name: &str, probe: impl FnOnce() -> Uri) {
         if self.is_fresh(repo) {
             return;
         }
@@ -139,7 +141,7 @@ impl Visibility {
             attempts.insert(repo.to_string(), Instant::now());
         }
         let this = Arc::clone(self);
-        let (repo, name) = (repo.to_string(), name.to_string());
+        let (repo, name, probe) = (repo.to_string(), name.to_string(), probe());
         tokio::spawn(async move {
             let _ = this.check(&repo, &name, &probe).await;
         });
@@ -158,7 +160,7 @@ impl Visibility {
                     public: verdict == Verdict::Public,
                     checked_at: now_unix(),
                 };
-                self.remember(repo, record);
+                self.remember(repo, Some(record));
                 if let Err(e) = self.catalog.record_repo_visibility(repo, &record) {
                     debug!(error = %e, "recording a repository's visibility failed");
                 }
