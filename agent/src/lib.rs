@@ -32,6 +32,7 @@ pub mod resume;
 pub mod splice;
 pub mod status;
 pub mod store;
+pub mod source;
 pub mod sys;
 pub mod talos;
 pub mod tls;
