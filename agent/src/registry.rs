@@ -349,6 +349,7 @@ impl Registry {
                     body: idle_timeout(body, UPSTREAM_IDLE),
                     len,
                     offset,
+                    gated: false,
                 })
             })
         };

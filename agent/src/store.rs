@@ -58,6 +58,10 @@ pub struct Fetched<S> {
     /// Where in the blob `body` starts: the prefix length it was asked for (a 206), or 0 (a
     /// 200: upstream ignored the range, and the store skips the bytes it already has).
     pub offset: u64,
+    /// Readers see nothing until the whole blob is verified and committed. For sources that
+    /// are not trusted to send the right bytes (peers): if verification fails, no client has
+    /// seen a byte of it, and the handler can still go upstream for them.
+    pub gated: bool,
 }
 
 impl<S> Fetched<S> {
@@ -67,6 +71,7 @@ impl<S> Fetched<S> {
             body,
             len,
             offset: 0,
+            gated: false,
         }
     }
 }
@@ -495,6 +500,7 @@ impl Store {
             written: 0,
             len: None,
             started: false,
+            gated: false,
             state: FillState::Running,
         });
         let fill = Fill {
@@ -785,6 +791,8 @@ struct Progress {
     len: Option<u64>,
     /// Upstream answered with a body: bytes may start to flow, even when `len` is unknown.
     started: bool,
+    /// See `Fetched::gated`: nothing is readable before the commit.
+    gated: bool,
     state: FillState,
 }
 
@@ -801,6 +809,7 @@ impl Fill {
             written: blob.len,
             len: Some(blob.len),
             started: true,
+            gated: false,
             state: FillState::Committed(blob.clone()),
         };
         Fill {
@@ -815,6 +824,7 @@ impl Fill {
             written: 0,
             len: None,
             started: false,
+            gated: false,
             state: FillState::Failed(err),
         };
         Fill {
@@ -832,7 +842,7 @@ impl Fill {
     /// announced it. Bytes can be streamed from here on even when the length is unknown.
     pub async fn started(&self) -> Result<Option<u64>, StoreError> {
         let p = self
-            .wait_for(|p| p.started || !matches!(p.state, FillState::Running))
+            .wait_for(|p| (p.started && !p.gated) || !matches!(p.state, FillState::Running))
             .await?;
         match p.state {
             FillState::Failed(err) => Err(err),
@@ -931,6 +941,7 @@ impl Reader {
                 let p = self.rx.borrow_and_update();
                 match &p.state {
                     FillState::Failed(err) => return Err(err.clone()),
+                    FillState::Running if p.gated => (0, None, false),
                     state => (p.written, p.len, matches!(state, FillState::Committed(_))),
                 }
             };
@@ -1133,7 +1144,12 @@ where
     if prefix.len > 0 {
         info!(%digest, bytes = prefix.len, "resuming a fill from its verified prefix");
     }
-    let Fetched { body, len, offset } = fetch(prefix.len).await.map_err(|e| upstream(e.into()))?;
+    let Fetched {
+        body,
+        len,
+        offset,
+        gated,
+    } = fetch(prefix.len).await.map_err(|e| upstream(e.into()))?;
     // Bytes at the front of the body that the prefix already holds (upstream ignored the Range).
     let mut skip = match offset {
         0 => prefix.len,
@@ -1157,6 +1173,7 @@ where
     guard.tx.send_modify(|p| {
         p.len = len;
         p.started = true;
+        p.gated = gated;
         p.written = prefix.len;
     });
 
@@ -1347,6 +1364,7 @@ mod tests {
                 body: futures_util::stream::iter(chunks).boxed(),
                 len,
                 offset: from,
+                gated: false,
             }))
         }
     }
@@ -1628,6 +1646,44 @@ mod tests {
             .unwrap();
         assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
         assert_eq!(store.size_bytes(), data.len() as u64);
+    }
+
+    /// A gated fill (bytes from a peer) shows readers nothing before the commit: corrupt
+    /// bytes fail the fill before any client got a byte of them.
+    #[tokio::test]
+    async fn a_gated_fill_hands_out_nothing_before_it_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(300_000);
+        let digest = Digest::of(&data);
+        let gated = |bytes: Vec<u8>| {
+            let len = Some(bytes.len() as u64);
+            move |_from: u64| {
+                let chunks: Vec<Chunk> = bytes
+                    .chunks(7000)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                futures_util::future::ready(Ok::<_, io::Error>(Fetched {
+                    body: futures_util::stream::iter(chunks).boxed(),
+                    len,
+                    offset: 0,
+                    gated: true,
+                }))
+            }
+        };
+        let mut wrong = data.clone();
+        wrong[123] ^= 1;
+        let fill = store.fill(&digest, gated(wrong));
+        let mut reader = Box::pin(fill.read_range(0, None));
+        let first = timeout(T, reader.next()).await.unwrap().unwrap();
+        assert!(matches!(first, Err(StoreError::DigestMismatch { .. })));
+        assert!(timeout(T, fill.started()).await.unwrap().is_err());
+        assert_clean(&store, dir.path(), &digest);
+
+        let fill = store.fill(&digest, gated(data.clone()));
+        assert_eq!(timeout(T, fill.started()).await.unwrap().unwrap(), Some(data.len() as u64));
+        assert!(store.get(&digest).is_some(), "started() waited for the commit");
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
     }
 
     #[tokio::test]

@@ -1,0 +1,634 @@
+//! Fetching from other nodes: which peer to ask, and when to go upstream instead.
+//!
+//! - Content that peers hold (complete, or streaming from their own download in flight) is
+//!   found by a bounded provider lookup of its digest. Providers are asked one after another,
+//!   hedged: when the first has not answered within `HEDGE_AFTER`, the next is asked too and
+//!   the first answer wins. A body that fails mid-way resumes with Range at the next provider.
+//! - Content nobody holds yet goes through an election, so that when several nodes miss the
+//!   same blob at once the cluster fetches it upstream about once. Each node that misses it
+//!   announces that it is about to fetch it (the `fill:` key), waits a moment for the others'
+//!   announcements, and the announcer that the digest hashes highest onto (rendezvous hashing)
+//!   fetches it upstream; the others stream from that node. A node that sees the winner always
+//!   picks it, and a node that misses some announcements picks a node that ranks higher than
+//!   itself, so the "streams from" relation has no cycles.
+//! - A peer that failed is avoided for a while.
+//!
+//! The network itself (libp2p) sits behind `PeerNetwork`, so this logic is tested without it.
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use rand::seq::SliceRandom;
+use sha2::{Digest as _, Sha256};
+use tracing::debug;
+
+use crate::{
+    digest::Digest,
+    failover::{resuming, Resume},
+    source::{Opened, TagAnswer},
+    store::BoxError,
+};
+
+/// How long a provider lookup may take on the request path.
+pub const LOOKUP_BOUND: Duration = Duration::from_millis(60);
+/// How long an announcement may take to reach the nodes that keep its records.
+const ANNOUNCE_BOUND: Duration = Duration::from_millis(300);
+/// After announcing, how long to wait for the announcements of nodes that missed the same blob
+/// at nearly the same moment.
+const SETTLE: Duration = Duration::from_millis(40);
+/// When the provider asked first has not answered within this, the next is asked as well.
+const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// Providers asked for one request, at most.
+const MAX_PROVIDERS: usize = 4;
+/// A peer that failed is not asked again for this long.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+
+/// A peer, by the text form of its identity.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey(pub String);
+
+impl fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What the peer-to-peer network offers (implemented over libp2p by `p2p`).
+pub trait PeerNetwork: Send + Sync + 'static {
+    fn local(&self) -> PeerKey;
+    /// Peers connected right now. With none, nothing is looked up (no delay on a lone node).
+    fn connected(&self) -> usize;
+    /// Announce `key`; resolves when the record is stored, or after `bound` (false then).
+    fn provide(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, bool>;
+    fn stop_providing(&self, key: Vec<u8>);
+    /// Other nodes that announced `key`, as many as were found within `bound`.
+    fn providers(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, Vec<PeerKey>>;
+    fn fetch(
+        &self,
+        peer: PeerKey,
+        digest: Digest,
+        from: u64,
+    ) -> BoxFuture<'static, Result<Opened, BoxError>>;
+    fn tag(
+        &self,
+        peer: PeerKey,
+        registry: String,
+        repository: String,
+        tag: String,
+    ) -> BoxFuture<'static, Result<Option<TagAnswer>, BoxError>>;
+    fn report_failure(&self, peer: &PeerKey, reason: &'static str);
+}
+
+/// The DHT key under which nodes announce that they hold `digest` (or are streaming it).
+pub fn content_key(digest: &Digest) -> Vec<u8> {
+    digest.to_string().into_bytes()
+}
+
+fn fill_key(digest: &Digest) -> Vec<u8> {
+    format!("fill:{digest}").into_bytes()
+}
+
+pub fn tag_key(registry: &str, repository: &str, tag: &str) -> Vec<u8> {
+    format!("tag:{registry}/{repository}:{tag}").into_bytes()
+}
+
+/// Where a blob nobody holds yet should come from.
+pub enum Election {
+    /// This node fetches it upstream. Holding the claim keeps the announcement up.
+    Upstream(Claim),
+    /// Stream it from this peer, which ranks higher and fetches (or streams) it itself.
+    Peer(PeerKey, Claim),
+}
+
+/// A `fill:` announcement, withdrawn when dropped (the fill ended).
+pub struct Claim {
+    net: Arc<dyn PeerNetwork>,
+    key: Vec<u8>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.net.stop_providing(std::mem::take(&mut self.key));
+    }
+}
+
+/// Content opened at a peer, with the peers that contributed bytes (to blame on a bad digest).
+pub struct PeerBody {
+    pub opened: Opened,
+    pub contributors: Arc<Mutex<Vec<PeerKey>>>,
+}
+
+pub struct Peers {
+    net: Arc<dyn PeerNetwork>,
+    avoid: Mutex<HashMap<PeerKey, Instant>>,
+}
+
+impl Peers {
+    pub fn new(net: Arc<dyn PeerNetwork>) -> Self {
+        Peers {
+            net,
+            avoid: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether any peer is connected: without one there is nothing to ask.
+    pub fn is_active(&self) -> bool {
+        self.net.connected() > 0
+    }
+
+    /// `digest` from a peer that holds it or is streaming it, from byte `from`.
+    pub async fn open_held(&self, digest: &Digest, from: u64) -> Option<PeerBody> {
+        if !self.is_active() {
+            return None;
+        }
+        let mut providers = self.usable(
+            self.net
+                .providers(content_key(digest), LOOKUP_BOUND)
+                .await,
+        );
+        if providers.is_empty() {
+            return None;
+        }
+        // Spread the load of a wave over every node that has the content.
+        providers.shuffle(&mut rand::thread_rng());
+        providers.truncate(MAX_PROVIDERS);
+        self.open_any(providers, digest, from).await
+    }
+
+    /// Decide who fetches `digest` upstream when nobody holds it (see the module comment).
+    pub async fn elect(&self, digest: &Digest) -> Election {
+        let key = fill_key(digest);
+        let claim = Claim {
+            net: Arc::clone(&self.net),
+            key: key.clone(),
+        };
+        if !self.is_active() {
+            return Election::Upstream(claim);
+        }
+        self.net.provide(key.clone(), ANNOUNCE_BOUND).await;
+        tokio::time::sleep(SETTLE).await;
+        let others = self.usable(self.net.providers(key, LOOKUP_BOUND).await);
+        let me = self.net.local();
+        match winner(digest, &me, &others) {
+            Some(peer) => {
+                debug!(%digest, %peer, "election: streaming from the node that fetches it");
+                Election::Peer(peer, claim)
+            }
+            None => Election::Upstream(claim),
+        }
+    }
+
+    /// `digest` from one given peer (the winner of an election).
+    pub async fn open_from(&self, peer: PeerKey, digest: &Digest, from: u64) -> Option<PeerBody> {
+        self.open_any(vec![peer], digest, from).await
+    }
+
+    /// Announce that this node can serve `digest` now (a download's first byte arrived).
+    pub fn announce(&self, digest: &Digest) {
+        self.announce_key(content_key(digest));
+    }
+
+    /// Announce this node's last-seen record of a public tag, for peers during an outage.
+    pub fn announce_tag(&self, registry: &str, repository: &str, tag: &str) {
+        self.announce_key(tag_key(registry, repository, tag));
+    }
+
+    fn announce_key(&self, key: Vec<u8>) {
+        if !self.is_active() {
+            return;
+        }
+        let provide = self.net.provide(key, ANNOUNCE_BOUND);
+        tokio::spawn(provide);
+    }
+
+    /// The newest record of `registry/repository:tag` among the peers that announced it.
+    pub async fn tag(&self, registry: &str, repository: &str, tag: &str) -> Option<TagAnswer> {
+        if !self.is_active() {
+            return None;
+        }
+        let mut providers = self.usable(
+            self.net
+                .providers(tag_key(registry, repository, tag), LOOKUP_BOUND * 4)
+                .await,
+        );
+        providers.truncate(MAX_PROVIDERS);
+        let asks: FuturesUnordered<_> = providers
+            .into_iter()
+            .map(|peer| {
+                let ask = self.net.tag(
+                    peer.clone(),
+                    registry.to_string(),
+                    repository.to_string(),
+                    tag.to_string(),
+                );
+                async move { (peer, tokio::time::timeout(Duration::from_secs(3), ask).await) }
+            })
+            .collect();
+        let answers: Vec<_> = asks.collect().await;
+        let mut newest: Option<TagAnswer> = None;
+        for (peer, answer) in answers {
+            match answer {
+                Ok(Ok(Some(a))) if newest.as_ref().is_none_or(|n| a.seen_at > n.seen_at) => {
+                    newest = Some(a)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "tag lookup at peer failed");
+                    self.net.report_failure(&peer, "tag");
+                }
+                Err(_) => self.net.report_failure(&peer, "timeout"),
+            }
+        }
+        newest
+    }
+
+    /// Peers whose bytes did not verify: avoided for a while, and counted.
+    pub fn blame(&self, peers: &[PeerKey], reason: &'static str) {
+        let mut avoid = self.avoid.lock().unwrap();
+        for peer in peers {
+            self.net.report_failure(peer, reason);
+            avoid.insert(peer.clone(), Instant::now());
+        }
+    }
+
+    fn usable(&self, mut peers: Vec<PeerKey>) -> Vec<PeerKey> {
+        let mut avoid = self.avoid.lock().unwrap();
+        avoid.retain(|_, since| since.elapsed() < AVOID_FOR);
+        peers.retain(|p| !avoid.contains_key(p));
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    /// Ask `candidates` in order, hedged, and take the first that opens; the body resumes at
+    /// the remaining ones if it fails mid-way.
+    async fn open_any(
+        &self,
+        candidates: Vec<PeerKey>,
+        digest: &Digest,
+        from: u64,
+    ) -> Option<PeerBody> {
+        let mut waiting = candidates.into_iter();
+        let mut asking = FuturesUnordered::new();
+        let ask = |peer: PeerKey| {
+            let open = self.net.fetch(peer.clone(), *digest, from);
+            async move { (peer, open.await) }
+        };
+        asking.push(ask(waiting.next()?));
+        let (peer, opened) = loop {
+            let hedge = tokio::time::sleep(HEDGE_AFTER);
+            tokio::select! {
+                done = asking.next() => match done {
+                    Some((peer, Ok(opened))) => break (peer, opened),
+                    Some((peer, Err(e))) => {
+                        debug!(%peer, %digest, error = %e, "peer could not serve");
+                        self.blame(&[peer], "open");
+                        match waiting.next() {
+                            Some(next) => asking.push(ask(next)),
+                            None if asking.is_empty() => return None,
+                            None => {}
+                        }
+                    }
+                    None => return None,
+                },
+                () = hedge, if waiting.len() > 0 => {
+                    if let Some(next) = waiting.next() {
+                        asking.push(ask(next));
+                    }
+                }
+            }
+        };
+        drop(asking);
+        let contributors = Arc::new(Mutex::new(vec![peer]));
+        let rest: Vec<PeerKey> = waiting.collect();
+        let Opened {
+            len,
+            offset,
+            body,
+            media_type,
+        } = opened;
+        let body = resuming(
+            body,
+            offset,
+            Some(len),
+            self.resume_at(rest, *digest, Arc::clone(&contributors)),
+        );
+        Some(PeerBody {
+            opened: Opened {
+                len,
+                offset,
+                body,
+                media_type,
+            },
+            contributors,
+        })
+    }
+
+    /// Resumes a failed peer body at the next provider in `rest`.
+    fn resume_at(
+        &self,
+        rest: Vec<PeerKey>,
+        digest: Digest,
+        contributors: Arc<Mutex<Vec<PeerKey>>>,
+    ) -> Resume {
+        let net = Arc::clone(&self.net);
+        let rest = Arc::new(Mutex::new(rest.into_iter()));
+        Box::new(move |pos| {
+            let (net, rest, contributors) =
+                (Arc::clone(&net), Arc::clone(&rest), Arc::clone(&contributors));
+            Box::pin(async move {
+                loop {
+                    let peer = rest.lock().unwrap().next()?;
+                    match net.fetch(peer.clone(), digest, pos).await {
+                        Ok(opened) if opened.offset == pos => {
+                            contributors.lock().unwrap().push(peer);
+                            return Some(opened.body);
+                        }
+                        Ok(_) => net.report_failure(&peer, "range"),
+                        Err(_) => net.report_failure(&peer, "open"),
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Rendezvous hashing: the peer among `others` that ranks above `me` for `digest`, if any.
+pub fn winner(digest: &Digest, me: &PeerKey, others: &[PeerKey]) -> Option<PeerKey> {
+    let score = |p: &PeerKey| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(p.0.as_bytes());
+        h.update(digest.to_string().as_bytes());
+        h.finalize().into()
+    };
+    let mine = score(me);
+    others
+        .iter()
+        .filter(|p| *p != me)
+        .map(|p| (score(p), p))
+        .filter(|(s, _)| *s > mine)
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, p)| p.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use bytes::Bytes;
+    use futures_util::TryStreamExt;
+
+    use super::*;
+
+    /// An in-memory network: which node provides which key, and what each peer serves.
+    #[derive(Default)]
+    struct World {
+        records: Mutex<BTreeMap<Vec<u8>, BTreeSet<PeerKey>>>,
+        /// peer → (content, bytes to send before failing; None = all)
+        content: Mutex<HashMap<PeerKey, (Vec<u8>, Option<usize>)>>,
+        slow: Mutex<BTreeSet<PeerKey>>,
+        failures: Mutex<Vec<(PeerKey, &'static str)>>,
+    }
+
+    struct Node {
+        me: PeerKey,
+        world: Arc<World>,
+    }
+
+    fn key(s: &str) -> PeerKey {
+        PeerKey(s.to_string())
+    }
+
+    impl PeerNetwork for Node {
+        fn local(&self) -> PeerKey {
+            self.me.clone()
+        }
+        fn connected(&self) -> usize {
+            3
+        }
+        fn provide(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, bool> {
+            let me = self.me.clone();
+            self.world
+                .records
+                .lock()
+                .unwrap()
+                .entry(key)
+                .or_default()
+                .insert(me);
+            Box::pin(async { true })
+        }
+        fn stop_providing(&self, key: Vec<u8>) {
+            if let Some(set) = self.world.records.lock().unwrap().get_mut(&key) {
+                set.remove(&self.me);
+            }
+        }
+        fn providers(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, Vec<PeerKey>> {
+            let found: Vec<PeerKey> = self
+                .world
+                .records
+                .lock()
+                .unwrap()
+                .get(&key)
+                .map(|s| s.iter().filter(|p| **p != self.me).cloned().collect())
+                .unwrap_or_default();
+            Box::pin(async move { found })
+        }
+        fn fetch(
+            &self,
+            peer: PeerKey,
+            _: Digest,
+            from: u64,
+        ) -> BoxFuture<'static, Result<Opened, BoxError>> {
+            let slow = self.world.slow.lock().unwrap().contains(&peer);
+            let served = self.world.content.lock().unwrap().get(&peer).cloned();
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                let (data, fail_after) = served.ok_or("not found")?;
+                let len = data.len() as u64;
+                let mut part = data[from as usize..].to_vec();
+                let mut items: Vec<Result<Bytes, BoxError>> = Vec::new();
+                if let Some(n) = fail_after {
+                    part.truncate(n.saturating_sub(from as usize));
+                }
+                items.extend(part.chunks(4).map(|c| Ok(Bytes::copy_from_slice(c))));
+                if fail_after.is_some() {
+                    items.push(Err("peer went away".into()));
+                }
+                Ok(Opened {
+                    len,
+                    offset: from,
+                    body: futures_util::stream::iter(items).boxed(),
+                    media_type: None,
+                })
+            })
+        }
+        fn tag(
+            &self,
+            peer: PeerKey,
+            _: String,
+            _: String,
+            _: String,
+        ) -> BoxFuture<'static, Result<Option<TagAnswer>, BoxError>> {
+            let seen_at = peer.0.len() as u64;
+            Box::pin(async move {
+                Ok(Some(TagAnswer {
+                    digest: Digest::of(peer.0.as_bytes()),
+                    media_type: "m".into(),
+                    seen_at,
+                }))
+            })
+        }
+        fn report_failure(&self, peer: &PeerKey, reason: &'static str) {
+            self.world
+                .failures
+                .lock()
+                .unwrap()
+                .push((peer.clone(), reason));
+        }
+    }
+
+    fn node(world: &Arc<World>, me: &str) -> Peers {
+        Peers::new(Arc::new(Node {
+            me: key(me),
+            world: Arc::clone(world),
+        }))
+    }
+
+    async fn body(b: PeerBody) -> Vec<u8> {
+        b.opened
+            .body
+            .try_fold(Vec::new(), |mut v, c| async move {
+                v.extend_from_slice(&c);
+                Ok(v)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn every_node_that_sees_the_top_announcer_elects_it() {
+        let nodes: Vec<PeerKey> = (0..8).map(|i| key(&format!("node-{i}"))).collect();
+        for i in 0..50u8 {
+            let digest = Digest::of(&[i]);
+            let top = nodes
+                .iter()
+                .find(|n| winner(&digest, n, &nodes).is_none())
+                .expect("exactly one node ranks first")
+                .clone();
+            for n in &nodes {
+                let picked = winner(&digest, n, &nodes).unwrap_or_else(|| n.clone());
+                assert_eq!(picked, top, "{n} picked another node for {digest}");
+                // A partial view that includes the top node still picks it.
+                let partial: Vec<PeerKey> = vec![top.clone(), nodes[0].clone()];
+                assert_eq!(winner(&digest, n, &partial).unwrap_or_else(|| n.clone()), top);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn simultaneous_misses_elect_one_fetcher() {
+        let world = Arc::new(World::default());
+        let digest = Digest::of(b"blob");
+        let peers: Vec<Peers> = (0..4).map(|i| node(&world, &format!("n{i}"))).collect();
+        let elections = futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest))).await;
+        let upstream = elections
+            .iter()
+            .filter(|e| matches!(e, Election::Upstream(_)))
+            .count();
+        assert_eq!(upstream, 1, "exactly one node fetches upstream");
+        drop(elections);
+        assert!(
+            world.records.lock().unwrap().values().all(|s| s.is_empty()),
+            "claims are withdrawn when the fills end"
+        );
+    }
+
+    #[tokio::test]
+    async fn held_content_comes_from_a_provider_and_resumes_at_the_next() {
+        let world = Arc::new(World::default());
+        let data: Vec<u8> = (0..200u8).collect();
+        let digest = Digest::of(&data);
+        for (name, fail_after) in [("a", Some(50)), ("b", None)] {
+            node(&world, name).net.provide(content_key(&digest), LOOKUP_BOUND).await;
+            world
+                .content
+                .lock()
+                .unwrap()
+                .insert(key(name), (data.clone(), fail_after));
+        }
+        // Whichever is asked first, the body is whole.
+        for _ in 0..6 {
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+        }
+        let got = node(&world, "me").open_held(&digest, 120).await.unwrap();
+        assert_eq!(got.opened.offset, 120);
+        assert_eq!(body(got).await, data[120..].to_vec());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_provider_is_hedged() {
+        let world = Arc::new(World::default());
+        let data = vec![9u8; 40];
+        let digest = Digest::of(&data);
+        for name in ["a", "b"] {
+            node(&world, name).net.provide(content_key(&digest), LOOKUP_BOUND).await;
+            world
+                .content
+                .lock()
+                .unwrap()
+                .insert(key(name), (data.clone(), None));
+        }
+        world.slow.lock().unwrap().insert(key("a"));
+        let started = tokio::time::Instant::now();
+        for _ in 0..4 {
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "never waited for the slow one");
+    }
+
+    #[tokio::test]
+    async fn a_blamed_peer_is_avoided() {
+        let world = Arc::new(World::default());
+        let data = vec![1u8; 10];
+        let digest = Digest::of(&data);
+        node(&world, "rogue").net.provide(content_key(&digest), LOOKUP_BOUND).await;
+        world
+            .content
+            .lock()
+            .unwrap()
+            .insert(key("rogue"), (data, None));
+        let me = node(&world, "me");
+        assert!(me.open_held(&digest, 0).await.is_some());
+        me.blame(&[key("rogue")], "digest_mismatch");
+        assert!(me.open_held(&digest, 0).await.is_none());
+        assert_eq!(
+            world.failures.lock().unwrap().as_slice(),
+            &[(key("rogue"), "digest_mismatch")]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_newest_tag_record_wins() {
+        let world = Arc::new(World::default());
+        for name in ["short", "much-longer-name"] {
+            node(&world, name).announce_tag("r.example", "app", "v1");
+        }
+        tokio::task::yield_now().await;
+        let answer = node(&world, "me").tag("r.example", "app", "v1").await.unwrap();
+        assert_eq!(answer.seen_at, "much-longer-name".len() as u64);
+    }
+}
