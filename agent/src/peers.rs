@@ -131,6 +131,8 @@ pub struct PeerBody {
 pub struct Peers {
     net: Arc<dyn PeerNetwork>,
     avoid: Mutex<HashMap<PeerKey, Instant>>,
+    /// Tag keys announced already (a tag is revalidated on every pull; its record stands).
+    tags: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
 
 impl Peers {
@@ -138,6 +140,7 @@ impl Peers {
         Peers {
             net,
             avoid: Mutex::new(HashMap::new()),
+            tags: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -200,7 +203,17 @@ impl Peers {
 
     /// Announce this node's last-seen record of a public tag, for peers during an outage.
     pub fn announce_tag(&self, registry: &str, repository: &str, tag: &str) {
-        self.announce_key(tag_key(registry, repository, tag));
+        let key = tag_key(registry, repository, tag);
+        {
+            let mut tags = self.tags.lock().unwrap();
+            if tags.len() > 100_000 {
+                tags.clear();
+            }
+            if !self.is_active() || !tags.insert(key.clone()) {
+                return;
+            }
+        }
+        self.announce_key(key);
     }
 
     fn announce_key(&self, key: Vec<u8>) {

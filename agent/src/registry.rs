@@ -39,7 +39,11 @@ use crate::{
     digest::Digest,
     metrics::RegistryMetrics,
     range::{parse_range, RangeSpec},
-    store::{Blob, Fetched, Store},
+    failover::{resuming, skip_prefix, Resume},
+    peers::PeerKey,
+    source::ByteStream,
+    sources::{Found, Lookup, Sources},
+    store::{Blob, Fetched, Store, StoreError},
     token::TokenClient,
     upstream::{empty, idle_timeout, Body, BoxError, Upstream, UpstreamError},
     visibility::{Verdict, Visibility},
@@ -78,6 +82,25 @@ pub struct Registry {
     node_credentials: Option<NodeCredentials>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
+    /// containerd and peers, asked before the upstream on a miss.
+    sources: Sources,
+}
+
+/// Where a fill's bytes came from.
+struct Served {
+    /// The `source` metrics label.
+    source: &'static str,
+    /// The peers that sent them, if any.
+    peers: Option<Arc<Mutex<Vec<PeerKey>>>>,
+}
+
+impl Default for Served {
+    fn default() -> Self {
+        Served {
+            source: "upstream",
+            peers: None,
+        }
+    }
 }
 
 impl Registry {
@@ -103,11 +126,23 @@ impl Registry {
             catalog,
             metrics,
             auth_ok: Mutex::new(HashMap::new()),
+            sources: Sources::default(),
         }
+    }
+
+    /// Ask these sources (containerd, peers) before the upstream on a miss.
+    pub fn with_sources(mut self, sources: Sources) -> Self {
+        self.sources = sources;
+        self
     }
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// Upstream's public/private verdicts (what this node may share with peers).
+    pub fn visibility(&self) -> Arc<Visibility> {
+        Arc::clone(&self.visibility)
     }
 
     pub async fn handle(
@@ -255,17 +290,23 @@ impl Registry {
             // Fetched with the client's credentials: find out whether anyone may have it.
             self.visibility.refresh(repo_key, repo, || uri.clone());
         }
+        // Other nodes share public content only, so only that is worth asking them for.
+        let shareable = public || self.visibility.is_public(repo_key);
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
         // on disk) go to this client as they are, uncached.
         let (uncached_tx, uncached_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();
         let owned = Arc::new(AtomicBool::new(false));
+        // Which source the fill took its bytes from, and the peers among them.
+        let served_by = Arc::new(Mutex::new(Served::default()));
 
         let fill = {
             let upstream = self.upstream.clone();
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
+            let sources = self.sources.clone();
             let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
+            let served_by = Arc::clone(&served_by);
             self.store.fill(digest, move |held| async move {
                 owned.store(true, Ordering::Relaxed);
                 let started = Instant::now();
@@ -273,7 +314,7 @@ impl Registry {
                 // the rest after the prefix a crashed run left (`held`). Manifests are small:
                 // never resumed.
                 let from = if kind == Kind::Blob { held } else { 0 };
-                let fetch = |from: u64| {
+                let fetch = move |from: u64| {
                     let mut headers = headers.clone();
                     headers.remove(header::RANGE);
                     headers.remove(header::IF_RANGE);
@@ -281,10 +322,40 @@ impl Registry {
                         let range = format!("bytes={from}-").parse().expect("valid header");
                         headers.insert(header::RANGE, range);
                     }
-                    let (upstream, uri) = (&upstream, uri.clone());
+                    let (upstream, uri) = (upstream.clone(), uri.clone());
                     async move { upstream.fetch_following(Method::GET, uri, &headers).await }
                 };
+                let resume_upstream = upstream_resume(fetch.clone(), kind, metrics.clone());
                 let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
+
+                // This node's containerd, then peers, before the upstream.
+                let mut claim = None;
+                if !sources.is_empty() {
+                    match sources.open(&digest_c, from, shareable, kind == Kind::Blob).await {
+                        Lookup::Found(found) => {
+                            let known = catalog.content(&digest_c).and_then(|m| m.media_type);
+                            let media_type = found.opened.media_type.clone().or(known);
+                            // A manifest is served with its media type, or not from here.
+                            if kind == Kind::Blob || media_type.is_some() {
+                                if let Err(e) = catalog.record_content(
+                                    &digest_c,
+                                    media_type.as_deref(),
+                                    &repo_key,
+                                    public,
+                                ) {
+                                    warn!(error = %e, "recording content metadata failed");
+                                }
+                                *served_by.lock().unwrap() = Served {
+                                    source: found.source,
+                                    peers: found.contributors.clone(),
+                                };
+                                return Ok(from_source(found, &metrics, resume_upstream));
+                            }
+                        }
+                        Lookup::Upstream(won) => claim = won,
+                    }
+                }
+
                 let mut resp = fetch(from).await.map_err(boxed)?;
                 let mut offset = 0;
                 if from > 0 {
@@ -340,13 +411,24 @@ impl Registry {
                 {
                     warn!(error = %e, "recording content metadata failed");
                 }
+                // Peers may stream it from this fill from its first byte on.
+                if shareable {
+                    sources.announce(&digest_c);
+                }
                 let counted = metrics.clone();
                 let body = resp
                     .into_body()
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
+                let body = idle_timeout(body, UPSTREAM_IDLE)
+                    .map(move |chunk| {
+                        // The election's announcement stays up while the body is read.
+                        let _held = &claim;
+                        chunk
+                    })
+                    .boxed();
                 Ok(Fetched {
-                    body: idle_timeout(body, UPSTREAM_IDLE),
+                    body: resuming(body, offset, len, resume_upstream),
                     len,
                     offset,
                     gated: false,
@@ -357,6 +439,15 @@ impl Registry {
         let announced = match fill.started().await {
             Ok(len) => len,
             Err(e) => {
+                if let Some(peers) = served_by.lock().unwrap().peers.take() {
+                    if matches!(
+                        e,
+                        StoreError::DigestMismatch { .. } | StoreError::LengthMismatch { .. }
+                    ) {
+                        self.sources
+                            .blame(&peers.lock().unwrap(), "digest_mismatch");
+                    }
+                }
                 return match uncached_rx.await {
                     // Upstream said no (401, 404, ...), or the disk is full: the client gets
                     // upstream's answer as it is.
@@ -388,8 +479,10 @@ impl Registry {
         };
         let meta = self.catalog.content(digest);
         let joined = !owned.load(Ordering::Relaxed);
-        // We joined someone else's fetch: make sure this client may see it.
-        if joined {
+        let source = served_by.lock().unwrap().source;
+        // We joined someone else's fetch, or ours came from elsewhere than upstream with this
+        // client's credentials: make sure this client may see it.
+        if joined || (source != "upstream" && !public) {
             if let Err(denied) = self
                 .authorize(
                     origin,
@@ -404,10 +497,9 @@ impl Registry {
             {
                 return denied;
             }
-            self.metrics.request(kind.label(), "store");
-        } else {
-            self.metrics.request(kind.label(), "upstream");
         }
+        self.metrics
+            .request(kind.label(), if joined { "store" } else { source });
         let media_type = meta.and_then(|m| m.media_type);
         if kind == Kind::Manifest
             && !media_type
@@ -584,7 +676,9 @@ impl Registry {
         let started = Instant::now();
         let head = match self.revalidate_tag(&repo_key, repo, probe, &headers).await {
             Ok(h) => h,
-            Err(e) if e.is_unreachable() => return self.stale_tag(&repo_key, tag, &req, &e),
+            Err(e) if e.is_unreachable() => {
+                return self.stale_tag(origin, repo, &repo_key, tag, &req, &e).await
+            }
             Err(e) => return bad_gateway(&e),
         };
         self.metrics.upstream_latency("tag", started.elapsed());
@@ -615,6 +709,12 @@ impl Registry {
         };
         if let Err(e) = self.catalog.record_tag(&repo_key, tag, &record) {
             warn!(error = %e, "recording tag failed");
+        }
+        if public {
+            // Peers may resolve it through this node while the upstream is down.
+            if let Some(peers) = &self.sources.peers {
+                peers.announce_tag(&origin.authority, repo, tag);
+            }
         }
         if req.method() == Method::HEAD {
             self.metrics.request(Kind::Manifest.label(), "upstream");
@@ -661,15 +761,18 @@ impl Registry {
             .await
     }
 
-    /// Upstream is unreachable: serve the tag's last known manifest if we may.
-    fn stale_tag(
+    /// Upstream is unreachable: serve the tag's last known manifest if we may: this node's
+    /// record, else the newest record a peer holds (peers only share public tags).
+    async fn stale_tag(
         &self,
+        origin: &Origin,
+        repo: &str,
         repo_key: &str,
         tag: &str,
         req: &Request<Incoming>,
         cause: &UpstreamError,
     ) -> Response<Body> {
-        let usable = self.catalog.tag(repo_key, tag).and_then(|rec| {
+        let local = self.catalog.tag(repo_key, tag).and_then(|rec| {
             let digest: Digest = rec.digest.parse().ok()?;
             // Private content needs upstream's word on the credentials, which we cannot get.
             let public = rec.public || self.visibility.is_public(repo_key);
@@ -680,6 +783,10 @@ impl Registry {
                     .map(|blob| (digest, rec.media_type, blob))
             })?
         });
+        let usable = match local {
+            Some(found) => Some(found),
+            None => self.tag_from_peers(origin, repo, repo_key, tag, req).await,
+        };
         let Some((digest, media_type, blob)) = usable else {
             return bad_gateway(cause);
         };
@@ -687,6 +794,56 @@ impl Registry {
         self.metrics.stale_manifest();
         self.metrics.request(Kind::Manifest.label(), "store");
         self.serve_blob(req, &digest, Some(&media_type), blob)
+    }
+
+    /// The newest record of a public tag among the peers, with its manifest fetched from a
+    /// peer, verified and stored.
+    async fn tag_from_peers(
+        &self,
+        origin: &Origin,
+        repo: &str,
+        repo_key: &str,
+        tag: &str,
+        req: &Request<Incoming>,
+    ) -> Option<(Digest, String, Blob)> {
+        let peers = self.sources.peers.as_ref()?;
+        let answer = peers.tag(&origin.authority, repo, tag).await?;
+        if !accepts(req.headers(), &answer.media_type) {
+            return None;
+        }
+        let digest = answer.digest;
+        if self.store.get(&digest).is_none() {
+            let held = peers.open_held(&digest, 0).await?;
+            if held.opened.len > MAX_MANIFEST as u64 {
+                return None;
+            }
+            let bytes: Vec<u8> = held
+                .opened
+                .body
+                .try_fold(Vec::new(), |mut all, chunk| async move {
+                    all.extend_from_slice(&chunk);
+                    Ok(all)
+                })
+                .await
+                .ok()?;
+            if Digest::of(&bytes) != digest {
+                peers.blame(&held.contributors.lock().unwrap(), "digest_mismatch");
+                return None;
+            }
+            self.metrics.bytes("peer", bytes.len() as u64);
+            self.remember_manifest(&digest, &answer.media_type, repo_key, true, bytes.into())
+                .await;
+        }
+        let record = TagRecord {
+            digest: digest.to_string(),
+            media_type: answer.media_type.clone(),
+            public: true,
+        };
+        if let Err(e) = self.catalog.record_tag(repo_key, tag, &record) {
+            warn!(error = %e, "recording tag failed");
+        }
+        let blob = self.store.get(&digest)?;
+        Some((digest, answer.media_type, blob))
     }
 
     /// Serve a committed blob or manifest.
@@ -950,6 +1107,63 @@ impl Kind {
 }
 
 /// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
+/// The fill's body from a source other than the upstream, counted under that source, and
+/// resumed upstream if it fails mid-way.
+fn from_source(found: Found, metrics: &RegistryMetrics, resume_upstream: Resume) -> Fetched<ByteStream> {
+    let Found {
+        opened,
+        source,
+        gated,
+        claim,
+        ..
+    } = found;
+    let counted = metrics.clone();
+    let body = opened
+        .body
+        .inspect_ok(move |chunk| counted.bytes(source, chunk.len() as u64))
+        .map(move |chunk| {
+            // The election's announcement stays up while the body is read.
+            let _held = &claim;
+            chunk
+        })
+        .boxed();
+    Fetched {
+        body: resuming(body, opened.offset, Some(opened.len), resume_upstream),
+        len: Some(opened.len),
+        offset: opened.offset,
+        gated,
+    }
+}
+
+/// Resumes a blob's fill at the upstream from byte `pos`, when its source failed mid-way.
+/// Manifests are small and never resumed.
+fn upstream_resume<F, Fut>(fetch: F, kind: Kind, metrics: RegistryMetrics) -> Resume
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'static,
+{
+    Box::new(move |pos| {
+        let (fetch, metrics) = (fetch.clone(), metrics.clone());
+        Box::pin(async move {
+            if kind != Kind::Blob {
+                return None;
+            }
+            let resp = fetch(pos).await.ok()?;
+            let (at, whole) = (resumed_at(&resp), resp.status() == StatusCode::OK);
+            let body = resp
+                .into_body()
+                .into_data_stream()
+                .inspect_ok(move |chunk| metrics.bytes("upstream", chunk.len() as u64));
+            let body = idle_timeout(body, UPSTREAM_IDLE).boxed();
+            match at {
+                Some(at) if at == pos => Some(body),
+                _ if whole => Some(skip_prefix(body, pos)),
+                _ => None,
+            }
+        })
+    })
+}
+
 fn content_uri(origin: &Origin, repo: &str, kind: Kind, digest: &Digest) -> Uri {
     format!(
         "{}://{}/v2/{repo}/{}/{digest}",

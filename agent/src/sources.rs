@@ -1,0 +1,107 @@
+//! The sources a miss is served from before the upstream: containerd's content store on this
+//! node, then peers. eddy's own store comes first and the upstream last; both are the
+//! registry handler's. One shared fill asks these once per digest (single flight).
+use std::sync::{Arc, Mutex};
+
+use tracing::debug;
+
+use crate::{
+    digest::Digest,
+    peers::{Claim, Election, PeerKey, Peers},
+    source::{ContentSource, Opened},
+};
+
+/// Content found at a source.
+pub struct Found {
+    pub opened: Opened,
+    /// The `source` metrics label.
+    pub source: &'static str,
+    /// The source is not trusted to send the right bytes: nothing may be served before the
+    /// whole verifies (see `store::Fetched::gated`).
+    pub gated: bool,
+    /// Peers that sent bytes, to blame if they do not verify.
+    pub contributors: Option<Arc<Mutex<Vec<PeerKey>>>>,
+    /// Kept for as long as the body is read: this node's announcement of its fill, which
+    /// peers that elected it stream from.
+    pub claim: Option<Claim>,
+}
+
+/// What to do about a miss.
+pub enum Lookup {
+    Found(Found),
+    /// Fetch upstream. With a claim, this node won the cluster's election for the blob: keep
+    /// it for as long as the fill runs, and announce the content at its first byte.
+    Upstream(Option<Claim>),
+}
+
+#[derive(Default, Clone)]
+pub struct Sources {
+    pub containerd: Option<Arc<dyn ContentSource>>,
+    pub peers: Option<Arc<Peers>>,
+}
+
+impl Sources {
+    pub fn is_empty(&self) -> bool {
+        self.containerd.is_none() && self.peers.is_none()
+    }
+
+    /// `digest` from byte `from`. `shareable`: the content may come from other nodes (public
+    /// content: peers share nothing else). `elect`: when nobody has it, hold the cluster's
+    /// election on who fetches it upstream (blobs; manifests are small and fetched by each).
+    pub async fn open(&self, digest: &Digest, from: u64, shareable: bool, elect: bool) -> Lookup {
+        if let Some(containerd) = &self.containerd {
+            if let Some(opened) = containerd.open(digest, from).await {
+                return Lookup::Found(Found {
+                    opened,
+                    source: containerd.name(),
+                    // containerd verified the digest when it committed the content.
+                    gated: false,
+                    contributors: None,
+                    claim: None,
+                });
+            }
+        }
+        let Some(peers) = self.peers.as_ref().filter(|p| shareable && p.is_active()) else {
+            return Lookup::Upstream(None);
+        };
+        if let Some(held) = peers.open_held(digest, from).await {
+            return Lookup::Found(peer_found(held, None));
+        }
+        if !elect {
+            return Lookup::Upstream(None);
+        }
+        match peers.elect(digest).await {
+            Election::Upstream(claim) => Lookup::Upstream(Some(claim)),
+            Election::Peer(peer, claim) => match peers.open_from(peer.clone(), digest, from).await {
+                Some(body) => Lookup::Found(peer_found(body, Some(claim))),
+                None => {
+                    debug!(%digest, %peer, "the elected node could not serve; fetching upstream");
+                    Lookup::Upstream(Some(claim))
+                }
+            },
+        }
+    }
+
+    /// This node can serve `digest` to peers now.
+    pub fn announce(&self, digest: &Digest) {
+        if let Some(peers) = &self.peers {
+            peers.announce(digest);
+        }
+    }
+
+    pub fn blame(&self, contributors: &[PeerKey], reason: &'static str) {
+        if let Some(peers) = &self.peers {
+            peers.blame(contributors, reason);
+        }
+    }
+}
+
+fn peer_found(body: crate::peers::PeerBody, claim: Option<Claim>) -> Found {
+    Found {
+        opened: body.opened,
+        source: "peer",
+        gated: true,
+        contributors: Some(body.contributors),
+        claim,
+    }
+}
