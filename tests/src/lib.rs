@@ -13,6 +13,7 @@ use std::{
 use anyhow::Result;
 
 pub mod cgroup;
+pub mod cluster;
 pub mod containerd;
 pub mod cri;
 pub mod eddy;
