@@ -8,6 +8,9 @@
 //!    blob over TLS beside `openssl speed`, upstream bytes and eddy's peak RSS for 8
 //!    concurrent cold pulls.
 //!
+//! 4. P2P on a local cluster of nodes in one swarm: peer-to-peer throughput, the second
+//!    wave against direct, the simultaneous cold wave, RSS per node (`eddy-p2p-bench`).
+//!
 //! The measuring is done by `eddy-bench` (1, 2) and `eddy-registry-bench` (3) from the
 //! eddy-tests crate, which share the privileged tests' harness (cgroup, netns, registry,
 //! containerd, eddy and probe guards that clean up on drop). The markdown tables are
@@ -39,8 +42,11 @@ pub struct Options {
     #[arg(long)]
     pub skip_interception: bool,
     /// Skip the registry-cache figures.
-    #[arg(long, conflicts_with = "skip_interception")]
+    #[arg(long)]
     pub skip_registry: bool,
+    /// Skip the multi-node P2P figures.
+    #[arg(long)]
+    pub skip_p2p: bool,
 }
 
 impl Default for Options {
@@ -53,6 +59,7 @@ impl Default for Options {
             rate: "200mbit".into(),
             skip_interception: false,
             skip_registry: false,
+            skip_p2p: false,
         }
     }
 }
@@ -63,7 +70,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     let eddy = util::build_release()?;
-    eprintln!("xtask: building eddy-bench, eddy-registry-bench and eddy-probe");
+    eprintln!("xtask: building eddy-bench, eddy-registry-bench, eddy-p2p-bench and eddy-probe");
     util::run(cargo().current_dir(workspace_root()).args([
         "build",
         "--release",
@@ -97,6 +104,18 @@ pub fn run(opts: &Options) -> Result<()> {
             cmd.arg("--append");
         }
         util::run(&mut cmd)?;
+    }
+    if !opts.skip_p2p {
+        if opts.skip_interception && opts.skip_registry {
+            let _ = std::fs::remove_file(&out);
+        }
+        util::run(
+            std::process::Command::new(release.join("eddy-p2p-bench"))
+                .args(["--rate", &opts.rate])
+                .arg("--out")
+                .arg(&out)
+                .env("EDDY_BIN", &eddy),
+        )?;
     }
     eprintln!("xtask: results written to {}", out.display());
     Ok(())

@@ -1,0 +1,176 @@
+//! eddy-p2p-bench: the multi-node figures (run as root, EDDY_BIN set; `cargo xtask bench`
+//! runs it after the registry figures). Nodes as in the P2P tests (`eddy_tests::cluster`):
+//! each with its own cgroup, containerd, ctr client and eddy, in one swarm; the upstream
+//! docker-registry sits behind a tbf-shaped veth.
+//!
+//! a. Peer-to-peer throughput: one 512 MiB blob that node 0 holds, fetched with curl through
+//!    node 1's eddy (its store is cold: the bytes come from node 0, are verified, then served).
+//! b. The second wave: a multi-layer image that node 0 pulled, pulled by another node, against
+//!    a direct pull through the shaped link.
+//! c. The simultaneous cold wave: all nodes pull one image at the same moment; the slowest
+//!    pull against one node's cold pull of an image of the same shape, and upstream blob
+//!    bytes against the image's size.
+//! d. eddy's peak RSS on each node (VmHWM).
+use std::{fs, io::Write, path::PathBuf, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use clap::Parser;
+use eddy_tests::{
+    cluster::{Cluster, NAMESPACE},
+    containerd::Client,
+    oci::ImageSpec,
+    registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
+    registry_world::peak_rss_kib,
+    require_privileges,
+};
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Parser)]
+#[command(name = "eddy-p2p-bench", about = "Measure eddy's P2P figures on a local cluster")]
+struct Args {
+    /// Nodes in the swarm.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    /// tbf rate of the link to the upstream (tc syntax).
+    #[arg(long, default_value = "200mbit")]
+    rate: String,
+    /// Layer sizes of the pulled images, in MiB.
+    #[arg(long, value_delimiter = ',', default_value = "32,16,8,4")]
+    layers_mib: Vec<u64>,
+    /// Size of the single blob for the throughput figure, in MiB.
+    #[arg(long, default_value_t = 512)]
+    blob_mib: u64,
+    /// Append the markdown to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(require_privileges(), "eddy-p2p-bench needs root, cgroup v2 and BPF");
+    let cluster = Cluster::start(args.nodes, UpstreamOptions::default(), &[])?;
+    let layers: Vec<u64> = args.layers_mib.iter().map(|m| m * MIB).collect();
+    let spec = ImageSpec::single(&layers);
+    let mut md = String::from("\n### P2P (cargo xtask bench)\n\n| figure | value |\n|---|---|\n");
+
+    // a. Peer-to-peer throughput of one warm blob.
+    let big = cluster.image("p2p/big", "v1", &ImageSpec::single(&[args.blob_mib * MIB]))?;
+    let layer = big.largest_layer();
+    cluster.nodes[0]
+        .fetch(&format!("{REGISTRY_HOST}/p2p/big:v1"))?
+        .check("node 0's pull of the big blob")?;
+    let secs = curl_blob(&cluster, 1, "p2p/big", &layer.digest)?;
+    let gbps = layer.size as f64 / secs / 1e9;
+    eprintln!("a. peer-to-peer: {} MiB in {secs:.2} s = {gbps:.2} GB/s", layer.size / MIB);
+    md += &format!(
+        "| peer-to-peer, one warm {} MiB blob (curl through a cold node) | {secs:.2} s = **{gbps:.2} GB/s** |\n",
+        layer.size / MIB
+    );
+
+    shape_link(&cluster.netns, Some(&args.rate))?;
+
+    // b. The second wave against direct through the shaped link.
+    let wave = cluster.image("p2p/second", "v1", &spec)?;
+    let reference = format!("{REGISTRY_HOST}/p2p/second:v1");
+    cluster.nodes[0].fetch(&reference)?.check("node 0's cold pull")?;
+    let direct = {
+        let node = &cluster.nodes[1];
+        let client = Client {
+            cgroup: None,
+            ca_bundle: cluster.pki.ca_cert.clone(),
+            ..node.client.clone()
+        };
+        let run = client.fetch(&node.containerd, "direct", &reference, &[], Duration::from_secs(300))?;
+        run.check("the direct pull")?.elapsed.as_secs_f64()
+    };
+    let second = cluster.nodes[2].fetch(&reference)?.check("node 2's pull")?.elapsed.as_secs_f64();
+    eprintln!("b. second wave {second:.2} s, direct {direct:.2} s ({:.1}x)", direct / second);
+    md += &format!(
+        "| second wave ({} MiB image a peer holds) vs direct at {} | {second:.2} s vs {direct:.2} s: **{:.1}x faster** |\n",
+        wave.total_bytes() / MIB,
+        args.rate,
+        direct / second
+    );
+
+    // c. The simultaneous cold wave against one cold pull.
+    let single = cluster.image("p2p/single", "v1", &spec)?;
+    let one = cluster.nodes[3 % cluster.nodes.len()]
+        .fetch(&format!("{REGISTRY_HOST}/p2p/single:v1"))?
+        .check("one cold pull")?
+        .elapsed
+        .as_secs_f64();
+    let cold = cluster.image("p2p/cold", "v1", &spec)?;
+    let before = cluster.upstream_blob_bytes()?;
+    let started = std::time::Instant::now();
+    let mut pulls = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let log = cluster.work.path().join(format!("wave-{i}.log"));
+        let argv = node.containerd.ctr_args(
+            NAMESPACE,
+            &["content", "fetch", &format!("{REGISTRY_HOST}/p2p/cold:v1")],
+        );
+        pulls.push((node.client.spawn(&argv, &log)?, log));
+    }
+    for (i, (mut pull, log)) in pulls.into_iter().enumerate() {
+        let status = pull
+            .wait_timeout(Duration::from_secs(300))?
+            .with_context(|| format!("node {i}'s pull did not finish"))?;
+        ensure!(status.success(), "node {i}: {}", fs::read_to_string(log)?);
+    }
+    let wave_secs = started.elapsed().as_secs_f64();
+    let upstream = cluster.upstream_blob_bytes()? - before;
+    let ratio = upstream as f64 / cold.total_bytes() as f64;
+    eprintln!(
+        "c. cold wave of {}: {wave_secs:.2} s vs one cold pull {one:.2} s ({:.2}x); upstream {ratio:.3}x the image",
+        cluster.nodes.len(),
+        wave_secs / one
+    );
+    md += &format!(
+        "| simultaneous cold wave of {} nodes vs one cold pull ({} MiB image) | {wave_secs:.2} s vs {one:.2} s: **{:.2}x** |\n",
+        cluster.nodes.len(),
+        single.total_bytes() / MIB,
+        wave_secs / one
+    );
+    md += &format!(
+        "| upstream blob bytes during that wave / image size | **{ratio:.3}x** ({upstream} B) |\n"
+    );
+
+    // d. Peak RSS per node.
+    let rss: Vec<String> = cluster
+        .nodes
+        .iter()
+        .filter_map(|n| n.eddy.as_ref())
+        .map(|e| peak_rss_kib(e.pid()).map(|k| format!("{:.1}", k as f64 / 1024.0)))
+        .collect::<Result<_>>()?;
+    eprintln!("d. peak RSS per node (MiB): {}", rss.join(", "));
+    md += &format!("| eddy peak RSS per node (VmHWM) | {} MiB |\n", rss.join(" / "));
+
+    print!("{md}");
+    if let Some(out) = &args.out {
+        if let Some(dir) = out.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)?
+            .write_all(md.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Seconds for curl to fetch `digest` through node `i`'s eddy (body discarded).
+fn curl_blob(cluster: &Cluster, i: usize, repo: &str, digest: &str) -> Result<f64> {
+    let node = &cluster.nodes[i];
+    let headers = cluster.work.path().join("curl.headers");
+    let run = node.client.curl(
+        &format!("https://{REGISTRY_HOST}/v2/{repo}/blobs/{digest}"),
+        &["--cacert", node.client.ca_bundle.to_str().context("utf-8 path")?],
+        std::path::Path::new("/dev/null"),
+        &headers,
+        Duration::from_secs(300),
+    )?;
+    let run = run.check("curl of the blob")?;
+    Ok(run.elapsed.as_secs_f64())
+}
