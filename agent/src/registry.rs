@@ -57,6 +57,9 @@ const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Getting a token with the node's credentials gives up after this long: the request then
 /// goes upstream as it came.
 const NODE_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a miss waits for upstream's public/private verdict on a repository this node
+/// never asked about, before it decides whether peers may serve it.
+const VERDICT_BOUND: Duration = Duration::from_secs(3);
 /// Manifests larger than this are passed through uncached (registries cap them at 4 MiB).
 const MAX_MANIFEST: usize = 8 << 20;
 const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
@@ -286,12 +289,18 @@ impl Registry {
         let uri = content_uri(origin, repo, kind, digest);
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
+        // Other nodes share public content only, so only that is worth asking them for.
+        let mut shareable = public || self.visibility.is_public(repo_key);
+        if !shareable && self.sources.peers_active() && self.visibility.known(repo_key).is_none() {
+            // A repository this node never asked about (a token registry hands anonymous
+            // clients tokens too): ask now, once, so its first pull here can use peers.
+            let check = self.visibility.check(repo_key, repo, &uri);
+            shareable = tokio::time::timeout(VERDICT_BOUND, check).await == Ok(Some(Verdict::Public));
+        }
         if !public {
             // Fetched with the client's credentials: find out whether anyone may have it.
             self.visibility.refresh(repo_key, repo, || uri.clone());
         }
-        // Other nodes share public content only, so only that is worth asking them for.
-        let shareable = public || self.visibility.is_public(repo_key);
         // Upstream answers the store should not keep (a refusal, or a blob that does not fit
         // on disk) go to this client as they are, uncached.
         let (uncached_tx, uncached_rx) = tokio::sync::oneshot::channel::<Response<Incoming>>();

@@ -82,6 +82,11 @@ impl Sources {
         }
     }
 
+    /// Whether peers are configured and connected.
+    pub fn peers_active(&self) -> bool {
+        self.peers.as_ref().is_some_and(|p| p.is_active())
+    }
+
     /// This node can serve `digest` to peers now.
     pub fn announce(&self, digest: &Digest) {
         if let Some(peers) = &self.peers {
