@@ -23,6 +23,7 @@ pub mod doctor;
 pub mod gc;
 pub mod lifecycle;
 pub mod metrics;
+pub mod p2p;
 pub mod peek;
 pub mod proxy;
 pub mod range;
