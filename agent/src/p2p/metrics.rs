@@ -38,27 +38,33 @@ impl Default for P2pMetrics {
 impl P2pMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self::default();
+        m.register_into(registry);
+        m
+    }
+
+    /// Registers metrics made earlier (P2P starts before eddy's registry exists, so that a
+    /// bad `--p2p-listen` fails before anything is attached).
+    pub fn register_into(&self, registry: &mut Registry) {
         registry.register(
             "eddy_p2p_peers",
             "Peers this node is connected to",
-            m.peers.clone(),
+            self.peers.clone(),
         );
         registry.register(
             "eddy_p2p_advertised_digests",
             "Digests this node provides in the DHT",
-            m.advertised_digests.clone(),
+            self.advertised_digests.clone(),
         );
         registry.register(
             "eddy_p2p_lookup_seconds",
             "Time of provider lookups in the DHT (each bounded by its caller)",
-            m.lookup_seconds.clone(),
+            self.lookup_seconds.clone(),
         );
         registry.register(
             "eddy_peer_failures",
-            "Failed peer fetches, by reason (connect, timeout, protocol, not_found, stall, truncated, digest_mismatch)",
-            m.peer_failures.clone(),
+            "Failed peer fetches, by reason (connect, timeout, protocol, not_found, stall, reset, truncated, and the caller's digest_mismatch)",
+            self.peer_failures.clone(),
         );
-        m
     }
 
     pub fn failure(&self, reason: &'static str) {

@@ -91,6 +91,14 @@ pub struct PeerInfo {
     pub connected_since: u64,
 }
 
+/// This node's identity and peers: `GET /peers` on the admin listener, for `eddy status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersReport {
+    pub peer_id: String,
+    pub listen: Vec<String>,
+    pub peers: Vec<PeerInfo>,
+}
+
 /// The handle on this node's swarm. Cheap to clone; the swarm stops when the last clone
 /// is dropped.
 #[derive(Clone)]
@@ -298,6 +306,14 @@ impl P2p {
             .collect();
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         out
+    }
+
+    pub fn report(&self) -> PeersReport {
+        PeersReport {
+            peer_id: self.local_peer_id().to_string(),
+            listen: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            peers: self.peers(),
+        }
     }
 
     /// Counts a failed peer (`eddy_peer_failures_total{reason}`).
