@@ -1,5 +1,6 @@
 //! Admin HTTP on localhost: /metrics (Prometheus text), /healthz, /readyz, /trust (the
-//! clients that do not trust eddy's CA, as JSON, for `eddy status`), and the store:
+//! clients that do not trust eddy's CA, as JSON, for `eddy status`), /peers (this node's P2P
+//! identity and connected peers, JSON), and the store:
 //! `GET /store` (size, entries, oldest access, proxy-only) and `POST /gc[?dry_run=1]` (JSON).
 use std::{
     convert::Infallible,
@@ -27,6 +28,8 @@ pub struct AdminState {
     /// The trust gate whose untrusting clients `/trust` lists.
     pub trust: Option<Arc<crate::trust::TrustGate>>,
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// The P2P swarm whose peers `/peers` lists; None when P2P is off.
+    pub p2p: Option<crate::p2p::P2p>,
 }
 
 pub async fn serve(
@@ -94,6 +97,14 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                 StatusCode::NOT_FOUND,
                 "text/plain",
                 "no trust gate\n".to_string(),
+            ),
+        },
+        "/peers" => match &state.p2p {
+            Some(p2p) => json(serde_json::to_value(p2p.report()).expect("PeersReport serializes")),
+            None => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "p2p is off (no --p2p-listen)\n".to_string(),
             ),
         },
         "/readyz" if state.ready.load(Ordering::Relaxed) => {

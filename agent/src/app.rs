@@ -57,6 +57,8 @@ pub enum AppError {
     Credentials(#[from] crate::credentials::CredentialsError),
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    P2p(#[from] crate::p2p::P2pError),
 }
 
 pub async fn run(config: Config) -> Result<(), AppError> {
@@ -126,6 +128,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
+    // Before attaching: a taken --p2p-listen port fails the start with nothing attached.
+    let p2p_metrics = crate::p2p::P2pMetrics::default();
+    let p2p: Option<crate::p2p::P2p> = match &config.p2p {
+        Some(p2p_config) => Some(
+            crate::p2p::P2p::start(p2p_config.clone(), peer_share(&store), p2p_metrics.clone())
+                .await?,
+        ),
+        None => None,
+    };
+
     let mut bpf = Bpf::load(&config, listener6.is_some())?;
     if let Err(e) = bpf.attach(&config.cgroup.path) {
         bpf.detach();
@@ -138,6 +150,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut registry = MetricsRegistry::default();
     let metrics = ProxyMetrics::register(&mut registry);
     let registry_metrics = RegistryMetrics::register(&mut registry);
+    if p2p.is_some() {
+        p2p_metrics.register_into(&mut registry);
+    }
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
     let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
@@ -161,6 +176,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
         lifecycle: Arc::clone(&lifecycle),
+        p2p: p2p.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -234,6 +250,61 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let _ = admin_task.await;
     info!("stopped");
     Ok(())
+}
+
+/// What this node offers its peers. For now the store alone (committed blobs and downloads
+/// in flight); containerd's content store and the tag records join it later.
+fn peer_share(store: &Arc<Store>) -> Arc<dyn crate::source::PeerShare> {
+    Arc::new(StoreShare(Arc::clone(store)))
+}
+
+struct StoreShare(Arc<Store>);
+
+impl crate::source::PeerShare for StoreShare {
+    fn open(
+        &self,
+        digest: &crate::digest::Digest,
+        from: u64,
+    ) -> futures_util::future::BoxFuture<'_, Option<crate::source::Opened>> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let digest = *digest;
+        Box::pin(async move {
+            if let Some(blob) = self.0.get(&digest) {
+                let len = blob.len();
+                if from > len {
+                    return None;
+                }
+                let body = blob.read_range(from, None).map_err(Into::into).boxed();
+                return Some(crate::source::Opened {
+                    len,
+                    offset: from,
+                    body,
+                    media_type: None,
+                });
+            }
+            // A download in flight is served from its first byte, once its length is known.
+            let fill = self.0.in_flight(&digest)?;
+            let len = fill.started().await.ok()??;
+            if from > len {
+                return None;
+            }
+            let body = fill.read_range(from, None).map_err(Into::into).boxed();
+            Some(crate::source::Opened {
+                len,
+                offset: from,
+                body,
+                media_type: None,
+            })
+        })
+    }
+
+    fn tag(&self, _: &str, _: &str, _: &str) -> Option<crate::source::TagAnswer> {
+        None
+    }
+
+    fn digests(&self) -> Vec<crate::digest::Digest> {
+        self.0.digests()
+    }
 }
 
 /// The node's CA (in `ca_dir`, see `TrustArgs::ca_dir`), constrained to the configured

@@ -222,6 +222,29 @@ pub struct RunArgs {
     pub drain_timeout_secs: u64,
     #[command(flatten)]
     pub cache: CacheArgs,
+    #[command(flatten)]
+    pub p2p: P2pArgs,
+}
+
+/// Sharing content with other eddy nodes (libp2p). Off unless `--p2p-listen` is given.
+#[derive(Args, Debug, Clone, Default)]
+pub struct P2pArgs {
+    /// Listen for other eddy nodes on IP:PORT (or a TCP multiaddr, /ip4/0.0.0.0/tcp/4001).
+    /// Without it P2P is off and eddy runs as one node.
+    #[arg(long, env = "EDDY_P2P_LISTEN")]
+    pub p2p_listen: Option<String>,
+    /// A node to join: IP:PORT, HOST:PORT (re-resolved every 30 s, e.g. a headless Service)
+    /// or a TCP multiaddr, optionally ending in /p2p/ID. Repeatable (env: comma-separated).
+    #[arg(
+        long = "p2p-bootstrap",
+        env = "EDDY_P2P_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    pub p2p_bootstrap: Vec<String>,
+    /// A swarm key (swarm.key format: /key/swarm/psk/1.0.0/, /base16/, 64 hex digits) that
+    /// makes the swarm private: nodes without it can neither join nor fetch.
+    #[arg(long, env = "EDDY_P2P_PSK_FILE")]
+    pub p2p_psk_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]

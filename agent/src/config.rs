@@ -28,6 +28,8 @@ pub enum ConfigError {
     MarkZero,
     #[error("--registry {value:?}: not a host name or IP[:PORT]")]
     BadRegistry { value: String },
+    #[error(transparent)]
+    P2p(#[from] crate::p2p::config::P2pConfigError),
 }
 
 /// The registries whose connections eddy terminates, as configured with `--registry`.
@@ -127,6 +129,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub drain_timeout: Duration,
     pub cache_policy: crate::lifecycle::Policy,
+    /// P2P with other eddy nodes; None when `--p2p-listen` is absent.
+    pub p2p: Option<crate::p2p::P2pConfig>,
 }
 
 impl Config {
@@ -161,6 +165,12 @@ impl Config {
             return Err(ConfigError::MarkZero);
         }
         let registries = Registries::parse(&args.trust.registries)?;
+        let p2p = crate::p2p::P2pConfig::from_flags(
+            args.p2p.p2p_listen.as_deref(),
+            &args.p2p.p2p_bootstrap,
+            args.p2p.p2p_psk_file.as_deref(),
+            &args.trust.data_dir,
+        )?;
         Ok(Config {
             cgroup: cgroup::resolve(&args.cgroup)?,
             registries,
@@ -178,6 +188,7 @@ impl Config {
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
+            p2p,
         })
     }
 
@@ -286,5 +297,47 @@ mod tests {
             Config::from_args(&a).unwrap_err(),
             ConfigError::Cgroup(_)
         ));
+    }
+
+    #[test]
+    fn p2p_flags_parse_and_a_bad_key_file_stops_the_start() {
+        let a = args(&[]);
+        assert!(a.p2p.p2p_listen.is_none());
+        let a = args(&[
+            "--p2p-listen",
+            "0.0.0.0:4001",
+            "--p2p-bootstrap",
+            "10.0.0.1:4001",
+            "--p2p-bootstrap",
+            "eddy-p2p:4001",
+        ]);
+        let p2p = crate::p2p::P2pConfig::from_flags(
+            a.p2p.p2p_listen.as_deref(),
+            &a.p2p.p2p_bootstrap,
+            None,
+            &a.trust.data_dir,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(p2p.listen.to_string(), "/ip4/0.0.0.0/tcp/4001");
+        assert_eq!(p2p.bootstrap.len(), 2);
+        assert!(p2p.identity_file.ends_with("p2p/identity"));
+        let e = Config::from_args(&args(&[
+            "--p2p-listen",
+            "0.0.0.0:4001",
+            "--p2p-psk-file",
+            "/nonexistent/swarm.key",
+        ]))
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::P2p(_)), "{e}");
+        assert!(e.to_string().contains("/nonexistent/swarm.key"), "{e}");
+        let e = Config::from_args(&args(&[
+            "--p2p-listen",
+            "0.0.0.0:4001",
+            "--p2p-bootstrap",
+            "no port",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--p2p-bootstrap"), "{e}");
     }
 }

@@ -24,6 +24,7 @@ pub mod failover;
 pub mod gc;
 pub mod lifecycle;
 pub mod metrics;
+pub mod p2p;
 pub mod peek;
 pub mod peers;
 pub mod proxy;

@@ -1,7 +1,8 @@
 //! `eddy status`: what is attached where, the BPF counters and the heartbeat age, read
 //! from the pinned maps and the kernel, so it works whether eddy is healthy, hung or dead.
 //! The clients that do not trust eddy's CA come from the running agent (`GET /trust` on
-//! its admin listener); when it does not answer, the rest is shown anyway.
+//! its admin listener), and so do the P2P peers (`GET /peers`); when it does not answer, the
+//! rest is shown anyway.
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -47,6 +48,11 @@ pub struct Status {
     pub trust_error: Option<String>,
     /// The node's containerd as found now (distro, socket, unit); None if none was found.
     pub containerd: Option<crate::distro::Containerd>,
+    /// This node's P2P identity and peers (from the agent); None when P2P is off or the
+    /// agent did not answer.
+    pub p2p: Option<crate::p2p::PeersReport>,
+    /// Why `p2p` is missing.
+    pub p2p_note: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +90,10 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
             )),
         ),
     };
+    let (p2p, p2p_note) = match fetch_peers(admin) {
+        Ok(report) => (Some(report), None),
+        Err(note) => (None, Some(note)),
+    };
     Ok(Status {
         pin_dir: pin_dir.to_path_buf(),
         running: sys::process_alive(maps.config.agent_pid),
@@ -101,7 +111,20 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
         trust,
         trust_error,
         containerd: crate::distro::detect(Path::new("/proc")).ok(),
+        p2p,
+        p2p_note,
     })
+}
+
+/// `GET /peers` from the agent's admin listener. A 404 means P2P is off.
+fn fetch_peers(admin: SocketAddr) -> Result<crate::p2p::PeersReport, String> {
+    match http_get(admin, "/peers") {
+        Ok(body) => serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}")),
+        Err(e) if e.to_string().contains(" 404 ") => Err("off (no --p2p-listen)".into()),
+        Err(e) => Err(format!(
+            "unknown (the agent at {admin} did not answer GET /peers: {e})"
+        )),
+    }
 }
 
 /// `GET /trust` from the agent's admin listener, with the cgroup paths filled in.
@@ -221,7 +244,37 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "  {name:<20} {v}");
     }
     render_trust(&mut out, s);
+    render_peers(&mut out, s);
     out
+}
+
+fn render_peers(out: &mut String, s: &Status) {
+    use std::fmt::Write;
+    let Some(p2p) = &s.p2p else {
+        let note = s.p2p_note.as_deref().unwrap_or("unknown");
+        let _ = writeln!(out, "p2p:       {note}");
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "p2p:       peer id {} on {}; {} peer(s) connected",
+        p2p.peer_id,
+        p2p.listen.join(", "),
+        p2p.peers.len()
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for peer in &p2p.peers {
+        let _ = writeln!(
+            out,
+            "  {} at {} (connected {} s ago)",
+            peer.peer_id,
+            peer.addresses.join(", "),
+            now.saturating_sub(peer.connected_since)
+        );
+    }
 }
 
 fn render_trust(out: &mut String, s: &Status) {
@@ -287,6 +340,8 @@ mod tests {
             trust_error: trust.is_none().then(|| "connection refused".into()),
             trust,
             containerd: None,
+            p2p: None,
+            p2p_note: Some("off (no --p2p-listen)".into()),
         }
     }
 
@@ -325,5 +380,32 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         assert!(fetch_trust(addr).is_err());
+    }
+
+    #[test]
+    fn lists_p2p_peers() {
+        let mut s = status(None);
+        let text = render_text(&s);
+        assert!(text.contains("p2p:       off (no --p2p-listen)"), "{text}");
+        s.p2p = Some(crate::p2p::PeersReport {
+            peer_id: "12D3KooWA".into(),
+            listen: vec!["/ip4/10.0.0.1/tcp/4001".into()],
+            peers: vec![crate::p2p::PeerInfo {
+                peer_id: "12D3KooWB".into(),
+                addresses: vec!["/ip4/10.0.0.2/tcp/4001".into()],
+                connected_since: 0,
+            }],
+        });
+        let text = render_text(&s);
+        assert!(
+            text.contains(
+                "p2p:       peer id 12D3KooWA on /ip4/10.0.0.1/tcp/4001; 1 peer(s) connected"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  12D3KooWB at /ip4/10.0.0.2/tcp/4001 (connected"),
+            "{text}"
+        );
     }
 }

@@ -1,0 +1,472 @@
+//! P2P between eddy nodes: a libp2p swarm (TCP, noise, yamux, optional pnet) with Kademlia
+//! provider records for "who has this digest", and a stream protocol that serves content
+//! from one node's [`PeerShare`] to another.
+//!
+//! - `config`: flags, the swarm key, bootstrap addresses and the node's identity.
+//! - `swarm`: the behaviour and the task that owns the swarm (dialling, advertising).
+//! - `protocol`: the wire messages of the blob protocol.
+//! - `serve`: the serving side of it.
+//!
+//! [`P2p`] is the handle the rest of eddy uses: which peer to ask and when is decided by
+//! the caller; this module moves records and bytes.
+pub mod config;
+pub mod metrics;
+pub mod protocol;
+mod serve;
+mod swarm;
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt as _, StreamExt as _};
+use libp2p::{futures::AsyncReadExt, kad, Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+pub use self::{config::P2pConfig, metrics::P2pMetrics};
+use self::{
+    protocol::{Request, Response, BLOB_PROTOCOL},
+    swarm::{Command, Shared},
+};
+use crate::{
+    digest::Digest,
+    source::{Opened, PeerShare, TagAnswer},
+};
+
+/// Connecting to a peer, sending the request and reading its answer's header must fit in
+/// this: a peer slower than that is treated as failed and the caller moves on.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// A body that delivers no byte for this long fails (the caller resumes elsewhere with a
+/// Range from where it stopped).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes read from the stream per read call, and about the size of the chunks handed on.
+const READ_CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error(transparent)]
+    Identity(#[from] config::IdentityError),
+    #[error("p2p noise keys: {0}")]
+    Noise(String),
+    #[error("--p2p-listen: {0}")]
+    Listen(String),
+}
+
+/// Why a fetch from a peer failed. [`PeerError::reason`] is the metric label.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot open a stream to the peer: {0}")]
+    Connect(String),
+    #[error("the peer did not answer within {HEADER_TIMEOUT:?}")]
+    Timeout,
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the peer does not have it")]
+    NotFound,
+}
+
+impl PeerError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PeerError::Connect(_) => "connect",
+            PeerError::Timeout => "timeout",
+            PeerError::Protocol(_) => "protocol",
+            PeerError::NotFound => "not_found",
+        }
+    }
+}
+
+/// A connected peer, for `eddy status` (`GET /peers`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub peer_id: String,
+    /// Its listen addresses (from identify), else the addresses it is connected on.
+    pub addresses: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub connected_since: u64,
+}
+
+/// This node's identity and peers: `GET /peers` on the admin listener, for `eddy status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeersReport {
+    pub peer_id: String,
+    pub listen: Vec<String>,
+    pub peers: Vec<PeerInfo>,
+}
+
+/// The handle on this node's swarm. Cheap to clone; the swarm stops when the last clone
+/// is dropped.
+#[derive(Clone)]
+pub struct P2p {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: PeerId,
+    commands: mpsc::UnboundedSender<Command>,
+    control: libp2p_stream::Control,
+    shared: Arc<Shared>,
+    metrics: P2pMetrics,
+}
+
+impl P2p {
+    /// Starts the swarm task, the serving of inbound requests, the bootstrap dialling and
+    /// the advertising of `share.digests()`. Returns once the node listens.
+    pub async fn start(
+        config: P2pConfig,
+        share: Arc<dyn PeerShare>,
+        metrics: P2pMetrics,
+    ) -> Result<P2p, P2pError> {
+        let keypair = config::load_or_create_identity(&config.identity_file)?;
+        let local = keypair.public().to_peer_id();
+        let mut swarm = swarm::build(&keypair, config.psk)?;
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control
+            .accept(BLOB_PROTOCOL)
+            .expect("the blob protocol is registered once per swarm");
+        swarm
+            .listen_on(config.listen.clone())
+            .map_err(|e| P2pError::Listen(format!("{}: {e}", config.listen)))?;
+        let shared = Arc::new(Shared::default());
+        let mut driver = swarm::Driver::new(swarm, Arc::clone(&shared), metrics.clone());
+        driver.wait_listening(Duration::from_secs(5)).await?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        tokio::spawn(driver.run(rx));
+        tokio::spawn(serve::serve_inbound(incoming, Arc::clone(&share)));
+        if !config.bootstrap.is_empty() {
+            tokio::spawn(resolve_loop(
+                config.bootstrap.clone(),
+                config.resolve_interval,
+                commands.downgrade(),
+            ));
+        }
+        tokio::spawn(reconcile_loop(
+            share,
+            config.reconcile_interval,
+            commands.downgrade(),
+        ));
+        Ok(P2p {
+            inner: Arc::new(Inner {
+                local,
+                commands,
+                control,
+                shared,
+                metrics,
+            }),
+        })
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.inner.local
+    }
+
+    /// The addresses this node listens on (with the real port when `--p2p-listen` said 0).
+    pub fn listen_addrs(&self) -> Vec<Multiaddr> {
+        lock(&self.inner.shared.listen_addrs).clone()
+    }
+
+    /// Starts providing `key`. Resolves true when the provider record was stored at the
+    /// closest peers, false when `bound` passed first (the record is still published then,
+    /// and re-published until [`P2p::stop_providing`]).
+    pub async fn provide(&self, key: &[u8], bound: Duration) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Provide {
+            key: kad::RecordKey::new(&key),
+            reply,
+        };
+        if self.inner.commands.send(command).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(bound, rx).await, Ok(Ok(true)))
+    }
+
+    pub fn stop_providing(&self, key: &[u8]) {
+        let _ = self.inner.commands.send(Command::StopProviding {
+            key: kad::RecordKey::new(&key),
+        });
+    }
+
+    /// Other peers that provide `key`, deduplicated, as found until the lookup ends or
+    /// `bound` passes.
+    pub async fn providers(&self, key: &[u8], bound: Duration) -> Vec<PeerId> {
+        let started = Instant::now();
+        let (found, mut rx) = mpsc::unbounded_channel();
+        let command = Command::Providers {
+            key: kad::RecordKey::new(&key),
+            found,
+        };
+        let mut out = Vec::new();
+        if self.inner.commands.send(command).is_ok() {
+            let mut seen = HashSet::new();
+            let deadline = tokio::time::Instant::now() + bound;
+            while let Ok(Some(peer)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                if peer != self.inner.local && seen.insert(peer) {
+                    out.push(peer);
+                }
+            }
+        }
+        // Dropping `rx` tells the swarm task to finish the query.
+        self.inner
+            .metrics
+            .lookup_seconds
+            .observe(started.elapsed().as_secs_f64());
+        out
+    }
+
+    /// Opens `digest` at `peer` from byte `from`. The bytes are not verified here: the
+    /// store's fill does that before anything is committed.
+    pub async fn fetch(
+        &self,
+        peer: PeerId,
+        digest: &Digest,
+        from: u64,
+    ) -> Result<Opened, PeerError> {
+        let request = Request::Blob {
+            digest: *digest,
+            from,
+        };
+        let result = match self.request(peer, &request).await {
+            Ok((
+                stream,
+                Response::Blob {
+                    len,
+                    offset,
+                    media_type,
+                },
+            )) if offset == from => Ok(Opened {
+                len,
+                offset,
+                media_type,
+                body: body_stream(stream, len - offset, self.inner.metrics.clone(), peer),
+            }),
+            Ok((_, Response::NotFound)) => Err(PeerError::NotFound),
+            Ok((_, other)) => Err(PeerError::Protocol(format!(
+                "answered {other:?} to a blob request from {from}"
+            ))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            debug!(%peer, %digest, from, error = %e, "p2p fetch failed");
+            self.report_failure(peer, e.reason());
+        }
+        result
+    }
+
+    /// The last-seen `registry/repository:tag` record at `peer`.
+    pub async fn tag(
+        &self,
+        peer: PeerId,
+        registry: &str,
+        repository: &str,
+        tag: &str,
+    ) -> Result<Option<TagAnswer>, PeerError> {
+        let request = Request::Tag {
+            registry: registry.to_string(),
+            repository: repository.to_string(),
+            tag: tag.to_string(),
+        };
+        let result = match self.request(peer, &request).await {
+            Ok((_, Response::Tag(answer))) => Ok(answer.map(Into::into)),
+            Ok((_, other)) => Err(PeerError::Protocol(format!(
+                "answered {other:?} to a tag request"
+            ))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.report_failure(peer, e.reason());
+        }
+        result
+    }
+
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let peers = lock(&self.inner.shared.peers);
+        let mut out: Vec<PeerInfo> = peers
+            .iter()
+            .map(|(id, state)| {
+                let addrs = if state.listen.is_empty() {
+                    &state.remote
+                } else {
+                    &state.listen
+                };
+                PeerInfo {
+                    peer_id: id.to_string(),
+                    addresses: addrs.iter().map(|a| a.to_string()).collect(),
+                    connected_since: state
+                        .since
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    pub fn report(&self) -> PeersReport {
+        PeersReport {
+            peer_id: self.local_peer_id().to_string(),
+            listen: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            peers: self.peers(),
+        }
+    }
+
+    /// Counts a failed peer (`eddy_peer_failures_total{reason}`).
+    pub fn report_failure(&self, peer: PeerId, reason: &'static str) {
+        debug!(%peer, reason, "p2p peer failure");
+        self.inner.metrics.failure(reason);
+    }
+
+    /// Opens a stream, sends `request` and reads the answer's header, all within
+    /// [`HEADER_TIMEOUT`].
+    async fn request(
+        &self,
+        peer: PeerId,
+        request: &Request,
+    ) -> Result<(libp2p::Stream, Response), PeerError> {
+        let mut control = self.inner.control.clone();
+        let exchange = async move {
+            let mut stream = control
+                .open_stream(peer, BLOB_PROTOCOL)
+                .await
+                .map_err(|e| PeerError::Connect(e.to_string()))?;
+            let protocol_error = |e: protocol::ProtocolError| PeerError::Protocol(e.to_string());
+            protocol::write_header(&mut stream, request)
+                .await
+                .map_err(protocol_error)?;
+            let header = protocol::read_header(&mut stream)
+                .await
+                .map_err(protocol_error)?;
+            let response = protocol::decode_response(&header).map_err(protocol_error)?;
+            Ok((stream, response))
+        };
+        tokio::time::timeout(HEADER_TIMEOUT, exchange)
+            .await
+            .map_err(|_| PeerError::Timeout)?
+    }
+}
+
+/// The body of a fetch: exactly `remaining` bytes, or an error (a stall of
+/// [`STALL_TIMEOUT`], a reset, or an end before the announced length).
+fn body_stream(
+    stream: libp2p::Stream,
+    remaining: u64,
+    metrics: P2pMetrics,
+    peer: PeerId,
+) -> crate::source::ByteStream {
+    struct Body {
+        stream: libp2p::Stream,
+        remaining: u64,
+        scratch: Vec<u8>,
+        metrics: P2pMetrics,
+        peer: PeerId,
+    }
+    let body = Body {
+        stream,
+        remaining,
+        scratch: vec![0; READ_CHUNK],
+        metrics,
+        peer,
+    };
+    futures_util::stream::unfold(Some(body), |body| async move {
+        let mut b = body?;
+        if b.remaining == 0 {
+            return None;
+        }
+        let target = (b.remaining.min(READ_CHUNK as u64)) as usize;
+        let mut filled = 0;
+        let failure = match tokio::time::timeout(
+            STALL_TIMEOUT,
+            b.stream.read(&mut b.scratch[..target]),
+        )
+        .await
+        {
+            Ok(Ok(0)) => Some(("truncated", "the peer ended the body early".to_string())),
+            Ok(Ok(n)) => {
+                filled = n;
+                None
+            }
+            Ok(Err(e)) => Some(("reset", format!("reading from the peer: {e}"))),
+            Err(_) => Some((
+                "stall",
+                format!("no byte from the peer for {STALL_TIMEOUT:?}"),
+            )),
+        };
+        if let Some((reason, message)) = failure {
+            debug!(peer = %b.peer, reason, "p2p body failed");
+            b.metrics.failure(reason);
+            let err: crate::store::BoxError = message.into();
+            return Some((Err(err), None));
+        }
+        // Gather what is already buffered into one chunk (yamux hands out frames of 16 KiB
+        // or less; the store's fill and hashing work better on larger pieces), but never
+        // wait for more: a slow sender's bytes are handed on as they come.
+        let mut chunk = BytesMut::new();
+        while filled < target {
+            let n = match b.stream.read(&mut b.scratch[filled..target]).now_or_never() {
+                Some(Ok(n)) if n > 0 => n,
+                // Pending, or an end or error that the next read reports.
+                _ => break,
+            };
+            filled += n;
+        }
+        chunk.extend_from_slice(&b.scratch[..filled]);
+        b.remaining -= chunk.len() as u64;
+        Some((Ok::<Bytes, crate::store::BoxError>(chunk.freeze()), Some(b)))
+    })
+    .boxed()
+}
+
+/// Resolves the bootstrap addresses now and every `every`, and has the swarm dial the ones
+/// it is not connected to. Ends when the swarm does.
+async fn resolve_loop(
+    bootstrap: Vec<config::Bootstrap>,
+    every: Duration,
+    commands: mpsc::WeakUnboundedSender<Command>,
+) {
+    loop {
+        let mut addrs = Vec::new();
+        for b in &bootstrap {
+            addrs.extend(b.resolve().await);
+        }
+        let Some(tx) = commands.upgrade() else { return };
+        if addrs.is_empty() {
+            debug!("p2p: no bootstrap address resolved; retrying");
+        }
+        if tx.send(Command::Dial(addrs)).is_err() {
+            return;
+        }
+        drop(tx);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Hands the swarm what `share` serves now, and every `every`, to advertise new digests
+/// and withdraw gone ones.
+async fn reconcile_loop(
+    share: Arc<dyn PeerShare>,
+    every: Duration,
+    commands: mpsc::WeakUnboundedSender<Command>,
+) {
+    loop {
+        let digests: HashSet<Digest> = share.digests().into_iter().collect();
+        let Some(tx) = commands.upgrade() else { return };
+        if tx.send(Command::Reconcile(digests)).is_err() {
+            return;
+        }
+        drop(tx);
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

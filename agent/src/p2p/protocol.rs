@@ -1,0 +1,198 @@
+//! The peer blob protocol (`/eddy/blob/1.0.0`), one request per libp2p stream:
+//!
+//! ```text
+//! client → server:  u32 BE length, JSON Request            (at most MAX_HEADER bytes)
+//! server → client:  u32 BE length, JSON Response           (at most MAX_HEADER bytes)
+//!                   then, for Response::Blob, the raw bytes [offset, len)
+//! ```
+//!
+//! The body is the stream's raw bytes with no framing of its own: yamux and noise already
+//! frame it, and a second framing would cost a copy per chunk at > 1 GB/s. The end is
+//! known from the header, so a short body is an error the client can detect and resume.
+use libp2p::{
+    futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    StreamProtocol,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/eddy/blob/1.0.0");
+
+/// The largest request or response header accepted: a digest, an offset, or a tag's name.
+pub const MAX_HEADER: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// `digest` from byte `from`.
+    Blob { digest: Digest, from: u64 },
+    /// The last-seen `registry/repository:tag` → digest record.
+    Tag {
+        registry: String,
+        repository: String,
+        tag: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    /// The bytes `[offset, len)` follow.
+    Blob {
+        len: u64,
+        offset: u64,
+        media_type: Option<String>,
+    },
+    /// This peer cannot serve it (now).
+    NotFound,
+    Tag(Option<TagRecord>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub seen_at: u64,
+}
+
+impl From<crate::source::TagAnswer> for TagRecord {
+    fn from(a: crate::source::TagAnswer) -> Self {
+        TagRecord {
+            digest: a.digest,
+            media_type: a.media_type,
+            seen_at: a.seen_at,
+        }
+    }
+}
+
+impl From<TagRecord> for crate::source::TagAnswer {
+    fn from(r: TagRecord) -> Self {
+        crate::source::TagAnswer {
+            digest: r.digest,
+            media_type: r.media_type,
+            seen_at: r.seen_at,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("header of {0} bytes is over the {MAX_HEADER}-byte limit")]
+    TooLarge(usize),
+    #[error("header is not valid: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Decodes a request header's JSON (the bytes after the length prefix).
+pub fn decode_request(bytes: &[u8]) -> Result<Request, ProtocolError> {
+    if bytes.len() > MAX_HEADER {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))
+}
+
+/// Decodes a response header's JSON (the bytes after the length prefix).
+pub fn decode_response(bytes: &[u8]) -> Result<Response, ProtocolError> {
+    if bytes.len() > MAX_HEADER {
+        return Err(ProtocolError::TooLarge(bytes.len()));
+    }
+    let response: Response =
+        serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if let Response::Blob { len, offset, .. } = &response {
+        if offset > len {
+            return Err(ProtocolError::Malformed(format!(
+                "offset {offset} is past the length {len}"
+            )));
+        }
+    }
+    Ok(response)
+}
+
+pub async fn write_header<W, T>(w: &mut W, header: &T) -> Result<(), ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let json = serde_json::to_vec(header).expect("protocol headers serialize");
+    if json.len() > MAX_HEADER {
+        return Err(ProtocolError::TooLarge(json.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&json);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one length-prefixed header; a length over [`MAX_HEADER`] is refused before
+/// anything more is read.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, ProtocolError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(ProtocolError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request::Blob {
+            digest: D.parse().unwrap(),
+            from: 7,
+        };
+        let json = serde_json::to_vec(&r).unwrap();
+        assert_eq!(decode_request(&json).unwrap(), r);
+        let t = Request::Tag {
+            registry: "docker.io".into(),
+            repository: "library/alpine".into(),
+            tag: "3.20".into(),
+        };
+        assert_eq!(decode_request(&serde_json::to_vec(&t).unwrap()).unwrap(), t);
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        assert!(matches!(
+            decode_request(br#"{"blob":{"digest":"sha256:00","from":0}}"#),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode_request(&vec![b' '; MAX_HEADER + 1]),
+            Err(ProtocolError::TooLarge(_))
+        ));
+        assert!(matches!(
+            decode_response(br#"{"blob":{"len":1,"offset":2,"media_type":null}}"#),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert_eq!(
+            decode_response(br#""not_found""#).unwrap(),
+            Response::NotFound
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_length_prefix_is_refused_before_reading_on() {
+        let mut input: &[u8] = &[0, 0, 0x10, 0x01, b'{'];
+        let e = read_header(&mut input).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::TooLarge(4097)), "{e}");
+        let mut out = Vec::new();
+        write_header(&mut out, &Response::NotFound).await.unwrap();
+        let mut input: &[u8] = &out;
+        let header = read_header(&mut input).await.unwrap();
+        assert_eq!(decode_response(&header).unwrap(), Response::NotFound);
+    }
+}

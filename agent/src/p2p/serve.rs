@@ -1,0 +1,125 @@
+//! The serving side of the blob protocol: answers other nodes' requests from this node's
+//! [`PeerShare`] only.
+//!
+//! Only swarm members reach this code: every connection is noise-authenticated (and, with a
+//! swarm key, pnet-encrypted before that), so there is no anonymous access to check for
+//! here. Requests are never recursive: an answer comes from `share.open` / `share.tag`
+//! alone, never from a DHT lookup, another peer or the upstream registry, so two nodes
+//! can never ask each other in a loop and a peer can never make this node pull anything.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use libp2p::{
+    futures::{AsyncWriteExt, StreamExt},
+    PeerId, Stream,
+};
+use tokio::sync::Semaphore;
+use tracing::debug;
+
+use super::protocol::{self, Request, Response};
+use crate::source::PeerShare;
+
+/// Streams one peer may have open at once: enough for a pull's parallel layers, not enough
+/// for one peer to take all of this node's file handles or bandwidth.
+pub const MAX_INBOUND_PER_PEER: usize = 32;
+/// The request header must arrive this soon after the stream opens.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `share.open` may take (a download in flight waits for upstream's first byte).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that reads nothing for this long is dropped.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(super) async fn serve_inbound(
+    mut incoming: libp2p_stream::IncomingStreams,
+    share: Arc<dyn PeerShare>,
+) {
+    let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
+    while let Some((peer, stream)) = incoming.next().await {
+        let semaphore = {
+            let mut limits = limits.lock().unwrap_or_else(|e| e.into_inner());
+            if limits.len() > 1024 {
+                limits.retain(|_, s| s.available_permits() < MAX_INBOUND_PER_PEER);
+            }
+            Arc::clone(
+                limits
+                    .entry(peer)
+                    .or_insert_with(|| Arc::new(Semaphore::new(MAX_INBOUND_PER_PEER))),
+            )
+        };
+        let Ok(permit) = semaphore.try_acquire_owned() else {
+            debug!(%peer, "p2p: too many streams from one peer; refusing one");
+            drop(stream);
+            continue;
+        };
+        let share = Arc::clone(&share);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_one(&*share, stream).await {
+                debug!(%peer, error = %e, "p2p: request not served");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("{0}")]
+    Timeout(&'static str),
+    #[error("reading the content: {0}")]
+    Source(crate::store::BoxError),
+    #[error("writing to the peer: {0}")]
+    Write(std::io::Error),
+}
+
+async fn serve_one(share: &dyn PeerShare, mut stream: Stream) -> Result<(), ServeError> {
+    let header = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_header(&mut stream))
+        .await
+        .map_err(|_| ServeError::Timeout("no request header"))??;
+    match protocol::decode_request(&header)? {
+        Request::Blob { digest, from } => {
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, share.open(&digest, from))
+                .await
+                .ok()
+                .flatten();
+            let Some(opened) = opened else {
+                protocol::write_header(&mut stream, &Response::NotFound).await?;
+                let _ = stream.close().await;
+                return Ok(());
+            };
+            protocol::write_header(
+                &mut stream,
+                &Response::Blob {
+                    len: opened.len,
+                    offset: opened.offset,
+                    media_type: opened.media_type,
+                },
+            )
+            .await?;
+            let mut body = opened.body;
+            while let Some(chunk) = body.next().await {
+                // A source error ends the stream early: the client sees fewer bytes than
+                // the header announced and resumes elsewhere.
+                let chunk = chunk.map_err(ServeError::Source)?;
+                tokio::time::timeout(WRITE_STALL_TIMEOUT, stream.write_all(&chunk))
+                    .await
+                    .map_err(|_| ServeError::Timeout("the peer stopped reading"))?
+                    .map_err(ServeError::Write)?;
+            }
+            stream.close().await.map_err(ServeError::Write)
+        }
+        Request::Tag {
+            registry,
+            repository,
+            tag,
+        } => {
+            let answer = share.tag(&registry, &repository, &tag).map(Into::into);
+            protocol::write_header(&mut stream, &Response::Tag(answer)).await?;
+            stream.close().await.map_err(ServeError::Write)
+        }
+    }
+}
