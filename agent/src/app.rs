@@ -21,8 +21,11 @@ use crate::{
     catalog::Catalog,
     config::{Config, Registries},
     metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
+    peers::{PeerNetwork, Peers},
     proxy::Proxy,
     registry::Registry,
+    share::NodeShare,
+    sources::Sources,
     store::Store,
     sys,
     tls::{Ca, TlsError},
@@ -128,15 +131,37 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let mut sigint =
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
+    let mut registry = MetricsRegistry::default();
+    let registry_metrics = RegistryMetrics::register(&mut registry);
+    let oci = Registry::new(
+        Upstream::new(upstream_tls, config.socket_mark),
+        Arc::clone(&store),
+        Arc::clone(&catalog),
+        registry_metrics,
+        node_credentials,
+    );
+
     // Before attaching: a taken --p2p-listen port fails the start with nothing attached.
     let p2p_metrics = crate::p2p::P2pMetrics::default();
+    let share = Arc::new(NodeShare {
+        store: Arc::clone(&store),
+        catalog: Arc::clone(&catalog),
+        visibility: oci.visibility(),
+        containerd: None,
+    });
     let p2p: Option<crate::p2p::P2p> = match &config.p2p {
-        Some(p2p_config) => Some(
-            crate::p2p::P2p::start(p2p_config.clone(), peer_share(&store), p2p_metrics.clone())
-                .await?,
-        ),
+        Some(p2p_config) => {
+            Some(crate::p2p::P2p::start(p2p_config.clone(), share, p2p_metrics.clone()).await?)
+        }
         None => None,
     };
+    let sources = Sources {
+        containerd: None,
+        peers: p2p
+            .clone()
+            .map(|p2p| Arc::new(Peers::new(Arc::new(p2p) as Arc<dyn PeerNetwork>))),
+    };
+    let oci = Arc::new(oci.with_sources(sources));
 
     let mut bpf = Bpf::load(&config, listener6.is_some())?;
     if let Err(e) = bpf.attach(&config.cgroup.path) {
@@ -147,9 +172,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let bpf = Arc::new(bpf);
     info!(cgroup = %config.cgroup.path.display(), "attached connect4, connect6 and sock_ops");
 
-    let mut registry = MetricsRegistry::default();
     let metrics = ProxyMetrics::register(&mut registry);
-    let registry_metrics = RegistryMetrics::register(&mut registry);
     if p2p.is_some() {
         p2p_metrics.register_into(&mut registry);
     }
@@ -158,13 +181,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
         Arc::clone(&store),
         config.cache_policy,
-    ));
-    let oci = Arc::new(Registry::new(
-        Upstream::new(upstream_tls, config.socket_mark),
-        store,
-        catalog,
-        registry_metrics,
-        node_credentials,
     ));
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
@@ -250,61 +266,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let _ = admin_task.await;
     info!("stopped");
     Ok(())
-}
-
-/// What this node offers its peers. For now the store alone (committed blobs and downloads
-/// in flight); containerd's content store and the tag records join it later.
-fn peer_share(store: &Arc<Store>) -> Arc<dyn crate::source::PeerShare> {
-    Arc::new(StoreShare(Arc::clone(store)))
-}
-
-struct StoreShare(Arc<Store>);
-
-impl crate::source::PeerShare for StoreShare {
-    fn open(
-        &self,
-        digest: &crate::digest::Digest,
-        from: u64,
-    ) -> futures_util::future::BoxFuture<'_, Option<crate::source::Opened>> {
-        use futures_util::{StreamExt, TryStreamExt};
-        let digest = *digest;
-        Box::pin(async move {
-            if let Some(blob) = self.0.get(&digest) {
-                let len = blob.len();
-                if from > len {
-                    return None;
-                }
-                let body = blob.read_range(from, None).map_err(Into::into).boxed();
-                return Some(crate::source::Opened {
-                    len,
-                    offset: from,
-                    body,
-                    media_type: None,
-                });
-            }
-            // A download in flight is served from its first byte, once its length is known.
-            let fill = self.0.in_flight(&digest)?;
-            let len = fill.started().await.ok()??;
-            if from > len {
-                return None;
-            }
-            let body = fill.read_range(from, None).map_err(Into::into).boxed();
-            Some(crate::source::Opened {
-                len,
-                offset: from,
-                body,
-                media_type: None,
-            })
-        })
-    }
-
-    fn tag(&self, _: &str, _: &str, _: &str) -> Option<crate::source::TagAnswer> {
-        None
-    }
-
-    fn digests(&self) -> Vec<crate::digest::Digest> {
-        self.0.digests()
-    }
 }
 
 /// The node's CA (in `ca_dir`, see `TrustArgs::ca_dir`), constrained to the configured

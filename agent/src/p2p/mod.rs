@@ -12,6 +12,7 @@
 pub mod config;
 pub mod metrics;
 pub mod protocol;
+mod network;
 mod serve;
 mod swarm;
 
