@@ -127,6 +127,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
 
     let mut bpf = Bpf::load(&config, listener6.is_some())?;
+    if let Some(log) = bpf.take_decision_log() {
+        crate::bpf_log::spawn(log);
+        info!("eBPF decision logs on (target eddy::bpf, debug)");
+    }
     if let Err(e) = bpf.attach(&config.cgroup.path) {
         bpf.detach();
         bpf.unpin();
@@ -150,7 +154,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         catalog,
         registry_metrics,
         node_credentials,
-    ));
+    )
+    .with_upstream_idle(config.upstream_idle_timeout));
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
         Host::real(),

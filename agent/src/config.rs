@@ -127,6 +127,10 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub drain_timeout: Duration,
     pub cache_policy: crate::lifecycle::Policy,
+    /// `--upstream-idle-timeout`: a fill whose upstream is silent this long fails.
+    pub upstream_idle_timeout: Duration,
+    /// `--bpf-log`: the eBPF hooks log their decisions.
+    pub bpf_log: bool,
 }
 
 impl Config {
@@ -178,6 +182,8 @@ impl Config {
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
+            upstream_idle_timeout: args.upstream_idle_timeout,
+            bpf_log: args.bpf_log,
         })
     }
 
@@ -241,6 +247,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a size"), "{e}");
+    }
+
+    #[test]
+    fn upstream_idle_timeout_parses_and_defaults() {
+        assert_eq!(args(&[]).upstream_idle_timeout, Duration::from_secs(60));
+        let a = args(&["--upstream-idle-timeout", "2s"]);
+        assert_eq!(a.upstream_idle_timeout, Duration::from_secs(2));
+        let argv = ["eddy", "run", "--upstream-idle-timeout", "0s"];
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a duration"), "{e}");
     }
 
     #[test]

@@ -46,8 +46,8 @@ use crate::{
 };
 
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
-/// rather than hanging every client that shares it.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+/// rather than hanging every client that shares it. `--upstream-idle-timeout` overrides it.
+pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Getting a token with the node's credentials gives up after this long: the request then
@@ -78,6 +78,8 @@ pub struct Registry {
     node_credentials: Option<NodeCredentials>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
+    /// How long a fill waits for upstream's next bytes ([`UPSTREAM_IDLE`] by default).
+    upstream_idle: Duration,
 }
 
 impl Registry {
@@ -103,7 +105,14 @@ impl Registry {
             catalog,
             metrics,
             auth_ok: Mutex::new(HashMap::new()),
+            upstream_idle: UPSTREAM_IDLE,
         }
+    }
+
+    /// A fill whose upstream sends nothing for `idle` fails (`--upstream-idle-timeout`).
+    pub fn with_upstream_idle(mut self, idle: Duration) -> Self {
+        self.upstream_idle = idle;
+        self
     }
 
     pub fn upstream(&self) -> &Upstream {
@@ -265,6 +274,7 @@ impl Registry {
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
+            let upstream_idle = self.upstream_idle;
             let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
             self.store.fill(digest, move |held| async move {
                 owned.store(true, Ordering::Relaxed);
@@ -346,7 +356,7 @@ impl Registry {
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
                 Ok(Fetched {
-                    body: idle_timeout(body, UPSTREAM_IDLE),
+                    body: idle_timeout(body, upstream_idle),
                     len,
                     offset,
                 })

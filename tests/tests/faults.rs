@@ -212,6 +212,97 @@ fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
     Ok(())
 }
 
+/// The upstream (here the CDN a 307 points to) sends half a blob and then nothing, without
+/// closing. Direct, a client would hang until its own timeout. Through eddy the fill gives
+/// up after `--upstream-idle-timeout` (2 s here), commits nothing, and the client's
+/// connection ends early: curl sees a short body at once, ctr resumes with a Range request
+/// and completes.
+#[test]
+fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let options = UpstreamOptions {
+        redirect_to_cdn: true,
+        ..Default::default()
+    };
+    let idle = Duration::from_secs(2);
+    let world = RegistryWorld::start_with_args(
+        options,
+        None,
+        vec!["--upstream-idle-timeout".into(), "2s".into()],
+    )?;
+    let image = world.image("faults/stall", "v1", &ImageSpec::single(&[6 * MIB, 6 * MIB + 1]))?;
+    let layers = image.layers();
+    let config = &image.platforms[0].config;
+
+    // curl: the stalled fill fails after the idle timeout, and the client is not left hanging.
+    let path = format!("/v2/faults/stall/blobs/{}", layers[0].digest);
+    world.upstream.inject_cdn_fault("stall", 1)?;
+    let started = Instant::now();
+    let stalled = world.curl(&path, &[])?;
+    let took = started.elapsed();
+    println!(
+        "curl through a stall: ok={} status={:?} got {} of {} B in {took:.2?} ({})",
+        stalled.ok,
+        stalled.status,
+        stalled.body.len(),
+        layers[0].size,
+        stalled.stderr.trim()
+    );
+    ensure!(
+        took < idle + Duration::from_secs(15),
+        "the client waited {took:.2?} on a stalled upstream (idle timeout {idle:?})"
+    );
+    ensure!(
+        !(stalled.ok && stalled.status == Some(200) && sha256(&stalled.body) != layers[0].digest),
+        "eddy delivered {} wrong bytes as a complete 200",
+        stalled.body.len()
+    );
+    verify_store(world.data_dir())?;
+    ensure!(
+        !store_has(world.data_dir(), &layers[0].digest),
+        "a blob was committed from a stalled transfer"
+    );
+    let retry = world.curl(&path, &[])?;
+    ensure!(
+        retry.status == Some(200) && sha256(&retry.body) == layers[0].digest,
+        "the request after the stall failed: status={:?} {}",
+        retry.status,
+        retry.stderr
+    );
+
+    // ctr: the config is cached first, so the stall hits the cold layer mid-body.
+    let warm = world.curl(&format!("/v2/faults/stall/blobs/{}", config.digest), &[])?;
+    ensure!(warm.status == Some(200), "config: {:?}", warm.status);
+    let daemon = Containerd::start()?;
+    world.upstream.inject_cdn_fault("stall", 1)?;
+    let reference = format!("{REGISTRY_HOST}/faults/stall:v1");
+    let started = Instant::now();
+    let fetch = world
+        .client
+        .fetch(&daemon, "faults", &reference, &[], Duration::from_secs(90))?;
+    let took = started.elapsed();
+    println!(
+        "ctr content fetch through a stall: ok={} in {took:.2?}; CDN GETs {}",
+        fetch.ok(),
+        world.upstream.cdn_gets()
+    );
+    ensure!(
+        fetch.ok(),
+        "ctr content fetch failed through a stalled upstream after {took:.2?}:\n{}",
+        fetch.stderr()
+    );
+    daemon.ensure_content("faults", &image.blobs())?;
+    let report = verify_store(world.data_dir())?;
+    ensure!(
+        store_has(world.data_dir(), &layers[1].digest),
+        "the layer is not cached after the pull that resumed"
+    );
+    println!("store verified: {} files", report.files);
+    Ok(())
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd.output()?;
     ensure!(
