@@ -215,8 +215,8 @@ fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
 /// The upstream (here the CDN a 307 points to) sends half a blob and then nothing, without
 /// closing. Direct, a client would hang until its own timeout. Through eddy the fill gives
 /// up after `--upstream-idle-timeout` (2 s here), commits nothing, and the client's
-/// connection ends early: curl sees a short body at once, ctr resumes with a Range request
-/// and completes.
+/// connection ends early: curl sees a short body (curl: (18) transfer closed) right after
+/// the timeout; ctr's reader reconnects and the pull completes.
 #[test]
 fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
     if !require_privileges() {
