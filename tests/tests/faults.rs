@@ -17,7 +17,7 @@ use eddy_tests::{
     containerd::Containerd,
     oci::ImageSpec,
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
-    registry_eddy::{store_has, verify_store},
+    registry_eddy::{store_has, verify_store, UPSTREAM_BYTES},
     registry_world::RegistryWorld,
     require_privileges,
 };
@@ -300,6 +300,85 @@ fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
         "the layer is not cached after the pull that resumed"
     );
     println!("store verified: {} files", report.files);
+    Ok(())
+}
+
+/// The disk fills up while eddy writes a blob: the data dir is a tmpfs just large enough
+/// for the free-space floor to let the fill start, and a filler file takes the rest once
+/// the fill is under way. The write fails with ENOSPC; nothing is committed, eddy keeps
+/// running, the pull completes (ctr reconnects and eddy, now below its floor, relays it
+/// uncached), and once there is room again the blob is cached as usual.
+#[test]
+fn enospc_mid_write_commits_nothing_and_fails_no_pull() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    // MIN_FREE_BYTES (256 MiB) + a 40 MiB layer fit in 320 MiB with a little to spare.
+    let mount = tempfile::Builder::new().prefix("eddy-enospc-").tempdir()?;
+    let mnt = mount.path().to_path_buf();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=320m", "tmpfs"])
+        .arg(&mnt))?;
+    let _unmount = Unmount(mnt.clone());
+    let world = RegistryWorld::start(UpstreamOptions::default(), Some(mnt.join("data")))?;
+    let image = world.image("faults/enospc", "v1", &ImageSpec::single(&[40 * MIB]))?;
+    let layer = image.layers()[0].clone();
+    let daemon = Containerd::start()?;
+    let reference = format!("{REGISTRY_HOST}/faults/enospc:v1");
+
+    // 40 Mbit/s: the layer takes about 8 s, so the disk fills in the middle of it.
+    shape_link(&world.netns, Some("40mbit"))?;
+    let argv = daemon.ctr_args("faults", &["content", "fetch", &reference]);
+    let log = world.work.path().join("pull.log");
+    let mut pull = world.client.spawn(&argv, &log)?;
+    world
+        .eddy()
+        .wait_metric_at_least(UPSTREAM_BYTES, (4 * MIB) as f64, Duration::from_secs(30))?;
+    let filler = mnt.join("filler");
+    // dd stops with ENOSPC when the tmpfs is full; that is the point.
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status()?;
+    let filled_at = world.eddy().upstream_bytes()?;
+    let status = pull.wait_timeout(Duration::from_secs(120))?;
+    shape_link(&world.netns, None)?;
+    ensure!(
+        matches!(status, Some(s) if s.success()),
+        "the pull failed when the disk filled: {status:?}\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    daemon.ensure_content("faults", &image.blobs())?;
+    let eddy_log = world.eddy().log_text();
+    ensure!(
+        eddy_log.contains("No space left on device"),
+        "the fill never hit ENOSPC (the filler came too late?):\n{}",
+        world.eddy().log_tail(30)
+    );
+    ensure!(
+        !store_has(world.data_dir(), &layer.digest),
+        "a blob was committed from a write that hit ENOSPC"
+    );
+    verify_store(world.data_dir())?;
+    println!(
+        "disk filled after {filled_at} upstream bytes; the fill failed with ENOSPC, the pull completed, nothing committed"
+    );
+
+    // eddy is still serving; with room again the blob is fetched and cached.
+    fs::remove_file(&filler)?;
+    let path = format!("/v2/faults/enospc/blobs/{}", layer.digest);
+    let again = world.curl(&path, &[])?;
+    ensure!(
+        again.status == Some(200) && sha256(&again.body) == layer.digest,
+        "after the disk has room again: status={:?} {}",
+        again.status,
+        again.stderr
+    );
+    ensure!(
+        store_has(world.data_dir(), &layer.digest),
+        "not cached once the disk had room again"
+    );
+    verify_store(world.data_dir())?;
     Ok(())
 }
 
