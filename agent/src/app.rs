@@ -148,14 +148,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Arc::clone(&store),
         config.cache_policy,
     ));
-    let oci = Arc::new(Registry::new(
-        Upstream::new(upstream_tls, config.socket_mark),
-        store,
-        catalog,
-        registry_metrics,
-        node_credentials,
-    )
-    .with_upstream_idle(config.upstream_idle_timeout));
+    let oci = Arc::new(
+        Registry::new(
+            Upstream::new(upstream_tls, config.socket_mark),
+            store,
+            catalog,
+            registry_metrics,
+            node_credentials,
+        )
+        .with_upstream_idle(config.upstream_idle_timeout),
+    );
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
         Host::real(),

@@ -20,15 +20,20 @@ fn setup() -> Option<Ctx> {
 /// cgroup; both must work.
 fn two_connects(ctx: &Ctx, world: &World, eddy: &Eddy) -> Result<()> {
     let cgroup = Some(world.cgroup.path());
-    let redirected =
-        ctx.probe
-            .echo(world.netns.v4(INTERCEPTED_PORT), 1024, Duration::from_secs(5), cgroup)?;
+    let redirected = ctx.probe.echo(
+        world.netns.v4(INTERCEPTED_PORT),
+        1024,
+        Duration::from_secs(5),
+        cgroup,
+    )?;
     ensure!(
         redirected.ok && redirected.peer == Some(eddy.listen),
         "the connect to :{INTERCEPTED_PORT} was not redirected: {redirected:?}"
     );
     let other = world.netns.v4(OTHER_PORT);
-    let direct = ctx.probe.echo(other, 1024, Duration::from_secs(5), cgroup)?;
+    let direct = ctx
+        .probe
+        .echo(other, 1024, Duration::from_secs(5), cgroup)?;
     ensure!(
         direct.ok && direct.peer == Some(other),
         "the connect to :{OTHER_PORT} did not go direct: {direct:?}"

@@ -234,7 +234,11 @@ fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
         None,
         vec!["--upstream-idle-timeout".into(), "2s".into()],
     )?;
-    let image = world.image("faults/stall", "v1", &ImageSpec::single(&[6 * MIB, 6 * MIB + 1]))?;
+    let image = world.image(
+        "faults/stall",
+        "v1",
+        &ImageSpec::single(&[6 * MIB, 6 * MIB + 1]),
+    )?;
     let layers = image.layers();
     let config = &image.platforms[0].config;
 
@@ -341,6 +345,7 @@ fn enospc_mid_write_commits_nothing_and_fails_no_pull() -> Result<()> {
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "status=none"])
         .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
         .status()?;
     let filled_at = world.eddy().upstream_bytes()?;
     let status = pull.wait_timeout(Duration::from_secs(120))?;
@@ -435,7 +440,11 @@ fn sigkill_during_eight_concurrent_pulls_fails_no_pull() -> Result<()> {
         }
         // ctr redraws a progress table; its verdict is the last line.
         let text = fs::read_to_string(log).unwrap_or_default();
-        let verdict = text.lines().rev().find(|l| l.starts_with("ctr:")).unwrap_or("");
+        let verdict = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("ctr:"))
+            .unwrap_or("");
         ensure!(
             verdict.contains("unexpected EOF") || verdict.contains("connection reset"),
             "pull {i} failed other than by a cut-off transfer: {status:?} {verdict:?}"
@@ -461,7 +470,11 @@ fn sigkill_during_eight_concurrent_pulls_fails_no_pull() -> Result<()> {
         ensure!(
             fetch.ok(),
             "pull {i} failed again after the restart: {}",
-            verdict.lines().rev().find(|l| l.starts_with("ctr:")).unwrap_or("")
+            verdict
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("ctr:"))
+                .unwrap_or("")
         );
     }
     shape_link(&world.netns, None)?;
