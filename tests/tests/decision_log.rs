@@ -1,6 +1,6 @@
-//! The eBPF hooks' decision logs (aya-log): with `eddy run --bpf-log` each connect in the
-//! hooked cgroup shows up in eddy's log under `eddy::bpf` (redirect, or skip and why);
-//! without it none does.
+//! The eBPF hooks' decision logs (aya-log): with `eddy run --bpf-log` (or a log filter
+//! showing `eddy::bpf` at debug) each connect in the hooked cgroup shows up in eddy's log
+//! under `eddy::bpf` (redirect, or skip and why); without either, none does.
 //!
 //! Run as root: `EDDY_BIN=target/release/eddy cargo test -p eddy-tests --release --test
 //! decision_log -- --test-threads=1` (or `cargo xtask test`).
@@ -111,6 +111,21 @@ fn bpf_log_shows_each_decision_and_is_off_by_default() -> Result<()> {
         );
     };
     println!("{redirect}\n{skip}");
+    eddy.stop_quietly();
+
+    // A log filter that shows eddy::bpf at debug turns them on too, without the flag.
+    let mut config = EddyConfig::new(world.cgroup.path());
+    config.wrapper = ["env", "EDDY_LOG=info,eddy::bpf=debug"]
+        .map(String::from)
+        .to_vec();
+    let eddy = ctx.start_eddy(&config)?;
+    two_connects(&ctx, &world, &eddy)?;
+    let redirect = ["eddy::bpf".to_string(), "redirect pid".to_string()];
+    ensure!(
+        wait_for_line(&eddy, &redirect, timeout).is_some(),
+        "no redirect decision line with EDDY_LOG=info,eddy::bpf=debug:\n{}",
+        eddy.stderr()
+    );
     eddy.stop_quietly();
     Ok(())
 }
