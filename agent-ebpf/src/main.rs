@@ -13,8 +13,8 @@
 //!
 //! Every decision is logged at debug level with aya-log (`eddy run --bpf-log`). The agent
 //! sets aya-log's `AYA_LOG_LEVEL` global at load time: it lives in read-only data, so with
-//! logs off (level 0) the verifier sees the log branches are dead and drops them, and the
-//! hook costs what it did without logs.
+//! logs off (level 0) the verifier sees the log branches are dead and drops them. What is
+//! left is one load and compare of that constant per log site.
 #![no_std]
 #![no_main]
 
