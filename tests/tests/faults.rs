@@ -215,10 +215,10 @@ fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
 
 /// The upstream (here the CDN a 307 points to) sends half a blob and then nothing, without
 /// closing. Direct, a client would hang until its own timeout. Through eddy the fill gives
-/// up after `--upstream-idle-timeout` (2 s here), commits nothing, and the client's
-/// connection ends early: curl sees a short body (curl: (18) transfer closed) right after
-/// the timeout. A ctr pull through the same stall completes, and a new fill commits the
-/// blob.
+/// up on that connection after `--upstream-idle-timeout` (2 s here) and commits nothing
+/// partial; measured before fill failover existed, curl saw a short body (curl: (18)
+/// transfer closed) right after the timeout. A ctr pull through the same stall completes,
+/// and the blob ends up committed whole.
 #[test]
 fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
     if !require_privileges() {
@@ -265,10 +265,16 @@ fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
         "eddy delivered {} wrong bytes as a complete 200",
         stalled.body.len()
     );
+    // Nothing partial or wrong is committed. (A fill that resumes the rest elsewhere, with
+    // Range, may commit the whole blob: verify_store proves it hashes to its name.)
     verify_store(world.data_dir())?;
-    ensure!(
-        !store_has(world.data_dir(), &layers[0].digest),
-        "a blob was committed from a stalled transfer"
+    println!(
+        "after the stall the store {} the blob",
+        if store_has(world.data_dir(), &layers[0].digest) {
+            "holds (verified)"
+        } else {
+            "does not hold"
+        }
     );
     let retry = world.curl(&path, &[])?;
     ensure!(
