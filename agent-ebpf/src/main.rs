@@ -10,6 +10,11 @@
 //! Fail-open is the rule everywhere: every path returns 1 (proceed). A connect that cannot
 //! be redirected safely (stale heartbeat, other netns, eddy's own socket, map error) goes
 //! to its original destination untouched.
+//!
+//! Every decision is logged at debug level with aya-log (`eddy run --bpf-log`). The agent
+//! sets aya-log's `AYA_LOG_LEVEL` global at load time: it lives in read-only data, so with
+//! logs off (level 0) the verifier sees the log branches are dead and drops them. What is
+//! left is one load and compare of that constant per log site.
 #![no_std]
 #![no_main]
 
@@ -26,6 +31,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
+use aya_log_ebpf::debug;
 use eddy_common::{
     is_v4_mapped, v4_mapped, Config, ConnKey, Counter, OrigDst, CONFIG_FLAG_IPV6, COUNTER_SLOTS,
     ORIG_DST_CAPACITY, PORTS_CAPACITY,
@@ -77,24 +83,49 @@ enum Redirect {
     V6([u8; 16]),
 }
 
+/// The calling process, for the decision logs (evaluated only when they are on).
+#[inline(always)]
+fn caller_pid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
 #[inline(always)]
 fn try_connect(ctx: &SockAddrContext, family: u32) {
     let sa: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `sa` is the program context; the verifier checks each field access.
     let (protocol, user_port) = unsafe { ((*sa).protocol, (*sa).user_port) };
     if protocol != IPPROTO_TCP {
+        debug!(
+            ctx,
+            "skip pid {}: not TCP (protocol {})",
+            caller_pid(),
+            protocol
+        );
         return;
     }
     // user_port holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(user_port as u16);
     // SAFETY: the value is not kept past this check.
     if unsafe { EDDY_PORTS.get(port) }.is_none() {
+        debug!(
+            ctx,
+            "skip pid {}: port {} not intercepted",
+            caller_pid(),
+            port
+        );
         return;
     }
     let Some(config) = EDDY_CONFIG.get(0) else {
+        debug!(ctx, "skip pid {}: port {}, no config", caller_pid(), port);
         return;
     };
     if config.proxy_port == 0 {
+        debug!(
+            ctx,
+            "skip pid {}: port {}, no proxy configured",
+            caller_pid(),
+            port
+        );
         return;
     }
 
@@ -103,6 +134,13 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
     let mark = unsafe { (*(*sa).__bindgen_anon_1.sk).mark };
     if mark != 0 && mark == config.own_mark {
         count(Counter::SkippedLoop);
+        debug!(
+            ctx,
+            "skip pid {}: port {}, eddy's own socket (loop mark {:x})",
+            caller_pid(),
+            port,
+            mark
+        );
         return;
     }
 
@@ -111,6 +149,12 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
     // SAFETY: plain helper call on the program context.
     if unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != config.netns_cookie {
         count(Counter::SkippedNetns);
+        debug!(
+            ctx,
+            "skip pid {}: port {}, other network namespace",
+            caller_pid(),
+            port
+        );
         return;
     }
 
@@ -120,6 +164,12 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
     let now = unsafe { bpf_ktime_get_ns() };
     if beat == 0 || now < beat || now - beat > config.heartbeat_timeout_ns {
         count(Counter::StaleHeartbeat);
+        debug!(
+            ctx,
+            "skip pid {}: port {}, stale heartbeat (eddy not alive)",
+            caller_pid(),
+            port
+        );
         return;
     }
 
@@ -155,6 +205,13 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
             (orig, Redirect::V6(v4_mapped(config.proxy_ip4)))
         } else {
             if config.flags & CONFIG_FLAG_IPV6 == 0 {
+                debug!(
+                    ctx,
+                    "skip pid {}: [{:i}]:{}, native IPv6 and no IPv6 listener",
+                    caller_pid(),
+                    addr,
+                    port
+                );
                 return;
             }
             let orig = OrigDst {
@@ -171,7 +228,8 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
     // whose trust roots hold eddy's CA. connect() runs in the caller's context, so the
     // "current" task is the client.
     // SAFETY: helpers without arguments.
-    let (pid_tgid, cgroup_id) = unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_cgroup_id()) };
+    let (pid_tgid, cgroup_id) =
+        unsafe { (bpf_get_current_pid_tgid(), bpf_get_current_cgroup_id()) };
     let orig = OrigDst {
         tgid: (pid_tgid >> 32) as u32,
         cgroup_id,
@@ -183,6 +241,10 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
     if EDDY_SOCK_DST.insert(cookie, orig, 0).is_err() {
         // Without a record the proxy could not find the destination: go direct instead.
         count(Counter::RecordFailed);
+        debug!(
+            ctx,
+            "skip pid {}: {:i} port {}, record failed (map full)", orig.tgid, orig.addr, port
+        );
         return;
     }
 
@@ -202,6 +264,14 @@ fn try_connect(ctx: &SockAddrContext, family: u32) {
         (*sa).user_port = proxy_port;
     }
     count(Counter::Redirected);
+    debug!(
+        ctx,
+        "redirect pid {}: {:i} port {} to eddy port {}",
+        orig.tgid,
+        orig.addr,
+        port,
+        config.proxy_port
+    );
 }
 
 #[sock_ops]
@@ -271,6 +341,12 @@ fn publish_orig_dst(ctx: &SockOpsContext) {
         count(Counter::OrigDstPublished);
     } else {
         count(Counter::RecordFailed);
+        debug!(
+            ctx,
+            "skip pid {}: connection from port {} not recorded, map full",
+            orig.tgid,
+            key.client_port
+        );
     }
 }
 

@@ -161,9 +161,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             .clone()
             .map(|p2p| Arc::new(Peers::new(Arc::new(p2p) as Arc<dyn PeerNetwork>))),
     };
-    let oci = Arc::new(oci.with_sources(sources));
+    let oci = Arc::new(
+        oci.with_sources(sources)
+            .with_upstream_idle(config.upstream_idle_timeout),
+    );
 
     let mut bpf = Bpf::load(&config, listener6.is_some())?;
+    if let Some(log) = bpf.take_decision_log() {
+        crate::bpf_log::spawn(log);
+        info!("eBPF decision logs on (target eddy::bpf, debug)");
+    }
     if let Err(e) = bpf.attach(&config.cgroup.path) {
         bpf.detach();
         bpf.unpin();

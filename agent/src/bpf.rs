@@ -63,6 +63,8 @@ pub enum BpfError {
     },
     #[error("reading the network namespace cookie: {0}")]
     NetnsCookie(std::io::Error),
+    #[error("the eBPF decision log (--bpf-log): {0}")]
+    DecisionLog(#[from] aya_log::Error),
 }
 
 /// Loaded, configured and (after `attach`) attached eBPF programs.
@@ -73,6 +75,9 @@ pub struct Bpf {
     heartbeat: Mutex<Array<MapData, u64>>,
     counters: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
+    /// aya-log's ring buffer, when the decision logs are on (`--bpf-log`), until
+    /// [`Bpf::take_decision_log`].
+    decision_log: Mutex<Option<crate::bpf_log::DecisionLog>>,
 }
 
 impl Bpf {
@@ -92,7 +97,16 @@ impl Bpf {
     }
 
     fn load_pinned(config: &Config, ipv6_listener: bool) -> Result<Self, BpfError> {
-        let mut ebpf = EbpfLoader::new().load(EBPF_OBJECT)?;
+        // The decision logs' level is a constant of the loaded programs: off, their code is
+        // dead and the verifier drops it.
+        let log_on = crate::bpf_log::wanted(config.bpf_log);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(
+                crate::bpf_log::LEVEL_GLOBAL,
+                &crate::bpf_log::level(log_on),
+                true,
+            )
+            .load(EBPF_OBJECT)?;
         for (name, file) in map::PINNED {
             let m = ebpf
                 .map(name)
@@ -132,7 +146,13 @@ impl Bpf {
             })?;
         }
 
+        let decision_log = if log_on {
+            Some(crate::bpf_log::open(&mut ebpf)?)
+        } else {
+            None
+        };
         let bpf = Bpf {
+            decision_log: Mutex::new(decision_log),
             orig_dst: Mutex::new(take_map(&mut ebpf, map::ORIG_DST)?),
             heartbeat: Mutex::new(take_map(&mut ebpf, map::HEARTBEAT)?),
             counters: take_map(&mut ebpf, map::COUNTERS)?,
@@ -170,6 +190,11 @@ impl Bpf {
         prog.attach(&cgroup_file, mode)
             .map_err(|source| BpfError::Program { name, source })?;
         Ok(())
+    }
+
+    /// The reader of the eBPF decision logs, when they are on (once).
+    pub fn take_decision_log(&self) -> Option<crate::bpf_log::DecisionLog> {
+        self.decision_log.lock().unwrap().take()
     }
 
     /// Refresh the heartbeat. Redirects stop when it goes stale.

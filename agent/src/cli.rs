@@ -224,6 +224,14 @@ pub struct RunArgs {
     pub cache: CacheArgs,
     #[command(flatten)]
     pub p2p: P2pArgs,
+    /// A fill whose upstream sends nothing for this long (30s, 2m) fails, and its clients
+    /// are relayed or retry, rather than all hanging on a stalled registry.
+    #[arg(long, env = "EDDY_UPSTREAM_IDLE_TIMEOUT", default_value = "60s", value_parser = crate::lifecycle::parse_duration)]
+    pub upstream_idle_timeout: std::time::Duration,
+    /// Log every decision of the eBPF hooks (redirect, or skip and why) at debug level under
+    /// the target eddy::bpf. Also on when EDDY_LOG / RUST_LOG shows eddy::bpf at debug.
+    #[arg(long, env = "EDDY_BPF_LOG")]
+    pub bpf_log: bool,
 }
 
 /// Sharing content with other eddy nodes (libp2p). Off unless `--p2p-listen` is given.

@@ -131,6 +131,10 @@ pub struct Config {
     pub cache_policy: crate::lifecycle::Policy,
     /// P2P with other eddy nodes; None when `--p2p-listen` is absent.
     pub p2p: Option<crate::p2p::P2pConfig>,
+    /// `--upstream-idle-timeout`: a fill whose upstream is silent this long fails.
+    pub upstream_idle_timeout: Duration,
+    /// `--bpf-log`: the eBPF hooks log their decisions.
+    pub bpf_log: bool,
 }
 
 impl Config {
@@ -189,6 +193,8 @@ impl Config {
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
             p2p,
+            upstream_idle_timeout: args.upstream_idle_timeout,
+            bpf_log: args.bpf_log,
         })
     }
 
@@ -252,6 +258,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a size"), "{e}");
+    }
+
+    #[test]
+    fn upstream_idle_timeout_parses_and_defaults() {
+        assert_eq!(args(&[]).upstream_idle_timeout, Duration::from_secs(60));
+        let a = args(&["--upstream-idle-timeout", "2s"]);
+        assert_eq!(a.upstream_idle_timeout, Duration::from_secs(2));
+        let argv = ["eddy", "run", "--upstream-idle-timeout", "0s"];
+        let e = crate::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a duration"), "{e}");
     }
 
     #[test]

@@ -158,23 +158,23 @@ pub fn parse(bytes: &[u8]) -> Result<Entries, String> {
             (Some(auth), _, _) if !auth.is_empty() => {
                 let decoded = STANDARD
                     .decode(auth.trim())
-                    .map_err(|_| format!("auths.{key}.auth: not base64"))?;
+                    .map_err(|_| format!("auths[{key:?}].auth: not base64"))?;
                 let text = String::from_utf8(decoded)
-                    .map_err(|_| format!("auths.{key}.auth: not UTF-8"))?;
+                    .map_err(|_| format!("auths[{key:?}].auth: not UTF-8"))?;
                 if !text.contains(':') {
-                    return Err(format!("auths.{key}.auth: not user:password"));
+                    return Err(format!("auths[{key:?}].auth: not user:password"));
                 }
                 text
             }
             (_, Some(user), Some(password)) => format!("{user}:{password}"),
             _ => {
                 return Err(format!(
-                    "auths.{key}: neither auth nor username and password"
+                    "auths[{key:?}]: neither auth nor username and password"
                 ))
             }
         };
         let value = HeaderValue::try_from(format!("Basic {}", STANDARD.encode(user_pass)))
-            .map_err(|_| format!("auths.{key}: credentials are not a header value"))?;
+            .map_err(|_| format!("auths[{key:?}]: credentials are not a header value"))?;
         for alias in aliases(&host) {
             out.insert(alias, value.clone());
         }
@@ -240,6 +240,14 @@ mod tests {
         assert!(err(r#"{"auths": {"r.test": {"auth": "dXNlcg=="}}}"#).contains("not user:password"));
         assert!(err(r#"{"auths": {"r.test": {"username": "u"}}}"#).contains("neither auth"));
         assert!(err(r#"{"auths": {"": {"auth": "YTpi"}}}"#).contains("names no registry"));
+    }
+
+    #[test]
+    fn errors_stay_on_one_line_whatever_the_key() {
+        // A registry key with a newline in it (JSON allows "\n") must not split the error.
+        let e = parse(br#"{"auths": {"r.test\nx": {"auth": "%%%"}}}"#).unwrap_err();
+        assert!(!e.contains('\n'), "{e:?}");
+        assert!(e.contains(r#""r.test\nx""#), "{e}");
     }
 
     #[test]

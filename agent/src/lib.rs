@@ -10,6 +10,7 @@ pub mod admin;
 pub mod api_path;
 pub mod app;
 pub mod bpf;
+pub mod bpf_log;
 pub mod catalog;
 pub mod cgroup;
 pub mod challenge;

@@ -10,7 +10,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let bpf_log = matches!(&cli.command, Command::Run(args) if args.bpf_log);
+    init_tracing(cli.log_format, bpf_log);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -151,10 +152,14 @@ fn one_line(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
+/// `bpf_log`: `--bpf-log` shows the eBPF decision logs whatever the filter says.
+fn init_tracing(format: LogFormat, bpf_log: bool) {
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| "info".into());
+    if bpf_log {
+        filter = filter.add_directive("eddy::bpf=debug".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

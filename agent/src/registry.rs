@@ -50,8 +50,8 @@ use crate::{
 };
 
 /// A fill whose upstream stops sending for this long fails (and its clients with it),
-/// rather than hanging every client that shares it.
-const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
+/// rather than hanging every client that shares it. `--upstream-idle-timeout` overrides it.
+pub const UPSTREAM_IDLE: Duration = Duration::from_secs(60);
 /// How long an upstream "yes" to a client's credentials for a repository is trusted.
 const AUTH_TTL: Duration = Duration::from_secs(60);
 /// Getting a token with the node's credentials gives up after this long: the request then
@@ -87,6 +87,8 @@ pub struct Registry {
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
     /// containerd and peers, asked before the upstream on a miss.
     sources: Sources,
+    /// How long a fill waits for upstream's next bytes ([`UPSTREAM_IDLE`] by default).
+    upstream_idle: Duration,
 }
 
 /// Where a fill's bytes came from.
@@ -130,12 +132,19 @@ impl Registry {
             metrics,
             auth_ok: Mutex::new(HashMap::new()),
             sources: Sources::default(),
+            upstream_idle: UPSTREAM_IDLE,
         }
     }
 
     /// Ask these sources (containerd, peers) before the upstream on a miss.
     pub fn with_sources(mut self, sources: Sources) -> Self {
         self.sources = sources;
+        self
+    }
+
+    /// A fill whose upstream sends nothing for `idle` fails (`--upstream-idle-timeout`).
+    pub fn with_upstream_idle(mut self, idle: Duration) -> Self {
+        self.upstream_idle = idle;
         self
     }
 
@@ -314,6 +323,7 @@ impl Registry {
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
             let sources = self.sources.clone();
+            let upstream_idle = self.upstream_idle;
             let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
             let served_by = Arc::clone(&served_by);
             self.store.fill(digest, move |held| async move {
@@ -334,7 +344,8 @@ impl Registry {
                     let (upstream, uri) = (upstream.clone(), uri.clone());
                     async move { upstream.fetch_following(Method::GET, uri, &headers).await }
                 };
-                let resume_upstream = upstream_resume(fetch.clone(), kind, metrics.clone());
+                let resume_upstream =
+                    upstream_resume(fetch.clone(), kind, metrics.clone(), upstream_idle);
                 let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
 
                 // This node's containerd, then peers, before the upstream.
@@ -429,7 +440,7 @@ impl Registry {
                     .into_body()
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
-                let body = idle_timeout(body, UPSTREAM_IDLE)
+                let body = idle_timeout(body, upstream_idle)
                     .map(move |chunk| {
                         // The election's announcement stays up while the body is read.
                         let _held = &claim;
@@ -1146,7 +1157,12 @@ fn from_source(found: Found, metrics: &RegistryMetrics, resume_upstream: Resume)
 
 /// Resumes a blob's fill at the upstream from byte `pos`, when its source failed mid-way.
 /// Manifests are small and never resumed.
-fn upstream_resume<F, Fut>(fetch: F, kind: Kind, metrics: RegistryMetrics) -> Resume
+fn upstream_resume<F, Fut>(
+    fetch: F,
+    kind: Kind,
+    metrics: RegistryMetrics,
+    idle: Duration,
+) -> Resume
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'static,
@@ -1163,7 +1179,7 @@ where
                 .into_body()
                 .into_data_stream()
                 .inspect_ok(move |chunk| metrics.bytes("upstream", chunk.len() as u64));
-            let body = idle_timeout(body, UPSTREAM_IDLE).boxed();
+            let body = idle_timeout(body, idle).boxed();
             match at {
                 Some(at) if at == pos => Some(body),
                 _ if whole => Some(skip_prefix(body, pos)),

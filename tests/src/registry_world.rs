@@ -48,6 +48,15 @@ impl RegistryWorld {
     /// Upstream and cgroup, then eddy on `data_dir` (a fresh dir under the world's work
     /// dir when None).
     pub fn start(options: UpstreamOptions, data_dir: Option<PathBuf>) -> Result<Self> {
+        Self::start_with_args(options, data_dir, Vec::new())
+    }
+
+    /// As [`RegistryWorld::start`], with more `eddy run` arguments (kept for restarts).
+    pub fn start_with_args(
+        options: UpstreamOptions,
+        data_dir: Option<PathBuf>,
+        extra_args: Vec<std::ffi::OsString>,
+    ) -> Result<Self> {
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-hard-").tempdir()?;
         let cgroup = CgroupGuard::new()?;
@@ -69,7 +78,7 @@ impl RegistryWorld {
             upstream_cas: vec![pki.ca_cert.clone()],
             hosts: Some(eddy_hosts),
             quiet_start: false,
-            extra_args: Vec::new(),
+            extra_args,
         };
         let bin = eddy_bin();
         let eddy_ca = work.path().join("eddy-ca.pem");
