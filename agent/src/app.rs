@@ -95,6 +95,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
+    if !config.chains.is_empty() {
+        info!(chains = ?config.chains.describe(), "registry chains");
+    }
     let ca = Arc::new(load_ca(
         &config.ca_dir,
         &config.registries,
@@ -144,13 +147,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Arc::clone(&store),
         config.cache_policy,
     ));
-    let oci = Arc::new(Registry::new(
-        Upstream::new(upstream_tls, config.socket_mark),
-        store,
-        catalog,
-        registry_metrics,
-        node_credentials,
-    ));
+    let oci = Arc::new(
+        Registry::new(
+            Upstream::new(upstream_tls, config.socket_mark),
+            store,
+            catalog,
+            registry_metrics,
+            node_credentials,
+        )
+        .with_chains(
+            config.chains.clone(),
+            crate::chain::ChainMetrics::register(&mut registry),
+        ),
+    );
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
         Host::real(),

@@ -127,6 +127,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub drain_timeout: Duration,
     pub cache_policy: crate::lifecycle::Policy,
+    /// `--mirror` and `--fallback`, per registry.
+    pub chains: crate::chain::ChainConfig,
 }
 
 impl Config {
@@ -137,6 +139,9 @@ impl Config {
             addr @ SocketAddr::V6(_) => return Err(ConfigError::ListenNotV4 { addr }),
         };
         let mut ports = args.intercept_ports.clone();
+        // A registry named with a port in --mirror/--fallback is intercepted there.
+        let chains = args.trust.chains();
+        ports.extend(chains.ports());
         ports.sort_unstable();
         ports.dedup();
         if ports.is_empty() {
@@ -160,7 +165,7 @@ impl Config {
         if args.socket_mark == 0 {
             return Err(ConfigError::MarkZero);
         }
-        let registries = Registries::parse(&args.trust.registries)?;
+        let registries = Registries::parse(&args.trust.registry_values())?;
         Ok(Config {
             cgroup: cgroup::resolve(&args.cgroup)?,
             registries,
@@ -178,6 +183,7 @@ impl Config {
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
+            chains,
         })
     }
 
@@ -268,6 +274,21 @@ mod tests {
             Registries::parse(&["not a host".into()]),
             Err(ConfigError::BadRegistry { .. })
         ));
+    }
+
+    #[test]
+    fn chained_registries_are_intercepted_on_their_ports() {
+        let a = args(&[
+            "--fallback",
+            "anubis:32000=ghcr.io/acme,docker.io",
+            "--mirror",
+            "10.0.0.7:5000=http://10.0.0.8:5000",
+        ]);
+        let r = Registries::parse(&a.trust.registry_values()).unwrap();
+        assert!(r.has_host("anubis") && r.has_host("ghcr.io"));
+        assert!(r.has_addr("10.0.0.7:5000".parse().unwrap()));
+        assert!(!r.has_addr("10.0.0.8:5000".parse().unwrap()));
+        assert_eq!(a.trust.chains().ports(), [5000, 32000]);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod app;
 pub mod bpf;
 pub mod catalog;
 pub mod cgroup;
+pub mod chain;
 pub mod challenge;
 pub mod cli;
 pub mod config;

@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 use crate::{
     api_path::{parse_path, Api},
     catalog::{Catalog, ContentMeta, TagRecord},
+    chain::{served_by_endpoint, ChainConfig, ChainMetrics, Chains},
     credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
@@ -75,7 +76,10 @@ pub struct Registry {
     visibility: Arc<Visibility>,
     /// eddy's own token requests (anonymous ones, and with node credentials).
     tokens: Arc<TokenClient>,
-    node_credentials: Option<NodeCredentials>,
+    node_credentials: Option<Arc<NodeCredentials>>,
+    /// Manifest and blob fetches go through here: along a registry's `--mirror`/`--fallback`
+    /// chain when it has one, else straight to the registry.
+    chains: Arc<Chains>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
 }
@@ -90,7 +94,15 @@ impl Registry {
         node_credentials: Option<NodeCredentials>,
     ) -> Self {
         let tokens = Arc::new(TokenClient::new(upstream.clone()));
+        let node_credentials = node_credentials.map(Arc::new);
         Registry {
+            chains: Arc::new(Chains::new(
+                ChainConfig::default(),
+                upstream.clone(),
+                Arc::clone(&tokens),
+                node_credentials.clone(),
+                ChainMetrics::default(),
+            )),
             visibility: Arc::new(Visibility::new(
                 upstream.clone(),
                 Arc::clone(&tokens),
@@ -104,6 +116,18 @@ impl Registry {
             metrics,
             auth_ok: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Registry chains (`chain`): `--mirror` and `--fallback`.
+    pub fn with_chains(mut self, config: ChainConfig, metrics: ChainMetrics) -> Self {
+        self.chains = Arc::new(Chains::new(
+            config,
+            self.upstream.clone(),
+            Arc::clone(&self.tokens),
+            self.node_credentials.clone(),
+            metrics,
+        ));
+        self
     }
 
     pub fn upstream(&self) -> &Upstream {
@@ -261,7 +285,7 @@ impl Registry {
         let owned = Arc::new(AtomicBool::new(false));
 
         let fill = {
-            let upstream = self.upstream.clone();
+            let chains = Arc::clone(&self.chains);
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
@@ -281,8 +305,8 @@ impl Registry {
                         let range = format!("bytes={from}-").parse().expect("valid header");
                         headers.insert(header::RANGE, range);
                     }
-                    let (upstream, uri) = (&upstream, uri.clone());
-                    async move { upstream.fetch_following(Method::GET, uri, &headers).await }
+                    let (chains, uri) = (&chains, uri.clone());
+                    async move { chains.fetch(Method::GET, uri, &headers).await }
                 };
                 let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
                 let mut resp = fetch(from).await.map_err(boxed)?;
@@ -335,6 +359,8 @@ impl Registry {
                         mt.map(str::to_string)
                     }
                 };
+                // Content a chain endpoint served was fetched without the client's credentials.
+                let public = public || served_by_endpoint(&resp);
                 if let Err(e) =
                     catalog.record_content(&digest_c, media_type.as_deref(), &repo_key, public)
                 {
@@ -370,8 +396,8 @@ impl Registry {
                         self.metrics.request(kind.label(), "upstream");
                         let headers = request_headers(req.headers());
                         match self
-                            .upstream
-                            .fetch_following(
+                            .chains
+                            .fetch(
                                 Method::GET,
                                 content_uri(origin, repo, kind, digest),
                                 &headers,
@@ -485,14 +511,11 @@ impl Registry {
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
         let started = Instant::now();
-        let resp = match self
-            .upstream
-            .fetch_following(method.clone(), uri, &headers)
-            .await
-        {
+        let resp = match self.chains.fetch(method.clone(), uri, &headers).await {
             Ok(r) => r,
             Err(e) => return bad_gateway(&e),
         };
+        let public = public || served_by_endpoint(&resp);
         self.metrics
             .upstream_latency(Kind::Manifest.label(), started.elapsed());
         if resp.status() != StatusCode::OK || method == Method::HEAD {
@@ -607,6 +630,7 @@ impl Registry {
             }
             return self.forward(origin, req, "manifest").await;
         };
+        let public = public || served_by_endpoint(&head);
         let record = TagRecord {
             digest: digest.to_string(),
             media_type: media_type.clone(),
@@ -647,17 +671,15 @@ impl Registry {
                 let mut anonymous = headers.clone();
                 anonymous.insert(header::AUTHORIZATION, own);
                 let resp = self
-                    .upstream
-                    .fetch_following(Method::HEAD, probe.clone(), &anonymous)
+                    .chains
+                    .fetch(Method::HEAD, probe.clone(), &anonymous)
                     .await;
                 if resp.as_ref().is_ok_and(|r| r.status() == StatusCode::OK) {
                     return resp;
                 }
             }
         }
-        self.upstream
-            .fetch_following(Method::HEAD, probe, headers)
-            .await
+        self.chains.fetch(Method::HEAD, probe, headers).await
     }
 
     /// Upstream is unreachable: serve the tag's last known manifest if we may.
@@ -913,8 +935,8 @@ impl Registry {
     async fn forward_following(&self, origin: &Origin, req: Request<Incoming>) -> Response<Body> {
         let headers = request_headers(req.headers());
         match self
-            .upstream
-            .fetch_following(
+            .chains
+            .fetch(
                 req.method().clone(),
                 upstream_uri(origin, req.uri()),
                 &headers,
