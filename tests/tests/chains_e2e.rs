@@ -9,7 +9,7 @@ use std::{ffi::OsString, process::Command, time::Duration};
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
     cgroup::CgroupGuard,
-    containerd::{Client, Containerd},
+    containerd::{http_status, Client, Containerd},
     eddy::eddy_bin,
     netns::Netns,
     oci::{self, Image, ImageSpec},
@@ -37,6 +37,8 @@ struct World {
     _second_ns: Netns,
     _cgroup: CgroupGuard,
     client: Client,
+    /// eddy's configuration, for a restart with more flags.
+    config: RegistryEddyConfig,
     work: tempfile::TempDir,
 }
 
@@ -46,6 +48,8 @@ struct Options {
     first_plain: bool,
     /// The same for the second.
     second_plain: bool,
+    /// Protect the second registry with Basic auth for this user and password.
+    second_auth: Option<(&'static str, &'static str)>,
     /// eddy's chain flags, given the two upstreams.
     flags: fn(&Upstream, &Upstream) -> Vec<String>,
 }
@@ -67,7 +71,16 @@ impl World {
             ..Default::default()
         };
         let first = Upstream::start(&first_ns, &pki, plain(options.first_plain))?;
-        let second = Upstream::start(&second_ns, &pki, plain(options.second_plain))?;
+        let second = Upstream::start(
+            &second_ns,
+            &pki,
+            UpstreamOptions {
+                basic_auth: options
+                    .second_auth
+                    .map(|(u, p)| (u.to_string(), p.to_string())),
+                ..plain(options.second_plain)
+            },
+        )?;
 
         // Clients know registry.test as the first registry; eddy as the second (an
         // endpoint is resolved by eddy itself, like any host it is not intercepting).
@@ -105,8 +118,19 @@ impl World {
                 hosts: client_hosts,
                 ca_bundle: bundle,
             },
+            config,
             work,
         })
+    }
+
+    /// Stop eddy and start it again on the same data dir with `extra` flags added.
+    fn restart_with(&mut self, extra: &[String]) -> Result<()> {
+        self.eddy.kill9()?;
+        self.config
+            .extra_args
+            .extend(extra.iter().map(OsString::from));
+        self.eddy = RegistryEddy::start(&eddy_bin(), &self.config)?;
+        Ok(())
     }
 
     /// Write an image layout (random layers of `spec`'s sizes) and push it to `upstream` as
@@ -221,6 +245,7 @@ fn chain_fallback_serves_what_the_registry_lacks() -> Result<()> {
     let Some(w) = world(Options {
         first_plain: true,
         second_plain: false,
+        second_auth: None,
         flags: |first, _| {
             vec![
                 "--fallback".into(),
@@ -296,6 +321,7 @@ fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
     let Some(mut w) = world(Options {
         first_plain: true,
         second_plain: true,
+        second_auth: None,
         flags: |first, second| {
             vec![
                 "--fallback".into(),
@@ -347,6 +373,7 @@ fn chain_mirror_serves_without_touching_the_registry() -> Result<()> {
     let Some(w) = world(Options {
         first_plain: false,
         second_plain: true,
+        second_auth: None,
         flags: |_, second| {
             vec![
                 "--mirror".into(),
@@ -397,6 +424,85 @@ fn chain_mirror_serves_without_touching_the_registry() -> Result<()> {
     );
     let endpoint = format!("http://{}", w.second.ip_authority());
     let served = w.endpoint_series(REGISTRY_HOST, &endpoint, "served")?;
+    ensure!(served >= 3.0, "{endpoint} served {served} requests");
+    Ok(())
+}
+
+/// A client's own `Authorization` was issued for the registry it asked, so it never goes to
+/// an endpoint: a Basic-auth endpoint refuses eddy even when the client sent credentials it
+/// would accept, and the client gets the registry's own 404. With those credentials in
+/// `--upstream-auth-file` (node credentials, per endpoint host), an anonymous `ctr` pull is
+/// served by that endpoint.
+#[test]
+fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
+    const USER: &str = "carol";
+    const PASSWORD: &str = "chain-pw";
+    let Some(mut w) = world(Options {
+        first_plain: true,
+        second_plain: false,
+        second_auth: Some((USER, PASSWORD)),
+        flags: |first, _| {
+            vec![
+                "--fallback".into(),
+                format!("{}=https://{REGISTRY_HOST}/acme", first.ip_authority()),
+            ]
+        },
+    }) else {
+        return Ok(());
+    };
+    let image = w.push(&w.second, "acme/app", "v1", &ImageSpec::single(&[2 * MIB]))?;
+    let local = w.first.ip_authority();
+    let endpoint = format!("https://{REGISTRY_HOST}/acme");
+
+    let body = w.work.path().join("manifest.body");
+    let headers = w.work.path().join("manifest.headers");
+    let creds = format!("{USER}:{PASSWORD}");
+    let run = w.client.curl(
+        &format!("http://{local}/v2/app/manifests/v1"),
+        &[
+            "-u",
+            &creds,
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+        ],
+        &body,
+        &headers,
+        Duration::from_secs(30),
+    )?;
+    let status = http_status(&std::fs::read_to_string(&headers).unwrap_or_default());
+    let refused = w.endpoint_series(&local, &endpoint, "refused")?;
+    let accepted = logged(&w.second)?
+        .into_iter()
+        .filter(|r| r.contains("/manifests/") && r.ends_with(" 200"))
+        .count();
+    println!(
+        "curl with the endpoint's credentials as the client's own: HTTP {status:?} (curl ok={}); \
+         {endpoint} refused {refused}; manifest 200s at the endpoint {accepted}",
+        run.ok()
+    );
+    ensure!(
+        status == Some(404) && refused >= 1.0 && accepted == 0,
+        "the client's credentials reached the endpoint: HTTP {status:?}, refused {refused}, \
+         {accepted} manifest 200s; eddy log:\n{}",
+        w.eddy.log_tail(20)
+    );
+
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(&creds);
+    let auth_file = w.work.path().join("config.json");
+    std::fs::write(
+        &auth_file,
+        format!(r#"{{"auths": {{"{REGISTRY_HOST}": {{"auth": "{auth}"}}}}}}"#),
+    )?;
+    let flag = auth_file.to_str().context("utf-8 path")?.to_string();
+    w.restart_with(&["--upstream-auth-file".into(), flag])?;
+    w.pull(
+        &format!("{local}/app:v1"),
+        &["--plain-http"],
+        &image,
+        "anonymous pull with node credentials for the endpoint",
+    )?;
+    let served = w.endpoint_series(&local, &endpoint, "served")?;
     ensure!(served >= 3.0, "{endpoint} served {served} requests");
     Ok(())
 }
