@@ -39,7 +39,8 @@ use crate::{
 };
 
 /// An endpoint that could not be reached is skipped for this long, so a dead mirror costs
-/// one connect timeout, not one per request.
+/// one connect timeout, not one per request. So is a registry with fallbacks: while it is
+/// down, its fallbacks serve at once.
 const SKIP_UNREACHABLE: Duration = Duration::from_secs(30);
 /// Getting a token for an endpoint gives up after this long; the request then goes without.
 const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -406,12 +407,15 @@ pub enum Outcome {
     /// Any other status.
     Other,
     Unreachable,
+    /// Not tried: it could not be reached moments ago.
+    Skipped,
 }
 
 impl Outcome {
     pub fn of(result: &Result<Response<Incoming>, UpstreamError>) -> Self {
         match result {
             Ok(resp) => Self::of_status(resp.status()),
+            Err(UpstreamError::RecentlyUnreachable { .. }) => Outcome::Skipped,
             Err(e) if e.is_unreachable() => Outcome::Unreachable,
             Err(_) => Outcome::Other,
         }
@@ -432,7 +436,7 @@ impl Outcome {
     pub fn falls_back(self) -> bool {
         matches!(
             self,
-            Outcome::NotFound | Outcome::ServerError | Outcome::Unreachable
+            Outcome::NotFound | Outcome::ServerError | Outcome::Unreachable | Outcome::Skipped
         )
     }
 
@@ -444,6 +448,7 @@ impl Outcome {
             Outcome::ServerError => "server_error",
             Outcome::Other => "other",
             Outcome::Unreachable => "unreachable",
+            Outcome::Skipped => "skipped",
         }
     }
 }
@@ -572,12 +577,24 @@ impl Chains {
                 return Ok(resp);
             }
         }
-        let own = self
-            .upstream
-            .fetch_following(method.clone(), uri, headers)
-            .await;
+        // With fallbacks to go to, a registry that could not be reached is not waited for
+        // again (a connect timeout per request) until SKIP_UNREACHABLE has passed.
+        let own_label: Arc<str> = registry.to_string().into();
+        let skip = !chain.fallbacks.is_empty();
+        let own = if skip && self.is_down(&own_label) {
+            Err(UpstreamError::RecentlyUnreachable {
+                host: own_label.to_string(),
+            })
+        } else {
+            self.upstream
+                .fetch_following(method.clone(), uri, headers)
+                .await
+        };
         let outcome = Outcome::of(&own);
-        self.metrics.count(registry, &registry.to_string(), outcome);
+        if skip && outcome == Outcome::Unreachable {
+            self.mark_down(&own_label);
+        }
+        self.metrics.count(registry, &own_label, outcome);
         if !outcome.falls_back() {
             return own;
         }
@@ -602,6 +619,8 @@ impl Chains {
         headers: &HeaderMap,
     ) -> Option<Response<Incoming>> {
         if self.is_down(&endpoint.label) {
+            self.metrics
+                .count(registry, &endpoint.label, Outcome::Skipped);
             return None;
         }
         let name = endpoint.repository(&target.repo);
@@ -857,6 +876,8 @@ mod tests {
         let falls = |s: u16| Outcome::of_status(StatusCode::from_u16(s).unwrap()).falls_back();
         assert!(falls(404) && falls(500) && falls(503));
         assert!(!falls(200) && !falls(206) && !falls(401) && !falls(403) && !falls(416));
-        assert!(Outcome::Unreachable.falls_back());
+        assert!(Outcome::Unreachable.falls_back() && Outcome::Skipped.falls_back());
+        let skipped = Err(UpstreamError::RecentlyUnreachable { host: "r".into() });
+        assert_eq!(Outcome::of(&skipped), Outcome::Skipped);
     }
 }
