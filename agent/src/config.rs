@@ -289,6 +289,11 @@ mod tests {
         assert!(r.has_addr("10.0.0.7:5000".parse().unwrap()));
         assert!(!r.has_addr("10.0.0.8:5000".parse().unwrap()));
         assert_eq!(a.trust.chains().ports(), [5000, 32000]);
+        // `;` separates values (as in EDDY_MIRROR); `,` separates a value's endpoints.
+        let a = args(&["--mirror", "a.test=m1.test,m2.test;b.test=m3.test"]);
+        assert_eq!(a.trust.mirrors.len(), 2);
+        assert_eq!(a.trust.mirrors[0].endpoints.len(), 2);
+        assert_eq!(a.trust.chains().registry_values(), ["a.test", "b.test"]);
     }
 
     #[test]
