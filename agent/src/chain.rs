@@ -47,14 +47,14 @@ const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
-    #[error("{value:?}: expected REGISTRY=ENDPOINT[,ENDPOINT...]")]
-    Shape { value: String },
-    #[error("{value:?}: registry {registry:?} is not HOST[:PORT]")]
-    Registry { value: String, registry: String },
-    #[error("{value:?}: endpoint {endpoint:?} is not [http://|https://]HOST[:PORT][/PREFIX]")]
-    Endpoint { value: String, endpoint: String },
-    #[error("{value:?}: endpoint {endpoint:?} is the registry itself")]
-    SelfLoop { value: String, endpoint: String },
+    #[error("expected REGISTRY=ENDPOINT[,ENDPOINT...]")]
+    Shape,
+    #[error("registry {registry:?} is not HOST[:PORT]")]
+    Registry { registry: String },
+    #[error("endpoint {endpoint:?} is not [http://|https://]HOST[:PORT][/PREFIX]")]
+    Endpoint { endpoint: String },
+    #[error("endpoint {endpoint:?} is the registry itself")]
+    SelfLoop { endpoint: String },
 }
 
 /// `HOST[:PORT]`: a registry as clients name it. Docker Hub's names are one registry, the
@@ -271,13 +271,10 @@ pub struct ChainFlag {
 impl ChainFlag {
     /// clap's value parser: one line saying what is wrong.
     pub fn parse(value: &str) -> Result<Self, ChainError> {
-        let shape = || ChainError::Shape {
-            value: value.to_string(),
-        };
+        let shape = || ChainError::Shape;
         let (registry, endpoints) = value.trim().split_once('=').ok_or_else(shape)?;
         let registry_name =
             RegistryName::parse(registry.trim()).ok_or_else(|| ChainError::Registry {
-                value: value.to_string(),
                 registry: registry.to_string(),
             })?;
         let mut parsed = Vec::new();
@@ -286,12 +283,10 @@ impl ChainFlag {
                 return Err(shape());
             }
             let endpoint = Endpoint::parse(raw).ok_or_else(|| ChainError::Endpoint {
-                value: value.to_string(),
                 endpoint: raw.to_string(),
             })?;
             if endpoint.is(&registry_name) {
                 return Err(ChainError::SelfLoop {
-                    value: value.to_string(),
                     endpoint: raw.to_string(),
                 });
             }

@@ -102,11 +102,11 @@ pub struct TrustArgs {
     /// Endpoints tried before a registry itself: `REGISTRY=ENDPOINT[,ENDPOINT...]`, ENDPOINT
     /// `[http://|https://]HOST[:PORT][/PREFIX]`. The registry is intercepted like a
     /// `--registry`. Repeatable (env: `;`-separated).
-    #[arg(long = "mirror", env = "EDDY_MIRROR", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
+    #[arg(long = "mirror", env = "EDDY_MIRROR", value_name = "REGISTRY=ENDPOINT,...", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
     pub mirrors: Vec<crate::chain::ChainFlag>,
     /// Endpoints tried after a registry answers 404 (or 5xx), or cannot be reached: as
     /// `--mirror`. Repeatable (env: `;`-separated).
-    #[arg(long = "fallback", env = "EDDY_FALLBACK", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
+    #[arg(long = "fallback", env = "EDDY_FALLBACK", value_name = "REGISTRY=ENDPOINT,...", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
     pub fallbacks: Vec<crate::chain::ChainFlag>,
 }
 
