@@ -53,6 +53,8 @@ pub enum ChainError {
     Registry { registry: String },
     #[error("endpoint {endpoint:?} is not [http://|https://]HOST[:PORT][/PREFIX]")]
     Endpoint { endpoint: String },
+    #[error("endpoint {endpoint:?}: prefix {prefix:?} is not a repository path (lower-case a-z, 0-9, separators . _ - and /)")]
+    Prefix { endpoint: String, prefix: String },
     #[error("endpoint {endpoint:?} is the registry itself")]
     SelfLoop { endpoint: String },
 }
@@ -163,6 +165,20 @@ impl Endpoint {
             prefix: prefix.to_string(),
             label: label.into(),
         })
+    }
+
+    /// The PREFIX of `raw`, if it has one that is not a repository path.
+    fn bad_prefix(raw: &str) -> Option<&str> {
+        let rest = raw
+            .strip_prefix("https://")
+            .or_else(|| raw.strip_prefix("http://"))
+            .unwrap_or(raw);
+        if rest.contains("://") {
+            return None; // another scheme: not an endpoint at all
+        }
+        let prefix = rest.split_once('/')?.1.trim_end_matches('/');
+        let ok = prefix.is_empty() || crate::api_path::valid_repository(prefix);
+        (!ok).then_some(prefix)
     }
 
     fn is_docker_hub(&self) -> bool {
@@ -281,6 +297,12 @@ impl ChainFlag {
         for raw in endpoints.split(',').map(str::trim) {
             if raw.is_empty() {
                 return Err(shape());
+            }
+            if let Some(prefix) = Endpoint::bad_prefix(raw) {
+                return Err(ChainError::Prefix {
+                    endpoint: raw.to_string(),
+                    prefix: prefix.to_string(),
+                });
             }
             let endpoint = Endpoint::parse(raw).ok_or_else(|| ChainError::Endpoint {
                 endpoint: raw.to_string(),
@@ -791,9 +813,15 @@ mod tests {
             ("anubis/x=ghcr.io", "is not HOST[:PORT]"),
             ("anubis=ftp://ghcr.io", "endpoint \"ftp://ghcr.io\" is not"),
             ("anubis=user@ghcr.io", "is not [http://|https://]HOST"),
-            ("anubis=ghcr.io/Acme", "is not [http://|https://]HOST"),
+            (
+                "anubis=ghcr.io/Acme",
+                "prefix \"Acme\" is not a repository path",
+            ),
             ("anubis=ghcr.io:0", "is not [http://|https://]HOST"),
-            ("anubis=ghcr.io/a/../b", "is not [http://|https://]HOST"),
+            (
+                "anubis=ghcr.io/a/../b",
+                "prefix \"a/../b\" is not a repository path",
+            ),
             ("anubis:32000=http://anubis:32000", "is the registry itself"),
         ];
         for (value, expected) in cases {
