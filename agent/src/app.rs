@@ -100,6 +100,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         heartbeat_timeout_ms = config.heartbeat_timeout.as_millis() as u64,
         "starting eddy"
     );
+    if !config.chains.is_empty() {
+        info!(chains = ?config.chains.describe(), "registry chains");
+    }
     let ca = Arc::new(load_ca(
         &config.ca_dir,
         &config.registries,
@@ -163,7 +166,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let oci = Arc::new(
         oci.with_sources(sources)
-            .with_upstream_idle(config.upstream_idle_timeout),
+            .with_upstream_idle(config.upstream_idle_timeout)
+            .with_chains(
+                config.chains.clone(),
+                crate::chain::ChainMetrics::register(&mut registry),
+            ),
     );
 
     let mut bpf = Bpf::load(&config, listener6.is_some())?;

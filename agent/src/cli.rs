@@ -99,6 +99,15 @@ pub struct TrustArgs {
     /// cluster-wide CA from a mounted Secret. Created there if it holds no CA yet.
     #[arg(long, env = "EDDY_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Endpoints tried before a registry itself: `REGISTRY=ENDPOINT[,ENDPOINT...]`, ENDPOINT
+    /// `[http://|https://]HOST[:PORT][/PREFIX]`. The registry is intercepted like a
+    /// `--registry`. Repeatable (env: `;`-separated).
+    #[arg(long = "mirror", env = "EDDY_MIRROR", value_name = "REGISTRY=ENDPOINT,...", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
+    pub mirrors: Vec<crate::chain::ChainFlag>,
+    /// Endpoints tried after a registry answers 404 (or 5xx), or cannot be reached: as
+    /// `--mirror`. Repeatable (env: `;`-separated).
+    #[arg(long = "fallback", env = "EDDY_FALLBACK", value_name = "REGISTRY=ENDPOINT,...", value_delimiter = ';', value_parser = crate::chain::ChainFlag::parse)]
+    pub fallbacks: Vec<crate::chain::ChainFlag>,
 }
 
 impl TrustArgs {
@@ -107,6 +116,19 @@ impl TrustArgs {
         self.ca_dir
             .clone()
             .unwrap_or_else(|| self.data_dir.join("ca"))
+    }
+
+    /// `--mirror` and `--fallback`, merged per registry.
+    pub fn chains(&self) -> crate::chain::ChainConfig {
+        crate::chain::ChainConfig::new(&self.mirrors, &self.fallbacks)
+    }
+
+    /// `--registry` plus the registries named by `--mirror`/`--fallback`: all of them are
+    /// terminated, and the CA must be able to sign for them.
+    pub fn registry_values(&self) -> Vec<String> {
+        let mut values = self.registries.clone();
+        values.extend(self.chains().registry_values());
+        values
     }
 }
 

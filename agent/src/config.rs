@@ -135,6 +135,8 @@ pub struct Config {
     pub upstream_idle_timeout: Duration,
     /// `--bpf-log`: the eBPF hooks log their decisions.
     pub bpf_log: bool,
+    /// `--mirror` and `--fallback`, per registry.
+    pub chains: crate::chain::ChainConfig,
 }
 
 impl Config {
@@ -145,6 +147,9 @@ impl Config {
             addr @ SocketAddr::V6(_) => return Err(ConfigError::ListenNotV4 { addr }),
         };
         let mut ports = args.intercept_ports.clone();
+        // A registry named with a port in --mirror/--fallback is intercepted there.
+        let chains = args.trust.chains();
+        ports.extend(chains.ports());
         ports.sort_unstable();
         ports.dedup();
         if ports.is_empty() {
@@ -168,7 +173,7 @@ impl Config {
         if args.socket_mark == 0 {
             return Err(ConfigError::MarkZero);
         }
-        let registries = Registries::parse(&args.trust.registries)?;
+        let registries = Registries::parse(&args.trust.registry_values())?;
         let p2p = crate::p2p::P2pConfig::from_flags(
             args.p2p.p2p_listen.as_deref(),
             &args.p2p.p2p_bootstrap,
@@ -195,6 +200,7 @@ impl Config {
             p2p,
             upstream_idle_timeout: args.upstream_idle_timeout,
             bpf_log: args.bpf_log,
+            chains,
         })
     }
 
@@ -297,6 +303,26 @@ mod tests {
             Registries::parse(&["not a host".into()]),
             Err(ConfigError::BadRegistry { .. })
         ));
+    }
+
+    #[test]
+    fn chained_registries_are_intercepted_on_their_ports() {
+        let a = args(&[
+            "--fallback",
+            "anubis:32000=ghcr.io/acme,docker.io",
+            "--mirror",
+            "10.0.0.7:5000=http://10.0.0.8:5000",
+        ]);
+        let r = Registries::parse(&a.trust.registry_values()).unwrap();
+        assert!(r.has_host("anubis") && r.has_host("ghcr.io"));
+        assert!(r.has_addr("10.0.0.7:5000".parse().unwrap()));
+        assert!(!r.has_addr("10.0.0.8:5000".parse().unwrap()));
+        assert_eq!(a.trust.chains().ports(), [5000, 32000]);
+        // `;` separates values (as in EDDY_MIRROR); `,` separates a value's endpoints.
+        let a = args(&["--mirror", "a.test=m1.test,m2.test;b.test=m3.test"]);
+        assert_eq!(a.trust.mirrors.len(), 2);
+        assert_eq!(a.trust.mirrors[0].endpoints.len(), 2);
+        assert_eq!(a.trust.chains().registry_values(), ["a.test", "b.test"]);
     }
 
     #[test]

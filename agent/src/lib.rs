@@ -13,6 +13,7 @@ pub mod bpf;
 pub mod bpf_log;
 pub mod catalog;
 pub mod cgroup;
+pub mod chain;
 pub mod challenge;
 pub mod cli;
 pub mod config;

@@ -112,7 +112,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ca_dir: args.trust.ca_dir(),
                 bundle: args.bundle,
                 pin_dir: args.bpf_pin_dir,
-                registries: Registries::parse(&args.trust.registries)?,
+                registries: Registries::parse(&args.trust.registry_values())?,
                 proc: "/proc".into(),
             };
             let checks = agent::doctor::run(&inputs);
@@ -130,7 +130,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 }
 
 fn load_ca(trust: &TrustArgs) -> anyhow::Result<agent::tls::Ca> {
-    let registries = Registries::parse(&trust.registries)?;
+    let registries = Registries::parse(&trust.registry_values())?;
     Ok(agent::app::load_ca(
         &trust.ca_dir(),
         &registries,

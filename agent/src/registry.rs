@@ -35,6 +35,7 @@ use tracing::{debug, warn};
 use crate::{
     api_path::{parse_path, Api},
     catalog::{Catalog, ContentMeta, TagRecord},
+    chain::{served_by_endpoint, ChainConfig, ChainMetrics, Chains},
     credentials::NodeCredentials,
     digest::Digest,
     metrics::RegistryMetrics,
@@ -82,7 +83,10 @@ pub struct Registry {
     visibility: Arc<Visibility>,
     /// eddy's own token requests (anonymous ones, and with node credentials).
     tokens: Arc<TokenClient>,
-    node_credentials: Option<NodeCredentials>,
+    node_credentials: Option<Arc<NodeCredentials>>,
+    /// Manifest and blob fetches go through here: along a registry's `--mirror`/`--fallback`
+    /// chain when it has one, else straight to the registry.
+    chains: Arc<Chains>,
     /// (repository, credentials hash) → when upstream last accepted them.
     auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
     /// containerd and peers, asked before the upstream on a miss.
@@ -118,7 +122,15 @@ impl Registry {
         node_credentials: Option<NodeCredentials>,
     ) -> Self {
         let tokens = Arc::new(TokenClient::new(upstream.clone()));
+        let node_credentials = node_credentials.map(Arc::new);
         Registry {
+            chains: Arc::new(Chains::new(
+                ChainConfig::default(),
+                upstream.clone(),
+                Arc::clone(&tokens),
+                node_credentials.clone(),
+                ChainMetrics::default(),
+            )),
             visibility: Arc::new(Visibility::new(
                 upstream.clone(),
                 Arc::clone(&tokens),
@@ -145,6 +157,18 @@ impl Registry {
     /// A fill whose upstream sends nothing for `idle` fails (`--upstream-idle-timeout`).
     pub fn with_upstream_idle(mut self, idle: Duration) -> Self {
         self.upstream_idle = idle;
+        self
+    }
+
+    /// Registry chains (`chain`): `--mirror` and `--fallback`.
+    pub fn with_chains(mut self, config: ChainConfig, metrics: ChainMetrics) -> Self {
+        self.chains = Arc::new(Chains::new(
+            config,
+            self.upstream.clone(),
+            Arc::clone(&self.tokens),
+            self.node_credentials.clone(),
+            metrics,
+        ));
         self
     }
 
@@ -318,7 +342,7 @@ impl Registry {
         let served_by = Arc::new(Mutex::new(Served::default()));
 
         let fill = {
-            let upstream = self.upstream.clone();
+            let chains = Arc::clone(&self.chains);
             let catalog = Arc::clone(&self.catalog);
             let metrics = self.metrics.clone();
             let store = Arc::clone(&self.store);
@@ -341,8 +365,8 @@ impl Registry {
                         let range = format!("bytes={from}-").parse().expect("valid header");
                         headers.insert(header::RANGE, range);
                     }
-                    let (upstream, uri) = (upstream.clone(), uri.clone());
-                    async move { upstream.fetch_following(Method::GET, uri, &headers).await }
+                    let (chains, uri) = (Arc::clone(&chains), uri.clone());
+                    async move { chains.fetch(Method::GET, uri, &headers).await }
                 };
                 let resume_upstream =
                     upstream_resume(fetch.clone(), kind, metrics.clone(), upstream_idle);
@@ -426,6 +450,8 @@ impl Registry {
                         mt.map(str::to_string)
                     }
                 };
+                // Content a chain endpoint served was fetched without the client's credentials.
+                let public = public || served_by_endpoint(&resp);
                 if let Err(e) =
                     catalog.record_content(&digest_c, media_type.as_deref(), &repo_key, public)
                 {
@@ -482,8 +508,8 @@ impl Registry {
                         self.metrics.request(kind.label(), "upstream");
                         let headers = request_headers(req.headers());
                         match self
-                            .upstream
-                            .fetch_following(
+                            .chains
+                            .fetch(
                                 Method::GET,
                                 content_uri(origin, repo, kind, digest),
                                 &headers,
@@ -598,14 +624,11 @@ impl Registry {
         let headers = request_headers(req.headers());
         let public = !headers.contains_key(header::AUTHORIZATION);
         let started = Instant::now();
-        let resp = match self
-            .upstream
-            .fetch_following(method.clone(), uri, &headers)
-            .await
-        {
+        let resp = match self.chains.fetch(method.clone(), uri, &headers).await {
             Ok(r) => r,
             Err(e) => return bad_gateway(&e),
         };
+        let public = public || served_by_endpoint(&resp);
         self.metrics
             .upstream_latency(Kind::Manifest.label(), started.elapsed());
         if resp.status() != StatusCode::OK || method == Method::HEAD {
@@ -722,6 +745,7 @@ impl Registry {
             }
             return self.forward(origin, req, "manifest").await;
         };
+        let public = public || served_by_endpoint(&head);
         let record = TagRecord {
             digest: digest.to_string(),
             media_type: media_type.clone(),
@@ -768,17 +792,15 @@ impl Registry {
                 let mut anonymous = headers.clone();
                 anonymous.insert(header::AUTHORIZATION, own);
                 let resp = self
-                    .upstream
-                    .fetch_following(Method::HEAD, probe.clone(), &anonymous)
+                    .chains
+                    .fetch(Method::HEAD, probe.clone(), &anonymous)
                     .await;
                 if resp.as_ref().is_ok_and(|r| r.status() == StatusCode::OK) {
                     return resp;
                 }
             }
         }
-        self.upstream
-            .fetch_following(Method::HEAD, probe, headers)
-            .await
+        self.chains.fetch(Method::HEAD, probe, headers).await
     }
 
     /// Upstream is unreachable: serve the tag's last known manifest if we may: this node's
@@ -1091,8 +1113,8 @@ impl Registry {
     async fn forward_following(&self, origin: &Origin, req: Request<Incoming>) -> Response<Body> {
         let headers = request_headers(req.headers());
         match self
-            .upstream
-            .fetch_following(
+            .chains
+            .fetch(
                 req.method().clone(),
                 upstream_uri(origin, req.uri()),
                 &headers,

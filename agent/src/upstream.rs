@@ -66,6 +66,9 @@ pub enum UpstreamError {
     },
     #[error("more than {MAX_REDIRECTS} redirects from {uri}")]
     TooManyRedirects { uri: Uri },
+    /// Not tried: it could not be reached moments ago (registry chains, `chain`).
+    #[error("{host} could not be reached moments ago; not retried yet")]
+    RecentlyUnreachable { host: String },
 }
 
 impl UpstreamError {

@@ -144,6 +144,8 @@ fn all_features(distro: &str) -> Vec<String> {
         "upstreamAuth.secretName=registry-credentials".into(),
         "cache.maxSize=50GiB,cache.ttl=12h".into(),
         "registries={docker.io,ghcr.io,10.0.0.1:5000}".into(),
+        "mirrors[0]=docker.io=http://mirror.lan:5000".into(),
+        "fallbacks[0]=anubis:32000=ghcr.io/acme".into(),
     ];
     if distro != "talos" {
         sets.push("trust.restartContainerd=true".into());
@@ -402,6 +404,10 @@ fn check_schema_rejects(tools: &Tools, chart: &Path) -> Result<()> {
         ("cache.maxSize=lots", "at '/cache/maxSize'"),
         ("cache.ttl=7 days", "at '/cache/ttl'"),
         ("listen=localhost", "at '/listen'"),
+        (
+            "fallbacks[0]=anubis",
+            "at '/fallbacks/0': 'anubis' does not match pattern",
+        ),
         // Not a schema rule: a template check with its own message.
         (
             "distro=talos,trust.restartContainerd=true",

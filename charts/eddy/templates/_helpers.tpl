@@ -41,6 +41,12 @@ Prints "true" or nothing.
 {{- with .Values.registries }}
 - {name: EDDY_REGISTRY, value: {{ join "," . | quote }}}
 {{- end }}
+{{- with .Values.mirrors }}
+- {name: EDDY_MIRROR, value: {{ join ";" . | quote }}}
+{{- end }}
+{{- with .Values.fallbacks }}
+- {name: EDDY_FALLBACK, value: {{ join ";" . | quote }}}
+{{- end }}
 - {name: EDDY_CA_UNCONSTRAINED, value: {{ .Values.caUnconstrained | quote }}}
 {{- if .Values.ca.clusterSecret }}
 - {name: EDDY_CA_DIR, value: /etc/eddy/ca}

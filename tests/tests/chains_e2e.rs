@@ -1,0 +1,508 @@
+//! End-to-end tests of registry chains (`--mirror`, `--fallback`) with real programs: two
+//! docker-registry upstreams in their own network namespaces, containerd 1.6 + ctr pulling
+//! from inside the hooked cgroup, skopeo to push. What each upstream served is read from its
+//! own log.
+//!
+//! Run as root: `cargo xtask test --privileged-only -- chain_`.
+use std::{ffi::OsString, process::Command, time::Duration};
+
+use anyhow::{ensure, Context, Result};
+use eddy_tests::{
+    cgroup::CgroupGuard,
+    containerd::{http_status, Client, Containerd},
+    eddy::eddy_bin,
+    netns::Netns,
+    oci::{self, Image, ImageSpec},
+    pki::{write_bundle, Pki},
+    process::run_bounded,
+    registry::{check_programs, Upstream, UpstreamOptions, REGISTRY_HOST},
+    registry_eddy::{connections_series, RegistryEddy, RegistryEddyConfig},
+    require_privileges,
+};
+
+const MIB: u64 = 1 << 20;
+const PULL_TIMEOUT: Duration = Duration::from_secs(60);
+const NS: &str = "chains";
+/// The port of the plain-HTTP registries (a home-lab registry's kind of port).
+const LOCAL_PORT: u16 = 5000;
+
+/// Two upstreams and eddy. Fields drop in declaration order: eddy first.
+struct World {
+    eddy: RegistryEddy,
+    /// The registry clients ask for.
+    first: Upstream,
+    /// The registry the chain leads to.
+    second: Upstream,
+    _first_ns: Netns,
+    _second_ns: Netns,
+    _cgroup: CgroupGuard,
+    client: Client,
+    /// eddy's configuration, for a restart with more flags.
+    config: RegistryEddyConfig,
+    work: tempfile::TempDir,
+}
+
+struct Options {
+    /// Serve the first registry over plain HTTP on [`LOCAL_PORT`] (else HTTPS on 443 as
+    /// `registry.test`).
+    first_plain: bool,
+    /// The same for the second.
+    second_plain: bool,
+    /// Protect the second registry with Basic auth for this user and password.
+    second_auth: Option<(&'static str, &'static str)>,
+    /// eddy's chain flags, given the two upstreams.
+    flags: fn(&Upstream, &Upstream) -> Vec<String>,
+}
+
+impl World {
+    fn start(options: Options) -> Result<Self> {
+        check_programs()?;
+        let work = tempfile::Builder::new().prefix("eddy-chains-").tempdir()?;
+        let cgroup = CgroupGuard::new()?;
+        let first_ns = Netns::new()?;
+        let second_ns = Netns::new()?;
+        let pki = Pki::create(
+            &work.path().join("pki"),
+            &[REGISTRY_HOST],
+            &[first_ns.ns_v4.into(), second_ns.ns_v4.into()],
+        )?;
+        let plain = |yes: bool| UpstreamOptions {
+            plain_http_port: yes.then_some(LOCAL_PORT),
+            ..Default::default()
+        };
+        let first = Upstream::start(&first_ns, &pki, plain(options.first_plain))?;
+        let second = Upstream::start(
+            &second_ns,
+            &pki,
+            UpstreamOptions {
+                basic_auth: options
+                    .second_auth
+                    .map(|(u, p)| (u.to_string(), p.to_string())),
+                ..plain(options.second_plain)
+            },
+        )?;
+
+        // Clients know registry.test as the first registry; eddy as the second (an
+        // endpoint is resolved by eddy itself, like any host it is not intercepting).
+        let client_hosts = work.path().join("hosts.client");
+        Client::write_hosts(&client_hosts, first_ns.ns_v4, &[REGISTRY_HOST])?;
+        let eddy_hosts = work.path().join("hosts.eddy");
+        Client::write_hosts(&eddy_hosts, second_ns.ns_v4, &[REGISTRY_HOST])?;
+        let flags = (options.flags)(&first, &second);
+        println!("eddy chain flags: {flags:?}");
+        let config = RegistryEddyConfig {
+            cgroup: cgroup.path().to_path_buf(),
+            data_dir: work.path().join("eddy-data"),
+            // No --registry: the chained registry must be intercepted by the chain flags
+            // alone (the defaults stay).
+            registries: Vec::new(),
+            upstream_cas: vec![pki.ca_cert.clone()],
+            hosts: Some(eddy_hosts),
+            quiet_start: false,
+            extra_args: flags.into_iter().map(OsString::from).collect(),
+        };
+        // Only 443 is intercepted by flag: a chained registry's own port is added by eddy.
+        let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
+        // eddy created its CA at start, constrained to the registries it serves.
+        let bundle = work.path().join("ca-bundle.pem");
+        write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
+        Ok(World {
+            eddy,
+            first,
+            second,
+            _first_ns: first_ns,
+            _second_ns: second_ns,
+            _cgroup: cgroup,
+            client: Client {
+                cgroup: Some(config.cgroup.clone()),
+                hosts: client_hosts,
+                ca_bundle: bundle,
+            },
+            config,
+            work,
+        })
+    }
+
+    /// Stop eddy and start it again on the same data dir with `extra` flags added.
+    fn restart_with(&mut self, extra: &[String]) -> Result<()> {
+        self.eddy.kill9()?;
+        self.config
+            .extra_args
+            .extend(extra.iter().map(OsString::from));
+        self.eddy = RegistryEddy::start(&eddy_bin(), &self.config)?;
+        Ok(())
+    }
+
+    /// Write an image layout (random layers of `spec`'s sizes) and push it to `upstream` as
+    /// `repo:tag`.
+    fn push(&self, upstream: &Upstream, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
+        let layout = self
+            .work
+            .path()
+            .join("layouts")
+            .join(repo.replace('/', "_"));
+        let image = oci::write_layout(&layout, tag, spec)?;
+        upstream.push(&image, repo)?;
+        Ok(image)
+    }
+
+    /// `ctr images pull` of `reference` into a fresh containerd; checks that containerd
+    /// holds every blob of `image` and records the image under `image`'s digest.
+    fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration> {
+        let containerd = Containerd::start()?;
+        let run = self
+            .client
+            .pull(&containerd, NS, reference, extra, PULL_TIMEOUT)?
+            .check(&format!("{what}: ctr images pull {reference}"))
+            .map_err(|e| e.context(format!("eddy log:\n{}", self.eddy.log_tail(30))))?;
+        containerd.ensure_content(NS, &image.blobs())?;
+        let digest = image_digest(&containerd, reference)?;
+        ensure!(
+            digest == image.top.digest,
+            "{what}: containerd recorded {reference} as {digest}, the endpoint has {}",
+            image.top.digest
+        );
+        println!(
+            "{what}: pulled {reference} ({digest}) in {:.2?}",
+            run.elapsed
+        );
+        Ok(run.elapsed)
+    }
+
+    fn endpoint_series(&self, registry: &str, endpoint: &str, outcome: &str) -> Result<f64> {
+        self.eddy.metric(&format!(
+            r#"eddy_endpoint_requests_total{{registry="{registry}",endpoint="{endpoint}",outcome="{outcome}"}}"#
+        ))
+    }
+}
+
+/// The digest containerd recorded for image `reference` (`ctr images ls`).
+fn image_digest(containerd: &Containerd, reference: &str) -> Result<String> {
+    let argv = containerd.ctr_args(NS, &["images", "ls"]);
+    let out = run_bounded(
+        Command::new(&argv[0]).args(&argv[1..]),
+        Duration::from_secs(20),
+    )?;
+    ensure!(out.status.success(), "ctr images ls failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(reference))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .map(str::to_string)
+        .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
+}
+
+/// Every request `upstream` answered, as `METHOD URI STATUS`, from its JSON log (errors
+/// included, which `Upstream::requests` leaves out).
+fn logged(upstream: &Upstream) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(&upstream.log)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["http.response.status"].is_u64())
+        .map(|v| {
+            format!(
+                "{} {} {}",
+                v["http.request.method"].as_str().unwrap_or("?"),
+                v["http.request.uri"].as_str().unwrap_or("?"),
+                v["http.response.status"]
+            )
+        })
+        .collect())
+}
+
+/// Requests for `uri` that `upstream` answered with `status`, from its JSON log.
+fn logged_status(upstream: &Upstream, uri: &str, status: u64) -> Result<usize> {
+    let text = std::fs::read_to_string(&upstream.log)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["http.request.uri"] == uri && v["http.response.status"] == status)
+        .count())
+}
+
+fn world(options: Options) -> Option<World> {
+    if !require_privileges() {
+        return None;
+    }
+    Some(World::start(options).expect("setting up two upstreams, a cgroup and eddy"))
+}
+
+/// `--fallback <local:5000>=https://registry.test/acme`: a plain-HTTP local registry without
+/// the image (named only in `--fallback`, its port not in `--intercept-port`), and an HTTPS
+/// registry that has it under a prefix. `ctr --plain-http` pulls `<local:5000>/app:v1` with
+/// the second registry's digest; a second pull (another containerd) is served from eddy's
+/// store: the second registry sends no blob again.
+#[test]
+fn chain_fallback_serves_what_the_registry_lacks() -> Result<()> {
+    let Some(w) = world(Options {
+        first_plain: true,
+        second_plain: false,
+        second_auth: None,
+        flags: |first, _| {
+            vec![
+                "--fallback".into(),
+                format!("{}=https://{REGISTRY_HOST}/acme", first.ip_authority()),
+            ]
+        },
+    }) else {
+        return Ok(());
+    };
+    let image = w.push(
+        &w.second,
+        "acme/app",
+        "v1",
+        &ImageSpec::single(&[4 * MIB, MIB]),
+    )?;
+    let local = w.first.ip_authority();
+    let reference = format!("{local}/app:v1");
+
+    w.pull(&reference, &["--plain-http"], &image, "cold pull")?;
+    // distribution logs a 404 as "response completed with error", which `requests()` leaves
+    // out: read those from the log itself.
+    let not_found = logged_status(&w.first, "/v2/app/manifests/v1", 404)?;
+    let pulled = w.second.served()?;
+    println!(
+        "local registry: {not_found} manifest 404s, {} blob requests (404); registry.test \
+         sent {} blobs, {:.1} MiB",
+        logged(&w.first)?
+            .iter()
+            .filter(|r| r.contains("/blobs/") && r.ends_with(" 404"))
+            .count(),
+        pulled.blob_gets,
+        pulled.blob_bytes as f64 / MIB as f64
+    );
+    ensure!(
+        not_found >= 1,
+        "the local registry was not asked first; its log:\n{}",
+        w.first.logs_tail()
+    );
+    ensure!(
+        pulled.blob_gets >= image.layers().len() as u64,
+        "registry.test served {pulled:?}: the layers did not come from the fallback"
+    );
+    let endpoint = format!("https://{REGISTRY_HOST}/acme");
+    let served = w.endpoint_series(&local, &endpoint, "served")?;
+    let missed = w.endpoint_series(&local, &local, "not_found")?;
+    println!(
+        "eddy_endpoint_requests_total: {endpoint} served {served}, {local} not_found {missed}"
+    );
+    ensure!(
+        served >= 3.0 && missed >= 1.0,
+        "metrics: served {served}, not_found {missed}"
+    );
+    ensure!(
+        w.eddy.metric(&connections_series("registry_http"))? >= 1.0,
+        "the local registry's connections were not intercepted"
+    );
+
+    w.pull(&reference, &["--plain-http"], &image, "second pull")?;
+    let again = w.second.served()?;
+    println!(
+        "second pull: registry.test blob GETs {} -> {}",
+        pulled.blob_gets, again.blob_gets
+    );
+    ensure!(
+        again.blob_gets == pulled.blob_gets && again.manifest_gets == pulled.manifest_gets,
+        "the second pull was not served from the store: {pulled:?} -> {again:?}"
+    );
+    Ok(())
+}
+
+/// The registry stopped (connections refused): pulls go to the fallback, including a tag
+/// eddy never saw; after the first refused connect, the registry is skipped for a while.
+#[test]
+fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
+    let Some(mut w) = world(Options {
+        first_plain: true,
+        second_plain: true,
+        second_auth: None,
+        flags: |first, second| {
+            vec![
+                "--fallback".into(),
+                format!(
+                    "{}=http://{}/mirror",
+                    first.ip_authority(),
+                    second.ip_authority()
+                ),
+            ]
+        },
+    }) else {
+        return Ok(());
+    };
+    let image = w.push(
+        &w.second,
+        "mirror/app",
+        "v2",
+        &ImageSpec::single(&[2 * MIB, MIB]),
+    )?;
+    w.first.stop_registry()?;
+    let local = w.first.ip_authority();
+    let reference = format!("{local}/app:v2");
+    w.pull(
+        &reference,
+        &["--plain-http"],
+        &image,
+        "pull while the registry is down",
+    )?;
+    let endpoint = format!("http://{}/mirror", w.second.ip_authority());
+    let unreachable = w.endpoint_series(&local, &local, "unreachable")?;
+    // Once found unreachable, the registry is not waited for again for a while.
+    let skipped = w.endpoint_series(&local, &local, "skipped")?;
+    let served = w.endpoint_series(&local, &endpoint, "served")?;
+    println!(
+        "eddy_endpoint_requests_total: {local} unreachable {unreachable}, skipped {skipped}; \
+         {endpoint} served {served}"
+    );
+    ensure!(
+        unreachable >= 1.0 && skipped >= 1.0 && served >= 3.0,
+        "metrics: unreachable {unreachable}, skipped {skipped}, served {served}"
+    );
+    ensure!(
+        w.second.served()?.blob_gets >= image.layers().len() as u64,
+        "the fallback did not serve the layers"
+    );
+    Ok(())
+}
+
+/// `--mirror registry.test=http://<second:5000>`: a TLS registry named only in `--mirror`
+/// is terminated (eddy's CA covers it), and the mirror serves the image: the registry itself
+/// gets no blob or manifest request at all.
+#[test]
+fn chain_mirror_serves_without_touching_the_registry() -> Result<()> {
+    let Some(w) = world(Options {
+        first_plain: false,
+        second_plain: true,
+        second_auth: None,
+        flags: |_, second| {
+            vec![
+                "--mirror".into(),
+                format!("{REGISTRY_HOST}=http://{}", second.ip_authority()),
+            ]
+        },
+    }) else {
+        return Ok(());
+    };
+    // One layout, pushed to both with its digests kept: a true mirror.
+    let image = w.push(
+        &w.first,
+        "team/app",
+        "v1",
+        &ImageSpec::single(&[4 * MIB, MIB]),
+    )?;
+    w.second.push(&image, "team/app")?;
+    let before = logged(&w.first)?.len();
+    // The push is in the log: an empty log below means no requests, not an unread log.
+    ensure!(before > 0, "registry.test's log shows no push");
+
+    let reference = format!("{REGISTRY_HOST}/team/app:v1");
+    w.pull(&reference, &[], &image, "pull with a mirror")?;
+    let origin = logged(&w.first)?.split_off(before);
+    let content: Vec<&String> = origin
+        .iter()
+        .filter(|r| r.contains("/blobs/") || r.contains("/manifests/"))
+        .collect();
+    let mirror = w.second.served()?;
+    println!(
+        "registry.test got {} requests during the pull ({} blob or manifest requests: {content:?}); \
+         the mirror sent {} blobs",
+        origin.len(),
+        content.len(),
+        mirror.blob_gets
+    );
+    ensure!(
+        content.is_empty(),
+        "the registry itself served content: {content:?}"
+    );
+    ensure!(
+        mirror.blob_gets >= image.layers().len() as u64,
+        "the mirror did not serve the layers: {mirror:?}"
+    );
+    ensure!(
+        w.eddy.metric(&connections_series("registry_tls"))? >= 1.0,
+        "registry.test's TLS was not terminated"
+    );
+    let endpoint = format!("http://{}", w.second.ip_authority());
+    let served = w.endpoint_series(REGISTRY_HOST, &endpoint, "served")?;
+    ensure!(served >= 3.0, "{endpoint} served {served} requests");
+    Ok(())
+}
+
+/// A client's own `Authorization` was issued for the registry it asked, so it never goes to
+/// an endpoint: a Basic-auth endpoint refuses eddy even when the client sent credentials it
+/// would accept, and the client gets the registry's own 404. With those credentials in
+/// `--upstream-auth-file` (node credentials, per endpoint host), an anonymous `ctr` pull is
+/// served by that endpoint.
+#[test]
+fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
+    const USER: &str = "carol";
+    const PASSWORD: &str = "chain-pw";
+    let Some(mut w) = world(Options {
+        first_plain: true,
+        second_plain: false,
+        second_auth: Some((USER, PASSWORD)),
+        flags: |first, _| {
+            vec![
+                "--fallback".into(),
+                format!("{}=https://{REGISTRY_HOST}/acme", first.ip_authority()),
+            ]
+        },
+    }) else {
+        return Ok(());
+    };
+    let image = w.push(&w.second, "acme/app", "v1", &ImageSpec::single(&[2 * MIB]))?;
+    let local = w.first.ip_authority();
+    let endpoint = format!("https://{REGISTRY_HOST}/acme");
+
+    let body = w.work.path().join("manifest.body");
+    let headers = w.work.path().join("manifest.headers");
+    let creds = format!("{USER}:{PASSWORD}");
+    let run = w.client.curl(
+        &format!("http://{local}/v2/app/manifests/v1"),
+        &[
+            "-u",
+            &creds,
+            "-H",
+            "Accept: application/vnd.oci.image.manifest.v1+json",
+        ],
+        &body,
+        &headers,
+        Duration::from_secs(30),
+    )?;
+    let status = http_status(&std::fs::read_to_string(&headers).unwrap_or_default());
+    let refused = w.endpoint_series(&local, &endpoint, "refused")?;
+    let accepted = logged(&w.second)?
+        .into_iter()
+        .filter(|r| r.contains("/manifests/") && r.ends_with(" 200"))
+        .count();
+    println!(
+        "curl with the endpoint's credentials as the client's own: HTTP {status:?} (curl ok={}); \
+         {endpoint} refused {refused}; manifest 200s at the endpoint {accepted}",
+        run.ok()
+    );
+    ensure!(
+        status == Some(404) && refused >= 1.0 && accepted == 0,
+        "the client's credentials reached the endpoint: HTTP {status:?}, refused {refused}, \
+         {accepted} manifest 200s; eddy log:\n{}",
+        w.eddy.log_tail(20)
+    );
+
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode(&creds);
+    let auth_file = w.work.path().join("config.json");
+    std::fs::write(
+        &auth_file,
+        format!(r#"{{"auths": {{"{REGISTRY_HOST}": {{"auth": "{auth}"}}}}}}"#),
+    )?;
+    let flag = auth_file.to_str().context("utf-8 path")?.to_string();
+    w.restart_with(&["--upstream-auth-file".into(), flag])?;
+    w.pull(
+        &format!("{local}/app:v1"),
+        &["--plain-http"],
+        &image,
+        "anonymous pull with node credentials for the endpoint",
+    )?;
+    let served = w.endpoint_series(&local, &endpoint, "served")?;
+    ensure!(served >= 3.0, "{endpoint} served {served} requests");
+    Ok(())
+}
