@@ -68,8 +68,10 @@ fn upstream_faults_mid_blob_commit_nothing_corrupt() -> Result<()> {
         );
         let report = verify_store(world.data_dir())
             .with_context(|| format!("{kind}: a store file does not hash to its name"))?;
+        // A reset mid-body is resumed with Range (fill failover), so the whole blob may be
+        // committed, checked by verify_store above. Wrong bytes or a 503 never are.
         ensure!(
-            !store_has(world.data_dir(), &layer.digest),
+            *kind == "reset" || !store_has(world.data_dir(), &layer.digest),
             "{kind}: the blob was committed from a faulty transfer"
         );
         // The fault has passed: the next request is served whole, and cached.
@@ -216,9 +218,9 @@ fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
 /// The upstream (here the CDN a 307 points to) sends half a blob and then nothing, without
 /// closing. Direct, a client would hang until its own timeout. Through eddy the fill gives
 /// up on that connection after `--upstream-idle-timeout` (2 s here) and commits nothing
-/// partial; measured before fill failover existed, curl saw a short body (curl: (18)
-/// transfer closed) right after the timeout. A ctr pull through the same stall completes,
-/// and the blob ends up committed whole.
+/// partial. With fill failover the rest is fetched again with Range and curl gets the whole
+/// blob about 2 s late (before failover, curl got a short body right after the timeout). A
+/// ctr pull through the same stall completes, and the blob ends up committed whole.
 #[test]
 fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
     if !require_privileges() {
