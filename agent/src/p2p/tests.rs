@@ -209,9 +209,10 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
 async fn explicit_keys_are_found_and_withdrawn_and_tags_answer() {
     let a = node(MemShare::with(&[]), &[], None).await;
     let share_b = MemShare::with(&[]);
+    // By host name, resolved like a headless Service's.
     let b = node(
         Arc::clone(&share_b),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
+        &[format!("localhost:{}", tcp_port(&a))],
         None,
     )
     .await;
@@ -229,10 +230,28 @@ async fn explicit_keys_are_found_and_withdrawn_and_tags_answer() {
         a.p2p.providers(key, Duration::from_secs(1)).await,
         vec![b.p2p.local_peer_id()]
     );
+    // An explicit digest key (a download in flight) that the share does not list yet is
+    // not withdrawn by the reconcile loop either, and counts as advertised.
+    let in_flight = Digest::of(b"in flight").to_string();
+    assert!(
+        b.p2p
+            .provide(in_flight.as_bytes(), Duration::from_secs(5))
+            .await
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(b.metrics.advertised_digests.get(), 1);
+    assert_eq!(
+        a.p2p
+            .providers(in_flight.as_bytes(), Duration::from_secs(1))
+            .await,
+        vec![b.p2p.local_peer_id()]
+    );
+    b.p2p.stop_providing(in_flight.as_bytes());
     b.p2p.stop_providing(key);
     // Withdrawn locally: b no longer answers as provider; a's copy of the record lives
     // until its TTL, which is the DHT's contract (callers tolerate stale providers).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(b.metrics.advertised_digests.get(), 0);
 
     let tag = TagAnswer {
         digest: Digest::of(b"manifest"),
