@@ -550,3 +550,32 @@ fn err_of(r: Result<Opened, PeerError>) -> PeerError {
         Err(e) => e,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_node_that_goes_away_fails_the_body_promptly() {
+    let a = node_with(Arc::new(StallShare)).await;
+    let b = node(
+        MemShare::with(&[]),
+        &[format!("127.0.0.1:{}", tcp_port(&a))],
+        None,
+    )
+    .await;
+    assert!(wait_connected(&b, &a).await);
+    let opened = b
+        .p2p
+        .fetch(a.p2p.local_peer_id(), &Digest::of(b"x"), 0)
+        .await
+        .unwrap();
+    let mut body = opened.body;
+    assert_eq!(body.next().await.unwrap().unwrap().len(), 10);
+    let t = Instant::now();
+    // The node stops (its last handle dropped): its connections close.
+    drop(a);
+    let e = body.next().await.unwrap().unwrap_err();
+    assert!(
+        t.elapsed() < STALL_TIMEOUT / 2,
+        "took {:?}: {e}",
+        t.elapsed()
+    );
+    assert!(body.next().await.is_none());
+}
