@@ -453,14 +453,24 @@ impl Driver {
                 info,
                 ..
             })) => {
-                for addr in &info.listen_addrs {
-                    self.swarm
-                        .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, addr.clone());
+                // A peer listening on 0.0.0.0 also reports 127.0.0.1, which from another
+                // host is this node itself: keep loopback only for a peer reached on it.
+                let mut peers = lock(&self.shared.peers);
+                let via_loopback = peers
+                    .get(&peer_id)
+                    .is_some_and(|state| state.remote.iter().any(is_loopback));
+                let listen: BTreeSet<Multiaddr> = info
+                    .listen_addrs
+                    .iter()
+                    .map(without_p2p)
+                    .filter(|a| via_loopback || !is_loopback(a))
+                    .collect();
+                if let Some(state) = peers.get_mut(&peer_id) {
+                    state.listen = listen.clone();
                 }
-                if let Some(state) = lock(&self.shared.peers).get_mut(&peer_id) {
-                    state.listen = info.listen_addrs.iter().map(without_p2p).collect();
+                drop(peers);
+                for addr in listen {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -518,6 +528,14 @@ pub(super) fn without_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter()
         .filter(|p| !matches!(p, Protocol::P2p(_)))
         .collect()
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
 }
 
 fn peer_of(addr: &Multiaddr) -> Option<PeerId> {
