@@ -180,14 +180,29 @@ impl Peers {
         }
         self.net.provide(key.clone(), ANNOUNCE_BOUND).await;
         tokio::time::sleep(SETTLE).await;
-        let others = self.usable(self.net.providers(key, LOOKUP_BOUND).await);
+        // A node that decided before this one's announcement could reach it has announced
+        // the content itself by now: join it rather than rank against it.
+        let (holders, others) = futures_util::join!(
+            self.net.providers(content_key(digest), LOOKUP_BOUND),
+            self.net.providers(key, LOOKUP_BOUND)
+        );
+        if let Some(holder) = self.usable(holders).into_iter().next() {
+            debug!(%digest, peer = %holder, "election: another node already fetches it");
+            return Election::Peer(holder, claim);
+        }
+        let others = self.usable(others);
         let me = self.net.local();
         match winner(digest, &me, &others) {
             Some(peer) => {
                 debug!(%digest, %peer, "election: streaming from the node that fetches it");
                 Election::Peer(peer, claim)
             }
-            None => Election::Upstream(claim),
+            None => {
+                // Announced before the upstream answers, so that nodes deciding after this
+                // moment join this fetch (its bytes stream to them as they arrive).
+                self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
+                Election::Upstream(claim)
+            }
         }
     }
 
@@ -562,10 +577,31 @@ mod tests {
             .count();
         assert_eq!(upstream, 1, "exactly one node fetches upstream");
         drop(elections);
+        let records = world.records.lock().unwrap();
         assert!(
-            world.records.lock().unwrap().values().all(|s| s.is_empty()),
+            records.get(&fill_key(&digest)).is_none_or(|s| s.is_empty()),
             "claims are withdrawn when the fills end"
         );
+        assert_eq!(
+            records.get(&content_key(&digest)).map(|s| s.len()),
+            Some(1),
+            "the winner announced the content before fetching it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_late_miss_joins_the_fetch_whatever_its_rank() {
+        for i in 0..20u8 {
+            let world = Arc::new(World::default());
+            let digest = Digest::of(&[i]);
+            let (early, late) = (node(&world, "early"), node(&world, "late"));
+            let first = early.elect(&digest).await;
+            assert!(matches!(first, Election::Upstream(_)), "alone, it fetches");
+            match late.elect(&digest).await {
+                Election::Peer(peer, _) => assert_eq!(peer, key("early")),
+                Election::Upstream(_) => panic!("{digest}: the late node fetched upstream too"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -457,8 +457,9 @@ impl Registry {
                 {
                     warn!(error = %e, "recording content metadata failed");
                 }
-                // Peers may stream it from this fill from its first byte on.
-                if shareable {
+                // Peers may stream it from this fill from its first byte on (an elected fill
+                // announced it already).
+                if shareable && claim.is_none() {
                     sources.announce(&digest_c);
                 }
                 let counted = metrics.clone();
