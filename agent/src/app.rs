@@ -20,6 +20,7 @@ use crate::{
     bpf::Bpf,
     catalog::Catalog,
     config::{Config, Registries},
+    containerd::ContainerdSource,
     metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
     proxy::Proxy,
     registry::Registry,
@@ -156,14 +157,24 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Host::real(),
         TrustMetrics::register(&mut registry),
     ));
+    // containerd's content store as a source (None with --containerd-socket none). It is off
+    // until containerd answers, which it learns in the background: start never waits for it.
+    let containerd_source: Option<Arc<ContainerdSource>> = config.containerd.as_ref().map(|c| {
+        info!(socket = %c.socket.display(), namespaces = ?c.namespaces, "containerd source: connecting");
+        ContainerdSource::new(c.socket.clone(), c.namespaces.clone(), &mut registry)
+    });
     let admin_state = Arc::new(AdminState {
         registry,
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
         lifecycle: Arc::clone(&lifecycle),
+        containerd: containerd_source.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(source) = &containerd_source {
+        tokio::spawn(Arc::clone(source).follow(stop_rx.clone()));
+    }
     tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),

@@ -28,6 +28,12 @@ pub enum ConfigError {
     MarkZero,
     #[error("--registry {value:?}: not a host name or IP[:PORT]")]
     BadRegistry { value: String },
+    #[error("--containerd-namespace {value:?}: not a containerd namespace (letters and digits joined by single '.', '_' or '-', at most 76)")]
+    BadContainerdNamespace { value: String },
+    #[error(
+        "--containerd-namespace: at least one namespace is required (or --containerd-socket none)"
+    )]
+    NoContainerdNamespaces,
 }
 
 /// The registries whose connections eddy terminates, as configured with `--registry`.
@@ -127,6 +133,51 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub drain_timeout: Duration,
     pub cache_policy: crate::lifecycle::Policy,
+    /// containerd's content store as a source; None with `--containerd-socket none`.
+    pub containerd: Option<ContainerdConfig>,
+}
+
+/// Where containerd's content store is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdConfig {
+    pub socket: PathBuf,
+    pub namespaces: Vec<String>,
+}
+
+impl ContainerdConfig {
+    /// `--containerd-socket` and `--containerd-namespace`. `auto` takes the socket of the
+    /// node's containerd (`distro`), else the first known path that exists, else the default
+    /// path (whose absence the source reports as off).
+    pub fn from_args(socket: &str, namespaces: &[String]) -> Result<Option<Self>, ConfigError> {
+        let socket = match socket.trim() {
+            "none" | "off" | "" => return Ok(None),
+            "auto" => crate::distro::detect(std::path::Path::new("/proc"))
+                .map(|c| c.socket)
+                .or_else(|_| crate::distro::find_socket(std::path::Path::new("/")))
+                .unwrap_or_else(|_| PathBuf::from(crate::distro::DEFAULT_SOCKET)),
+            path => PathBuf::from(path),
+        };
+        let mut names: Vec<String> = Vec::new();
+        for raw in namespaces {
+            let name = raw.trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !crate::containerd::valid_namespace(name) {
+                return Err(ConfigError::BadContainerdNamespace { value: raw.clone() });
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        if names.is_empty() {
+            return Err(ConfigError::NoContainerdNamespaces);
+        }
+        Ok(Some(ContainerdConfig {
+            socket,
+            namespaces: names,
+        }))
+    }
 }
 
 impl Config {
@@ -178,6 +229,10 @@ impl Config {
             heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
+            containerd: ContainerdConfig::from_args(
+                &args.containerd_socket,
+                &args.containerd_namespaces,
+            )?,
         })
     }
 
@@ -241,6 +296,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a size"), "{e}");
+    }
+
+    #[test]
+    fn containerd_flags_default_parse_and_reject_bad_namespaces() {
+        let a = args(&[]);
+        let c = ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/containerd/containerd.sock"));
+        assert_eq!(c.namespaces, vec!["k8s.io".to_string()]);
+        let a = args(&[
+            "--containerd-socket",
+            "/run/k3s/containerd/containerd.sock",
+            "--containerd-namespace",
+            "k8s.io",
+            "--containerd-namespace",
+            "moby,k8s.io",
+        ]);
+        let c = ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.socket,
+            PathBuf::from("/run/k3s/containerd/containerd.sock")
+        );
+        assert_eq!(c.namespaces, vec!["k8s.io".to_string(), "moby".to_string()]);
+        let a = args(&["--containerd-socket", "none"]);
+        assert_eq!(
+            ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces).unwrap(),
+            None
+        );
+        let e = ContainerdConfig::from_args("/x.sock", &["k8s/io".into()]).unwrap_err();
+        assert!(e.to_string().contains("\"k8s/io\""), "{e}");
+        let e = ContainerdConfig::from_args("/x.sock", &[" ".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::NoContainerdNamespaces), "{e}");
     }
 
     #[test]

@@ -47,6 +47,10 @@ pub struct Status {
     pub trust_error: Option<String>,
     /// The node's containerd as found now (distro, socket, unit); None if none was found.
     pub containerd: Option<crate::distro::Containerd>,
+    /// The containerd content source (from the agent); None when it did not answer.
+    pub containerd_source: Option<crate::containerd::ContainerdStatus>,
+    /// Why `containerd_source` is missing (the source is off, or the agent did not answer).
+    pub containerd_source_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +88,10 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
             )),
         ),
     };
+    let (containerd_source, containerd_source_error) = match fetch_containerd_source(admin) {
+        Ok(source) => (Some(source), None),
+        Err(e) => (None, Some(e)),
+    };
     Ok(Status {
         pin_dir: pin_dir.to_path_buf(),
         running: sys::process_alive(maps.config.agent_pid),
@@ -101,7 +109,17 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
         trust,
         trust_error,
         containerd: crate::distro::detect(Path::new("/proc")).ok(),
+        containerd_source,
+        containerd_source_error,
     })
+}
+
+/// `GET /containerd` from the agent's admin listener.
+fn fetch_containerd_source(
+    admin: SocketAddr,
+) -> Result<crate::containerd::ContainerdStatus, String> {
+    let body = http_get(admin, "/containerd").map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
 }
 
 /// `GET /trust` from the agent's admin listener, with the cgroup paths filled in.
@@ -216,12 +234,42 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "containerd: not found in /proc");
         }
     }
+    render_containerd_source(&mut out, s);
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());
     for (name, v) in &s.counters {
         let _ = writeln!(out, "  {name:<20} {v}");
     }
     render_trust(&mut out, s);
     out
+}
+
+fn render_containerd_source(out: &mut String, s: &Status) {
+    use std::fmt::Write;
+    match (&s.containerd_source, &s.containerd_source_error) {
+        (Some(c), _) if c.connected => {
+            let _ = writeln!(
+                out,
+                "containerd source: on, {} digests (socket {}, namespaces {})",
+                c.digests,
+                c.socket.display(),
+                c.namespaces.join(",")
+            );
+        }
+        (Some(c), _) => {
+            let _ = writeln!(
+                out,
+                "containerd source: off, containerd does not answer at {} (eddy retries in the background)",
+                c.socket.display()
+            );
+        }
+        (None, why) => {
+            let _ = writeln!(
+                out,
+                "containerd source: unknown ({})",
+                why.as_deref().unwrap_or("unknown")
+            );
+        }
+    }
 }
 
 fn render_trust(out: &mut String, s: &Status) {
@@ -287,7 +335,24 @@ mod tests {
             trust_error: trust.is_none().then(|| "connection refused".into()),
             trust,
             containerd: None,
+            containerd_source: Some(crate::containerd::ContainerdStatus {
+                socket: "/run/containerd/containerd.sock".into(),
+                namespaces: vec!["k8s.io".into()],
+                connected: true,
+                digests: 42,
+            }),
+            containerd_source_error: None,
         }
+    }
+
+    #[test]
+    fn shows_the_containerd_source() {
+        let mut s = status(None);
+        let text = render_text(&s);
+        assert!(text.contains("containerd source: on, 42 digests (socket /run/containerd/containerd.sock, namespaces k8s.io)"), "{text}");
+        s.containerd_source.as_mut().unwrap().connected = false;
+        let text = render_text(&s);
+        assert!(text.contains("containerd source: off, containerd does not answer at /run/containerd/containerd.sock"), "{text}");
     }
 
     #[test]
