@@ -59,6 +59,10 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 /// and an image delete's garbage collection follows it) before re-listing once.
 const IMAGE_EVENT_SETTLE: Duration = Duration::from_millis(500);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between sending the subscription and listing (see `session`).
+const SUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
+/// Events waiting for the session; a burst (a large pull) blocks the forwarder briefly.
+const EVENT_BUFFER: usize = 256;
 /// Bounds an Info or the start of a Read: a request must not wait long on this source.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bounds one namespace's whole listing.
@@ -301,18 +305,11 @@ impl ContainerdSource {
                     socket: self.socket.clone(),
                     source,
                 })?;
-        // Subscribe before listing, so a delete between the two is not lost.
-        let subscribe = SubscribeRequest {
-            filters: EVENT_FILTERS.iter().map(|f| f.to_string()).collect(),
-        };
-        let mut events = rpc("Events.Subscribe", RPC_TIMEOUT, async {
-            EventsClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .subscribe(subscribe)
-                .await
-        })
-        .await?
-        .into_inner();
+        // Subscribe before listing, so a delete between the two is not lost. containerd sends
+        // the stream's headers only with its first event, so the subscription runs in a task
+        // of its own that forwards events; a short pause lets the request reach containerd.
+        let mut events = subscribe(channel.clone());
+        tokio::time::sleep(SUBSCRIBE_PAUSE).await;
         for namespace in &self.namespaces {
             let content = list(&channel, namespace).await?;
             self.update(|k| k.replace(namespace, content));
@@ -340,10 +337,10 @@ impl ContainerdSource {
             };
             tokio::select! {
                 _ = stop.changed() => return Ok(()),
-                event = events.message() => {
+                event = events.receiver.recv() => {
                     let envelope = event
-                        .map_err(|s| ContainerdError::Rpc { what: "event stream".into(), source: Box::new(s) })?
-                        .ok_or(ContainerdError::EventsClosed)?;
+                        .ok_or(ContainerdError::EventsClosed)?
+                        .map_err(|s| ContainerdError::Rpc { what: "event stream".into(), source: Box::new(s) })?;
                     if let Some(namespace) = self.apply(&envelope) {
                         if !pending.contains(&namespace) {
                             pending.push(namespace);
@@ -508,6 +505,52 @@ impl ContentSource for ContainerdSource {
     fn open(&self, digest: &Digest, from: u64) -> BoxFuture<'_, Option<Opened>> {
         Box::pin(self.open_from(*digest, from))
     }
+}
+
+/// containerd's events, forwarded from a task of their own; the task ends with the
+/// subscription, or when this is dropped.
+struct Events {
+    receiver: tokio::sync::mpsc::Receiver<Result<Envelope, tonic::Status>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn subscribe(channel: Channel) -> Events {
+    let (sender, receiver) = tokio::sync::mpsc::channel(EVENT_BUFFER);
+    let request = SubscribeRequest {
+        filters: EVENT_FILTERS.iter().map(|f| f.to_string()).collect(),
+    };
+    let task = tokio::spawn(async move {
+        let mut stream = match EventsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .subscribe(request)
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => {
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+        };
+        loop {
+            let item = match stream.message().await {
+                Ok(Some(envelope)) => Ok(envelope),
+                // The stream ended: dropping the sender tells the session.
+                Ok(None) => return,
+                Err(status) => Err(status),
+            };
+            let failed = item.is_err();
+            if sender.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Events { receiver, task }
 }
 
 /// `message` addressed to containerd namespace `namespace`.
