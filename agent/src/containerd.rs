@@ -63,8 +63,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const SUBSCRIBE_PAUSE: Duration = Duration::from_millis(100);
 /// Events waiting for the session; a burst (a large pull) blocks the forwarder briefly.
 const EVENT_BUFFER: usize = 256;
-/// Bounds an Info or the start of a Read: a request must not wait long on this source.
+/// Bounds the start of a Read.
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bounds one Content.Info: a registry miss asks it of every namespace that may hold the
+/// digest, and must not wait long on this source before going on to the next.
+const INFO_TIMEOUT: Duration = Duration::from_millis(500);
 /// Bounds one namespace's whole listing.
 const LIST_TIMEOUT: Duration = Duration::from_secs(30);
 /// containerd chunks its listings, but a large node's chunk may exceed tonic's 4 MiB default.
@@ -420,7 +423,7 @@ impl ContainerdSource {
                 },
                 namespace,
             );
-            let answer = rpc("Content.Info", RPC_TIMEOUT, async {
+            let answer = rpc("Content.Info", INFO_TIMEOUT, async {
                 ContentClient::new(channel.clone()).info(request).await
             })
             .await;
