@@ -8,7 +8,7 @@ FROM debian:bookworm AS build
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev \
-      build-essential pkg-config ca-certificates binutils \
+      build-essential pkg-config ca-certificates binutils protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

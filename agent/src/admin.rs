@@ -2,6 +2,8 @@
 //! clients that do not trust eddy's CA, as JSON, for `eddy status`), /peers (this node's P2P
 //! identity and connected peers, JSON), and the store:
 //! `GET /store` (size, entries, oldest access, proxy-only) and `POST /gc[?dry_run=1]` (JSON).
+//! `GET /containerd` (the containerd source: socket, namespaces, connected, digest count, as
+//! JSON) and `GET /containerd/digests` (the content digests it knows, one a line).
 use std::{
     convert::Infallible,
     sync::{
@@ -30,6 +32,8 @@ pub struct AdminState {
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// The P2P swarm whose peers `/peers` lists; None when P2P is off.
     pub p2p: Option<crate::p2p::P2p>,
+    /// containerd's content store as a source, for `/containerd`; None when turned off.
+    pub containerd: Option<Arc<crate::containerd::ContainerdSource>>,
 }
 
 pub async fn serve(
@@ -87,6 +91,24 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             crate::metrics::encode(&state.registry),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/containerd" | "/containerd/digests" if state.containerd.is_none() => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "containerd source off (--containerd-socket none)\n".to_string(),
+        ),
+        "/containerd" => json(
+            serde_json::to_value(state.containerd.as_ref().map(|c| c.status()))
+                .expect("ContainerdStatus serializes"),
+        ),
+        "/containerd/digests" => {
+            let digests = state
+                .containerd
+                .as_ref()
+                .map(|c| c.digests())
+                .unwrap_or_default();
+            let body: String = digests.iter().map(|d| format!("{d}\n")).collect();
+            (StatusCode::OK, "text/plain", body)
+        }
         "/trust" => match &state.trust {
             Some(gate) => (
                 StatusCode::OK,

@@ -20,6 +20,7 @@ use crate::{
     bpf::Bpf,
     catalog::Catalog,
     config::{Config, Registries},
+    containerd::ContainerdSource,
     metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
     peers::{PeerNetwork, Peers},
     proxy::Proxy,
@@ -144,13 +145,19 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         node_credentials,
     );
 
+    // containerd's content store as a source (None with --containerd-socket none). It is off
+    // until containerd answers, which it learns in the background: start never waits for it.
+    let containerd_source: Option<Arc<ContainerdSource>> = config.containerd.as_ref().map(|c| {
+        info!(socket = %c.socket.display(), namespaces = ?c.namespaces, "containerd source: connecting");
+        ContainerdSource::new(c.socket.clone(), c.namespaces.clone(), &mut registry)
+    });
     // Before attaching: a taken --p2p-listen port fails the start with nothing attached.
     let p2p_metrics = crate::p2p::P2pMetrics::default();
     let share = Arc::new(NodeShare {
         store: Arc::clone(&store),
         catalog: Arc::clone(&catalog),
         visibility: oci.visibility(),
-        containerd: None,
+        containerd: containerd_source.clone(),
     });
     let p2p: Option<crate::p2p::P2p> = match &config.p2p {
         Some(p2p_config) => {
@@ -158,8 +165,20 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
         None => None,
     };
+    if let (Some(p2p), Some(source)) = (&p2p, &containerd_source) {
+        // Content containerd learned is advertised to peers at once.
+        let (p2p, source) = (p2p.clone(), Arc::clone(source));
+        tokio::spawn(async move {
+            loop {
+                source.changed().await;
+                p2p.reconcile_soon();
+            }
+        });
+    }
     let sources = Sources {
-        containerd: None,
+        containerd: containerd_source
+            .clone()
+            .map(|c| c as Arc<dyn crate::source::ContentSource>),
         peers: p2p
             .clone()
             .map(|p2p| Arc::new(Peers::new(Arc::new(p2p) as Arc<dyn PeerNetwork>))),
@@ -207,9 +226,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         trust: Some(Arc::clone(&trust)),
         lifecycle: Arc::clone(&lifecycle),
         p2p: p2p.clone(),
+        containerd: containerd_source.clone(),
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(source) = &containerd_source {
+        tokio::spawn(Arc::clone(source).follow(stop_rx.clone()));
+    }
     tokio::spawn(lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
         Arc::clone(&bpf),

@@ -254,6 +254,14 @@ pub struct RunArgs {
     /// the target eddy::bpf. Also on when EDDY_LOG / RUST_LOG shows eddy::bpf at debug.
     #[arg(long, env = "EDDY_BPF_LOG")]
     pub bpf_log: bool,
+    /// containerd's socket, whose content store serves as a source: a path, `auto` (from
+    /// containerd's command line, else the known paths), or `none` to turn the source off.
+    /// A missing socket turns the source off with one warning; eddy retries in the background.
+    #[arg(long, env = "EDDY_CONTAINERD_SOCKET", default_value = crate::distro::DEFAULT_SOCKET)]
+    pub containerd_socket: String,
+    /// containerd namespace whose content is served. Repeatable (env: comma-separated).
+    #[arg(long = "containerd-namespace", env = "EDDY_CONTAINERD_NAMESPACE", value_delimiter = ',', default_values_t = [String::from("k8s.io")])]
+    pub containerd_namespaces: Vec<String>,
 }
 
 /// Sharing content with other eddy nodes (libp2p). Off unless `--p2p-listen` is given.

@@ -30,6 +30,12 @@ pub enum ConfigError {
     BadRegistry { value: String },
     #[error(transparent)]
     P2p(#[from] crate::p2p::config::P2pConfigError),
+    #[error("--containerd-namespace {value:?}: not a containerd namespace (letters and digits joined by single '.', '_' or '-', at most 76)")]
+    BadContainerdNamespace { value: String },
+    #[error(
+        "--containerd-namespace: at least one namespace is required (or --containerd-socket none)"
+    )]
+    NoContainerdNamespaces,
 }
 
 /// The registries whose connections eddy terminates, as configured with `--registry`.
@@ -137,6 +143,51 @@ pub struct Config {
     pub bpf_log: bool,
     /// `--mirror` and `--fallback`, per registry.
     pub chains: crate::chain::ChainConfig,
+    /// containerd's content store as a source; None with `--containerd-socket none`.
+    pub containerd: Option<ContainerdConfig>,
+}
+
+/// Where containerd's content store is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdConfig {
+    pub socket: PathBuf,
+    pub namespaces: Vec<String>,
+}
+
+impl ContainerdConfig {
+    /// `--containerd-socket` and `--containerd-namespace`. `auto` takes the socket of the
+    /// node's containerd (`distro`), else the first known path that exists, else the default
+    /// path (whose absence the source reports as off).
+    pub fn from_args(socket: &str, namespaces: &[String]) -> Result<Option<Self>, ConfigError> {
+        let socket = match socket.trim() {
+            "none" | "off" | "" => return Ok(None),
+            "auto" => crate::distro::detect(std::path::Path::new("/proc"))
+                .map(|c| c.socket)
+                .or_else(|_| crate::distro::find_socket(std::path::Path::new("/")))
+                .unwrap_or_else(|_| PathBuf::from(crate::distro::DEFAULT_SOCKET)),
+            path => PathBuf::from(path),
+        };
+        let mut names: Vec<String> = Vec::new();
+        for raw in namespaces {
+            let name = raw.trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !crate::containerd::valid_namespace(name) {
+                return Err(ConfigError::BadContainerdNamespace { value: raw.clone() });
+            }
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+        if names.is_empty() {
+            return Err(ConfigError::NoContainerdNamespaces);
+        }
+        Ok(Some(ContainerdConfig {
+            socket,
+            namespaces: names,
+        }))
+    }
 }
 
 impl Config {
@@ -201,6 +252,10 @@ impl Config {
             upstream_idle_timeout: args.upstream_idle_timeout,
             bpf_log: args.bpf_log,
             chains,
+            containerd: ContainerdConfig::from_args(
+                &args.containerd_socket,
+                &args.containerd_namespaces,
+            )?,
         })
     }
 
@@ -276,6 +331,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a duration"), "{e}");
+    }
+
+    #[test]
+    fn containerd_flags_default_parse_and_reject_bad_namespaces() {
+        let a = args(&[]);
+        let c = ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.socket, PathBuf::from("/run/containerd/containerd.sock"));
+        assert_eq!(c.namespaces, vec!["k8s.io".to_string()]);
+        let a = args(&[
+            "--containerd-socket",
+            "/run/k3s/containerd/containerd.sock",
+            "--containerd-namespace",
+            "k8s.io",
+            "--containerd-namespace",
+            "moby,k8s.io",
+        ]);
+        let c = ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            c.socket,
+            PathBuf::from("/run/k3s/containerd/containerd.sock")
+        );
+        assert_eq!(c.namespaces, vec!["k8s.io".to_string(), "moby".to_string()]);
+        let a = args(&["--containerd-socket", "none"]);
+        assert_eq!(
+            ContainerdConfig::from_args(&a.containerd_socket, &a.containerd_namespaces).unwrap(),
+            None
+        );
+        let e = ContainerdConfig::from_args("/x.sock", &["k8s/io".into()]).unwrap_err();
+        assert!(e.to_string().contains("\"k8s/io\""), "{e}");
+        let e = ContainerdConfig::from_args("/x.sock", &[" ".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::NoContainerdNamespaces), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod chain;
 pub mod challenge;
 pub mod cli;
 pub mod config;
+pub mod containerd;
 pub mod credentials;
 pub mod datadir_lock;
 pub mod digest;

@@ -319,8 +319,9 @@ impl Peers {
                 done = asking.next() => match done {
                     Some((peer, Ok(opened))) => break (peer, opened),
                     Some((peer, Err(e))) => {
+                        // Counted by the network under its reason; not avoided: "not here"
+                        // (withdrawn, or not public) is an answer, not a fault.
                         debug!(%peer, %digest, error = %e, "peer could not serve");
-                        self.blame(&[peer], "open");
                         match waiting.next() {
                             Some(next) => asking.push(ask(next)),
                             None if asking.is_empty() => return None,

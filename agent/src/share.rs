@@ -3,26 +3,28 @@
 //! records. Public content only: what upstream serves to anonymous clients. Content that
 //! arrived with a client's or the node's credentials, and was never found public, stays on
 //! this node. Answers come from local sources only: a peer's request never goes further.
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use futures_util::{future::BoxFuture, StreamExt, TryStreamExt};
 
 use crate::{
     catalog::Catalog,
+    containerd::ContainerdSource,
     digest::Digest,
     source::{ContentSource, Opened, PeerShare, TagAnswer},
     store::{BoxError, Store},
-    visibility::Visibility,
+    visibility::{Verdict, Visibility},
 };
 
-/// Lists the digests of containerd's content store that may be shared (see `containerd`).
-pub type ContainerdDigests = Arc<dyn Fn() -> Vec<Digest> + Send + Sync>;
+/// How long a peer's request waits for upstream's verdict on a repository this node never
+/// asked about (content containerd pulled before eddy saw it).
+const VERDICT_BOUND: Duration = Duration::from_secs(3);
 
 pub struct NodeShare {
     pub store: Arc<Store>,
     pub catalog: Arc<Catalog>,
     pub visibility: Arc<Visibility>,
-    pub containerd: Option<(Arc<dyn ContentSource>, ContainerdDigests)>,
+    pub containerd: Option<Arc<ContainerdSource>>,
 }
 
 impl NodeShare {
@@ -32,9 +34,31 @@ impl NodeShare {
             .is_some_and(|meta| self.visibility.content_is_public(&meta))
     }
 
-    fn containerd_shares(&self, digest: &Digest) -> Option<&Arc<dyn ContentSource>> {
-        let (source, digests) = self.containerd.as_ref()?;
-        digests().contains(digest).then_some(source)
+    /// Content in containerd that eddy never fetched itself: public if a repository that
+    /// containerd pulled it from is, by upstream's verdict (asked now, once, when unknown).
+    async fn containerd_content_is_public(&self, source: &ContainerdSource, digest: &Digest) -> bool {
+        for (registry, repo) in source.distribution_sources(digest).await {
+            let repo_key = format!("{registry}/{repo}");
+            match self.visibility.known(&repo_key) {
+                Some(Verdict::Public) => return true,
+                Some(_) => continue,
+                None => {}
+            }
+            // containerd does not say whether `digest` is a manifest or a blob, and a probe of
+            // the wrong kind answers 404: ask as a manifest, then as a blob (the last verdict
+            // recorded is the right one).
+            for kind in ["manifests", "blobs"] {
+                let Ok(probe) = format!("https://{registry}/v2/{repo}/{kind}/{digest}").parse()
+                else {
+                    continue;
+                };
+                let check = self.visibility.check(&repo_key, &repo, &probe);
+                if tokio::time::timeout(VERDICT_BOUND, check).await == Ok(Some(Verdict::Public)) {
+                    return true;
+                }
+            }
+        }
+        false
     }
 }
 
@@ -68,7 +92,13 @@ impl PeerShare for NodeShare {
                     media_type,
                 });
             }
-            let source = self.containerd_shares(&digest)?;
+            let source = self.containerd.as_ref()?;
+            source.contains(&digest)?;
+            let public = self.is_public(&digest)
+                || self.containerd_content_is_public(source, &digest).await;
+            if !public {
+                return None;
+            }
             let mut opened = source.open(&digest, from).await?;
             opened.media_type = opened.media_type.or(media_type);
             Some(opened)
@@ -95,8 +125,10 @@ impl PeerShare for NodeShare {
             .into_iter()
             .filter(|d| self.is_public(d))
             .collect();
-        if let Some((_, digests)) = &self.containerd {
-            all.extend(digests());
+        if let Some(source) = &self.containerd {
+            // Advertised whatever their verdict: one that turns out private is refused when
+            // asked for, and most of what a node's containerd holds is public.
+            all.extend(source.digests());
         }
         all.sort();
         all.dedup();

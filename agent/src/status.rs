@@ -53,6 +53,10 @@ pub struct Status {
     pub p2p: Option<crate::p2p::PeersReport>,
     /// Why `p2p` is missing.
     pub p2p_note: Option<String>,
+    /// The containerd content source (from the agent); None when it did not answer.
+    pub containerd_source: Option<crate::containerd::ContainerdStatus>,
+    /// Why `containerd_source` is missing (the source is off, or the agent did not answer).
+    pub containerd_source_error: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,6 +98,10 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
         Ok(report) => (Some(report), None),
         Err(note) => (None, Some(note)),
     };
+    let (containerd_source, containerd_source_error) = match fetch_containerd_source(admin) {
+        Ok(source) => (Some(source), None),
+        Err(e) => (None, Some(e)),
+    };
     Ok(Status {
         pin_dir: pin_dir.to_path_buf(),
         running: sys::process_alive(maps.config.agent_pid),
@@ -113,6 +121,8 @@ pub fn collect(pin_dir: &Path, admin: SocketAddr) -> Result<Status, StatusError>
         containerd: crate::distro::detect(Path::new("/proc")).ok(),
         p2p,
         p2p_note,
+        containerd_source,
+        containerd_source_error,
     })
 }
 
@@ -125,6 +135,14 @@ fn fetch_peers(admin: SocketAddr) -> Result<crate::p2p::PeersReport, String> {
             "unknown (the agent at {admin} did not answer GET /peers: {e})"
         )),
     }
+}
+
+/// `GET /containerd` from the agent's admin listener.
+fn fetch_containerd_source(
+    admin: SocketAddr,
+) -> Result<crate::containerd::ContainerdStatus, String> {
+    let body = http_get(admin, "/containerd").map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("unreadable answer: {e}"))
 }
 
 /// `GET /trust` from the agent's admin listener, with the cgroup paths filled in.
@@ -239,6 +257,7 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "containerd: not found in /proc");
         }
     }
+    render_containerd_source(&mut out, s);
     let _ = writeln!(out, "pinned:    {}", s.pin_dir.display());
     for (name, v) in &s.counters {
         let _ = writeln!(out, "  {name:<20} {v}");
@@ -274,6 +293,35 @@ fn render_peers(out: &mut String, s: &Status) {
             peer.addresses.join(", "),
             now.saturating_sub(peer.connected_since)
         );
+    }
+}
+
+fn render_containerd_source(out: &mut String, s: &Status) {
+    use std::fmt::Write;
+    match (&s.containerd_source, &s.containerd_source_error) {
+        (Some(c), _) if c.connected => {
+            let _ = writeln!(
+                out,
+                "containerd source: on, {} digests (socket {}, namespaces {})",
+                c.digests,
+                c.socket.display(),
+                c.namespaces.join(",")
+            );
+        }
+        (Some(c), _) => {
+            let _ = writeln!(
+                out,
+                "containerd source: off, containerd does not answer at {} (eddy retries in the background)",
+                c.socket.display()
+            );
+        }
+        (None, why) => {
+            let _ = writeln!(
+                out,
+                "containerd source: unknown ({})",
+                why.as_deref().unwrap_or("unknown")
+            );
+        }
     }
 }
 
@@ -342,7 +390,24 @@ mod tests {
             containerd: None,
             p2p: None,
             p2p_note: Some("off (no --p2p-listen)".into()),
+            containerd_source: Some(crate::containerd::ContainerdStatus {
+                socket: "/run/containerd/containerd.sock".into(),
+                namespaces: vec!["k8s.io".into()],
+                connected: true,
+                digests: 42,
+            }),
+            containerd_source_error: None,
         }
+    }
+
+    #[test]
+    fn shows_the_containerd_source() {
+        let mut s = status(None);
+        let text = render_text(&s);
+        assert!(text.contains("containerd source: on, 42 digests (socket /run/containerd/containerd.sock, namespaces k8s.io)"), "{text}");
+        s.containerd_source.as_mut().unwrap().connected = false;
+        let text = render_text(&s);
+        assert!(text.contains("containerd source: off, containerd does not answer at /run/containerd/containerd.sock"), "{text}");
     }
 
     #[test]

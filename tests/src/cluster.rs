@@ -1,7 +1,7 @@
 //! Several eddy nodes in one P2P swarm, sharing one upstream: the harness's docker-registry in
 //! a netns behind a veth pair (shaped with tbf when asked), and per node its own hooked
-//! cgroup, containerd, client (ctr inside that cgroup, trusting that node's eddy CA), data
-//! dir and eddy with `--p2p-listen` on a loopback port of its own. Every eddy bootstraps from
+//! cgroup, containerd (eddy's `--containerd-socket`), client (ctr inside that cgroup, trusting
+//! that node's eddy CA), data dir and eddy with `--p2p-listen` on a loopback port of its own. Every eddy bootstraps from
 //! every other one; the PSK file is shared unless a node is given another.
 //!
 //! The nodes share the host's network namespace (the swarm runs on loopback); the upstream is
@@ -114,7 +114,13 @@ impl Cluster {
         let eddy_hosts = dir.join("hosts.eddy");
         Client::write_hosts(&eddy_hosts, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
         let p2p = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // The node's own containerd, whose content store eddy reads.
+        let containerd = Containerd::start()?;
         let mut extra_args: Vec<OsString> = vec![
+            "--containerd-socket".into(),
+            containerd.socket.clone().into(),
+            "--containerd-namespace".into(),
+            NAMESPACE.into(),
             "--p2p-listen".into(),
             p2p.to_string().into(),
             "--p2p-psk-file".into(),
@@ -143,7 +149,7 @@ impl Cluster {
         let eddy = RegistryEddy::start(&bin, &config)?;
         Ok(Node {
             eddy: Some(eddy),
-            containerd: Containerd::start()?,
+            containerd,
             client: Client {
                 cgroup: Some(cgroup.path().to_path_buf()),
                 hosts: client_hosts,
@@ -193,6 +199,22 @@ impl Node {
     /// `ctr content fetch` of `reference` through this node's eddy (bounded).
     pub fn fetch(&self, reference: &str) -> Result<Run> {
         self.client.fetch(
+            &self.containerd,
+            NAMESPACE,
+            reference,
+            &[],
+            Duration::from_secs(120),
+        )
+    }
+
+    /// `ctr images pull` of `reference` straight from the upstream, not through eddy (as
+    /// before eddy was installed), into this node's containerd.
+    pub fn pull_direct(&self, reference: &str) -> Result<Run> {
+        let direct = Client {
+            cgroup: None,
+            ..self.client.clone()
+        };
+        direct.pull(
             &self.containerd,
             NAMESPACE,
             reference,

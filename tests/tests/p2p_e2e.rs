@@ -241,3 +241,61 @@ fn with_upstream_down_a_new_node_pulls_by_tag_through_peers() -> Result<()> {
     node.containerd.ensure_content(NAMESPACE, &image.blobs())?;
     verify_all(&cluster)
 }
+
+#[test]
+fn an_image_only_in_one_nodes_containerd_is_served_to_another_node() -> Result<()> {
+    let Some(cluster) = cluster(2) else {
+        return Ok(());
+    };
+    let image = cluster.image("p2p/before", "v1", &ImageSpec::single(&[6 * MIB, 2 * MIB]))?;
+    // Pulled before eddy was there: straight from upstream into node 0's containerd.
+    cluster.nodes[0]
+        .pull_direct(&reference("p2p/before"))?
+        .check("the direct pull on node 0")?;
+    for layer in image.layers() {
+        ensure!(
+            !store_has(cluster.nodes[0].data_dir(), &layer.digest),
+            "the direct pull went through eddy"
+        );
+    }
+    // Until node 0's eddy learned the image from containerd's events and advertised it.
+    let blobs = image.blobs().len() as f64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = cluster.nodes[0].eddy().metrics()?;
+        let known = metric_value(&metrics, "eddy_containerd_digests").unwrap_or(0.0);
+        let advertised = metric_value(&metrics, "eddy_p2p_advertised_digests").unwrap_or(0.0);
+        if known >= blobs && advertised >= blobs {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node 0's eddy knows {known} containerd digests and advertises {advertised}, of {blobs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = cluster.upstream_blob_bytes()?;
+    let node = &cluster.nodes[1];
+    node.fetch(&reference("p2p/before"))?
+        .check("node 1's pull")?;
+    node.containerd.ensure_content(NAMESPACE, &image.blobs())?;
+    let layers: u64 = image.layers().iter().map(|b| b.size).sum();
+    ensure!(
+        node.bytes_from("peer") >= layers as f64,
+        "node 1 got {} B from peers, the layers are {layers} B; its metrics:\n{}",
+        node.bytes_from("peer"),
+        node.eddy()
+            .metrics()?
+            .lines()
+            .filter(|l| l.starts_with("eddy_requests_total") || l.starts_with("eddy_peer_failures")
+                || l.starts_with("eddy_bytes_total") || l.starts_with("eddy_p2p"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    ensure!(
+        cluster.upstream_blob_bytes()? == before,
+        "node 1 fetched {} blob bytes upstream",
+        cluster.upstream_blob_bytes()? - before
+    );
+    verify_all(&cluster)
+}

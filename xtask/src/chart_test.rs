@@ -92,6 +92,9 @@ pub fn run(_opts: &Options) -> Result<()> {
             "kind: PodMonitor",
             "kind: PrometheusRule",
             "kind: ConfigMap",
+            // P2P (on by default): the headless bootstrap Service and the generated PSK.
+            "kind: Service",
+            "kind: Secret",
         ] {
             ensure!(text.contains(kind), "{}: no `{kind}`", all.display());
         }
@@ -99,6 +102,7 @@ pub fn run(_opts: &Options) -> Result<()> {
         rendered.push(all);
     }
     check_gating(&tools, &chart, &out)?;
+    check_p2p_and_containerd(&tools, &chart)?;
 
     eprintln!("xtask: chart-test: strict schema check of every rendered object");
     let versions = kubernetes_versions(&tools)?;
@@ -131,8 +135,8 @@ fn tools_dir() -> PathBuf {
         .unwrap_or_else(|| "/var/cache/eddy-tools".into())
 }
 
-/// `--set` arguments that turn every optional feature on (P2P is not in the chart: eddy does
-/// not have it yet). Talos has no host bundle, so no restart there.
+/// `--set` arguments that turn every optional feature on. Talos has no host bundle, so no
+/// restart there.
 fn all_features(distro: &str) -> Vec<String> {
     let mut sets = vec![
         format!("distro={distro}"),
@@ -146,6 +150,8 @@ fn all_features(distro: &str) -> Vec<String> {
         "registries={docker.io,ghcr.io,10.0.0.1:5000}".into(),
         "mirrors[0]=docker.io=http://mirror.lan:5000".into(),
         "fallbacks[0]=anubis:32000=ghcr.io/acme".into(),
+        "containerd.namespaces={k8s.io,moby}".into(),
+        "p2p.enabled=true,p2p.port=15191".into(),
     ];
     if distro != "talos" {
         sets.push("trust.restartContainerd=true".into());
@@ -238,6 +244,121 @@ fn check_gating(tools: &Tools, chart: &Path, _out: &Path) -> Result<()> {
     ensure!(local.contains("127.0.0.1:15090") && !local.contains("NODE_IP"));
     eprintln!("xtask: chart-test: CRD gating of ServiceMonitor, PodMonitor, PrometheusRule ok");
     Ok(())
+}
+
+/// P2P renders its headless Service, a generated or the user's PSK Secret and the flags;
+/// off, none of it. The containerd socket and namespaces reach eddy.
+fn check_p2p_and_containerd(tools: &Tools, chart: &Path) -> Result<()> {
+    let on = render(
+        tools,
+        chart,
+        &["--namespace", "infra", "--set", "distro=k3s"],
+    )?;
+    for needle in [
+        "clusterIP: None",
+        "publishNotReadyAddresses: true",
+        "name: eddy-p2p-psk",
+        "{name: EDDY_P2P_LISTEN, value: \"0.0.0.0:15091\"}",
+        "{name: EDDY_P2P_BOOTSTRAP, value: \"eddy-p2p.infra.svc.cluster.local:15091\"}",
+        "{name: EDDY_P2P_PSK_FILE, value: /etc/eddy/p2p/swarm.key}",
+        "{name: p2p, containerPort: 15091, protocol: TCP}",
+        "alert: EddyNoPeers",
+        "{name: EDDY_CONTAINERD_SOCKET, value: \"/run/k3s/containerd/containerd.sock\"}",
+        "{name: EDDY_CONTAINERD_NAMESPACE, value: \"k8s.io\"}",
+        "{name: containerd-socket, mountPath: /run/k3s/containerd, readOnly: true}",
+    ] {
+        let text = if needle.contains("EddyNoPeers") {
+            render(
+                tools,
+                chart,
+                &[
+                    "--set",
+                    "prometheusRule.enabled=true,prometheusRule.force=true",
+                ],
+            )?
+        } else {
+            on.clone()
+        };
+        ensure!(
+            text.contains(needle),
+            "P2P on: no `{needle}` in the rendered chart"
+        );
+    }
+    // The generated key is in the swarm.key format, 256 bits.
+    let secret = render(tools, chart, &["--show-only", "templates/p2p-secret.yaml"])?;
+    let encoded = secret
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("swarm.key: "))
+        .context("no swarm.key in the generated Secret")?
+        .trim_matches('"');
+    let key = base64_decode(encoded)?;
+    let lines: Vec<&str> = key.lines().collect();
+    ensure!(
+        lines.len() == 3
+            && lines[0] == "/key/swarm/psk/1.0.0/"
+            && lines[1] == "/base16/"
+            && lines[2].len() == 64
+            && lines[2].bytes().all(|b| b.is_ascii_hexdigit()),
+        "the generated swarm.key is not in the swarm.key format: {key:?}"
+    );
+    let existing = render(
+        tools,
+        chart,
+        &["--set", "p2p.psk.existingSecret=my-swarm-key"],
+    )?;
+    ensure!(
+        existing.contains("secretName: my-swarm-key") && !existing.contains("kind: Secret"),
+        "p2p.psk.existingSecret: the chart must mount that Secret and generate none"
+    );
+    let off = render(
+        tools,
+        chart,
+        &[
+            "--set",
+            "p2p.enabled=false,prometheusRule.enabled=true,prometheusRule.force=true",
+        ],
+    )?;
+    for absent in [
+        "EDDY_P2P",
+        "kind: Service",
+        "kind: Secret",
+        "p2p-psk",
+        "EddyNoPeers",
+    ] {
+        ensure!(!off.contains(absent), "P2P off: `{absent}` rendered");
+    }
+    let namespaces = render(
+        tools,
+        chart,
+        &["--set", "containerd.namespaces={k8s.io,moby}"],
+    )?;
+    ensure!(
+        namespaces.contains("{name: EDDY_CONTAINERD_NAMESPACE, value: \"k8s.io,moby\"}"),
+        "containerd.namespaces does not reach EDDY_CONTAINERD_NAMESPACE"
+    );
+    eprintln!(
+        "xtask: chart-test: P2P on/off, existing PSK Secret, containerd socket and namespaces ok"
+    );
+    Ok(())
+}
+
+/// Decode base64 (what Helm's b64enc writes) with coreutils' `base64 -d`.
+fn base64_decode(text: &str) -> Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running base64 -d")?;
+    child
+        .stdin
+        .take()
+        .context("base64's stdin")?
+        .write_all(text.as_bytes())?;
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "base64 -d: not base64: {text:?}");
+    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// Kubernetes versions from 1.28 to the newest the validator has schemas for.
@@ -407,6 +528,19 @@ fn check_schema_rejects(tools: &Tools, chart: &Path) -> Result<()> {
         (
             "fallbacks[0]=anubis",
             "at '/fallbacks/0': 'anubis' does not match pattern",
+        ),
+        (
+            "containerd.namespaces={k8s/io}",
+            "at '/containerd/namespaces/0'",
+        ),
+        ("p2p.port=0", "at '/p2p/port': minimum"),
+        (
+            "p2p.psk.existingSecret=My_Key",
+            "at '/p2p/psk/existingSecret'",
+        ),
+        (
+            "p2p.psk.secret=x",
+            "at '/p2p/psk': additional properties 'secret' not allowed",
         ),
         // Not a schema rule: a template check with its own message.
         (

@@ -28,6 +28,8 @@ pub const PRIVILEGED_TEST_PROGRAMS: &[(&str, &str)] = &[
     // `cargo xtask image`, whose image the deploy tests run with ctr.
     ("umoci", "umoci"),
     ("objcopy", "binutils"),
+    // containerd_source.rs packs OCI layouts for `ctr images import`.
+    ("tar", "tar"),
 ];
 
 #[derive(clap::Args, Default)]

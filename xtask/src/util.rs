@@ -59,6 +59,8 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Build the eBPF object, then the release agent with it embedded. Returns the binary.
 pub fn build_release() -> Result<PathBuf> {
     crate::build_ebpf::run(&crate::build_ebpf::Options::default())?;
+    // containerd-client generates its gRPC bindings with protoc at build time.
+    ensure_programs(&[("protoc", "protobuf-compiler")])?;
     eprintln!("xtask: building the release eddy binary");
     run(cargo()
         .current_dir(workspace_root())

@@ -113,6 +113,8 @@ struct Inner {
     control: libp2p_stream::Control,
     shared: Arc<Shared>,
     metrics: P2pMetrics,
+    /// Wakes the advertising loop before its interval is up.
+    reconcile_now: Arc<tokio::sync::Notify>,
 }
 
 impl P2p {
@@ -146,10 +148,12 @@ impl P2p {
                 commands.downgrade(),
             ));
         }
+        let reconcile_now = Arc::new(tokio::sync::Notify::new());
         tokio::spawn(reconcile_loop(
             share,
             config.reconcile_interval,
             commands.downgrade(),
+            Arc::clone(&reconcile_now),
         ));
         Ok(P2p {
             inner: Arc::new(Inner {
@@ -158,8 +162,15 @@ impl P2p {
                 control,
                 shared,
                 metrics,
+                reconcile_now,
             }),
         })
+    }
+
+    /// Re-advertise what the share holds now rather than at the next interval (a source
+    /// learned new content).
+    pub fn reconcile_soon(&self) {
+        self.inner.reconcile_now.notify_one();
     }
 
     pub fn local_peer_id(&self) -> PeerId {
@@ -453,6 +464,7 @@ async fn reconcile_loop(
     share: Arc<dyn PeerShare>,
     every: Duration,
     commands: mpsc::WeakUnboundedSender<Command>,
+    now: Arc<tokio::sync::Notify>,
 ) {
     loop {
         let digests: HashSet<Digest> = share.digests().into_iter().collect();
@@ -461,7 +473,13 @@ async fn reconcile_loop(
             return;
         }
         drop(tx);
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = now.notified() => {
+                // A burst of changes (an image's layers) makes one round.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 

@@ -52,3 +52,13 @@ Prints "true" or nothing.
 - {name: EDDY_CA_DIR, value: /etc/eddy/ca}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding the P2P swarm key: the user's, or the one the chart generates. */}}
+{{- define "eddy.p2pSecretName" -}}
+{{- .Values.p2p.psk.existingSecret | default (printf "%s-p2p-psk" (include "eddy.name" .)) -}}
+{{- end -}}
+
+{{/* The headless Service peers bootstrap from. */}}
+{{- define "eddy.p2pServiceName" -}}
+{{- printf "%s-p2p" (include "eddy.name" .) -}}
+{{- end -}}
