@@ -100,7 +100,10 @@ impl Catalog {
     /// When the record of `repo:tag` last changed (seconds since the Unix epoch): peers that
     /// hold different records for a tag during an outage prefer the newest.
     pub fn tag_changed_at(&self, repo: &str, tag: &str) -> Option<u64> {
-        let modified = std::fs::metadata(self.tag_path(repo, tag)).ok()?.modified().ok()?;
+        let modified = std::fs::metadata(self.tag_path(repo, tag))
+            .ok()?
+            .modified()
+            .ok()?;
         modified
             .duration_since(std::time::UNIX_EPOCH)
             .ok()

@@ -436,7 +436,11 @@ impl ContainerdSource {
             else {
                 continue;
             };
-            let labels = response.into_inner().info.map(|i| i.labels).unwrap_or_default();
+            let labels = response
+                .into_inner()
+                .info
+                .map(|i| i.labels)
+                .unwrap_or_default();
             for (key, value) in labels {
                 if let Some(registry) = key.strip_prefix(LABEL) {
                     for repo in value.split(',').filter(|r| !r.is_empty()) {

@@ -154,11 +154,8 @@ impl Peers {
         if !self.is_active() {
             return None;
         }
-        let mut providers = self.usable(
-            self.net
-                .providers(content_key(digest), LOOKUP_BOUND)
-                .await,
-        );
+        let mut providers =
+            self.usable(self.net.providers(content_key(digest), LOOKUP_BOUND).await);
         if providers.is_empty() {
             return None;
         }
@@ -259,7 +256,12 @@ impl Peers {
                     repository.to_string(),
                     tag.to_string(),
                 );
-                async move { (peer, tokio::time::timeout(Duration::from_secs(3), ask).await) }
+                async move {
+                    (
+                        peer,
+                        tokio::time::timeout(Duration::from_secs(3), ask).await,
+                    )
+                }
             })
             .collect();
         let answers: Vec<_> = asks.collect().await;
@@ -373,8 +375,11 @@ impl Peers {
         let net = Arc::clone(&self.net);
         let rest = Arc::new(Mutex::new(rest.into_iter()));
         Box::new(move |pos| {
-            let (net, rest, contributors) =
-                (Arc::clone(&net), Arc::clone(&rest), Arc::clone(&contributors));
+            let (net, rest, contributors) = (
+                Arc::clone(&net),
+                Arc::clone(&rest),
+                Arc::clone(&contributors),
+            );
             Box::pin(async move {
                 loop {
                     let peer = rest.lock().unwrap().next()?;
@@ -561,7 +566,10 @@ mod tests {
                 assert_eq!(picked, top, "{n} picked another node for {digest}");
                 // A partial view that includes the top node still picks it.
                 let partial: Vec<PeerKey> = vec![top.clone(), nodes[0].clone()];
-                assert_eq!(winner(&digest, n, &partial).unwrap_or_else(|| n.clone()), top);
+                assert_eq!(
+                    winner(&digest, n, &partial).unwrap_or_else(|| n.clone()),
+                    top
+                );
             }
         }
     }
@@ -571,7 +579,8 @@ mod tests {
         let world = Arc::new(World::default());
         let digest = Digest::of(b"blob");
         let peers: Vec<Peers> = (0..4).map(|i| node(&world, &format!("n{i}"))).collect();
-        let elections = futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest))).await;
+        let elections =
+            futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest))).await;
         let upstream = elections
             .iter()
             .filter(|e| matches!(e, Election::Upstream(_)))
@@ -611,7 +620,10 @@ mod tests {
         let data: Vec<u8> = (0..200u8).collect();
         let digest = Digest::of(&data);
         for (name, fail_after) in [("a", Some(50)), ("b", None)] {
-            node(&world, name).net.provide(content_key(&digest), LOOKUP_BOUND).await;
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
             world
                 .content
                 .lock()
@@ -634,7 +646,10 @@ mod tests {
         let data = vec![9u8; 40];
         let digest = Digest::of(&data);
         for name in ["a", "b"] {
-            node(&world, name).net.provide(content_key(&digest), LOOKUP_BOUND).await;
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
             world
                 .content
                 .lock()
@@ -647,7 +662,10 @@ mod tests {
             let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
             assert_eq!(body(got).await, data);
         }
-        assert!(started.elapsed() < Duration::from_secs(2), "never waited for the slow one");
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never waited for the slow one"
+        );
     }
 
     #[tokio::test]
@@ -655,7 +673,10 @@ mod tests {
         let world = Arc::new(World::default());
         let data = vec![1u8; 10];
         let digest = Digest::of(&data);
-        node(&world, "rogue").net.provide(content_key(&digest), LOOKUP_BOUND).await;
+        node(&world, "rogue")
+            .net
+            .provide(content_key(&digest), LOOKUP_BOUND)
+            .await;
         world
             .content
             .lock()
@@ -678,7 +699,10 @@ mod tests {
             node(&world, name).announce_tag("r.example", "app", "v1");
         }
         tokio::task::yield_now().await;
-        let answer = node(&world, "me").tag("r.example", "app", "v1").await.unwrap();
+        let answer = node(&world, "me")
+            .tag("r.example", "app", "v1")
+            .await
+            .unwrap();
         assert_eq!(answer.seen_at, "much-longer-name".len() as u64);
     }
 }

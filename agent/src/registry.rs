@@ -38,10 +38,10 @@ use crate::{
     chain::{served_by_endpoint, ChainConfig, ChainMetrics, Chains},
     credentials::NodeCredentials,
     digest::Digest,
-    metrics::RegistryMetrics,
-    range::{parse_range, RangeSpec},
     failover::{resuming, skip_prefix, Resume},
+    metrics::RegistryMetrics,
     peers::PeerKey,
+    range::{parse_range, RangeSpec},
     source::ByteStream,
     sources::{Found, Lookup, Sources},
     store::{Blob, Fetched, Store, StoreError},
@@ -328,7 +328,8 @@ impl Registry {
             // A repository this node never asked about (a token registry hands anonymous
             // clients tokens too): ask now, once, so its first pull here can use peers.
             let check = self.visibility.check(repo_key, repo, &uri);
-            shareable = tokio::time::timeout(VERDICT_BOUND, check).await == Ok(Some(Verdict::Public));
+            shareable =
+                tokio::time::timeout(VERDICT_BOUND, check).await == Ok(Some(Verdict::Public));
         }
         if !public {
             // Fetched with the client's credentials: find out whether anyone may have it.
@@ -375,7 +376,10 @@ impl Registry {
                 // This node's containerd, then peers, before the upstream.
                 let mut claim = None;
                 if !sources.is_empty() {
-                    match sources.open(&digest_c, from, shareable, kind == Kind::Blob).await {
+                    match sources
+                        .open(&digest_c, from, shareable, kind == Kind::Blob)
+                        .await
+                    {
                         Lookup::Found(found) => {
                             let known = catalog.content(&digest_c).and_then(|m| m.media_type);
                             let media_type = found.opened.media_type.clone().or(known);
@@ -1152,7 +1156,11 @@ impl Kind {
 /// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
 /// The fill's body from a source other than the upstream, counted under that source, and
 /// resumed upstream if it fails mid-way.
-fn from_source(found: Found, metrics: &RegistryMetrics, resume_upstream: Resume) -> Fetched<ByteStream> {
+fn from_source(
+    found: Found,
+    metrics: &RegistryMetrics,
+    resume_upstream: Resume,
+) -> Fetched<ByteStream> {
     let Found {
         opened,
         source,
@@ -1180,12 +1188,7 @@ fn from_source(found: Found, metrics: &RegistryMetrics, resume_upstream: Resume)
 
 /// Resumes a blob's fill at the upstream from byte `pos`, when its source failed mid-way.
 /// Manifests are small and never resumed.
-fn upstream_resume<F, Fut>(
-    fetch: F,
-    kind: Kind,
-    metrics: RegistryMetrics,
-    idle: Duration,
-) -> Resume
+fn upstream_resume<F, Fut>(fetch: F, kind: Kind, metrics: RegistryMetrics, idle: Duration) -> Resume
 where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'static,

@@ -36,7 +36,11 @@ impl NodeShare {
 
     /// Content in containerd that eddy never fetched itself: public if a repository that
     /// containerd pulled it from is, by upstream's verdict (asked now, once, when unknown).
-    async fn containerd_content_is_public(&self, source: &ContainerdSource, digest: &Digest) -> bool {
+    async fn containerd_content_is_public(
+        &self,
+        source: &ContainerdSource,
+        digest: &Digest,
+    ) -> bool {
         for (registry, repo) in source.distribution_sources(digest).await {
             let repo_key = format!("{registry}/{repo}");
             match self.visibility.known(&repo_key) {
@@ -94,8 +98,8 @@ impl PeerShare for NodeShare {
             }
             let source = self.containerd.as_ref()?;
             source.contains(&digest)?;
-            let public = self.is_public(&digest)
-                || self.containerd_content_is_public(source, &digest).await;
+            let public =
+                self.is_public(&digest) || self.containerd_content_is_public(source, &digest).await;
             if !public {
                 return None;
             }

@@ -72,13 +72,15 @@ impl Sources {
         }
         match peers.elect(digest).await {
             Election::Upstream(claim) => Lookup::Upstream(Some(claim)),
-            Election::Peer(peer, claim) => match peers.open_from(peer.clone(), digest, from).await {
-                Some(body) => Lookup::Found(peer_found(body, Some(claim))),
-                None => {
-                    debug!(%digest, %peer, "the elected node could not serve; fetching upstream");
-                    Lookup::Upstream(Some(claim))
+            Election::Peer(peer, claim) => {
+                match peers.open_from(peer.clone(), digest, from).await {
+                    Some(body) => Lookup::Found(peer_found(body, Some(claim))),
+                    None => {
+                        debug!(%digest, %peer, "the elected node could not serve; fetching upstream");
+                        Lookup::Upstream(Some(claim))
+                    }
                 }
-            },
+            }
         }
     }
 

@@ -1681,8 +1681,14 @@ mod tests {
         assert_clean(&store, dir.path(), &digest);
 
         let fill = store.fill(&digest, gated(data.clone()));
-        assert_eq!(timeout(T, fill.started()).await.unwrap().unwrap(), Some(data.len() as u64));
-        assert!(store.get(&digest).is_some(), "started() waited for the commit");
+        assert_eq!(
+            timeout(T, fill.started()).await.unwrap().unwrap(),
+            Some(data.len() as u64)
+        );
+        assert!(
+            store.get(&digest).is_some(),
+            "started() waited for the commit"
+        );
         assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
     }
 

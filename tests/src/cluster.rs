@@ -106,7 +106,10 @@ impl Cluster {
         psk: &Path,
         extra: &[&str],
     ) -> Result<Node> {
-        let dir = self.work.path().join(format!("node-{i}-{}", crate::next_id()));
+        let dir = self
+            .work
+            .path()
+            .join(format!("node-{i}-{}", crate::next_id()));
         fs::create_dir_all(&dir)?;
         let cgroup = CgroupGuard::new()?;
         let client_hosts = dir.join("hosts.client");
@@ -143,7 +146,10 @@ impl Cluster {
         let bin = eddy_bin();
         fs::create_dir_all(&config.data_dir)?;
         let eddy_ca = dir.join("eddy-ca.pem");
-        fs::write(&eddy_ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
+        fs::write(
+            &eddy_ca,
+            ca_export(&bin, &config.data_dir, &config.registries)?,
+        )?;
         let bundle = dir.join("ca-bundle.pem");
         write_bundle(&bundle, &[&eddy_ca, &self.pki.ca_cert])?;
         let eddy = RegistryEddy::start(&bin, &config)?;
@@ -178,7 +184,11 @@ impl Cluster {
 
     /// Write an image layout and push it as registry.test/<repo>:<tag>.
     pub fn image(&self, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
-        let layout = self.work.path().join("layouts").join(repo.replace('/', "_"));
+        let layout = self
+            .work
+            .path()
+            .join("layouts")
+            .join(repo.replace('/', "_"));
         let image = oci::write_layout(&layout, tag, spec)?;
         self.upstream.push(&image, repo)?;
         Ok(image)

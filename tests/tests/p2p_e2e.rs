@@ -45,8 +45,14 @@ fn a_second_wave_comes_from_peers_not_upstream() -> Result<()> {
     let Some(cluster) = cluster(4) else {
         return Ok(());
     };
-    let image = cluster.image("p2p/wave", "v1", &ImageSpec::single(&[6 * MIB, 3 * MIB, MIB]))?;
-    cluster.nodes[0].fetch(&reference("p2p/wave"))?.check("cold pull on node 0")?;
+    let image = cluster.image(
+        "p2p/wave",
+        "v1",
+        &ImageSpec::single(&[6 * MIB, 3 * MIB, MIB]),
+    )?;
+    cluster.nodes[0]
+        .fetch(&reference("p2p/wave"))?
+        .check("cold pull on node 0")?;
     let after_cold = cluster.upstream_blob_bytes()?;
     ensure!(
         after_cold >= image.total_bytes() - 64 * 1024,
@@ -85,10 +91,9 @@ fn a_simultaneous_cold_wave_fetches_upstream_about_once() -> Result<()> {
         .collect();
     let mut pulls = Vec::new();
     for (node, log) in cluster.nodes.iter().zip(&logs) {
-        let argv = node.containerd.ctr_args(
-            NAMESPACE,
-            &["content", "fetch", &reference("p2p/cold")],
-        );
+        let argv = node
+            .containerd
+            .ctr_args(NAMESPACE, &["content", "fetch", &reference("p2p/cold")]);
         pulls.push(node.client.spawn(&argv, log)?);
     }
     for (i, (mut pull, log)) in pulls.into_iter().zip(&logs).enumerate() {
@@ -142,7 +147,10 @@ fn the_serving_node_killed_mid_transfer_does_not_fail_the_pull() -> Result<()> {
     let mut second = cluster.nodes[1].client.spawn(&argv, &log1)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while cluster.nodes[1].bytes_from("peer") < MIB as f64 {
-        ensure!(Instant::now() < deadline, "node 1 never streamed from node 0");
+        ensure!(
+            Instant::now() < deadline,
+            "node 1 never streamed from node 0"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The node serving the layer dies mid-transfer.
@@ -176,7 +184,9 @@ fn a_rogue_peer_is_detected_and_its_bytes_are_never_served() -> Result<()> {
     let image = cluster.image("p2p/rogue", "v1", &ImageSpec::single(&[8 * MIB]))?;
     let layer = image.largest_layer();
     let (rogue, victim) = (&cluster.nodes[0], &cluster.nodes[1]);
-    rogue.fetch(&reference("p2p/rogue"))?.check("cold pull on the rogue")?;
+    rogue
+        .fetch(&reference("p2p/rogue"))?
+        .check("cold pull on the rogue")?;
     // The rogue's copy goes bad on disk after it was verified: it serves wrong bytes.
     let path = store_blob_dir(rogue.data_dir()).join(layer.digest.trim_start_matches("sha256:"));
     let file = fs::OpenOptions::new().write(true).open(&path)?;
@@ -186,11 +196,15 @@ fn a_rogue_peer_is_detected_and_its_bytes_are_never_served() -> Result<()> {
     victim
         .fetch(&reference("p2p/rogue"))?
         .check("the pull next to a rogue peer")?;
-    victim.containerd.ensure_content(NAMESPACE, &image.blobs())?;
+    victim
+        .containerd
+        .ensure_content(NAMESPACE, &image.blobs())?;
     let metrics = victim.eddy().metrics()?;
-    let mismatches =
-        metric_value(&metrics, r#"eddy_peer_failures_total{reason="digest_mismatch"}"#)
-            .unwrap_or(0.0);
+    let mismatches = metric_value(
+        &metrics,
+        r#"eddy_peer_failures_total{reason="digest_mismatch"}"#,
+    )
+    .unwrap_or(0.0);
     ensure!(mismatches >= 1.0, "no digest mismatch recorded:\n{metrics}");
     verify_store(victim.data_dir()).context("the victim committed the rogue's bytes")?;
     ensure!(
@@ -206,7 +220,9 @@ fn a_node_with_another_key_fetches_nothing_from_the_swarm() -> Result<()> {
         return Ok(());
     };
     let image = cluster.image("p2p/psk", "v1", &ImageSpec::single(&[4 * MIB]))?;
-    cluster.nodes[0].fetch(&reference("p2p/psk"))?.check("cold pull")?;
+    cluster.nodes[0]
+        .fetch(&reference("p2p/psk"))?
+        .check("cold pull")?;
     let other_key = cluster.work.path().join("other.key");
     write_swarm_key(&other_key)?;
     let port = eddy_tests::eddy::free_port()?;
@@ -215,8 +231,13 @@ fn a_node_with_another_key_fetches_nothing_from_the_swarm() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     ensure!(outsider.peers() == 0.0, "the outsider joined the swarm");
     let before = cluster.upstream_blob_bytes()?;
-    outsider.fetch(&reference("p2p/psk"))?.check("the outsider's pull")?;
-    ensure!(outsider.bytes_from("peer") == 0.0, "the outsider got bytes from a peer");
+    outsider
+        .fetch(&reference("p2p/psk"))?
+        .check("the outsider's pull")?;
+    ensure!(
+        outsider.bytes_from("peer") == 0.0,
+        "the outsider got bytes from a peer"
+    );
     ensure!(
         cluster.upstream_blob_bytes()? - before >= image.layers()[0].size,
         "the outsider's layer must come from upstream"
@@ -287,8 +308,10 @@ fn an_image_only_in_one_nodes_containerd_is_served_to_another_node() -> Result<(
         node.eddy()
             .metrics()?
             .lines()
-            .filter(|l| l.starts_with("eddy_requests_total") || l.starts_with("eddy_peer_failures")
-                || l.starts_with("eddy_bytes_total") || l.starts_with("eddy_p2p"))
+            .filter(|l| l.starts_with("eddy_requests_total")
+                || l.starts_with("eddy_peer_failures")
+                || l.starts_with("eddy_bytes_total")
+                || l.starts_with("eddy_p2p"))
             .collect::<Vec<_>>()
             .join("\n")
     );

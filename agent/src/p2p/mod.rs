@@ -11,8 +11,8 @@
 //! the caller; this module moves records and bytes.
 pub mod config;
 pub mod metrics;
-pub mod protocol;
 mod network;
+pub mod protocol;
 mod serve;
 mod swarm;
 

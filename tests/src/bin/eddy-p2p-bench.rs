@@ -27,7 +27,10 @@ use eddy_tests::{
 const MIB: u64 = 1 << 20;
 
 #[derive(Parser)]
-#[command(name = "eddy-p2p-bench", about = "Measure eddy's P2P figures on a local cluster")]
+#[command(
+    name = "eddy-p2p-bench",
+    about = "Measure eddy's P2P figures on a local cluster"
+)]
 struct Args {
     /// Nodes in the swarm.
     #[arg(long, default_value_t = 4)]
@@ -48,7 +51,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(require_privileges(), "eddy-p2p-bench needs root, cgroup v2 and BPF");
+    ensure!(
+        require_privileges(),
+        "eddy-p2p-bench needs root, cgroup v2 and BPF"
+    );
     let cluster = Cluster::start(args.nodes, UpstreamOptions::default(), &[])?;
     let layers: Vec<u64> = args.layers_mib.iter().map(|m| m * MIB).collect();
     let spec = ImageSpec::single(&layers);
@@ -62,7 +68,10 @@ fn main() -> Result<()> {
         .check("node 0's pull of the big blob")?;
     let secs = curl_blob(&cluster, 1, "p2p/big", &layer.digest)?;
     let gbps = layer.size as f64 / secs / 1e9;
-    eprintln!("a. peer-to-peer: {} MiB in {secs:.2} s = {gbps:.2} GB/s", layer.size / MIB);
+    eprintln!(
+        "a. peer-to-peer: {} MiB in {secs:.2} s = {gbps:.2} GB/s",
+        layer.size / MIB
+    );
     md += &format!(
         "| peer-to-peer, one warm {} MiB blob (curl through a cold node) | {secs:.2} s = **{gbps:.2} GB/s** |\n",
         layer.size / MIB
@@ -73,7 +82,9 @@ fn main() -> Result<()> {
     // b. The second wave against direct through the shaped link.
     let wave = cluster.image("p2p/second", "v1", &spec)?;
     let reference = format!("{REGISTRY_HOST}/p2p/second:v1");
-    cluster.nodes[0].fetch(&reference)?.check("node 0's cold pull")?;
+    cluster.nodes[0]
+        .fetch(&reference)?
+        .check("node 0's cold pull")?;
     let direct = {
         let node = &cluster.nodes[1];
         let client = Client {
@@ -81,11 +92,24 @@ fn main() -> Result<()> {
             ca_bundle: cluster.pki.ca_cert.clone(),
             ..node.client.clone()
         };
-        let run = client.fetch(&node.containerd, "direct", &reference, &[], Duration::from_secs(300))?;
+        let run = client.fetch(
+            &node.containerd,
+            "direct",
+            &reference,
+            &[],
+            Duration::from_secs(300),
+        )?;
         run.check("the direct pull")?.elapsed.as_secs_f64()
     };
-    let second = cluster.nodes[2].fetch(&reference)?.check("node 2's pull")?.elapsed.as_secs_f64();
-    eprintln!("b. second wave {second:.2} s, direct {direct:.2} s ({:.1}x)", direct / second);
+    let second = cluster.nodes[2]
+        .fetch(&reference)?
+        .check("node 2's pull")?
+        .elapsed
+        .as_secs_f64();
+    eprintln!(
+        "b. second wave {second:.2} s, direct {direct:.2} s ({:.1}x)",
+        direct / second
+    );
     md += &format!(
         "| second wave ({} MiB image a peer holds) vs direct at {} | {second:.2} s vs {direct:.2} s: **{:.1}x faster** |\n",
         wave.total_bytes() / MIB,
@@ -144,7 +168,10 @@ fn main() -> Result<()> {
         .map(|e| peak_rss_kib(e.pid()).map(|k| format!("{:.1}", k as f64 / 1024.0)))
         .collect::<Result<_>>()?;
     eprintln!("d. peak RSS per node (MiB): {}", rss.join(", "));
-    md += &format!("| eddy peak RSS per node (VmHWM) | {} MiB |\n", rss.join(" / "));
+    md += &format!(
+        "| eddy peak RSS per node (VmHWM) | {} MiB |\n",
+        rss.join(" / ")
+    );
 
     print!("{md}");
     if let Some(out) = &args.out {
@@ -166,7 +193,10 @@ fn curl_blob(cluster: &Cluster, i: usize, repo: &str, digest: &str) -> Result<f6
     let headers = cluster.work.path().join("curl.headers");
     let run = node.client.curl(
         &format!("https://{REGISTRY_HOST}/v2/{repo}/blobs/{digest}"),
-        &["--cacert", node.client.ca_bundle.to_str().context("utf-8 path")?],
+        &[
+            "--cacert",
+            node.client.ca_bundle.to_str().context("utf-8 path")?,
+        ],
         std::path::Path::new("/dev/null"),
         &headers,
         Duration::from_secs(300),
