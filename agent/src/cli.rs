@@ -28,7 +28,8 @@ pub enum LogFormat {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Attach to containerd's cgroup and serve redirected connections.
-    Run(RunArgs),
+    // Boxed: the run flags outweigh every other subcommand's (clippy::large_enum_variant).
+    Run(Box<RunArgs>),
     /// Show what is attached where, the BPF counters and the heartbeat age.
     Status(StatusArgs),
     /// eddy's certificate authority: export it, or install it into a host trust bundle.
