@@ -177,7 +177,9 @@ pub fn plan(
     }
     if total > limit {
         let low_water = limit / 100 * LOW_WATER_PERCENT;
-        kept.sort_by_key(|e| e.last_access);
+        // Ties (content written in the same instant) in digest order, so a dry run names
+        // exactly what the real run then removes.
+        kept.sort_by_key(|e| (e.last_access, e.digest));
         for e in kept.into_iter().filter(|e| !e.in_use) {
             if total <= low_water {
                 break;
