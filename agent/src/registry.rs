@@ -385,6 +385,9 @@ impl Registry {
                             let media_type = found.opened.media_type.clone().or(known);
                             // A manifest is served with its media type, or not from here.
                             if kind == Kind::Blob || media_type.is_some() {
+                                // Peers share public content only. containerd's may be anyone's:
+                                // not public until upstream says so (see `authorize`).
+                                let public = public && found.source == "peer";
                                 if let Err(e) = catalog.record_content(
                                     &digest_c,
                                     media_type.as_deref(),
@@ -531,9 +534,9 @@ impl Registry {
         let meta = self.catalog.content(digest);
         let joined = !owned.load(Ordering::Relaxed);
         let source = served_by.lock().unwrap().source;
-        // We joined someone else's fetch, or ours came from elsewhere than upstream with this
-        // client's credentials: make sure this client may see it.
-        if joined || (source != "upstream" && !public) {
+        // We joined someone else's fetch, or ours came from containerd (content any client
+        // on the node may have pulled, with any credentials): make sure this client may see it.
+        if joined || source == "containerd" {
             if let Err(denied) = self
                 .authorize(
                     origin,

@@ -220,6 +220,11 @@ impl Node {
     /// `ctr images pull` of `reference` straight from the upstream, not through eddy (as
     /// before eddy was installed), into this node's containerd.
     pub fn pull_direct(&self, reference: &str) -> Result<Run> {
+        self.pull_direct_with(reference, &[])
+    }
+
+    /// As [`Node::pull_direct`], with more `ctr images pull` arguments (`--user`).
+    pub fn pull_direct_with(&self, reference: &str, extra: &[&str]) -> Result<Run> {
         let direct = Client {
             cgroup: None,
             ..self.client.clone()
@@ -228,9 +233,37 @@ impl Node {
             &self.containerd,
             NAMESPACE,
             reference,
-            &[],
+            extra,
             Duration::from_secs(120),
         )
+    }
+
+    /// curl `https://registry.test<path>` through this node's eddy: the HTTP status and
+    /// the body.
+    pub fn curl(
+        &self,
+        cluster: &Cluster,
+        path: &str,
+        extra: &[&str],
+    ) -> Result<(Option<u16>, Vec<u8>)> {
+        let n = crate::next_id();
+        let body = cluster.work.path().join(format!("curl-{n}.body"));
+        let headers = cluster.work.path().join(format!("curl-{n}.headers"));
+        let mut args = vec![
+            "--cacert",
+            self.client.ca_bundle.to_str().context("utf-8 path")?,
+        ];
+        args.extend_from_slice(extra);
+        self.client.curl(
+            &format!("https://{REGISTRY_HOST}{path}"),
+            &args,
+            &body,
+            &headers,
+            Duration::from_secs(60),
+        )?;
+        let status =
+            crate::containerd::http_status(&fs::read_to_string(&headers).unwrap_or_default());
+        Ok((status, fs::read(&body).unwrap_or_default()))
     }
 
     /// `eddy_p2p_peers`, or 0 when it cannot be read.

@@ -322,3 +322,52 @@ fn an_image_only_in_one_nodes_containerd_is_served_to_another_node() -> Result<(
     );
     verify_all(&cluster)
 }
+
+/// containerd's content may have been pulled with anyone's credentials: a client gets it
+/// from there only when upstream accepts that client's own credentials.
+#[test]
+fn private_content_in_containerd_needs_the_clients_credentials() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let options = UpstreamOptions {
+        basic_auth: Some(("puller".into(), "secret".into())),
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, options, &[])?;
+    let image = cluster.image("p2p/private", "v1", &ImageSpec::single(&[2 * MIB]))?;
+    let node = &cluster.nodes[0];
+    node.pull_direct_with(&reference("p2p/private"), &["--user", "puller:secret"])?
+        .check("the direct pull with credentials")?;
+    let layer = image.largest_layer();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric_value(&node.eddy().metrics()?, "eddy_containerd_digests").unwrap_or(0.0)
+        < image.blobs().len() as f64
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "eddy never learned containerd's content"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let path = format!("/v2/p2p/private/blobs/{}", layer.digest);
+    let anonymous = node.curl(&cluster, &path, &[])?;
+    ensure!(
+        anonymous.0 == Some(401) && anonymous.1.len() as u64 != layer.size,
+        "an anonymous client got {:?} with {} bytes",
+        anonymous.0,
+        anonymous.1.len()
+    );
+    let with_credentials = node.curl(&cluster, &path, &["--user", "puller:secret"])?;
+    ensure!(
+        with_credentials.0 == Some(200) && with_credentials.1.len() as u64 == layer.size,
+        "the client with credentials got {:?} with {} bytes",
+        with_credentials.0,
+        with_credentials.1.len()
+    );
+    ensure!(
+        node.bytes_from("containerd") >= layer.size as f64,
+        "the layer did not come from containerd"
+    );
+    Ok(())
+}
