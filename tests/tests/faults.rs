@@ -541,3 +541,64 @@ impl Drop for Unmount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// The data dir is a tmpfs smaller than the image (and far below the free-space floor):
+/// eddy runs proxy-only from the start, says so (`eddy_store_proxy_only`, `GET /store`), and
+/// every pull succeeds, relayed uncached.
+#[test]
+fn a_data_dir_smaller_than_the_image_is_proxy_only_and_fails_no_pull() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    let mount = tempfile::Builder::new().prefix("eddy-small-").tempdir()?;
+    let mnt = mount.path().to_path_buf();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&mnt))?;
+    let _unmount = Unmount(mnt.clone());
+    let world = RegistryWorld::start(UpstreamOptions::default(), Some(mnt.join("data")))?;
+    let image = world.image(
+        "faults/small",
+        "v1",
+        &ImageSpec::single(&[12 * MIB, 8 * MIB]),
+    )?;
+    ensure!(image.total_bytes() > 16 * MIB, "the image must not fit");
+    let daemon = Containerd::start()?;
+    let reference = format!("{REGISTRY_HOST}/faults/small:v1");
+    for round in 0..2 {
+        let argv = daemon.ctr_args(&format!("small-{round}"), &["content", "fetch", &reference]);
+        world
+            .client
+            .run(&argv, Duration::from_secs(120))?
+            .check(&format!(
+                "pull {round} on a data dir smaller than the image"
+            ))?;
+        daemon.ensure_content(&format!("small-{round}"), &image.blobs())?;
+    }
+    let gauge = world.eddy().metric("eddy_store_proxy_only")?;
+    ensure!(gauge == 1.0, "eddy_store_proxy_only is {gauge}");
+    let (status, body) = eddy_tests::eddy::http_get(world.eddy().admin, "/store")?;
+    let store: serde_json::Value = serde_json::from_str(&body)?;
+    ensure!(
+        status == 200 && store["proxy_only"] == true,
+        "GET /store: {status} {body}"
+    );
+    for layer in image.layers() {
+        ensure!(
+            !store_has(world.data_dir(), &layer.digest),
+            "{} was stored on a full disk",
+            layer.digest
+        );
+    }
+    ensure!(
+        world
+            .eddy()
+            .log_text()
+            .matches("proxy-only, fills are relayed uncached")
+            .count()
+            == 1,
+        "one log line when proxy-only begins:\n{}",
+        world.eddy().log_tail(20)
+    );
+    Ok(())
+}
