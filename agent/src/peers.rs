@@ -11,7 +11,7 @@
 //!   fetches it upstream; the others stream from that node. A node that sees the winner always
 //!   picks it, and a node that misses some announcements picks a node that ranks higher than
 //!   itself, so the "streams from" relation has no cycles.
-//! - A peer that failed is avoided for a while.
+//! - A peer whose bytes did not verify is avoided for a while (`blame`).
 //!
 //! The network itself (libp2p) sits behind `PeerNetwork`, so this logic is tested without it.
 use std::{
@@ -44,7 +44,7 @@ const SETTLE: Duration = Duration::from_millis(40);
 const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// Providers asked for one request, at most.
 const MAX_PROVIDERS: usize = 4;
-/// A peer that failed is not asked again for this long.
+/// A peer whose bytes did not verify is not asked again for this long.
 const AVOID_FOR: Duration = Duration::from_secs(300);
 
 /// A peer, by the text form of its identity.
