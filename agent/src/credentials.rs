@@ -134,8 +134,10 @@ fn read(path: &Path) -> Result<(Entries, Option<SystemTime>), String> {
 
 #[derive(Deserialize)]
 struct DockerConfig {
+    /// In key order: keys that name one registry (`quay.io`, `https://Quay.io/v1/`) then
+    /// resolve the same way every time the file is read (the last in order wins).
     #[serde(default)]
-    auths: HashMap<String, AuthEntry>,
+    auths: std::collections::BTreeMap<String, AuthEntry>,
 }
 
 #[derive(Deserialize)]
@@ -280,5 +282,19 @@ mod tests {
             e.starts_with("--upstream-auth-file ") && e.contains("missing.json"),
             "{e}"
         );
+    }
+
+    /// Found by the docker_config fuzz target: two keys naming one registry gave whichever
+    /// credentials a randomly seeded HashMap listed last.
+    #[test]
+    fn keys_naming_one_registry_resolve_the_same_way_every_time() {
+        let config = br#"{"auths":{
+            "quay.io":{"username":"first","password":"p"},
+            "https://Quay.io/v1/":{"username":"second","password":"p"},
+            "QUAY.IO:443":{"username":"third","password":"p"}}}"#;
+        let first = parse(config).unwrap();
+        for _ in 0..50 {
+            assert_eq!(parse(config).unwrap(), first);
+        }
     }
 }
