@@ -101,7 +101,8 @@ impl Registries {
     }
 }
 
-fn is_host_name(v: &str) -> bool {
+/// A DNS name: dot-separated labels of letters, digits and inner hyphens.
+pub(crate) fn is_host_name(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 253
         && v.split('.').all(|label| {

@@ -159,7 +159,7 @@ impl Bootstrap {
                         .with(Protocol::Tcp(*port)),
                 ),
                 [Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h), Protocol::Tcp(port)]
-                    if is_host_name(h) =>
+                    if crate::config::is_host_name(h) =>
                 {
                     Target::Host {
                         host: h.to_string(),
@@ -172,7 +172,7 @@ impl Bootstrap {
         }
         let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
-        if port == 0 || !is_host_name(host) {
+        if port == 0 || !crate::config::is_host_name(host) {
             return Err(bad());
         }
         Ok(Bootstrap {
@@ -210,20 +210,6 @@ impl Bootstrap {
             }
         }
     }
-}
-
-fn is_host_name(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 253
-        && v.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// The most of a swarm.key file read (the real one is about 100 bytes).
