@@ -1,6 +1,6 @@
 //! Running eddy under test: unique ports, pin dir and data dir; readiness, metrics, status.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     ffi::{OsStr, OsString},
     fs,
     io::{Read, Write},
@@ -475,12 +475,17 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// A loopback port free on both 127.0.0.1 and [::1] (eddy listens on both).
+/// A loopback port free on both 127.0.0.1 and [::1] (eddy listens on both), and never handed
+/// out before by this process: the probe listener closes on return, so the kernel may offer the
+/// same port to the next probe, and two calls for one eddy (`--listen`, `--admin`) would collide.
 pub fn free_port() -> Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
     for _ in 0..50 {
         let v4 = TcpListener::bind("127.0.0.1:0")?;
         let port = v4.local_addr()?.port();
-        if TcpListener::bind(("::1", port)).is_ok() {
+        if TcpListener::bind(("::1", port)).is_ok()
+            && HANDED_OUT.lock().expect("port set lock").insert(port)
+        {
             return Ok(port);
         }
     }

@@ -16,7 +16,7 @@ use anyhow::{ensure, Context, Result};
 use eddy_tests::{
     cgroup::CgroupGuard,
     containerd::{Client, Containerd},
-    eddy::eddy_bin,
+    eddy::{eddy_bin, free_port},
     netns::Netns,
     oci::{self, ImageSpec},
     pki::{write_bundle, Pki},
@@ -38,10 +38,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// containerd in its own cgroup, named like a systemd unit so that doctor names the unit.
