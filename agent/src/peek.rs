@@ -176,7 +176,11 @@ mod tests {
     /// openssl.
     #[test]
     fn captured_client_hellos() {
-        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/seeds/peek_route/");
+        // Cargo names the crate's directory at run time; a shared target dir may hold a test
+        // binary built from another checkout.
+        let manifest_dir =
+            std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
+        let seeds = format!("{manifest_dir}/../fuzz/seeds/peek_route/");
         let cases = [
             ("ctr-go", Some("ghcr.io")),
             ("skopeo-go", Some("ghcr.io")),

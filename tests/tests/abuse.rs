@@ -21,10 +21,13 @@ use eddy_tests::{
 use sha2::{Digest as _, Sha256};
 
 /// A ClientHello from openssl s_client with SNI registry.test (a configured registry).
-const REGISTRY_CLIENT_HELLO: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../fuzz/seeds/peek_route/openssl-tls12"
-);
+/// The path comes from cargo at run time: a shared target dir may hold a binary built from
+/// another checkout.
+fn registry_client_hello() -> std::path::PathBuf {
+    let manifest_dir =
+        std::env::var("CARGO_MANIFEST_DIR").unwrap_or(env!("CARGO_MANIFEST_DIR").into());
+    std::path::Path::new(&manifest_dir).join("../fuzz/seeds/peek_route/openssl-tls12")
+}
 
 fn world() -> Option<RegistryWorld> {
     if !require_privileges() {
@@ -53,8 +56,8 @@ fn idle_and_slow_clients_do_not_starve_others() -> Result<()> {
     // registry and never finish the handshake; 100 slowloris clients trickling a request
     // head one byte every 200 ms.
     let idle = probe.hold_background(target, 5000, hold, None, Duration::ZERO, cgroup)?;
-    let hello = std::path::Path::new(REGISTRY_CLIENT_HELLO);
-    let stalled = probe.hold_background(target, 200, hold, Some(hello), Duration::ZERO, cgroup)?;
+    let hello = registry_client_hello();
+    let stalled = probe.hold_background(target, 200, hold, Some(&hello), Duration::ZERO, cgroup)?;
     let slow_head = world.work.path().join("slow-head");
     fs::write(
         &slow_head,

@@ -6,9 +6,14 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-/// The workspace root (the parent of xtask/).
+/// The workspace root (the parent of xtask/). Cargo names xtask's directory at run time;
+/// the compile-time path is only a fallback, because cargo does not rebuild xtask when the
+/// checkout moves and a target dir shared by two checkouts would send this one to the other.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("xtask lives inside the workspace")
         .to_path_buf()
