@@ -1,15 +1,19 @@
-//! Several eddy nodes in one P2P swarm, sharing one upstream: the harness's docker-registry in
-//! a netns behind a veth pair (shaped with tbf when asked), and per node its own hooked
-//! cgroup, containerd (eddy's `--containerd-socket`), client (ctr inside that cgroup, trusting
-//! that node's eddy CA), data dir and eddy with `--p2p-listen` on a loopback port of its own. Every eddy bootstraps from
-//! every other one; the PSK file is shared unless a node is given another.
+//! Several eddy nodes in one P2P swarm, sharing one upstream, as machines on one LAN: a
+//! bridge (see [`Lan`]) with the harness's docker-registry in a namespace of its own at
+//! 10.A.B.1, behind a link shaped with tbf when asked ([`shape_link`] on [`Cluster::netns`]),
+//! and node `i` in its own namespace at 10.A.B.(10+i) with its own hooked cgroup, containerd
+//! (eddy's `--containerd-socket`), client (ctr inside that cgroup and namespace, trusting
+//! that node's eddy CA), data dir, and eddy with `--p2p-listen 10.A.B.(10+i):4001` and
+//! `--admin 10.A.B.(10+i):15090` (the test reaches each node over the LAN's host port).
+//! Every eddy bootstraps from every other one; the PSK file is shared unless a node is given
+//! another. Fields drop in declaration order: nodes (eddy, clients, then their namespace)
+//! first, the upstream next, the LAN last.
 //!
-//! The nodes share the host's network namespace (the swarm runs on loopback); the upstream is
-//! the one non-loopback host, in a namespace the test created. Fields drop in declaration
-//! order: nodes (eddy, clients) first, the upstream last.
+//! [`shape_link`]: crate::registry::shape_link
 use std::{
     ffi::OsString,
     fs,
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -19,13 +23,18 @@ use anyhow::{bail, Context, Result};
 use crate::{
     cgroup::CgroupGuard,
     containerd::{Client, Containerd, Run},
-    eddy::{eddy_bin, free_port, metric_value},
-    netns::Netns,
+    eddy::{eddy_bin, metric_value},
+    netns::{Lan, Netns},
     oci::{self, Image, ImageSpec},
     pki::{write_bundle, Pki},
     registry::{check_programs, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
-    registry_eddy::{ca_export, RegistryEddy, RegistryEddyConfig},
+    registry_eddy::{ca_export, InNetns, RegistryEddy, RegistryEddyConfig},
 };
+
+/// Every node's P2P port (each node has an address of its own).
+pub const P2P_PORT: u16 = 4001;
+/// Every node's admin port, on its LAN address.
+pub const ADMIN_PORT: u16 = 15090;
 
 /// The containerd namespace the clients pull into.
 pub const NAMESPACE: &str = "eddy-p2p";
@@ -35,17 +44,21 @@ pub struct Node {
     pub containerd: Containerd,
     pub client: Client,
     pub config: RegistryEddyConfig,
-    pub p2p: std::net::SocketAddr,
+    pub p2p: SocketAddr,
     pub cgroup: CgroupGuard,
+    /// The node's network namespace: eddy, containerd and the client all run in it.
+    pub netns: Netns,
 }
 
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub upstream: Upstream,
+    /// The upstream's namespace on the LAN; shape its link to throttle the upstream.
     pub netns: Netns,
     pub pki: Pki,
     pub psk: PathBuf,
     pub work: tempfile::TempDir,
+    pub lan: Lan,
 }
 
 /// A swarm.key: the libp2p pre-shared key file format.
@@ -64,7 +77,8 @@ impl Cluster {
     pub fn start(n: usize, options: UpstreamOptions, extra: &[&str]) -> Result<Self> {
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-p2p-").tempdir()?;
-        let netns = Netns::new()?;
+        let lan = Lan::new()?;
+        let netns = lan.member(1)?;
         let pki = Pki::create(
             &work.path().join("pki"),
             &[REGISTRY_HOST, CDN_HOST],
@@ -80,29 +94,43 @@ impl Cluster {
             pki,
             psk,
             work,
+            lan,
         };
-        let ports: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_>>()?;
         for i in 0..n {
-            let bootstrap: Vec<u16> = ports
-                .iter()
-                .enumerate()
-                .filter(|(j, _)| *j != i)
-                .map(|(_, p)| *p)
+            let bootstrap: Vec<SocketAddr> = (0..n)
+                .filter(|j| *j != i)
+                .map(|j| cluster.p2p_addr(j))
                 .collect();
             let psk = cluster.psk.clone();
-            let node = cluster.node(i, ports[i], &bootstrap, &psk, extra)?;
+            let node = cluster.node(i, &bootstrap, &psk, extra)?;
             cluster.nodes.push(node);
         }
         cluster.wait_connected(n - 1, Duration::from_secs(30))?;
         Ok(cluster)
     }
 
-    /// Node `i` on P2P port `port`, bootstrapping from `bootstrap`, with key file `psk`.
+    /// Node `i`'s address on the LAN: 10.A.B.(10+i).
+    fn node_ip(&self, i: usize) -> Result<std::net::Ipv4Addr> {
+        let host = u8::try_from(10 + i)
+            .ok()
+            .filter(|h| *h <= 253)
+            .with_context(|| format!("node {i}: the LAN has room for nodes 0..=243"))?;
+        let [a, b, c, _] = self.netns.ns_v4.octets();
+        Ok(std::net::Ipv4Addr::new(a, b, c, host))
+    }
+
+    /// Node `i`'s P2P address (what the others bootstrap from).
+    pub fn p2p_addr(&self, i: usize) -> SocketAddr {
+        let ip = self.node_ip(i).expect("node index in range");
+        SocketAddr::from((ip, P2P_PORT))
+    }
+
+    /// Node `i` in a new namespace on the LAN, bootstrapping from `bootstrap`, with key
+    /// file `psk`.
     pub fn node(
         &self,
         i: usize,
-        port: u16,
-        bootstrap: &[u16],
+        bootstrap: &[SocketAddr],
         psk: &Path,
         extra: &[&str],
     ) -> Result<Node> {
@@ -111,14 +139,16 @@ impl Cluster {
             .path()
             .join(format!("node-{i}-{}", crate::next_id()));
         fs::create_dir_all(&dir)?;
+        let ip = self.node_ip(i)?;
+        let netns = self.lan.member(ip.octets()[3])?;
         let cgroup = CgroupGuard::new()?;
         let client_hosts = dir.join("hosts.client");
         Client::write_hosts(&client_hosts, self.netns.ns_v4, &[REGISTRY_HOST])?;
         let eddy_hosts = dir.join("hosts.eddy");
         Client::write_hosts(&eddy_hosts, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
-        let p2p = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let p2p = SocketAddr::from((ip, P2P_PORT));
         // The node's own containerd, whose content store eddy reads.
-        let containerd = Containerd::start()?;
+        let containerd = Containerd::start_in(netns.name())?;
         let mut extra_args: Vec<OsString> = vec![
             "--containerd-socket".into(),
             containerd.socket.clone().into(),
@@ -131,7 +161,7 @@ impl Cluster {
         ];
         for b in bootstrap {
             extra_args.push("--p2p-bootstrap".into());
-            extra_args.push(format!("127.0.0.1:{b}").into());
+            extra_args.push(b.to_string().into());
         }
         extra_args.extend(extra.iter().map(OsString::from));
         let config = RegistryEddyConfig {
@@ -142,6 +172,10 @@ impl Cluster {
             hosts: Some(eddy_hosts),
             quiet_start: false,
             extra_args,
+            in_netns: Some(InNetns {
+                enter_arg: netns.enter_arg(),
+                admin: SocketAddr::from((ip, ADMIN_PORT)),
+            }),
         };
         let bin = eddy_bin();
         fs::create_dir_all(&config.data_dir)?;
@@ -160,10 +194,12 @@ impl Cluster {
                 cgroup: Some(cgroup.path().to_path_buf()),
                 hosts: client_hosts,
                 ca_bundle: bundle,
+                netns: Some(netns.name().to_string()),
             },
             config,
             p2p,
             cgroup,
+            netns,
         })
     }
 

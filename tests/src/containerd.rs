@@ -36,7 +36,13 @@ pub struct Containerd {
 impl Containerd {
     /// Start a daemon and wait (bounded) until it answers `ctr version`.
     pub fn start() -> Result<Self> {
-        Self::start_with(None, "")
+        Self::start_with(None, "", None)
+    }
+
+    /// As [`Containerd::start`], inside network namespace `netns` (a name under
+    /// /run/netns): a node's own containerd.
+    pub fn start_in(netns: &str) -> Result<Self> {
+        Self::start_with(None, "", Some(netns))
     }
 
     /// Start a daemon with the CRI plugin, as `client` (in its cgroup, with its /etc/hosts
@@ -44,7 +50,7 @@ impl Containerd {
     /// then run in this daemon, with the trust roots it read when it started, as the
     /// kubelet's pulls do on a node. Its images land in namespace `k8s.io`.
     pub fn start_cri(client: &Client) -> Result<Self> {
-        Self::start_with(Some(client), "")
+        Self::start_with(Some(client), "", None)
     }
 
     /// As [`Containerd::start`], with content isolated per namespace: a pull into a new
@@ -54,11 +60,12 @@ impl Containerd {
         Self::start_with(
             None,
             "\n[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n",
+            None,
         )
     }
 
-    /// `extra`: appended to the config file.
-    fn start_with(cri_client: Option<&Client>, extra: &str) -> Result<Self> {
+    /// `extra`: appended to the config file. `netns`: run there (a CRI client brings its own).
+    fn start_with(cri_client: Option<&Client>, extra: &str, netns: Option<&str>) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
         let dir = work.path();
         let socket = dir.join("containerd.sock");
@@ -123,7 +130,14 @@ disabled_plugins = [{disabled_cri}
                 client.command(&["containerd".into(), "--config".into(), config_path.into()])
             }
             None => {
-                let mut c = Command::new("containerd");
+                let mut c = match netns {
+                    Some(netns) => {
+                        let mut c = Command::new("nsenter");
+                        c.arg(format!("--net=/run/netns/{netns}")).arg("containerd");
+                        c
+                    }
+                    None => Command::new("containerd"),
+                };
                 c.arg("--config").arg(&config_path);
                 c
             }
@@ -251,6 +265,8 @@ pub struct Client {
     pub cgroup: Option<PathBuf>,
     pub hosts: PathBuf,
     pub ca_bundle: PathBuf,
+    /// Run in this network namespace (a name under /run/netns), as a node's processes do.
+    pub netns: Option<String>,
 }
 
 /// The outcome of one client run.
@@ -307,7 +323,15 @@ impl Client {
 
     /// The command that runs `argv` as this client.
     pub fn command(&self, argv: &[OsString]) -> Command {
-        let mut cmd = Command::new("sh");
+        let mut cmd = match &self.netns {
+            // nsenter execs (no fork), so the shell keeps the pid that joins the cgroup.
+            Some(netns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{netns}")).arg("sh");
+                cmd
+            }
+            None => Command::new("sh"),
+        };
         cmd.arg("-c")
             .arg(CLIENT_SCRIPT)
             .arg("client")

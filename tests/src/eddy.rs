@@ -280,6 +280,14 @@ impl RunCommand {
         self.admin = SocketAddr::from(([127, 0, 0, 1], 15090));
     }
 
+    /// Replace the `--admin` address (an eddy in a namespace: the test reaches it there).
+    pub(crate) fn set_admin(&mut self, admin: SocketAddr) {
+        if let Some(i) = self.argv.iter().position(|a| a == "--admin") {
+            self.argv[i + 1] = admin.to_string().into();
+        }
+        self.admin = admin;
+    }
+
     /// Append `FLAG VALUE`.
     pub(crate) fn flag(&mut self, flag: &str, value: impl Into<OsString>) {
         self.argv.extend([flag.into(), value.into()]);

@@ -1,4 +1,6 @@
-//! An "upstream host": a network namespace behind a veth pair, removed on drop.
+//! Network namespaces the tests create and remove: an "upstream host" behind a veth pair to
+//! the host ([`Netns::new`]), and a [`Lan`]: a bridge in a namespace of its own with one
+//! port per member namespace (the nodes of a cluster, their upstream) and one for the host.
 //!
 //! Host side 10.A.B.2/24 and fd00:edd:A:B::2/64, namespace side .1 and ::1. Addresses inside
 //! a namespace the test made itself are the only non-loopback targets tests may use.
@@ -13,7 +15,10 @@ use crate::process::run_ok;
 
 pub struct Netns {
     name: String,
+    /// The far end of the namespace's `eth0`: on the host, or a port of a [`Lan`]'s bridge.
     host_if: String,
+    /// The namespace `host_if` lives in: None for the host's own.
+    outside: Option<String>,
     pub host_v4: Ipv4Addr,
     pub ns_v4: Ipv4Addr,
     pub host_v6: Ipv6Addr,
@@ -32,6 +37,7 @@ impl Netns {
         let (a, b) = free_subnet(n)?;
         let mut ns = Netns {
             host_if: name.clone(),
+            outside: None,
             name,
             host_v4: Ipv4Addr::new(10, a, b, 2),
             ns_v4: Ipv4Addr::new(10, a, b, 1),
@@ -92,6 +98,38 @@ impl Netns {
         &self.name
     }
 
+    /// The far end of `eth0` and the namespace it is in (None: the host's): where the link's
+    /// other direction is shaped.
+    pub fn outside_if(&self) -> (&str, Option<&str>) {
+        (&self.host_if, self.outside.as_deref())
+    }
+
+    /// `program` run where the far end of `eth0` is (the host, or the LAN's switch).
+    pub fn outside_command(&self, program: &str) -> Command {
+        match &self.outside {
+            None => Command::new(program),
+            Some(outside) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", outside, program]);
+                cmd
+            }
+        }
+    }
+
+    /// `program` run inside the namespace with only the network namespace changed
+    /// (`nsenter --net`): unlike `ip netns exec`, /sys keeps the host's cgroup and bpf
+    /// mounts, which eddy and the cgroup-joining clients need. Same pid: nsenter execs.
+    pub fn enter_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(self.enter_arg()).arg(program);
+        cmd
+    }
+
+    /// nsenter's argument that enters this namespace.
+    pub fn enter_arg(&self) -> String {
+        format!("--net=/run/netns/{}", self.name)
+    }
+
     /// The namespace's IPv4 address with `port`.
     pub fn v4(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ns_v4), port)
@@ -136,12 +174,143 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting the namespace destroys eth0 and with it the host side; delete the host
-        // side explicitly too in case a process still holds the namespace open.
-        let _ = ip(&["link", "del", &self.host_if]);
+        // Deleting the namespace destroys eth0 and with it the far end; delete the far end
+        // explicitly too in case a process still holds the namespace open.
+        let _ = match &self.outside {
+            None => ip(&["link", "del", &self.host_if]),
+            Some(outside) => ip(&["-n", outside, "link", "del", &self.host_if]),
+        };
         if let Err(e) = ip(&["netns", "del", &self.name]) {
             eprintln!("warning: removing netns {}: {e:#}", self.name);
         }
+    }
+}
+
+/// A LAN: a bridge `br0` in a namespace of its own (the switch), with a port for the host,
+/// which is 10.A.B.254 and fd00:edd:A:B::fe on it (so the test reaches every member, as it
+/// reaches an upstream host), and one port per member namespace ([`Lan::member`]).
+/// Members are removed when their [`Netns`] drops, the switch when the `Lan` drops.
+pub struct Lan {
+    switch: String,
+    host_if: String,
+    subnet: (u8, u8),
+    pub host_v4: Ipv4Addr,
+    pub host_v6: Ipv6Addr,
+}
+
+impl Lan {
+    pub fn new() -> Result<Self> {
+        let n = crate::next_id();
+        let name = format!("eddy-{}-{n}", std::process::id());
+        if name.len() > 15 {
+            bail!("interface name {name} is longer than 15 bytes");
+        }
+        let (a, b) = free_subnet(n)?;
+        let mut lan = Lan {
+            switch: name.clone(),
+            host_if: name,
+            subnet: (a, b),
+            host_v4: Ipv4Addr::new(10, a, b, 254),
+            host_v6: Ipv6Addr::new(0xfd00, 0xedd, a.into(), b.into(), 0, 0, 0, 0xfe),
+        };
+        // From here on, Drop undoes whatever part of the setup succeeded.
+        lan.setup().map(|()| lan)
+    }
+
+    fn setup(&mut self) -> Result<()> {
+        let (switch, host_if) = (self.switch.as_str(), self.host_if.as_str());
+        ip(&["netns", "add", switch])?;
+        ip(&["-n", switch, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", switch, "link", "set", "br0", "up"])?;
+        ip(&[
+            "link", "add", host_if, "type", "veth", "peer", "name", "host", "netns", switch,
+        ])?;
+        ip(&["-n", switch, "link", "set", "host", "master", "br0", "up"])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", self.host_v4),
+            "dev",
+            host_if,
+        ])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.host_v6),
+            "dev",
+            host_if,
+            "nodad",
+        ])?;
+        ip(&["link", "set", host_if, "up"])
+    }
+
+    /// A new namespace on the LAN at 10.A.B.`host` (and fd00:edd:A:B::`host`), `host` in
+    /// 1..=253. Its `eth0` is plugged into the bridge through port `pHOST`.
+    pub fn member(&self, host: u8) -> Result<Netns> {
+        if !(1..=253).contains(&host) {
+            bail!("LAN member address .{host} is outside 1..=253");
+        }
+        let n = crate::next_id();
+        let name = format!("eddy-{}-{n}", std::process::id());
+        if name.len() > 15 {
+            bail!("namespace name {name} is longer than 15 bytes");
+        }
+        let (a, b) = self.subnet;
+        let mut ns = Netns {
+            host_if: format!("p{host}"),
+            outside: Some(self.switch.clone()),
+            name,
+            host_v4: self.host_v4,
+            ns_v4: Ipv4Addr::new(10, a, b, host),
+            host_v6: self.host_v6,
+            ns_v6: Ipv6Addr::new(0xfd00, 0xedd, a.into(), b.into(), 0, 0, 0, host.into()),
+        };
+        ns.plug(&self.switch).map(|()| ns)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.host_if]);
+        if let Err(e) = ip(&["netns", "del", &self.switch]) {
+            eprintln!("warning: removing netns {}: {e:#}", self.switch);
+        }
+    }
+}
+
+impl Netns {
+    /// Create the namespace and plug its `eth0` into `switch`'s bridge.
+    fn plug(&mut self, switch: &str) -> Result<()> {
+        let (name, port) = (self.name.as_str(), self.host_if.as_str());
+        ip(&["netns", "add", name])?;
+        ip(&[
+            "-n", switch, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns",
+            name,
+        ])?;
+        ip(&["-n", switch, "link", "set", port, "master", "br0", "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{}/24", self.ns_v4),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            name,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.ns_v6),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        ip(&["-n", name, "link", "set", "eth0", "up"])
     }
 }
 

@@ -490,19 +490,19 @@ pub fn parse_registry_log(text: &str) -> Served {
     served
 }
 
-/// Shape the link between the host and `netns` (both directions) to `rate` (tc syntax, e.g.
-/// "50mbit"), or remove the shaping with None.
+/// Shape the link between `netns` and whatever is outside it (the host, or a LAN's switch;
+/// both directions) to `rate` (tc syntax, e.g. "50mbit"), or remove the shaping with None.
 pub fn shape_link(netns: &Netns, rate: Option<&str>) -> Result<()> {
-    // The host side of the veth has the namespace's name (see netns.rs).
-    let host_if = netns.name();
+    let (outside_if, _) = netns.outside_if();
     match rate {
         Some(rate) => {
             let tbf = [
                 "root", "tbf", "rate", rate, "burst", "256kb", "latency", "100ms",
             ];
             run_ok(
-                Command::new("tc")
-                    .args(["qdisc", "replace", "dev", host_if])
+                netns
+                    .outside_command("tc")
+                    .args(["qdisc", "replace", "dev", outside_if])
                     .args(tbf),
             )?;
             run_ok(
@@ -513,7 +513,11 @@ pub fn shape_link(netns: &Netns, rate: Option<&str>) -> Result<()> {
             )?;
         }
         None => {
-            let _ = run_ok(Command::new("tc").args(["qdisc", "del", "dev", host_if, "root"]));
+            let _ = run_ok(
+                netns
+                    .outside_command("tc")
+                    .args(["qdisc", "del", "dev", outside_if, "root"]),
+            );
             let _ = run_ok(
                 netns
                     .command("tc")

@@ -52,6 +52,17 @@ pub struct RegistryEddyConfig {
     pub quiet_start: bool,
     /// More `eddy run` arguments, appended as they are.
     pub extra_args: Vec<OsString>,
+    /// Run eddy inside a network namespace of the test's (a cluster node).
+    pub in_netns: Option<InNetns>,
+}
+
+/// Where an eddy in a network namespace runs, and the `--admin` address the test reaches it
+/// at (the node's own address: its loopback is out of the test's reach).
+#[derive(Clone, Debug)]
+pub struct InNetns {
+    /// nsenter's argument, `--net=/run/netns/NAME` (see [`crate::netns::Netns::enter_arg`]).
+    pub enter_arg: String,
+    pub admin: SocketAddr,
 }
 
 /// A running eddy. Killed on drop (printing the tail of its log); its pins are removed.
@@ -82,6 +93,10 @@ impl RegistryEddy {
         fs::create_dir_all(&config.data_dir)?;
 
         let mut wrapper: Vec<OsString> = Vec::new();
+        if let Some(netns) = &config.in_netns {
+            // nsenter execs: eddy keeps the pid, and /sys (cgroup, bpffs) stays the host's.
+            wrapper.extend(["nsenter".into(), OsString::from(&netns.enter_arg)]);
+        }
         if let Some(hosts) = &config.hosts {
             // Same pid throughout: unshare and sh exec, so signals reach eddy itself.
             wrapper.extend(
@@ -113,6 +128,9 @@ impl RegistryEddy {
         }
         for ca in &config.upstream_cas {
             run.flag("--upstream-ca", ca);
+        }
+        if let Some(netns) = &config.in_netns {
+            run.set_admin(netns.admin);
         }
         run.argv.extend(config.extra_args.iter().cloned());
         let mut inner = run.spawn(work, config.quiet_start)?;

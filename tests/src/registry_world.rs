@@ -79,6 +79,7 @@ impl RegistryWorld {
             hosts: Some(eddy_hosts),
             quiet_start: false,
             extra_args,
+            in_netns: None,
         };
         let bin = eddy_bin();
         let eddy_ca = work.path().join("eddy-ca.pem");
@@ -94,6 +95,7 @@ impl RegistryWorld {
             cgroup: Some(cgroup.path().to_path_buf()),
             hosts: client_hosts,
             ca_bundle: bundle,
+            netns: None,
         };
         Ok(Self {
             eddy: Some(eddy),

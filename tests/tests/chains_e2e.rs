@@ -100,6 +100,7 @@ impl World {
             hosts: Some(eddy_hosts),
             quiet_start: false,
             extra_args: flags.into_iter().map(OsString::from).collect(),
+            in_netns: None,
         };
         // Only 443 is intercepted by flag: a chained registry's own port is added by eddy.
         let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
@@ -117,6 +118,7 @@ impl World {
                 cgroup: Some(config.cgroup.clone()),
                 hosts: client_hosts,
                 ca_bundle: bundle,
+                netns: None,
             },
             config,
             work,

@@ -559,6 +559,7 @@ fn pull_twice(
         cgroup: Some(hooked.to_path_buf()),
         hosts: hosts.to_path_buf(),
         ca_bundle: bundle,
+        netns: None,
     };
     let reference = format!("{REGISTRY_HOST}/deploy/app:v1");
     let timeout = Duration::from_secs(120);

@@ -225,9 +225,8 @@ fn a_node_with_another_key_fetches_nothing_from_the_swarm() -> Result<()> {
         .check("cold pull")?;
     let other_key = cluster.work.path().join("other.key");
     write_swarm_key(&other_key)?;
-    let port = eddy_tests::eddy::free_port()?;
-    let bootstrap: Vec<u16> = cluster.nodes.iter().map(|n| n.p2p.port()).collect();
-    let outsider = cluster.node(9, port, &bootstrap, &other_key, &[])?;
+    let bootstrap: Vec<_> = cluster.nodes.iter().map(|n| n.p2p).collect();
+    let outsider = cluster.node(9, &bootstrap, &other_key, &[])?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(outsider.peers() == 0.0, "the outsider joined the swarm");
     let before = cluster.upstream_blob_bytes()?;

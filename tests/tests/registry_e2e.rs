@@ -97,6 +97,7 @@ impl Setup {
             hosts: Some(eddy_hosts),
             quiet_start: false,
             extra_args: Vec::new(),
+            in_netns: None,
         };
         let mut intercept_ports = Vec::new();
         configure(&mut eddy_config, &mut intercept_ports, &netns);
@@ -122,6 +123,7 @@ impl Setup {
             cgroup: Some(cgroup.path().to_path_buf()),
             hosts: client_hosts,
             ca_bundle: bundle,
+            netns: None,
         };
         Ok(Self {
             eddy,

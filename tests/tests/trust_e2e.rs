@@ -89,6 +89,7 @@ impl World {
             hosts: Some(eddy_hosts),
             quiet_start: false,
             extra_args: Vec::new(),
+            in_netns: None,
         };
         let eddy_ca = work.path().join("eddy-ca.pem");
         fs::write(
@@ -136,6 +137,7 @@ impl World {
             cgroup: hooked.then(|| self.cgroup.path().to_path_buf()),
             hosts: self.hosts.clone(),
             ca_bundle: bundle.to_path_buf(),
+            netns: None,
         }
     }
 

@@ -178,6 +178,7 @@ fn run(started: Instant) -> Result<()> {
         hosts: Some(eddy_hosts),
         quiet_start: false,
         extra_args: Vec::new(),
+        in_netns: None,
     };
     // The node trusts eddy's CA (what `eddy ca install` does for the host bundle) and the
     // registry's own CA.
@@ -212,6 +213,7 @@ fn run(started: Instant) -> Result<()> {
         cgroup: Some(cgroup.path().to_path_buf()),
         hosts: client_hosts,
         ca_bundle: bundle,
+        netns: None,
     };
     let reference = format!("{REGISTRY_HOST}/{REPO}:{TAG}");
 

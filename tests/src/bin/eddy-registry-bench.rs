@@ -201,6 +201,7 @@ impl Env {
             cgroup: None,
             hosts: upstream_hosts.clone(),
             ca_bundle: pki.ca_cert.clone(),
+            netns: None,
         };
         Ok(Self {
             upstream,
@@ -265,6 +266,7 @@ impl Env {
             // The harness's "starting eddy: ..." line stays off the report's stderr.
             quiet_start: true,
             extra_args: Vec::new(),
+            in_netns: None,
         };
         let ca = dir.join("eddy-ca.pem");
         fs::write(&ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
@@ -275,6 +277,7 @@ impl Env {
             cgroup: Some(self.cgroup.path().to_path_buf()),
             hosts: self.upstream_hosts.clone(),
             ca_bundle: bundle,
+            netns: None,
         };
         Ok((eddy, client))
     }
@@ -287,6 +290,7 @@ impl Env {
             cgroup: None,
             hosts: self.cache_hosts.clone(),
             ca_bundle: self.pki.ca_cert.clone(),
+            netns: None,
         };
         Ok((cache, client))
     }
