@@ -284,6 +284,10 @@ pub struct P2pArgs {
     /// makes the swarm private: nodes without it can neither join nor fetch.
     #[arg(long, env = "EDDY_P2P_PSK_FILE")]
     pub p2p_psk_file: Option<PathBuf>,
+    /// The data port, where other nodes take blob bodies over TLS with tickets this node
+    /// hands them over the swarm (default: the --p2p-listen port + 1; 0: any free port).
+    #[arg(long, env = "EDDY_P2P_DATA_PORT")]
+    pub p2p_data_port: Option<u16>,
 }
 
 #[derive(Args, Debug, Clone)]

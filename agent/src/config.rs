@@ -226,12 +226,15 @@ impl Config {
             return Err(ConfigError::MarkZero);
         }
         let registries = Registries::parse(&args.trust.registry_values())?;
-        let p2p = crate::p2p::P2pConfig::from_flags(
+        let mut p2p = crate::p2p::P2pConfig::from_flags(
             args.p2p.p2p_listen.as_deref(),
             &args.p2p.p2p_bootstrap,
             args.p2p.p2p_psk_file.as_deref(),
             &args.trust.data_dir,
         )?;
+        if let Some(p2p) = &mut p2p {
+            p2p.data_port = args.p2p.p2p_data_port;
+        }
         Ok(Config {
             cgroup: cgroup::resolve(&args.cgroup)?,
             registries,

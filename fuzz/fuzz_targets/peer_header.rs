@@ -1,7 +1,7 @@
 //! The headers of the peer blob protocol (`p2p::protocol`): what one node reads from
 //! another over the swarm, request and response alike.
 #![no_main]
-use agent::p2p::protocol::{decode_request, decode_response, Response, MAX_HEADER};
+use agent::p2p::protocol::{decode_request, decode_response, ticket_of, Response, MAX_HEADER};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -16,5 +16,8 @@ fuzz_target!(|data: &[u8]| {
             // The body length a client computes (len - offset) never underflows.
             assert!(offset <= len, "{response:?}");
         }
+        // An accepted data port ticket has its port and 32-byte values.
+        let ticket = ticket_of(&response).expect("decode_response checked the ticket");
+        assert_eq!(ticket.is_some(), matches!(response, Response::Direct { .. }));
     }
 });

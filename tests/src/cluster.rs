@@ -56,7 +56,8 @@ pub struct Cluster {
     /// The upstream's namespace on the LAN; shape its link to throttle the upstream.
     pub netns: Netns,
     pub pki: Pki,
-    pub psk: PathBuf,
+    /// The swarm key every node is given (None: an open swarm).
+    pub psk: Option<PathBuf>,
     pub work: tempfile::TempDir,
     pub lan: Lan,
 }
@@ -75,6 +76,16 @@ impl Cluster {
     /// `n` nodes, started and connected to each other. `extra`: more `eddy run` arguments
     /// for every node.
     pub fn start(n: usize, options: UpstreamOptions, extra: &[&str]) -> Result<Self> {
+        Self::start_with(n, options, extra, true)
+    }
+
+    /// As [`Cluster::start`]; `private`: with a swarm key (`--p2p-psk-file`), or without.
+    pub fn start_with(
+        n: usize,
+        options: UpstreamOptions,
+        extra: &[&str],
+        private: bool,
+    ) -> Result<Self> {
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-p2p-").tempdir()?;
         let lan = Lan::new()?;
@@ -85,8 +96,13 @@ impl Cluster {
             &[netns.ns_v4.into()],
         )?;
         let upstream = Upstream::start(&netns, &pki, options)?;
-        let psk = work.path().join("swarm.key");
-        write_swarm_key(&psk)?;
+        let psk = if private {
+            let psk = work.path().join("swarm.key");
+            write_swarm_key(&psk)?;
+            Some(psk)
+        } else {
+            None
+        };
         let mut cluster = Cluster {
             nodes: Vec::new(),
             upstream,
@@ -102,7 +118,7 @@ impl Cluster {
                 .map(|j| cluster.p2p_addr(j))
                 .collect();
             let psk = cluster.psk.clone();
-            let node = cluster.node(i, &bootstrap, &psk, extra)?;
+            let node = cluster.node(i, &bootstrap, psk.as_deref(), extra)?;
             cluster.nodes.push(node);
         }
         cluster.wait_connected(n - 1, Duration::from_secs(30))?;
@@ -131,7 +147,7 @@ impl Cluster {
         &self,
         i: usize,
         bootstrap: &[SocketAddr],
-        psk: &Path,
+        psk: Option<&Path>,
         extra: &[&str],
     ) -> Result<Node> {
         let dir = self
@@ -156,9 +172,10 @@ impl Cluster {
             NAMESPACE.into(),
             "--p2p-listen".into(),
             p2p.to_string().into(),
-            "--p2p-psk-file".into(),
-            psk.into(),
         ];
+        if let Some(psk) = psk {
+            extra_args.extend(["--p2p-psk-file".into(), psk.into()]);
+        }
         for b in bootstrap {
             extra_args.push("--p2p-bootstrap".into());
             extra_args.push(b.to_string().into());

@@ -226,7 +226,7 @@ fn a_node_with_another_key_fetches_nothing_from_the_swarm() -> Result<()> {
     let other_key = cluster.work.path().join("other.key");
     write_swarm_key(&other_key)?;
     let bootstrap: Vec<_> = cluster.nodes.iter().map(|n| n.p2p).collect();
-    let outsider = cluster.node(9, &bootstrap, &other_key, &[])?;
+    let outsider = cluster.node(9, &bootstrap, Some(&other_key), &[])?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(outsider.peers() == 0.0, "the outsider joined the swarm");
     let before = cluster.upstream_blob_bytes()?;

@@ -41,6 +41,8 @@ pub struct P2pConfig {
     pub identity_file: PathBuf,
     pub resolve_interval: Duration,
     pub reconcile_interval: Duration,
+    /// `--p2p-data-port`: None for the P2P port + 1 (any free port when that is 0).
+    pub data_port: Option<u16>,
 }
 
 impl std::fmt::Debug for P2pConfig {
@@ -51,6 +53,7 @@ impl std::fmt::Debug for P2pConfig {
             .field("bootstrap", &self.bootstrap)
             .field("psk", &self.psk.is_some())
             .field("identity_file", &self.identity_file)
+            .field("data_port", &self.data_port)
             .finish()
     }
 }
@@ -65,7 +68,26 @@ impl P2pConfig {
             identity_file: data_dir.join("p2p").join("identity"),
             resolve_interval: RESOLVE_INTERVAL,
             reconcile_interval: RECONCILE_INTERVAL,
+            data_port: None,
         }
+    }
+
+    /// Where the data port listens: the P2P listen address's IP, port `data_port`.
+    pub fn data_listen(&self) -> SocketAddr {
+        let mut ip = IpAddr::from([0, 0, 0, 0]);
+        let mut port = 0u16;
+        for p in self.listen.iter() {
+            match p {
+                Protocol::Ip4(v4) => ip = IpAddr::V4(v4),
+                Protocol::Ip6(v6) => ip = IpAddr::V6(v6),
+                Protocol::Tcp(p) => port = p,
+                _ => {}
+            }
+        }
+        let data_port = self
+            .data_port
+            .unwrap_or(if port == 0 { 0 } else { port.wrapping_add(1) });
+        SocketAddr::new(ip, data_port)
     }
 
     /// From the `run` flags: None when `--p2p-listen` is absent (P2P off). Reads the PSK

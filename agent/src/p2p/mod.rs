@@ -6,10 +6,13 @@
 //! - `swarm`: the behaviour and the task that owns the swarm (dialling, advertising).
 //! - `protocol`: the wire messages of the blob protocol.
 //! - `serve`: the serving side of it.
+//! - `data`: the data port, where bodies move over TLS at hardware AES speed, by tickets
+//!   handed out over the swarm.
 //!
 //! [`P2p`] is the handle the rest of eddy uses: which peer to ask and when is decided by
 //! the caller; this module moves records and bytes.
 pub mod config;
+pub mod data;
 pub mod metrics;
 mod network;
 pub mod protocol;
@@ -17,20 +20,23 @@ mod serve;
 mod swarm;
 
 use std::{
-    collections::HashSet,
-    sync::Arc,
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    sync::{Arc, Mutex},
     time::{Duration, Instant, UNIX_EPOCH},
 };
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt as _, StreamExt as _};
-use libp2p::{futures::AsyncReadExt, kad, Multiaddr, PeerId};
+use libp2p::{futures::AsyncReadExt, kad, multiaddr::Protocol, Multiaddr, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::TokioAsyncReadCompatExt as _;
 use tracing::debug;
 
 pub use self::{config::P2pConfig, metrics::P2pMetrics};
 use self::{
+    data::DataServer,
     protocol::{Request, Response, BLOB_PROTOCOL},
     swarm::{Command, Shared},
 };
@@ -47,6 +53,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the stream per read call, and about the size of the chunks handed on.
 const READ_CHUNK: usize = 256 * 1024;
+/// A peer whose data port could not be used (a firewall between nodes, say) gets its
+/// bodies in-band for this long, rather than a failed connect on every fetch.
+const DIRECT_AVOID_FOR: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum P2pError {
@@ -56,6 +65,8 @@ pub enum P2pError {
     Noise(String),
     #[error("--p2p-listen: {0}")]
     Listen(String),
+    #[error("--p2p-data-port: {0}")]
+    Data(#[from] data::DataError),
 }
 
 /// Why a fetch from a peer failed. [`PeerError::reason`] is the metric label.
@@ -115,6 +126,16 @@ struct Inner {
     metrics: P2pMetrics,
     /// Wakes the advertising loop before its interval is up.
     reconcile_now: Arc<tokio::sync::Notify>,
+    /// Peers whose data port failed, and since when (see [`DIRECT_AVOID_FOR`]).
+    no_direct: Mutex<HashMap<PeerId, Instant>>,
+    data: Arc<DataServer>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The swarm task ends with the last handle; the data port goes with it.
+        self.data.stop();
+    }
 }
 
 impl P2p {
@@ -138,9 +159,15 @@ impl P2p {
         let shared = Arc::new(Shared::default());
         let mut driver = swarm::Driver::new(swarm, Arc::clone(&shared), metrics.clone());
         driver.wait_listening(Duration::from_secs(5)).await?;
+        let data = DataServer::start(config.data_listen()).await?;
+        tracing::info!(port = data.port(), "p2p data port listening");
         let (commands, rx) = mpsc::unbounded_channel();
         tokio::spawn(driver.run(rx));
-        tokio::spawn(serve::serve_inbound(incoming, Arc::clone(&share)));
+        tokio::spawn(serve::serve_inbound(
+            incoming,
+            Arc::clone(&share),
+            Some(Arc::clone(&data)),
+        ));
         if !config.bootstrap.is_empty() {
             tokio::spawn(resolve_loop(
                 config.bootstrap.clone(),
@@ -163,6 +190,8 @@ impl P2p {
                 shared,
                 metrics,
                 reconcile_now,
+                no_direct: Mutex::new(HashMap::new()),
+                data,
             }),
         })
     }
@@ -238,35 +267,107 @@ impl P2p {
         digest: &Digest,
         from: u64,
     ) -> Result<Opened, PeerError> {
-        let request = Request::Blob {
-            digest: *digest,
-            from,
-        };
-        let result = match self.request(peer, &request).await {
-            Ok((
-                stream,
-                Response::Blob {
-                    len,
-                    offset,
-                    media_type,
-                },
-            )) if offset == from => Ok(Opened {
-                len,
-                offset,
-                media_type,
-                body: body_stream(stream, len - offset, self.inner.metrics.clone(), peer),
-            }),
-            Ok((_, Response::NotFound)) => Err(PeerError::NotFound),
-            Ok((_, other)) => Err(PeerError::Protocol(format!(
-                "answered {other:?} to a blob request from {from}"
-            ))),
-            Err(e) => Err(e),
+        let mut direct = self.direct_allowed(&peer);
+        // At most twice: a data port ticket that cannot be redeemed is followed by the same
+        // request in-band.
+        let result = loop {
+            let request = Request::Blob {
+                digest: *digest,
+                from,
+                direct,
+            };
+            match self.request(peer, &request).await {
+                Ok((
+                    stream,
+                    Response::Blob {
+                        len,
+                        offset,
+                        media_type,
+                    },
+                )) if offset == from => {
+                    break Ok(Opened {
+                        len,
+                        offset,
+                        media_type,
+                        body: body_stream(stream, len - offset, self.inner.metrics.clone(), peer),
+                    })
+                }
+                Ok((_, response @ Response::Direct { .. })) if direct => {
+                    match self.redeem(peer, &response, from).await {
+                        Ok(opened) => break Ok(opened),
+                        Err(e) => {
+                            debug!(%peer, %digest, error = %e, "p2p data port failed; asking in-band");
+                            self.inner.metrics.failure("data_port");
+                            lock(&self.inner.no_direct).insert(peer, Instant::now());
+                            direct = false;
+                        }
+                    }
+                }
+                Ok((_, Response::NotFound)) => break Err(PeerError::NotFound),
+                Ok((_, other)) => {
+                    break Err(PeerError::Protocol(format!(
+                        "answered {other:?} to a blob request from {from}"
+                    )))
+                }
+                Err(e) => break Err(e),
+            }
         };
         if let Err(e) = &result {
             debug!(%peer, %digest, from, error = %e, "p2p fetch failed");
             self.report_failure(peer, e.reason());
         }
         result
+    }
+
+    /// Whether to offer `peer` to send bodies over its data port (not when it failed lately).
+    fn direct_allowed(&self, peer: &PeerId) -> bool {
+        let mut avoided = lock(&self.inner.no_direct);
+        avoided.retain(|_, since| since.elapsed() < DIRECT_AVOID_FOR);
+        !avoided.contains_key(peer)
+    }
+
+    /// The body a `Response::Direct` ticket names, from `peer`'s data port at the address
+    /// this node is connected to it on.
+    async fn redeem(&self, peer: PeerId, response: &Response, from: u64) -> Result<Opened, String> {
+        let ticket = protocol::ticket_of(response)
+            .map_err(|e| e.to_string())?
+            .ok_or("not a ticket")?;
+        let ip = self.peer_ip(&peer).ok_or("no address for the peer")?;
+        let body = data::fetch(ip, &ticket).await.map_err(|e| e.to_string())?;
+        if body.offset != from || body.offset > body.len {
+            return Err(format!(
+                "the data port sent offset {} of {} for {from}",
+                body.offset, body.len
+            ));
+        }
+        Ok(Opened {
+            len: body.len,
+            offset: body.offset,
+            media_type: body.media_type,
+            body: body_stream(
+                body.stream.compat(),
+                body.len - body.offset,
+                self.inner.metrics.clone(),
+                peer,
+            ),
+        })
+    }
+
+    /// The IP address this node is connected to `peer` on (else one it listens on).
+    fn peer_ip(&self, peer: &PeerId) -> Option<IpAddr> {
+        let peers = lock(&self.inner.shared.peers);
+        let state = peers.get(peer)?;
+        state
+            .remote
+            .iter()
+            .chain(state.listen.iter())
+            .find_map(|addr| {
+                addr.iter().find_map(|p| match p {
+                    Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+                    Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+                    _ => None,
+                })
+            })
     }
 
     /// The last-seen `registry/repository:tag` record at `peer`.
@@ -365,14 +466,17 @@ impl P2p {
 
 /// The body of a fetch: exactly `remaining` bytes, or an error (a stall of
 /// [`STALL_TIMEOUT`], a reset, or an end before the announced length).
-fn body_stream(
-    stream: libp2p::Stream,
+fn body_stream<S>(
+    stream: S,
     remaining: u64,
     metrics: P2pMetrics,
     peer: PeerId,
-) -> crate::source::ByteStream {
-    struct Body {
-        stream: libp2p::Stream,
+) -> crate::source::ByteStream
+where
+    S: libp2p::futures::AsyncRead + Unpin + Send + 'static,
+{
+    struct Body<S> {
+        stream: S,
         remaining: u64,
         scratch: Vec<u8>,
         metrics: P2pMetrics,

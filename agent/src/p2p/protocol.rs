@@ -9,6 +9,9 @@
 //! The body is the stream's raw bytes with no framing of its own: yamux and noise already
 //! frame it, and a second framing would cost a copy per chunk at > 1 GB/s. The end is
 //! known from the header, so a short body is an error the client can detect and resume.
+//!
+//! A client that asks with `direct` may get `Response::Direct` instead: a ticket for the
+//! node's data port (see `data`), where the same header and body follow over TLS.
 use libp2p::{
     futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     StreamProtocol,
@@ -25,8 +28,13 @@ pub const MAX_HEADER: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// `digest` from byte `from`.
-    Blob { digest: Digest, from: u64 },
+    /// `digest` from byte `from`. `direct`: the client can take the body from the data port.
+    Blob {
+        digest: Digest,
+        from: u64,
+        #[serde(default)]
+        direct: bool,
+    },
     /// The last-seen `registry/repository:tag` → digest record.
     Tag {
         registry: String,
@@ -43,6 +51,13 @@ pub enum Response {
         len: u64,
         offset: u64,
         media_type: Option<String>,
+    },
+    /// Fetch the body from the data port `port` (at the address of this swarm connection),
+    /// whose certificate has SHA-256 `cert_sha256`, with `token` (both 64 hex digits).
+    Direct {
+        port: u16,
+        cert_sha256: String,
+        token: String,
     },
     /// This peer cannot serve it (now).
     NotFound,
@@ -101,21 +116,58 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, ProtocolError> {
     }
     let response: Response =
         serde_json::from_slice(bytes).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
-    if let Response::Blob { len, offset, .. } = &response {
-        if offset > len {
+    match &response {
+        Response::Blob { len, offset, .. } if offset > len => {
             return Err(ProtocolError::Malformed(format!(
                 "offset {offset} is past the length {len}"
             )));
         }
+        Response::Direct { .. } => {
+            ticket_of(&response)?;
+        }
+        _ => {}
     }
     Ok(response)
 }
 
-pub async fn write_header<W, T>(w: &mut W, header: &T) -> Result<(), ProtocolError>
-where
-    W: AsyncWrite + Unpin,
-    T: Serialize,
-{
+/// The data port ticket in a `Response::Direct` (None for other responses).
+pub fn ticket_of(response: &Response) -> Result<Option<super::data::Ticket>, ProtocolError> {
+    let Response::Direct {
+        port,
+        cert_sha256,
+        token,
+    } = response
+    else {
+        return Ok(None);
+    };
+    let bytes32 = |field: &str, value: &str| -> Result<[u8; 32], ProtocolError> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(value, &mut out)
+            .map_err(|_| ProtocolError::Malformed(format!("{field} is not 64 hex digits")))?;
+        Ok(out)
+    };
+    if *port == 0 {
+        return Err(ProtocolError::Malformed("data port 0".into()));
+    }
+    Ok(Some(super::data::Ticket {
+        port: *port,
+        cert_sha256: bytes32("cert_sha256", cert_sha256)?,
+        token: bytes32("token", token)?,
+    }))
+}
+
+impl From<&super::data::Ticket> for Response {
+    fn from(t: &super::data::Ticket) -> Self {
+        Response::Direct {
+            port: t.port,
+            cert_sha256: hex::encode(t.cert_sha256),
+            token: hex::encode(t.token),
+        }
+    }
+}
+
+/// One header as it goes on the wire: u32 BE length, then the JSON.
+pub fn encode_header<T: Serialize>(header: &T) -> Result<Vec<u8>, ProtocolError> {
     let json = serde_json::to_vec(header).expect("protocol headers serialize");
     if json.len() > MAX_HEADER {
         return Err(ProtocolError::TooLarge(json.len()));
@@ -123,6 +175,15 @@ where
     let mut frame = Vec::with_capacity(4 + json.len());
     frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
     frame.extend_from_slice(&json);
+    Ok(frame)
+}
+
+pub async fn write_header<W, T>(w: &mut W, header: &T) -> Result<(), ProtocolError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let frame = encode_header(header)?;
     w.write_all(&frame).await?;
     w.flush().await?;
     Ok(())
@@ -153,9 +214,20 @@ mod tests {
         let r = Request::Blob {
             digest: D.parse().unwrap(),
             from: 7,
+            direct: true,
         };
         let json = serde_json::to_vec(&r).unwrap();
         assert_eq!(decode_request(&json).unwrap(), r);
+        // A request without `direct` (in-band only) still decodes.
+        assert_eq!(
+            decode_request(format!(r#"{{"blob":{{"digest":"{D}","from":7}}}}"#).as_bytes())
+                .unwrap(),
+            Request::Blob {
+                digest: D.parse().unwrap(),
+                from: 7,
+                direct: false
+            }
+        );
         let t = Request::Tag {
             registry: "docker.io".into(),
             repository: "library/alpine".into(),
@@ -182,6 +254,37 @@ mod tests {
             decode_response(br#""not_found""#).unwrap(),
             Response::NotFound
         );
+    }
+
+    #[test]
+    fn direct_tickets_round_trip_and_bad_ones_are_refused() {
+        let ticket = super::super::data::Ticket {
+            port: 4002,
+            cert_sha256: [1; 32],
+            token: [2; 32],
+        };
+        let json = serde_json::to_vec(&Response::from(&ticket)).unwrap();
+        let decoded = decode_response(&json).unwrap();
+        assert_eq!(ticket_of(&decoded).unwrap(), Some(ticket));
+        for bad in [
+            r#"{"direct":{"port":4002,"cert_sha256":"01","token":"02"}}"#.to_string(),
+            format!(
+                r#"{{"direct":{{"port":0,"cert_sha256":"{0}","token":"{0}"}}}}"#,
+                "ab".repeat(32)
+            ),
+            format!(
+                r#"{{"direct":{{"port":1,"cert_sha256":"{0}","token":"{0}"}}}}"#,
+                "zz".repeat(32)
+            ),
+        ] {
+            assert!(
+                matches!(
+                    decode_response(bad.as_bytes()),
+                    Err(ProtocolError::Malformed(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -19,7 +19,10 @@ use libp2p::{
 use tokio::sync::Semaphore;
 use tracing::debug;
 
-use super::protocol::{self, Request, Response};
+use super::{
+    data::DataServer,
+    protocol::{self, Request, Response},
+};
 use crate::source::PeerShare;
 
 /// Streams one peer may have open at once: enough for a pull's parallel layers, not enough
@@ -32,9 +35,11 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that reads nothing for this long is dropped.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// `data`: this node's data port, for clients that can take a body there.
 pub(super) async fn serve_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
     share: Arc<dyn PeerShare>,
+    data: Option<Arc<DataServer>>,
 ) {
     let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
     while let Some((peer, stream)) = incoming.next().await {
@@ -55,9 +60,10 @@ pub(super) async fn serve_inbound(
             continue;
         };
         let share = Arc::clone(&share);
+        let data = data.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&*share, stream).await {
+            if let Err(e) = serve_one(&*share, data.as_deref(), stream).await {
                 debug!(%peer, error = %e, "p2p: request not served");
             }
         });
@@ -76,21 +82,40 @@ enum ServeError {
     Write(std::io::Error),
 }
 
-async fn serve_one(share: &dyn PeerShare, mut stream: Stream) -> Result<(), ServeError> {
+async fn serve_one(
+    share: &dyn PeerShare,
+    data: Option<&DataServer>,
+    mut stream: Stream,
+) -> Result<(), ServeError> {
     let header = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_header(&mut stream))
         .await
         .map_err(|_| ServeError::Timeout("no request header"))??;
     match protocol::decode_request(&header)? {
-        Request::Blob { digest, from } => {
+        Request::Blob {
+            digest,
+            from,
+            direct,
+        } => {
             let opened = tokio::time::timeout(OPEN_TIMEOUT, share.open(&digest, from))
                 .await
                 .ok()
                 .flatten();
-            let Some(opened) = opened else {
+            let Some(mut opened) = opened else {
                 protocol::write_header(&mut stream, &Response::NotFound).await?;
                 let _ = stream.close().await;
                 return Ok(());
             };
+            // The body goes over the data port when the client can take it there and a
+            // ticket is free; in-band otherwise.
+            if let (true, Some(data)) = (direct, data) {
+                match data.issue(opened) {
+                    Ok(ticket) => {
+                        protocol::write_header(&mut stream, &Response::from(&ticket)).await?;
+                        return stream.close().await.map_err(ServeError::Write);
+                    }
+                    Err(back) => opened = back,
+                }
+            }
             protocol::write_header(
                 &mut stream,
                 &Response::Blob {

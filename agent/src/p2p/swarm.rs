@@ -42,6 +42,13 @@ const MAX_RECONCILE_QUERIES: usize = 32;
 const IDLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Bound on the TCP + pnet + noise + yamux upgrade of one connection.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A bootstrap address whose dial failed is dialled again after 1 s, 2 s, 4 s ... up to this
+/// (plus up to `REDIAL_JITTER`), `REDIALS` times, besides the resolve loop's own rounds
+/// (which go on for ever): nodes of a DaemonSet start at nearly the same moment, and most
+/// first dials find no listener yet.
+const REDIAL_MAX: Duration = Duration::from_secs(30);
+const REDIALS: u32 = 8;
+const REDIAL_JITTER: Duration = Duration::from_millis(500);
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
@@ -173,6 +180,8 @@ pub(super) struct Driver {
     /// addresses already connected are not dialled again.
     dialing: HashMap<ConnectionId, Multiaddr>,
     dialed: HashMap<ConnectionId, Multiaddr>,
+    /// Bootstrap addresses to dial again: failed dials so far, and when.
+    redial: HashMap<Multiaddr, (u32, tokio::time::Instant)>,
 }
 
 impl Driver {
@@ -190,6 +199,7 @@ impl Driver {
             reconcile_queries: HashSet::new(),
             dialing: HashMap::new(),
             dialed: HashMap::new(),
+            redial: HashMap::new(),
         }
     }
 
@@ -224,7 +234,10 @@ impl Driver {
                     // Every handle is gone: the node is shutting down.
                     None => break,
                 },
-                _ = sweep.tick() => self.sweep_lookups(),
+                _ = sweep.tick() => {
+                    self.sweep_lookups();
+                    self.redial_due();
+                }
             }
         }
         debug!("p2p swarm task stopped");
@@ -328,6 +341,35 @@ impl Driver {
         }
     }
 
+    /// Dial again the bootstrap addresses whose backoff is over.
+    fn redial_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Multiaddr> = self
+            .redial
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(addr, _)| addr.clone())
+            .collect();
+        if !due.is_empty() {
+            self.dial_new(due);
+        }
+    }
+
+    /// A bootstrap dial failed: schedule the next one (see `REDIAL_MAX`).
+    fn schedule_redial(&mut self, addr: Multiaddr) {
+        let failures = self.redial.get(&addr).map_or(0, |(n, _)| *n) + 1;
+        if failures > REDIALS {
+            // An address that stays unreachable (a node gone, a stale DNS answer) is left to
+            // the resolve loop.
+            self.redial.remove(&addr);
+            return;
+        }
+        let backoff = Duration::from_secs(1u64 << (failures - 1).min(5)).min(REDIAL_MAX);
+        let jitter = REDIAL_JITTER.mul_f64(rand::random::<f64>());
+        let at = tokio::time::Instant::now() + backoff + jitter;
+        self.redial.insert(addr, (failures, at));
+    }
+
     fn dial_new(&mut self, addrs: Vec<Multiaddr>) {
         let mut known: HashSet<Multiaddr> = self
             .dialing
@@ -355,9 +397,17 @@ impl Driver {
                     DialOpts::peer_id(peer)
                         .addresses(vec![plain.clone()])
                         .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .allocate_new_port()
                         .build()
                 }
-                None => DialOpts::unknown_peer_id().address(plain.clone()).build(),
+                // A port of its own, not the listen port: two nodes that dial each other at
+                // the same moment from their listen ports would make one TCP connection by
+                // simultaneous open, on which both sides start noise as the initiator and
+                // fail (seen when a whole cluster starts at once).
+                None => DialOpts::unknown_peer_id()
+                    .address(plain.clone())
+                    .allocate_new_port()
+                    .build(),
             };
             let id = opts.connection_id();
             match self.swarm.dial(opts) {
@@ -388,7 +438,9 @@ impl Driver {
                 ..
             } => {
                 let remote = without_p2p(endpoint.get_remote_address());
+                self.redial.remove(&remote);
                 if let Some(addr) = self.dialing.remove(&connection_id) {
+                    self.redial.remove(&addr);
                     self.dialed.insert(connection_id, addr);
                 } else if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     self.dialed.insert(connection_id, without_p2p(address));
@@ -437,8 +489,11 @@ impl Driver {
             } => {
                 let addr = self.dialing.remove(&connection_id);
                 // No reachable peer is a normal state (the first node of a cluster, a peer
-                // restarting): retried at the next resolve.
+                // restarting): retried with backoff, and at the next resolve.
                 debug!(?peer_id, ?addr, %error, "p2p dial failed");
+                if let Some(addr) = addr {
+                    self.schedule_redial(addr);
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,

@@ -66,14 +66,26 @@ struct Node {
 }
 
 async fn node(share: Arc<MemShare>, bootstrap: &[String], psk: Option<[u8; 32]>) -> Node {
+    node_on(0, share, bootstrap, psk, Duration::from_millis(500)).await
+}
+
+/// A node listening on 127.0.0.1:`port` (0: any), re-resolving its bootstrap every `resolve`.
+async fn node_on(
+    port: u16,
+    share: Arc<MemShare>,
+    bootstrap: &[String],
+    psk: Option<[u8; 32]>,
+    resolve: Duration,
+) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = P2pConfig::new("/ip4/127.0.0.1/tcp/0".parse().unwrap(), dir.path());
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+    let mut config = P2pConfig::new(listen, dir.path());
     config.bootstrap = bootstrap
         .iter()
         .map(|b| config::Bootstrap::parse(b).unwrap())
         .collect();
     config.psk = psk;
-    config.resolve_interval = Duration::from_millis(500);
+    config.resolve_interval = resolve;
     config.reconcile_interval = Duration::from_millis(500);
     let metrics = P2pMetrics::default();
     let p2p = P2p::start(config, share, metrics.clone()).await.unwrap();
@@ -385,6 +397,111 @@ async fn unreachable_bootstrap_is_not_an_error() {
         .is_empty());
     let _ = a.p2p.provide(b"tag:x", Duration::from_millis(200)).await;
     assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_use_the_data_port_and_fall_back_in_band_without_it() {
+    let data = blob(2 << 20, 3);
+    let digest = Digest::of(&data);
+    let a = node(MemShare::with(&[&data]), &[], None).await;
+    let b = node(
+        MemShare::with(&[]),
+        &[format!("127.0.0.1:{}", tcp_port(&a))],
+        None,
+    )
+    .await;
+    assert!(wait_connected(&b, &a).await);
+    let data_port_failures = |n: &Node| {
+        n.metrics
+            .peer_failures
+            .get_or_create(&metrics::ReasonLabels {
+                reason: "data_port",
+            })
+            .get()
+    };
+    // Over the data port: the ticket is spent, so none is left held.
+    let opened = b
+        .p2p
+        .fetch(a.p2p.local_peer_id(), &digest, 5)
+        .await
+        .unwrap();
+    assert_eq!(body_of(opened).await, &data[5..]);
+    assert_eq!(data_port_failures(&b), 0);
+    assert!(a.p2p.inner.data.tickets.lock().unwrap().is_empty());
+    // The data port goes away (a firewall between nodes): the same fetch comes in-band,
+    // and later ones go in-band straight away.
+    a.p2p.inner.data.stop();
+    for _ in 0..2 {
+        let opened = b
+            .p2p
+            .fetch(a.p2p.local_peer_id(), &digest, 0)
+            .await
+            .unwrap();
+        assert_eq!(body_of(opened).await, data.as_ref());
+    }
+    assert_eq!(data_port_failures(&b), 1);
+}
+
+fn closed_port() -> u16 {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    closed.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_node_that_starts_later_is_dialled_again_within_seconds() {
+    // The resolve loop would dial again only after a minute: the redial backoff must.
+    let later = closed_port();
+    let a = node_on(
+        0,
+        MemShare::with(&[]),
+        &[format!("127.0.0.1:{later}")],
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(a.p2p.peers().is_empty());
+    let b = node_on(
+        later,
+        MemShare::with(&[]),
+        &[],
+        None,
+        Duration::from_secs(60),
+    )
+    .await;
+    // Failed dials are retried after 1 s, 2 s, 4 s (+ jitter): within 5 s here.
+    let mut connected = false;
+    for _ in 0..4 {
+        if wait_connected(&a, &b).await {
+            connected = true;
+            break;
+        }
+    }
+    assert!(
+        connected,
+        "the node that started later was not dialled again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_that_list_each_other_and_start_together_connect() {
+    // Each dials the other at once (a DaemonSet's first moments), from a port of its own.
+    let (pa, pb) = (closed_port(), closed_port());
+    let share = MemShare::with(&[]);
+    let resolve = Duration::from_secs(60);
+    let (to_b, to_a) = ([format!("127.0.0.1:{pb}")], [format!("127.0.0.1:{pa}")]);
+    let (a, b) = tokio::join!(
+        node_on(pa, share.clone(), &to_b, None, resolve),
+        node_on(pb, share.clone(), &to_a, None, resolve)
+    );
+    let mut connected = false;
+    for _ in 0..4 {
+        if wait_connected(&a, &b).await && wait_connected(&b, &a).await {
+            connected = true;
+            break;
+        }
+    }
+    assert!(connected, "two nodes that list each other did not connect");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

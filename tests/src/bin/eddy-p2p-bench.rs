@@ -53,6 +53,9 @@ struct Args {
     /// Measure only the peer-to-peer throughput (a), e.g. under a profiler.
     #[arg(long)]
     throughput_only: bool,
+    /// Run the swarm without a swarm key (no --p2p-psk-file).
+    #[arg(long)]
+    open_swarm: bool,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +64,12 @@ fn main() -> Result<()> {
         require_privileges(),
         "eddy-p2p-bench needs root, cgroup v2 and BPF"
     );
-    let cluster = Cluster::start(args.nodes, UpstreamOptions::default(), &[])?;
+    let cluster = Cluster::start_with(
+        args.nodes,
+        UpstreamOptions::default(),
+        &[],
+        !args.open_swarm,
+    )?;
     let layers: Vec<u64> = args.layers_mib.iter().map(|m| m * MIB).collect();
     let spec = ImageSpec::single(&layers);
     let mut md = String::from("\n### P2P (cargo xtask bench)\n\n| figure | value |\n|---|---|\n");
