@@ -179,9 +179,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         containerd: containerd_source
             .clone()
             .map(|c| c as Arc<dyn crate::source::ContentSource>),
-        peers: p2p
-            .clone()
-            .map(|p2p| Arc::new(Peers::new(Arc::new(p2p) as Arc<dyn PeerNetwork>))),
+        peers: p2p.clone().map(|p2p| {
+            Arc::new(Peers::with_single_flight(
+                Arc::new(p2p) as Arc<dyn PeerNetwork>,
+                config.single_flight,
+            ))
+        }),
     };
     let oci = Arc::new(
         oci.with_sources(sources)

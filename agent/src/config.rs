@@ -138,6 +138,8 @@ pub struct Config {
     pub cache_policy: crate::lifecycle::Policy,
     /// P2P with other eddy nodes; None when `--p2p-listen` is absent.
     pub p2p: Option<crate::p2p::P2pConfig>,
+    /// `--p2p-single-flight`: how simultaneous misses decide who fetches upstream.
+    pub single_flight: crate::peers::SingleFlight,
     /// `--upstream-idle-timeout`: a fill whose upstream is silent this long fails.
     pub upstream_idle_timeout: Duration,
     /// `--bpf-log`: the eBPF hooks log their decisions.
@@ -235,6 +237,7 @@ impl Config {
         if let Some(p2p) = &mut p2p {
             p2p.data_port = args.p2p.p2p_data_port;
         }
+        let single_flight = args.p2p.p2p_single_flight;
         Ok(Config {
             cgroup: cgroup::resolve(&args.cgroup)?,
             registries,
@@ -253,6 +256,7 @@ impl Config {
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             cache_policy: args.cache.policy(),
             p2p,
+            single_flight,
             upstream_idle_timeout: args.upstream_idle_timeout,
             bpf_log: args.bpf_log,
             chains,

@@ -128,8 +128,23 @@ pub struct PeerBody {
     pub contributors: Arc<Mutex<Vec<PeerKey>>>,
 }
 
+/// How a node that misses content nobody holds decides to fetch it upstream
+/// (`--p2p-single-flight`). `cargo xtask bench` measures both on a simultaneous cold wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SingleFlight {
+    /// Announce, wait [`SETTLE`] for the others' announcements, and let rendezvous hashing
+    /// over the announcers pick the one that fetches (the module comment).
+    #[default]
+    Elect,
+    /// Announce-then-fetch: announce the content at once and fetch it; nodes that look it
+    /// up after the announcement stream from this one, nodes that missed it at the same
+    /// moment fetch it too.
+    Announce,
+}
+
 pub struct Peers {
     net: Arc<dyn PeerNetwork>,
+    single_flight: SingleFlight,
     avoid: Mutex<HashMap<PeerKey, Instant>>,
     /// Tag keys announced already (a tag is revalidated on every pull; its record stands).
     tags: Mutex<std::collections::HashSet<Vec<u8>>>,
@@ -137,8 +152,13 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(net: Arc<dyn PeerNetwork>) -> Self {
+        Self::with_single_flight(net, SingleFlight::default())
+    }
+
+    pub fn with_single_flight(net: Arc<dyn PeerNetwork>, single_flight: SingleFlight) -> Self {
         Peers {
             net,
+            single_flight,
             avoid: Mutex::new(HashMap::new()),
             tags: Mutex::new(std::collections::HashSet::new()),
         }
@@ -173,6 +193,11 @@ impl Peers {
             key: key.clone(),
         };
         if !self.is_active() {
+            return Election::Upstream(claim);
+        }
+        if self.single_flight == SingleFlight::Announce {
+            // The caller's lookup found nobody: fetch, and let later lookups find this node.
+            self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
             return Election::Upstream(claim);
         }
         self.net.provide(key.clone(), ANNOUNCE_BOUND).await;
@@ -597,6 +622,31 @@ mod tests {
             Some(1),
             "the winner announced the content before fetching it"
         );
+    }
+
+    #[tokio::test]
+    async fn announce_then_fetch_lets_simultaneous_misses_each_fetch_and_late_ones_join() {
+        let world = Arc::new(World::default());
+        let names = ["a", "b", "c"];
+        let node = |me: &str| {
+            Peers::with_single_flight(
+                Arc::new(Node {
+                    me: key(me),
+                    world: Arc::clone(&world),
+                }),
+                SingleFlight::Announce,
+            )
+        };
+        let digest = Digest::of(b"announce");
+        // Misses at the same moment: no waiting, so every one of them fetches.
+        let simultaneous: Vec<Peers> = names.iter().map(|n| node(n)).collect();
+        let elections =
+            futures_util::future::join_all(simultaneous.iter().map(|p| p.elect(&digest))).await;
+        assert!(elections.iter().all(|e| matches!(e, Election::Upstream(_))));
+        // Each announced the content at once: a node that looks now finds them.
+        let late = node("d");
+        let holders = late.net.providers(content_key(&digest), LOOKUP_BOUND).await;
+        assert_eq!(holders.len(), names.len());
     }
 
     #[tokio::test]

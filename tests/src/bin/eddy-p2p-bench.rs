@@ -14,6 +14,8 @@
 //!    pull against one node's cold pull of an image of the same shape, and upstream blob
 //!    bytes against the image's size.
 //! d. eddy's peak RSS on each node (VmHWM).
+//! e. The cold wave of c on a second cluster with `--p2p-single-flight announce`
+//!    (announce-then-fetch) instead of the election: the two strategies side by side.
 use std::{fs, io::Write, path::PathBuf, time::Duration};
 
 use anyhow::{ensure, Context, Result};
@@ -149,34 +151,14 @@ fn main() -> Result<()> {
         .check("one cold pull")?
         .elapsed
         .as_secs_f64();
-    let cold = cluster.image("p2p/cold", "v1", &spec)?;
-    let before = cluster.upstream_blob_bytes()?;
-    let started = std::time::Instant::now();
-    let mut pulls = Vec::new();
-    for (i, node) in cluster.nodes.iter().enumerate() {
-        let log = cluster.work.path().join(format!("wave-{i}.log"));
-        let argv = node.containerd.ctr_args(
-            NAMESPACE,
-            &["content", "fetch", &format!("{REGISTRY_HOST}/p2p/cold:v1")],
-        );
-        pulls.push((node.client.spawn(&argv, &log)?, log));
-    }
-    for (i, (mut pull, log)) in pulls.into_iter().enumerate() {
-        let status = pull
-            .wait_timeout(Duration::from_secs(300))?
-            .with_context(|| format!("node {i}'s pull did not finish"))?;
-        ensure!(status.success(), "node {i}: {}", fs::read_to_string(log)?);
-    }
-    let wave_secs = started.elapsed().as_secs_f64();
-    let upstream = cluster.upstream_blob_bytes()? - before;
-    let ratio = upstream as f64 / cold.total_bytes() as f64;
+    let (wave_secs, upstream, ratio) = cold_wave(&cluster, &spec)?;
     eprintln!(
         "c. cold wave of {}: {wave_secs:.2} s vs one cold pull {one:.2} s ({:.2}x); upstream {ratio:.3}x the image",
         cluster.nodes.len(),
         wave_secs / one
     );
     md += &format!(
-        "| simultaneous cold wave of {} nodes vs one cold pull ({} MiB image) | {wave_secs:.2} s vs {one:.2} s: **{:.2}x** |\n",
+        "| simultaneous cold wave of {} nodes vs one cold pull ({} MiB image), `--p2p-single-flight elect` (default) | {wave_secs:.2} s vs {one:.2} s: **{:.2}x** |\n",
         cluster.nodes.len(),
         single.total_bytes() / MIB,
         wave_secs / one
@@ -198,6 +180,26 @@ fn main() -> Result<()> {
         rss.join(" / ")
     );
 
+    // e. The same cold wave with announce-then-fetch instead of the election, on a cluster
+    // of its own (same shape, same link), against the same one cold pull.
+    drop(cluster);
+    let announce = Cluster::start_with(
+        args.nodes,
+        UpstreamOptions::default(),
+        &["--p2p-single-flight", "announce"],
+        !args.open_swarm,
+    )?;
+    shape_link(&announce.netns, Some(&args.rate))?;
+    let (secs, upstream, ratio) = cold_wave(&announce, &spec)?;
+    eprintln!(
+        "e. announce-then-fetch: cold wave {secs:.2} s ({:.2}x one cold pull); upstream {ratio:.3}x the image",
+        secs / one
+    );
+    md += &format!(
+        "| the same cold wave with `--p2p-single-flight announce` (another cluster, same link) | {secs:.2} s: **{:.2}x** one cold pull; upstream **{ratio:.3}x** the image ({upstream} B) |\n",
+        secs / one
+    );
+
     print!("{md}");
     if let Some(out) = &args.out {
         if let Some(dir) = out.parent() {
@@ -210,6 +212,32 @@ fn main() -> Result<()> {
             .write_all(md.as_bytes())?;
     }
     Ok(())
+}
+
+/// Every node pulls a new image of shape `spec` at the same moment: the seconds until the
+/// last pull ended, the upstream blob bytes sent meanwhile, and those over the image size.
+fn cold_wave(cluster: &Cluster, spec: &ImageSpec) -> Result<(f64, u64, f64)> {
+    let cold = cluster.image("p2p/cold", "v1", spec)?;
+    let before = cluster.upstream_blob_bytes()?;
+    let started = std::time::Instant::now();
+    let mut pulls = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let log = cluster.work.path().join(format!("wave-{i}.log"));
+        let argv = node.containerd.ctr_args(
+            NAMESPACE,
+            &["content", "fetch", &format!("{REGISTRY_HOST}/p2p/cold:v1")],
+        );
+        pulls.push((node.client.spawn(&argv, &log)?, log));
+    }
+    for (i, (mut pull, log)) in pulls.into_iter().enumerate() {
+        let status = pull
+            .wait_timeout(Duration::from_secs(300))?
+            .with_context(|| format!("node {i}'s pull did not finish"))?;
+        ensure!(status.success(), "node {i}: {}", fs::read_to_string(log)?);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let upstream = cluster.upstream_blob_bytes()? - before;
+    Ok((secs, upstream, upstream as f64 / cold.total_bytes() as f64))
 }
 
 /// Seconds for curl to fetch `digest` through node `i`'s eddy (body discarded): until the
