@@ -1112,6 +1112,44 @@ async fn run_fill<F, Fut, S, E1, E2>(
     guard.finish(result);
 }
 
+/// A batch being hashed and written on a blocking thread; its task hands the hasher back.
+struct InFlightWrite {
+    len: u64,
+    task: tokio::task::JoinHandle<io::Result<Sha256>>,
+}
+
+/// Waits for the batch in flight, if any: takes the hasher back, counts its bytes as
+/// written and tells the fill's readers, whose preads find them in the file from now on.
+async fn finish_write(
+    in_flight: &mut Option<InFlightWrite>,
+    hasher: &mut Option<Sha256>,
+    written: &mut u64,
+    guard: &FillGuard,
+) -> Result<(), StoreError> {
+    let Some(write) = in_flight.take() else {
+        return Ok(());
+    };
+    let done = write.task.await;
+    write_done(done, write.len, hasher, written, guard)
+}
+
+/// A batch's write ended: the hasher comes back and its `len` bytes count as written.
+fn write_done(
+    done: Result<io::Result<Sha256>, tokio::task::JoinError>,
+    len: u64,
+    hasher: &mut Option<Sha256>,
+    written: &mut u64,
+    guard: &FillGuard,
+) -> Result<(), StoreError> {
+    let back = done
+        .unwrap_or_else(|join| Err(io::Error::other(join)))
+        .map_err(io_err("write", &guard.tmp_path))?;
+    *hasher = Some(back);
+    *written += len;
+    guard.tx.send_modify(|p| p.written = *written);
+    Ok(())
+}
+
 /// Streams upstream into the partial file (after the verified prefix a crashed run left), hashing
 /// as it goes and checkpointing now and then, then verifies and commits. Returns the committed
 /// length.
@@ -1179,24 +1217,68 @@ where
 
     // Fused: the batching below may see the end, after which the stream must not be polled again.
     let mut body = pin!(body.fuse());
-    let mut hasher = prefix.hasher;
+    let mut hasher = Some(prefix.hasher);
     let mut written = prefix.len;
     let mut checkpointed = prefix.len;
-    while let Some(first) = body.next().await {
+    // One batch is hashed and written on a blocking thread while the next one is read (and,
+    // for TLS or a peer's data port, decrypted) here: the two overlap on two cores instead
+    // of taking turns.
+    let mut in_flight: Option<InFlightWrite> = None;
+    loop {
+        // The next chunk; a write that completes meanwhile is published at once, so readers
+        // streaming from this fill never wait for the next chunk to see the last one.
+        let next = loop {
+            let Some(write) = in_flight.as_mut() else {
+                break body.next().await;
+            };
+            tokio::select! {
+                done = &mut write.task => {
+                    let len = write.len;
+                    in_flight = None;
+                    write_done(done, len, &mut hasher, &mut written, guard)?;
+                }
+                next = body.next() => break next,
+            }
+        };
+        let Some(first) = next else {
+            break;
+        };
         // Batch whatever else is already buffered, so a fast upstream costs one blocking hop per
         // ~1 MiB rather than per 16 KiB frame, without ever waiting for more data.
-        let mut batch = vec![first.map_err(|e| upstream(e.into()))?];
-        let mut batch_len = batch[0].len();
-        while batch_len < WRITE_BATCH {
-            match body.next().now_or_never() {
-                Some(Some(chunk)) => {
-                    let chunk = chunk.map_err(|e| upstream(e.into()))?;
-                    batch_len += chunk.len();
-                    batch.push(chunk);
+        let batch = match first {
+            Ok(first) => {
+                let mut batch = vec![first];
+                let mut batch_len = batch[0].len();
+                let mut failed = None;
+                while batch_len < WRITE_BATCH {
+                    match body.next().now_or_never() {
+                        Some(Some(Ok(chunk))) => {
+                            batch_len += chunk.len();
+                            batch.push(chunk);
+                        }
+                        Some(Some(Err(e))) => {
+                            failed = Some(e);
+                            break;
+                        }
+                        _ => break,
+                    }
                 }
-                _ => break,
+                match failed {
+                    // The bytes before the error are written first, so a resume keeps them.
+                    Some(e) => {
+                        finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
+                        return Err(upstream(e.into()));
+                    }
+                    None => batch,
+                }
             }
-        }
+            Err(e) => {
+                finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
+                return Err(upstream(e.into()));
+            }
+        };
+        let mut batch = batch;
+        let mut batch_len: usize = batch.iter().map(Bytes::len).sum();
         if skip > 0 {
             for chunk in batch.iter_mut() {
                 let n = skip.min(chunk.len() as u64);
@@ -1208,6 +1290,8 @@ where
                 continue;
             }
         }
+        // The previous batch is in the file (and its bytes in the hash) before this one goes.
+        finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
         if let Some(expected) = len {
             if written + batch_len as u64 > expected {
                 return Err(StoreError::LengthMismatch {
@@ -1218,35 +1302,35 @@ where
             }
         }
         let checkpoint = written + batch_len as u64 - checkpointed >= resume::CHECKPOINT_EVERY;
+        if checkpoint {
+            checkpointed = written + batch_len as u64;
+        }
         // Hashing a MiB takes long enough to stall other tasks, so it rides the blocking hop too.
         let w = writer.clone();
         let tmp_path = guard.tmp_path.clone();
         let at = written;
-        hasher = tokio::task::spawn_blocking(move || {
-            let mut pos = at;
-            for chunk in &batch {
-                hasher.update(chunk);
-                w.write_all_at(chunk, pos)?;
-                pos += chunk.len() as u64;
-            }
-            if checkpoint {
-                // Best effort: a missed checkpoint only means more to fetch after a crash.
-                if let Err(err) = resume::write_checkpoint(&tmp_path, pos, &hasher) {
-                    debug!(%err, "fill checkpoint not written");
+        let mut batch_hasher = hasher.take().expect("the hasher is back after each write");
+        in_flight = Some(InFlightWrite {
+            len: batch_len as u64,
+            task: tokio::task::spawn_blocking(move || {
+                let mut pos = at;
+                for chunk in &batch {
+                    batch_hasher.update(chunk);
+                    w.write_all_at(chunk, pos)?;
+                    pos += chunk.len() as u64;
                 }
-            }
-            Ok(hasher)
-        })
-        .await
-        .unwrap_or_else(|join| Err(io::Error::other(join)))
-        .map_err(io_err("write", &guard.tmp_path))?;
-        written += batch_len as u64;
-        if checkpoint {
-            checkpointed = written;
-        }
-        // Only now are the bytes in the file (page cache), where readers' preads will find them.
-        guard.tx.send_modify(|p| p.written = written);
+                if checkpoint {
+                    // Best effort: a missed checkpoint only means more to fetch after a crash.
+                    if let Err(err) = resume::write_checkpoint(&tmp_path, pos, &batch_hasher) {
+                        debug!(%err, "fill checkpoint not written");
+                    }
+                }
+                Ok(batch_hasher)
+            }),
+        });
     }
+    finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
+    let hasher = hasher.expect("the hasher is back after the last write");
     if skip > 0 {
         let short: BoxError = "upstream's body ended inside the prefix already held".into();
         return Err(upstream(short));
