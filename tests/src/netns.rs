@@ -56,42 +56,9 @@ impl Netns {
         ip(&[
             "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", name,
         ])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", self.host_v4),
-            "dev",
-            host_if,
-        ])?;
-        // nodad: the address is usable at once instead of after duplicate detection.
-        ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", self.host_v6),
-            "dev",
-            host_if,
-            "nodad",
-        ])?;
-        ip(&["link", "set", host_if, "up"])?;
-        let inside = |args: &[&str]| {
-            let mut full = vec!["netns", "exec", name, "ip"];
-            full.extend_from_slice(args);
-            ip(&full)
-        };
-        inside(&["link", "set", "lo", "up"])?;
-        inside(&["addr", "add", &format!("{}/24", self.ns_v4), "dev", "eth0"])?;
-        inside(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", self.ns_v6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        inside(&["link", "set", "eth0", "up"])?;
-        Ok(())
+        configure(None, host_if, self.host_v4, self.host_v6)?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        configure(Some(name), "eth0", self.ns_v4, self.ns_v6)
     }
 
     pub fn name(&self) -> &str {
@@ -226,23 +193,7 @@ impl Lan {
             "link", "add", host_if, "type", "veth", "peer", "name", "host", "netns", switch,
         ])?;
         ip(&["-n", switch, "link", "set", "host", "master", "br0", "up"])?;
-        ip(&[
-            "addr",
-            "add",
-            &format!("{}/24", self.host_v4),
-            "dev",
-            host_if,
-        ])?;
-        ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", self.host_v6),
-            "dev",
-            host_if,
-            "nodad",
-        ])?;
-        ip(&["link", "set", host_if, "up"])
+        configure(None, host_if, self.host_v4, self.host_v6)
     }
 
     /// A new namespace on the LAN at 10.A.B.`host` (and fd00:edd:A:B::`host`), `host` in
@@ -290,28 +241,28 @@ impl Netns {
         ])?;
         ip(&["-n", switch, "link", "set", port, "master", "br0", "up"])?;
         ip(&["-n", name, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{}/24", self.ns_v4),
-            "dev",
-            "eth0",
-        ])?;
-        ip(&[
-            "-n",
-            name,
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", self.ns_v6),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
-        ip(&["-n", name, "link", "set", "eth0", "up"])
+        configure(Some(name), "eth0", self.ns_v4, self.ns_v6)
     }
+}
+
+/// Give `dev` (in namespace `netns`, or the host's) a /24 and a /64 and bring it up. nodad:
+/// the IPv6 address is usable at once instead of after duplicate detection.
+fn configure(netns: Option<&str>, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+    let (v4, v6) = (format!("{v4}/24"), format!("{v6}/64"));
+    let commands: [&[&str]; 3] = [
+        &["addr", "add", &v4, "dev", dev],
+        &["-6", "addr", "add", &v6, "dev", dev, "nodad"],
+        &["link", "set", dev, "up"],
+    ];
+    for args in commands {
+        let mut full = Vec::new();
+        if let Some(netns) = netns {
+            full.extend(["-n", netns]);
+        }
+        full.extend_from_slice(args);
+        ip(&full)?;
+    }
+    Ok(())
 }
 
 fn ip(args: &[&str]) -> Result<()> {
