@@ -220,16 +220,23 @@ impl Cluster {
         })
     }
 
-    /// Wait (bounded) until every node has at least `peers` connected peers.
+    /// Wait (bounded) until every node has at least `peers` connected peers, all of them in
+    /// its DHT routing table too (where elections and lookups go).
     pub fn wait_connected(&self, peers: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let counts: Vec<f64> = self.nodes.iter().map(|n| n.peers()).collect();
-            if counts.iter().all(|c| *c >= peers as f64) {
+            let counts: Vec<(f64, f64)> = self
+                .nodes
+                .iter()
+                .map(|n| (n.peers(), n.metric("eddy_p2p_dht_peers")))
+                .collect();
+            if counts.iter().all(|(c, d)| c.min(*d) >= peers as f64) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("after {timeout:?} the nodes have {counts:?} peers, wanted {peers} each");
+                bail!(
+                    "after {timeout:?} the nodes have (connected, DHT) peers {counts:?}, wanted {peers} each"
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -321,21 +328,21 @@ impl Node {
 
     /// `eddy_p2p_peers`, or 0 when it cannot be read.
     pub fn peers(&self) -> f64 {
+        self.metric("eddy_p2p_peers")
+    }
+
+    /// One series of this node's metrics, or 0 when it cannot be read.
+    pub fn metric(&self, series: &str) -> f64 {
         self.eddy
             .as_ref()
             .and_then(|e| e.metrics().ok())
-            .and_then(|m| metric_value(&m, "eddy_p2p_peers"))
+            .and_then(|m| metric_value(&m, series))
             .unwrap_or(0.0)
     }
 
     /// `eddy_bytes_total{source=...}` of this node.
     pub fn bytes_from(&self, source: &str) -> f64 {
-        let series = format!(r#"eddy_bytes_total{{source="{source}"}}"#);
-        self.eddy
-            .as_ref()
-            .and_then(|e| e.metrics().ok())
-            .and_then(|m| metric_value(&m, &series))
-            .unwrap_or(0.0)
+        self.metric(&format!(r#"eddy_bytes_total{{source="{source}"}}"#))
     }
 
     pub fn data_dir(&self) -> &Path {

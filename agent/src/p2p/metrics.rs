@@ -18,6 +18,7 @@ pub struct ReasonLabels {
 #[derive(Clone)]
 pub struct P2pMetrics {
     pub peers: Gauge,
+    pub dht_peers: Gauge,
     pub advertised_digests: Gauge,
     pub lookup_seconds: Histogram,
     pub peer_failures: Family<ReasonLabels, Counter>,
@@ -27,6 +28,7 @@ impl Default for P2pMetrics {
     fn default() -> Self {
         P2pMetrics {
             peers: Gauge::default(),
+            dht_peers: Gauge::default(),
             advertised_digests: Gauge::default(),
             // 0.5 ms .. 4 s: lookups are bounded to tens of milliseconds by the caller.
             lookup_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -49,6 +51,11 @@ impl P2pMetrics {
             "eddy_p2p_peers",
             "Peers this node is connected to",
             self.peers.clone(),
+        );
+        registry.register(
+            "eddy_p2p_dht_peers",
+            "Peers in this node's DHT routing table (provider records go to them)",
+            self.dht_peers.clone(),
         );
         registry.register(
             "eddy_p2p_advertised_digests",

@@ -237,6 +237,7 @@ impl Driver {
                 _ = sweep.tick() => {
                     self.sweep_lookups();
                     self.redial_due();
+                    self.update_dht_peers();
                 }
             }
         }
@@ -339,6 +340,19 @@ impl Driver {
                 q.finish();
             }
         }
+    }
+
+    /// `eddy_p2p_dht_peers`: the routing table's size. Provider records go to (and lookups
+    /// ask) the peers in it, so a connected peer that is not in it yet is not asked.
+    fn update_dht_peers(&mut self) {
+        let entries: usize = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|bucket| bucket.num_entries())
+            .sum();
+        self.metrics.dht_peers.set(entries as i64);
     }
 
     /// Dial again the bootstrap addresses whose backoff is over.
@@ -527,6 +541,7 @@ impl Driver {
                 for addr in listen {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
+                self.update_dht_peers();
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,

@@ -175,6 +175,16 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
     assert!(wait_connected(&b, &a).await, "b never connected to a");
     assert!(wait_connected(&c, &a).await, "c never connected to a");
     assert!(wait_connected(&a, &b).await && a.metrics.peers.get() >= 2);
+    // Both reach a's routing table (identify, then the 1 s sweep counts them).
+    let mut dht = 0;
+    for _ in 0..40 {
+        dht = a.metrics.dht_peers.get();
+        if dht >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(dht, 2, "eddy_p2p_dht_peers");
 
     // a advertises what its share lists (the reconcile loop); b finds it, never itself.
     let key = digest.to_string();
