@@ -1245,40 +1245,28 @@ where
         };
         // Batch whatever else is already buffered, so a fast upstream costs one blocking hop per
         // ~1 MiB rather than per 16 KiB frame, without ever waiting for more data.
-        let batch = match first {
-            Ok(first) => {
-                let mut batch = vec![first];
-                let mut batch_len = batch[0].len();
-                let mut failed = None;
-                while batch_len < WRITE_BATCH {
-                    match body.next().now_or_never() {
-                        Some(Some(Ok(chunk))) => {
-                            batch_len += chunk.len();
-                            batch.push(chunk);
-                        }
-                        Some(Some(Err(e))) => {
-                            failed = Some(e);
-                            break;
-                        }
-                        _ => break,
-                    }
-                }
-                match failed {
-                    // The bytes before the error are written first, so a resume keeps them.
-                    Some(e) => {
-                        finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
-                        return Err(upstream(e.into()));
-                    }
-                    None => batch,
-                }
+        let (mut batch, mut batch_len, mut failed) = match first {
+            Ok(chunk) => {
+                let len = chunk.len();
+                (vec![chunk], len, None)
             }
-            Err(e) => {
-                finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
-                return Err(upstream(e.into()));
-            }
+            Err(e) => (Vec::new(), 0, Some(e)),
         };
-        let mut batch = batch;
-        let mut batch_len: usize = batch.iter().map(Bytes::len).sum();
+        while failed.is_none() && batch_len < WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(Ok(chunk))) => {
+                    batch_len += chunk.len();
+                    batch.push(chunk);
+                }
+                Some(Some(Err(e))) => failed = Some(e),
+                _ => break,
+            }
+        }
+        if let Some(e) = failed {
+            // The batch in flight is finished first, so a resume keeps its bytes.
+            finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
+            return Err(upstream(e.into()));
+        }
         if skip > 0 {
             for chunk in batch.iter_mut() {
                 let n = skip.min(chunk.len() as u64);
