@@ -1032,7 +1032,9 @@ impl FillGuard {
                 }
                 drop(index);
                 info!(%digest, bytes = blob.len, "blob committed");
-                self.inner.committed.notify_waiters();
+                // notify_one keeps a permit when nobody waits: the lifecycle loop (the one
+                // waiter) may be busy evicting when this commit lands, and must still see it.
+                self.inner.committed.notify_one();
             }
             Err(err) => {
                 // Before readers learn of the failure, so a retry never sees this attempt's leftovers.
@@ -1526,6 +1528,23 @@ mod tests {
             dir_entries(&dir.path().join("store/tmp")),
             Vec::<PathBuf>::new()
         );
+    }
+
+    #[tokio::test]
+    async fn a_commit_while_nobody_waits_is_still_seen_by_the_next_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = content(1000);
+        let digest = Digest::of(&data);
+        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
+        let fill = store.fill(&digest, up.fetch());
+        tx.send(Ok(Bytes::from(data.clone()))).unwrap();
+        drop(tx);
+        assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+        // Committed before anyone called next_commit (the lifecycle was busy).
+        timeout(T, store.next_commit())
+            .await
+            .expect("the commit was lost");
     }
 
     #[tokio::test]

@@ -385,24 +385,27 @@ impl Driver {
     }
 
     fn dial_new(&mut self, addrs: Vec<Multiaddr>) {
-        let mut known: HashSet<Multiaddr> = self
-            .dialing
-            .values()
-            .chain(self.dialed.values())
-            .cloned()
-            .collect();
-        known.extend(lock(&self.shared.listen_addrs).iter().cloned());
+        // Addresses connected already (or this node's own) need no dial and no redial.
+        let mut connected: HashSet<Multiaddr> = self.dialed.values().cloned().collect();
+        connected.extend(lock(&self.shared.listen_addrs).iter().cloned());
         for state in lock(&self.shared.peers).values() {
-            known.extend(state.listen.iter().map(without_p2p));
+            connected.extend(state.listen.iter().map(without_p2p));
         }
+        let mut known: HashSet<Multiaddr> = self.dialing.values().cloned().collect();
         for addr in addrs {
             let plain = without_p2p(&addr);
+            if connected.contains(&plain) {
+                self.redial.remove(&plain);
+                continue;
+            }
             if known.contains(&plain) {
                 continue;
             }
             let opts = match peer_of(&addr) {
-                Some(peer) if peer == self.local => continue,
-                Some(peer) if self.swarm.is_connected(&peer) => continue,
+                Some(peer) if peer == self.local || self.swarm.is_connected(&peer) => {
+                    self.redial.remove(&plain);
+                    continue;
+                }
                 Some(peer) => {
                     self.swarm
                         .behaviour_mut()
