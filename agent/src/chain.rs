@@ -260,21 +260,8 @@ fn split_host_port(raw: &str) -> Option<(String, Option<u16>)> {
         Some(p) => Some(p.parse::<u16>().ok().filter(|&p| p != 0)?),
         None => None,
     };
-    let valid_host = host.parse::<IpAddr>().is_ok() || is_host_name(&host);
+    let valid_host = host.parse::<IpAddr>().is_ok() || crate::config::is_host_name(&host);
     valid_host.then_some((host, port))
-}
-
-fn is_host_name(v: &str) -> bool {
-    v.len() <= 253
-        && v.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// One `--mirror` or `--fallback` value: `REGISTRY=ENDPOINT[,ENDPOINT...]`.

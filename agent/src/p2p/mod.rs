@@ -166,7 +166,7 @@ impl P2p {
         tokio::spawn(serve::serve_inbound(
             incoming,
             Arc::clone(&share),
-            Some(Arc::clone(&data)),
+            Arc::clone(&data),
         ));
         if !config.bootstrap.is_empty() {
             tokio::spawn(resolve_loop(

@@ -39,7 +39,7 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) async fn serve_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
     share: Arc<dyn PeerShare>,
-    data: Option<Arc<DataServer>>,
+    data: Arc<DataServer>,
 ) {
     let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
     while let Some((peer, stream)) = incoming.next().await {
@@ -60,10 +60,10 @@ pub(super) async fn serve_inbound(
             continue;
         };
         let share = Arc::clone(&share);
-        let data = data.clone();
+        let data = Arc::clone(&data);
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&*share, data.as_deref(), stream).await {
+            if let Err(e) = serve_one(&*share, &data, stream).await {
                 debug!(%peer, error = %e, "p2p: request not served");
             }
         });
@@ -84,7 +84,7 @@ enum ServeError {
 
 async fn serve_one(
     share: &dyn PeerShare,
-    data: Option<&DataServer>,
+    data: &DataServer,
     mut stream: Stream,
 ) -> Result<(), ServeError> {
     let header = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_header(&mut stream))
@@ -107,7 +107,7 @@ async fn serve_one(
             };
             // The body goes over the data port when the client can take it there and a
             // ticket is free; in-band otherwise.
-            if let (true, Some(data)) = (direct, data) {
+            if direct {
                 match data.issue(opened) {
                     Ok(ticket) => {
                         protocol::write_header(&mut stream, &Response::from(&ticket)).await?;

@@ -96,6 +96,18 @@ async fn node_on(
     }
 }
 
+/// A node with nothing to share, bootstrapped from `a` and connected to it.
+async fn joined(a: &Node) -> Node {
+    let b = node(
+        MemShare::with(&[]),
+        &[format!("127.0.0.1:{}", tcp_port(a))],
+        None,
+    )
+    .await;
+    assert!(wait_connected(&b, a).await, "never connected");
+    b
+}
+
 fn tcp_port(n: &Node) -> u16 {
     n.p2p
         .listen_addrs()
@@ -414,13 +426,7 @@ async fn bodies_use_the_data_port_and_fall_back_in_band_without_it() {
     let data = blob(2 << 20, 3);
     let digest = Digest::of(&data);
     let a = node(MemShare::with(&[&data]), &[], None).await;
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        None,
-    )
-    .await;
-    assert!(wait_connected(&b, &a).await);
+    let b = joined(&a).await;
     let data_port_failures = |n: &Node| {
         n.metrics
             .peer_failures
@@ -519,13 +525,7 @@ async fn a_peer_that_stops_sending_fails_the_body_instead_of_hanging() {
     // The serving node announces 1 MiB, sends 10 bytes, then nothing.
     let stalling = Arc::new(StallShare);
     let a = node_with(stalling).await;
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        None,
-    )
-    .await;
-    assert!(wait_connected(&b, &a).await);
+    let b = joined(&a).await;
     let opened = b
         .p2p
         .fetch(a.p2p.local_peer_id(), &Digest::of(b"x"), 0)
@@ -625,13 +625,7 @@ async fn throughput_512mib_over_loopback() {
     let data = blob(512 << 20, 9);
     let digest = Digest::of(&data);
     let a = node(MemShare::with(&[&data]), &[], None).await;
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        None,
-    )
-    .await;
-    assert!(wait_connected(&b, &a).await);
+    let b = joined(&a).await;
     // Warm the connection (yamux windows grow with use).
     let warm = b
         .p2p
@@ -681,13 +675,7 @@ fn err_of(r: Result<Opened, PeerError>) -> PeerError {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_serving_node_that_goes_away_fails_the_body_promptly() {
     let a = node_with(Arc::new(StallShare)).await;
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        None,
-    )
-    .await;
-    assert!(wait_connected(&b, &a).await);
+    let b = joined(&a).await;
     let opened = b
         .p2p
         .fetch(a.p2p.local_peer_id(), &Digest::of(b"x"), 0)
