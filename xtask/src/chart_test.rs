@@ -6,6 +6,9 @@
 //!   that `kubernetes-validate` ships, in strict mode (unknown fields are errors), and the
 //!   Prometheus Operator objects against the operator's CRD schemas;
 //! - the CRD gating of the monitoring objects (`.Capabilities.APIVersions`, or forced);
+//! - what the rendered objects hold: the dashboard's panels and sidecar label, the alerts, every
+//!   metric their PromQL names being one the agent exports, the upstream-auth, restart and
+//!   cluster-CA wiring, and the DaemonSet's resources, tolerations, update strategy and priority;
 //! - `values.schema.json` rejecting bad values with a clear message;
 //! - the Flux example: `kubectl kustomize` builds it, and its HelmRelease values render.
 //!
@@ -103,6 +106,7 @@ pub fn run(_opts: &Options) -> Result<()> {
     }
     check_gating(&tools, &chart, &out)?;
     check_p2p_and_containerd(&tools, &chart)?;
+    check_contents(&tools, &out)?;
 
     eprintln!("xtask: chart-test: strict schema check of every rendered object");
     let versions = kubernetes_versions(&tools)?;
@@ -342,6 +346,367 @@ fn check_p2p_and_containerd(tools: &Tools, chart: &Path) -> Result<()> {
         "xtask: chart-test: P2P on/off, existing PSK Secret, containerd socket and namespaces ok"
     );
     Ok(())
+}
+
+/// The alerts the PrometheusRule must hold (with P2P on, as in the all-features render).
+const REQUIRED_ALERTS: &[(&str, &str)] = &[
+    ("EddyStoreNearLimit", "the store near its size limit"),
+    ("EddyProxyOnly", "proxy-only mode (disk too full to cache)"),
+    (
+        "EddyContainerdDoesNotTrustCA",
+        "a node whose containerd does not trust eddy's CA",
+    ),
+    ("EddyUpstreamErrors", "a high upstream error rate"),
+    ("EddyNoPeers", "a node with no peers"),
+];
+
+/// Dashboard panels that must exist: a title containing each phrase (case-insensitive).
+const REQUIRED_PANELS: &[&str] = &[
+    "hit rate",
+    "bytes by source",
+    "upstream bytes saved",
+    "evictions",
+];
+
+/// What the all-features renders hold, read as objects rather than text: the dashboard, the
+/// alerts and the metrics they use, the optional features' wiring, the DaemonSet's scheduling.
+fn check_contents(tools: &Tools, out: &Path) -> Result<()> {
+    let exported = exported_metric_sources()?;
+    for distro in DISTROS {
+        let file = out.join(format!("{distro}-all.yaml"));
+        let what = format!("{distro}, every feature on");
+        let objects = rendered_objects(tools, &file, out)?;
+
+        // The Grafana dashboard: picked up by the sidecar, with the panels the issue asks for.
+        let dashboard = objects
+            .iter()
+            .find(|o| o["kind"] == "ConfigMap" && o["data"].get("eddy.json").is_some())
+            .with_context(|| format!("{what}: no dashboard ConfigMap (data key eddy.json)"))?;
+        ensure!(
+            dashboard["metadata"]["labels"]["grafana_dashboard"] == "1",
+            "{what}: the dashboard ConfigMap lacks the Grafana sidecar label grafana_dashboard: \"1\""
+        );
+        let dashboard_json = dashboard["data"]["eddy.json"].as_str().unwrap_or_default();
+        let board: serde_json::Value = serde_json::from_str(dashboard_json)
+            .with_context(|| format!("{what}: the dashboard's eddy.json is not JSON"))?;
+        let titles = panel_titles(&board);
+        for wanted in REQUIRED_PANELS {
+            ensure!(
+                titles.iter().any(|t| t.to_lowercase().contains(wanted)),
+                "{what}: the dashboard has no panel titled with {wanted:?}; its panels: {titles:?}"
+            );
+        }
+
+        // The alerts, and every metric named in their PromQL and the dashboard's.
+        let rule = objects
+            .iter()
+            .find(|o| o["kind"] == "PrometheusRule")
+            .with_context(|| format!("{what}: no PrometheusRule"))?;
+        let rules: Vec<&serde_json::Value> = rule["spec"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        let alerts: Vec<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+        for (alert, about) in REQUIRED_ALERTS {
+            ensure!(
+                alerts.contains(alert),
+                "{what}: no alert {alert} ({about}) in the PrometheusRule; its alerts: {alerts:?}"
+            );
+        }
+        let mut promql: Vec<(String, &str)> = rules
+            .iter()
+            .map(|r| {
+                let name = r["alert"].as_str().or(r["record"].as_str()).unwrap_or("?");
+                (
+                    format!("alert {name}"),
+                    r["expr"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        promql.push(("the dashboard".into(), dashboard_json));
+        for (source, text) in &promql {
+            for metric in metric_names(text) {
+                ensure!(
+                    metric_is_exported(&metric, &exported),
+                    "{what}: {source} uses {metric}, which the agent does not export \
+                     (no \"{}\" in agent/src)",
+                    base_metric_name(&metric)
+                );
+            }
+        }
+
+        let daemonset = objects
+            .iter()
+            .find(|o| o["kind"] == "DaemonSet")
+            .with_context(|| format!("{what}: no DaemonSet"))?;
+        let pod = &daemonset["spec"]["template"]["spec"];
+        let eddy = container(pod, "containers", "eddy")
+            .with_context(|| format!("{what}: no container `eddy` in the DaemonSet"))?;
+
+        // Node-level upstream credentials: the file eddy reads, from the Secret's volume.
+        ensure!(
+            env(eddy, "EDDY_UPSTREAM_AUTH_FILE") == Some("/etc/eddy/upstream-auth/config.json"),
+            "{what}: upstreamAuth.secretName set, but EDDY_UPSTREAM_AUTH_FILE is not \
+             /etc/eddy/upstream-auth/config.json"
+        );
+        ensure!(
+            mount_path(eddy, "upstream-auth") == Some("/etc/eddy/upstream-auth"),
+            "{what}: the upstream-auth volume is not mounted at /etc/eddy/upstream-auth"
+        );
+        ensure!(
+            volume(pod, "upstream-auth")["secret"]["secretName"] == "registry-credentials",
+            "{what}: the upstream-auth volume is not the Secret registry-credentials"
+        );
+
+        // The cluster CA: EDDY_CA_DIR on the agent (and the CA install step), the Secret's volume.
+        let mut ca_users = vec![eddy];
+        let install = container(pod, "initContainers", "install-ca");
+        ca_users.extend(install);
+        for c in ca_users {
+            let name = c["name"].as_str().unwrap_or("?");
+            ensure!(
+                env(c, "EDDY_CA_DIR") == Some("/etc/eddy/ca"),
+                "{what}: ca.clusterSecret set, but container {name} has no EDDY_CA_DIR=/etc/eddy/ca"
+            );
+            ensure!(
+                mount_path(c, "cluster-ca") == Some("/etc/eddy/ca"),
+                "{what}: ca.clusterSecret set, but container {name} does not mount cluster-ca \
+                 at /etc/eddy/ca"
+            );
+        }
+        ensure!(
+            volume(pod, "cluster-ca")["secret"]["secretName"] == "eddy-ca",
+            "{what}: the cluster-ca volume is not the Secret eddy-ca"
+        );
+
+        // trust.restartContainerd: the flag on a privileged CA install step. Talos has no
+        // host bundle, so no install step and no restart.
+        if *distro == "talos" {
+            ensure!(
+                install.is_none(),
+                "{what}: Talos has no host bundle, yet an install-ca init container rendered"
+            );
+        } else {
+            let install =
+                install.with_context(|| format!("{what}: no install-ca init container"))?;
+            let restarts = install["args"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "--restart-containerd"))
+                || env(install, "EDDY_RESTART_CONTAINERD") == Some("true");
+            ensure!(
+                restarts,
+                "{what}: trust.restartContainerd set, but install-ca has no --restart-containerd"
+            );
+            ensure!(
+                install["securityContext"]["privileged"] == true,
+                "{what}: install-ca restarts containerd through the host's PID 1, so it must be \
+                 privileged"
+            );
+        }
+
+        check_scheduling(&what, &objects, daemonset)?;
+    }
+
+    // The defaults: no restart, so the install step needs no privilege.
+    let defaults = rendered_objects(tools, &out.join("vanilla-defaults.yaml"), out)?;
+    let daemonset = defaults
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .context("defaults: no DaemonSet")?;
+    let install = container(
+        &daemonset["spec"]["template"]["spec"],
+        "initContainers",
+        "install-ca",
+    )
+    .context("defaults: no install-ca init container")?;
+    ensure!(
+        !install.to_string().contains("--restart-containerd")
+            && install["securityContext"]["privileged"] != true,
+        "defaults: install-ca restarts containerd or is privileged, but trust.restartContainerd \
+         is off by default"
+    );
+    check_scheduling("defaults", &defaults, daemonset)?;
+    eprintln!(
+        "xtask: chart-test: dashboard panels, {} alerts, their metrics exported by the agent, \
+         upstream auth, cluster CA, containerd restart and DaemonSet scheduling ok",
+        REQUIRED_ALERTS.len()
+    );
+    Ok(())
+}
+
+/// Resources with requests and limits on every container, a toleration of every taint, a
+/// rolling update and a priority class (the chart's own, when it creates one).
+fn check_scheduling(
+    what: &str,
+    objects: &[serde_json::Value],
+    daemonset: &serde_json::Value,
+) -> Result<()> {
+    let pod = &daemonset["spec"]["template"]["spec"];
+    for list in ["initContainers", "containers"] {
+        for c in pod[list].as_array().into_iter().flatten() {
+            let name = c["name"].as_str().unwrap_or("?");
+            for kind in ["requests", "limits"] {
+                ensure!(
+                    c["resources"][kind]
+                        .as_object()
+                        .is_some_and(|r| !r.is_empty()),
+                    "{what}: container {name} has no resources.{kind}"
+                );
+            }
+        }
+    }
+    ensure!(
+        pod["tolerations"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t.get("key").is_none())),
+        "{what}: the DaemonSet does not tolerate every taint (a toleration `operator: Exists`)"
+    );
+    ensure!(
+        daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate",
+        "{what}: the DaemonSet's updateStrategy is not RollingUpdate"
+    );
+    let priority = pod["priorityClassName"].as_str().unwrap_or_default();
+    ensure!(
+        !priority.is_empty(),
+        "{what}: the DaemonSet has no priorityClassName"
+    );
+    ensure!(
+        objects
+            .iter()
+            .any(|o| o["kind"] == "PriorityClass" && o["metadata"]["name"] == priority),
+        "{what}: priorityClassName {priority} but no PriorityClass of that name rendered"
+    );
+    Ok(())
+}
+
+/// The rendered file as Kubernetes objects (JSON values), through the venv's PyYAML.
+fn rendered_objects(tools: &Tools, file: &Path, out: &Path) -> Result<Vec<serde_json::Value>> {
+    let json = out.join(format!(
+        "{}.objects.json",
+        file.file_stem().unwrap().to_string_lossy()
+    ));
+    util::run(
+        Command::new(&tools.python)
+            .arg(workspace_root().join("xtask/chart/to_json.py"))
+            .arg(file)
+            .arg(&json),
+    )?;
+    Ok(serde_json::from_str(&fs::read_to_string(&json)?)?)
+}
+
+/// Panel titles of a dashboard, those inside collapsed rows included.
+fn panel_titles(board: &serde_json::Value) -> Vec<String> {
+    let mut titles = Vec::new();
+    let mut stack: Vec<&serde_json::Value> =
+        board["panels"].as_array().into_iter().flatten().collect();
+    while let Some(panel) = stack.pop() {
+        if let Some(title) = panel["title"].as_str() {
+            titles.push(title.to_string());
+        }
+        stack.extend(panel["panels"].as_array().into_iter().flatten());
+    }
+    titles.sort();
+    titles
+}
+
+fn container<'a>(
+    pod: &'a serde_json::Value,
+    list: &str,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    pod[list].as_array()?.iter().find(|c| c["name"] == name)
+}
+
+fn env<'a>(container: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+fn mount_path<'a>(container: &'a serde_json::Value, volume: &str) -> Option<&'a str> {
+    container["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == volume)?["mountPath"]
+        .as_str()
+}
+
+fn volume<'a>(pod: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    pod["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == name))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Every `eddy_[a-z0-9_]+` in a PromQL text (or a dashboard holding PromQL), deduplicated.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("eddy_") {
+        let start = i + at;
+        let word_start = start == 0 || {
+            let b = bytes[start - 1];
+            !(b.is_ascii_alphanumeric() || b == b'_')
+        };
+        let mut end = start + "eddy_".len();
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
+            end += 1;
+        }
+        if word_start && end > start + "eddy_".len() {
+            names.push(text[start..end].to_string());
+        }
+        i = end;
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// A series name without the suffixes Prometheus adds to histograms and summaries.
+fn base_metric_name(series: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| series.strip_suffix(s))
+        .unwrap_or(series)
+}
+
+/// The agent registers a metric under its quoted name; prometheus-client adds `_total` to
+/// counters on export, so `eddy_requests_total` is registered as "eddy_requests".
+fn metric_is_exported(series: &str, sources: &str) -> bool {
+    let base = base_metric_name(series);
+    let quoted = |name: &str| sources.contains(&format!("\"{name}\""));
+    quoted(base) || base.strip_suffix("_total").is_some_and(quoted)
+}
+
+/// The agent's sources (agent/src/**/*.rs), test files left out: the names a test mentions
+/// prove nothing about what the agent exports.
+fn exported_metric_sources() -> Result<String> {
+    let mut text = String::new();
+    let mut dirs = vec![workspace_root().join("agent/src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if path.is_dir() {
+                if name != "tests" {
+                    dirs.push(path);
+                }
+            } else if name.ends_with(".rs") && name != "tests.rs" {
+                text.push_str(&fs::read_to_string(&path)?);
+                text.push('\n');
+            }
+        }
+    }
+    Ok(text)
 }
 
 /// Decode base64 (what Helm's b64enc writes) with coreutils' `base64 -d`.
