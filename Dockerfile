@@ -1,6 +1,11 @@
-# eddy node agent image. Build from the repository root: docker build -t eddy .
+# eddy node agent image. Build from the repository root:
+#   docker build -t eddy \
+#     --build-arg VERSION="$(grep -m1 '^version = ' agent/Cargo.toml | cut -d'"' -f2)" \
+#     --build-arg REVISION="$(git rev-parse HEAD)" .
 # The same image as `cargo xtask image` (umoci, no Docker needed): FROM scratch with the
-# eddy binary, the shared libraries it links (libc6, libgcc-s1) and the CA roots.
+# eddy binary, the shared libraries it links (libc6, libgcc-s1), the CA roots, and the same
+# labels. A label cannot be read from a file during the build, so VERSION is a build
+# argument, checked against agent/Cargo.toml (the version `eddy --version` reports).
 #
 # The eBPF object needs Debian's rustc-web (prebuilt `core` for bpfel-unknown-none) and
 # bpf-linker built against LLVM 22; the same compiler builds the user-space agent.
@@ -12,16 +17,25 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
+ARG VERSION
+RUN cargo_version="$(grep -m1 '^version = ' agent/Cargo.toml | cut -d'"' -f2)" \
+ && if [ "$VERSION" != "$cargo_version" ]; then \
+      echo "VERSION='$VERSION' is not agent/Cargo.toml's version: build with --build-arg VERSION=$cargo_version" >&2; \
+      exit 1; \
+    fi
 RUN cargo xtask build \
  && objcopy --strip-debug target/release/eddy /eddy \
  && mkdir -p /rootfs/var/lib/eddy /rootfs/tmp /rootfs/etc/eddy \
  && ldd /eddy | grep -o '/[^ ]*' | xargs -I{} cp --parents -L {} /rootfs/
 
 FROM scratch
-ARG VERSION=0.1.0
+ARG VERSION
+# The commit built (`git rev-parse HEAD`); .git is not in the build context.
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="eddy" \
       org.opencontainers.image.description="Transparent, fail-open container registry cache for every node" \
       org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/eddy-project/eddy"
 COPY --from=build /rootfs/ /
