@@ -2324,6 +2324,133 @@ fn node_credentials_from_a_docker_config_json() -> Result<()> {
     Ok(())
 }
 
+/// The digest containerd recorded for image `reference` (`ctr images ls`).
+fn image_digest(containerd: &Containerd, reference: &str) -> Result<String> {
+    let argv = containerd.ctr_args(NS, &["images", "ls"]);
+    let out = eddy_tests::process::run_bounded(
+        std::process::Command::new(&argv[0]).args(&argv[1..]),
+        Duration::from_secs(20),
+    )?;
+    ensure!(out.status.success(), "ctr images ls failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(reference))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+        .map(str::to_string)
+        .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
+}
+
+/// 13b. Node credentials for an htpasswd-only origin (Basic auth, no token server). Without
+///      `--upstream-auth-file`, an anonymous `ctr images pull` through eddy is refused: ctr
+///      fails on the origin's 401, the origin answered 401 and served no manifest or blob,
+///      and no layer reaches containerd. Restarted with a Docker config.json holding the
+///      origin's credentials, eddy serves the same anonymous pull (the origin sends the
+///      layers, so eddy asked with those credentials), and containerd records the image
+///      under the origin's digest.
+#[test]
+fn basic_auth_origin_serves_anonymous_pulls_only_with_the_upstream_auth_file() -> Result<()> {
+    let (user, password) = ("dora", "htpasswd-only-pw");
+    let Some(mut setup) = setup(UpstreamOptions {
+        basic_auth: Some((user.into(), password.into())),
+        ..Default::default()
+    }) else {
+        return Ok(());
+    };
+    let repo = "basic/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[4 * MIB, MIB]))?;
+    let reference = reference(repo, "v1");
+
+    // No --upstream-auth-file: eddy has nothing to add to the anonymous request.
+    let before = setup.served()?;
+    let refused_before = setup
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count();
+    let ctd = Containerd::start()?;
+    let denied = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], Duration::from_secs(60))?;
+    let output = format!("{}\n{}", denied.stdout(), denied.stderr());
+    let after = setup.served()?;
+    let refused = setup
+        .upstream
+        .requests()
+        .iter()
+        .filter(|r| r.status == 401)
+        .count()
+        - refused_before;
+    println!(
+        "anonymous pull without --upstream-auth-file: ok={} in {:.2?}: {}; the origin \
+         answered {refused} requests 401",
+        denied.ok(),
+        denied.elapsed,
+        output.trim().lines().last().unwrap_or("")
+    );
+    ensure!(
+        !denied.ok(),
+        "an anonymous pull from a Basic-auth origin succeeded without node credentials"
+    );
+    ensure!(
+        output.contains("401") || output.to_ascii_lowercase().contains("unauthorized"),
+        "ctr failed, but not on the origin's 401:\n{output}"
+    );
+    ensure!(
+        refused >= 1,
+        "the origin refused nothing: the refusal did not come from it; eddy log:\n{}",
+        setup.eddy().log_tail(20)
+    );
+    ensure!(
+        after.manifest_gets == before.manifest_gets && after.blob_gets == before.blob_gets,
+        "the origin served content to the anonymous pull: {before:?} -> {after:?}"
+    );
+    let have = ctd.content_digests(NS)?;
+    ensure!(
+        image.layers().iter().all(|l| !have.contains(&l.digest)),
+        "a layer reached the anonymous client without node credentials"
+    );
+    drop(ctd);
+
+    // The origin's credentials as a dockerconfigjson Secret would hold them.
+    let auth_file = setup.work.path().join("config.json");
+    fs::write(&auth_file, docker_config(&format!("{user}:{password}")))?;
+    setup
+        .eddy_config
+        .extra_args
+        .extend(["--upstream-auth-file".into(), auth_file.into()]);
+    setup.restart_eddy()?;
+    let before = setup.served()?;
+    let ctd = Containerd::start()?;
+    let run = setup
+        .client
+        .pull(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("anonymous pull with --upstream-auth-file")
+        .map_err(|e| e.context(format!("eddy log:\n{}", setup.eddy().log_tail(30))))?;
+    ctd.ensure_content(NS, &image.blobs())?;
+    let digest = image_digest(&ctd, &reference)?;
+    let after = setup.served()?;
+    println!(
+        "anonymous pull with --upstream-auth-file: {reference} ({digest}) in {:.2?}; the \
+         origin served {} manifest and {} blob GETs",
+        run.elapsed,
+        after.manifest_gets - before.manifest_gets,
+        after.blob_gets - before.blob_gets
+    );
+    ensure!(
+        digest == image.top.digest,
+        "containerd recorded {reference} as {digest}, the origin has {}",
+        image.top.digest
+    );
+    // The origin answers only requests carrying its credentials: these came from eddy.
+    ensure!(
+        after.blob_gets - before.blob_gets >= image.layers().len() as u64,
+        "the origin did not serve the layers: {before:?} -> {after:?}"
+    );
+    assert_store(&setup, &image.blobs())?;
+    Ok(())
+}
+
 /// 16. One owner per data dir: a second `eddy run` on the running eddy's `--data-dir` exits
 ///     at once with one line naming the first one's pid, and attaches nothing; `eddy ca
 ///     export` and `eddy status` keep working beside the running agent.
@@ -2669,6 +2796,187 @@ fn eddy_gc_dry_run_changes_nothing_and_gc_frees_what_it_reported() -> Result<()>
         done["bytes_freed"]
     );
     ensure!(after.values().sum::<u64>() <= 3 * MIB);
+    verify_store(&data_dir)?;
+    Ok(())
+}
+
+/// `GET /store` of a running agent.
+fn store_status(eddy: &RegistryEddy) -> Result<serde_json::Value> {
+    let (code, body) = eddy_tests::eddy::http_get(eddy.admin, "/store")?;
+    ensure!(code == 200, "GET /store: {code} {body}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// A gc report's removals: digest hex → bytes.
+fn removals(report: &serde_json::Value) -> Result<std::collections::BTreeMap<String, u64>> {
+    report["removed"]
+        .as_array()
+        .with_context(|| format!("no removals in {report}"))?
+        .iter()
+        .map(|r| {
+            Ok((
+                r["digest"]
+                    .as_str()
+                    .context("digest")?
+                    .trim_start_matches("sha256:")
+                    .to_string(),
+                r["bytes"].as_u64().context("bytes")?,
+            ))
+        })
+        .collect()
+}
+
+/// 19b. `eddy gc` through a running agent that has something to remove: restarted on its
+///      filled store with `--cache-max-size 3MiB` (its own pass waits for a commit or its
+///      60 s timer), `eddy gc --dry-run --admin` changes neither the store's files nor `GET
+///      /store`; `eddy gc --admin` then removes exactly the entries the dry run named, with
+///      the same bytes, and the files, `GET /store` and the eviction counter agree.
+#[test]
+fn eddy_gc_through_the_running_agent_removes_what_its_dry_run_reported() -> Result<()> {
+    let Some(mut setup) = setup(UpstreamOptions::default()) else {
+        return Ok(());
+    };
+    let repo = "gc-live/app";
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
+    let reference = reference(repo, "v1");
+    let data_dir = setup.eddy_config.data_dir.clone();
+    let ctd = Containerd::start()?;
+    setup
+        .client
+        .fetch(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
+        .check("pull")?;
+    assert_store(&setup, &image.blobs())?;
+
+    let limit = 3 * MIB;
+    setup
+        .eddy_config
+        .extra_args
+        .extend(["--cache-max-size".into(), "3MiB".into()]);
+    setup.restart_eddy()?;
+    let restarted = Instant::now();
+    let eddy = setup.eddy();
+    let admin = eddy.admin.to_string();
+    let size_evictions = r#"eddy_store_evictions_total{reason="size"}"#;
+    let gc = |dry_run: bool| {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "--admin".as_ref(),
+            admin.as_ref(),
+            "--data-dir".as_ref(),
+            data_dir.as_os_str(),
+        ];
+        if dry_run {
+            args.push("--dry-run".as_ref());
+        }
+        eddy_gc(&args)
+    };
+
+    let before = store_files(&data_dir)?;
+    let before_bytes: u64 = before.values().sum();
+    let status = store_status(eddy)?;
+    println!("restarted with a 3 MiB limit: GET /store {status}");
+    ensure!(
+        status["bytes"] == before_bytes
+            && status["entries"] == before.len()
+            && status["limit_bytes"] == limit
+            && before_bytes > limit,
+        "GET /store {status} is not the {} files ({before_bytes} bytes) on disk, over a \
+         {limit}-byte limit",
+        before.len()
+    );
+    ensure!(
+        eddy.metric(size_evictions)? == 0.0,
+        "the agent evicted on its own before any gc; eddy log:\n{}",
+        eddy.log_tail(20)
+    );
+
+    let dry = gc(true)?;
+    println!("eddy gc --dry-run --admin: {dry}");
+    let would = removals(&dry)?;
+    let status_dry = store_status(eddy)?;
+    ensure!(
+        dry["dry_run"] == true && !would.is_empty(),
+        "dry run: {dry}"
+    );
+    ensure!(
+        dry["removed"]
+            .as_array()
+            .is_some_and(|r| r.iter().all(|r| r["reason"] == "size")),
+        "dry run names removals other than for size: {dry}"
+    );
+    ensure!(
+        store_files(&data_dir)? == before,
+        "eddy gc --dry-run changed the store's files"
+    );
+    ensure!(
+        status_dry["bytes"] == before_bytes && status_dry["entries"] == before.len(),
+        "eddy gc --dry-run changed GET /store: {status} -> {status_dry}"
+    );
+    ensure!(dry["store_bytes"] == before_bytes && eddy.metric(size_evictions)? == 0.0);
+    let would_bytes: u64 = would.values().sum();
+    ensure!(
+        dry["bytes_freed"] == would_bytes,
+        "dry run: bytes_freed {} is not the sum of its removals ({would_bytes})",
+        dry["bytes_freed"]
+    );
+    // The agent's own pass runs on a commit (none here) or 60 s after the start.
+    ensure!(
+        restarted.elapsed() < Duration::from_secs(45),
+        "too slow ({:.2?}): the agent's own pass may have run before the gc",
+        restarted.elapsed()
+    );
+
+    let done = gc(false)?;
+    let removed = removals(&done)?;
+    let after = store_files(&data_dir)?;
+    let status_after = store_status(eddy)?;
+    let gone: std::collections::BTreeMap<String, u64> = before
+        .iter()
+        .filter(|(k, _)| !after.contains_key(*k))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let after_bytes: u64 = after.values().sum();
+    let evicted = eddy.metric(size_evictions)?;
+    println!(
+        "eddy gc --admin: {done}\nremoved {} entries ({} bytes reported); {} files gone \
+         ({} bytes), store {before_bytes} -> {after_bytes} bytes on disk, GET /store {} \
+         bytes; {evicted} size evictions counted",
+        removed.len(),
+        done["bytes_freed"],
+        gone.len(),
+        gone.values().sum::<u64>(),
+        status_after["bytes"]
+    );
+    ensure!(
+        done["dry_run"] == false && removed == would,
+        "gc removed {removed:?}, its dry run reported {would:?}"
+    );
+    ensure!(
+        gone == would,
+        "the files gone {gone:?} are not what the dry run reported {would:?}"
+    );
+    ensure!(
+        done["bytes_freed"] == would_bytes && dry["bytes_freed"] == would_bytes,
+        "bytes freed: dry run {}, gc {}, removals {would_bytes}",
+        dry["bytes_freed"],
+        done["bytes_freed"]
+    );
+    ensure!(
+        after_bytes == before_bytes - would_bytes
+            && status_after["bytes"] == after_bytes
+            && done["store_bytes"] == after_bytes
+            && status_after["entries"] == after.len()
+            && done["store_entries"] == after.len(),
+        "the store did not shrink by {would_bytes} bytes: {before_bytes} -> {after_bytes} on \
+         disk, GET /store {status_after}, report {done}"
+    );
+    ensure!(
+        after_bytes <= limit && evicted == would.len() as f64,
+        "{after_bytes} bytes left over the {limit}-byte limit, {evicted} size evictions counted"
+    );
+    ensure!(
+        removals(&gc(true)?)?.is_empty(),
+        "a dry run after the gc still finds something to remove"
+    );
     verify_store(&data_dir)?;
     Ok(())
 }
