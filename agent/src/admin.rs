@@ -56,7 +56,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                async move { Ok::<_, Infallible>(respond(&state, &req).await) }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -65,7 +65,7 @@ pub async fn serve(
     }
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let json =
         |value: serde_json::Value| (StatusCode::OK, "application/json", format!("{value}\n"));
     let (status, content_type, body) = match req.uri().path() {
@@ -77,8 +77,16 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                 q.split('&')
                     .any(|kv| kv == "dry_run=1" || kv == "dry_run=true")
             });
-            let report = state.lifecycle.collect(dry_run);
-            json(serde_json::to_value(report).expect("GcReport serializes"))
+            // Removing files blocks: off the runtime's threads, as the lifecycle loop does.
+            let lifecycle = Arc::clone(&state.lifecycle);
+            match tokio::task::spawn_blocking(move || lifecycle.collect(dry_run)).await {
+                Ok(report) => json(serde_json::to_value(report).expect("GcReport serializes")),
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("gc failed: {e}\n"),
+                ),
+            }
         }
         "/store" | "/gc" => (
             StatusCode::METHOD_NOT_ALLOWED,

@@ -213,11 +213,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         p2p_metrics.register_into(&mut registry);
     }
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
-    registry.register_collector(Box::new(StoreGauges(Arc::clone(&store))));
     let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
         Arc::clone(&store),
         config.cache_policy,
     ));
+    registry.register_collector(Box::new(StoreGauges(Arc::clone(&lifecycle))));
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),
         Host::real(),

@@ -199,6 +199,11 @@ pub struct DoctorArgs {
     pub bundle: PathBuf,
     #[arg(long, env = "EDDY_BPF_PIN_DIR", default_value = eddy_common::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
+    /// As for `eddy run`: with P2P on, its listen port and data port are checked too.
+    #[arg(long, env = "EDDY_P2P_LISTEN")]
+    pub p2p_listen: Option<String>,
+    #[arg(long, env = "EDDY_P2P_DATA_PORT")]
+    pub p2p_data_port: Option<u16>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,

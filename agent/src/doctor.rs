@@ -55,6 +55,8 @@ pub struct Inputs {
     pub pin_dir: PathBuf,
     pub registries: Registries,
     pub proc: PathBuf,
+    /// The P2P listen and data ports (flag name, address) when P2P is on.
+    pub p2p_ports: Vec<(&'static str, SocketAddr)>,
 }
 
 pub fn run(inputs: &Inputs) -> Vec<Check> {
@@ -81,6 +83,9 @@ pub fn run(inputs: &Inputs) -> Vec<Check> {
         crate::status::collect(&inputs.pin_dir, inputs.admin).is_ok_and(|s| s.running);
     checks.push(check_port("listen", inputs.listen, eddy_running));
     checks.push(check_port("admin", inputs.admin, eddy_running));
+    for &(flag, addr) in &inputs.p2p_ports {
+        checks.push(check_port(flag, addr, eddy_running));
+    }
     checks.push(check_free_space(&inputs.data_dir));
     checks.extend(check_upstreams(&inputs.registries));
     checks
@@ -288,9 +293,15 @@ fn check_socket(spec: &str, containerd: Option<&Containerd>) -> Check {
     }
 }
 
-/// containerd trusts eddy's CA when the CA is in the host bundle and containerd started
-/// after the bundle last changed (Go reads the roots once, at start).
+/// Whether containerd trusts eddy's CA, judged as the trust gate judges every client: the CA
+/// is in the roots containerd itself reads (through /proc/PID/root and its `SSL_CERT_*`
+/// variables, so this holds on Talos too, whose roots come from the machine config), and
+/// containerd started after it got there (Go reads its roots once, at start). Without a
+/// containerd to look at, only `--bundle` can be checked.
 fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) -> Check {
+    use crate::trust::{ClientProcess, Host, Reason, TrustGate, Verdict};
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+
     let name = "containerd.trust";
     let ca_file = ca_dir.join("ca.crt");
     let Ok(ca) = std::fs::read(&ca_file) else {
@@ -300,45 +311,79 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
             "eddy ca install --bundle BUNDLE (creates the CA and installs it)",
         );
     };
-    let bundle_text = std::fs::read(bundle).unwrap_or_default();
-    let installed = bundle_contains(&bundle_text, &ca);
-    if !installed {
-        return fail(
-            name,
-            format!("eddy's CA is not in {}", bundle.display()),
-            format!("eddy ca install --bundle {}", bundle.display()),
-        );
-    }
     let Some(c) = containerd else {
+        let bundle_text = std::fs::read(bundle).unwrap_or_default();
+        if !bundle_contains(&bundle_text, &ca) {
+            return fail(
+                name,
+                format!("eddy's CA is not in {}", bundle.display()),
+                format!("eddy ca install --bundle {}", bundle.display()),
+            );
+        }
         return fail(
             name,
             "CA installed, but containerd was not found",
             "see containerd.process",
         );
     };
-    let changed = std::fs::metadata(bundle).and_then(|m| m.modified()).ok();
-    match (crate::trust::process::start_time(c.pid), changed) {
-        (Some(started), Some(changed)) if started >= changed => pass(
+    let Ok(ca_der) = CertificateDer::from_pem_slice(&ca) else {
+        return fail(
             name,
-            format!("CA in {}, and containerd started after it changed", bundle.display()),
-        ),
-        (Some(_), Some(_)) => fail(
+            format!("{} holds no PEM certificate", ca_file.display()),
+            "remove it and run eddy ca install again",
+        );
+    };
+    let gate = TrustGate::new(&ca_der, Host::real(), Default::default());
+    let client = ClientProcess {
+        tgid: c.pid,
+        cgroup_id: 0,
+    };
+    match gate.verdict(&client) {
+        Verdict::Trusting => pass(
             name,
             format!(
-                "containerd (pid {}) started before {} last changed: it may not trust eddy's CA yet",
+                "containerd (pid {}) reads eddy's CA from its roots and started after it got there",
+                c.pid
+            ),
+        ),
+        Verdict::Untrusting(Reason::CaNotInRoots) => fail(
+            name,
+            format!(
+                "eddy's CA is in none of the roots containerd (pid {}) reads (not in {})",
                 c.pid,
                 bundle.display()
             ),
+            install_fix(c.distro, bundle),
+        ),
+        Verdict::Untrusting(Reason::StartedBeforeCa) => fail(
+            name,
+            format!(
+                "containerd (pid {}) started before eddy's CA entered its roots: it does not trust the CA yet",
+                c.pid
+            ),
             match &c.unit {
-                Some(unit) => format!("systemctl restart {unit} (or install with trust.restartContainerd)"),
+                Some(unit) => {
+                    format!("systemctl restart {unit} (or install with trust.restartContainerd)")
+                }
                 None => "restart containerd once".into(),
             },
         ),
-        _ => warn(
+        Verdict::Untrusting(_) => warn(
             name,
-            "CA installed; containerd's start time unknown",
-            "restart containerd once if it started before the CA was installed",
+            format!("containerd's roots could not be read (pid {})", c.pid),
+            "run eddy doctor in the host's PID namespace, as root",
         ),
+    }
+}
+
+/// How to put eddy's CA into containerd's roots on `distro`.
+fn install_fix(distro: distro::Distro, bundle: &Path) -> String {
+    match distro {
+        // The root filesystem is read-only: roots come from the machine config.
+        distro::Distro::Talos => {
+            "apply the patch from `eddy ca talos-patch` to the machine config".into()
+        }
+        _ => format!("eddy ca install --bundle {}", bundle.display()),
     }
 }
 
@@ -505,6 +550,16 @@ mod tests {
         crate::tls::install_into_bundle(&bundle, ca.cert_pem()).unwrap();
         let c = check_trust(&dir.path().join("ca"), &bundle, None);
         assert!(c.detail.contains("containerd was not found"), "{c:?}");
+    }
+
+    #[test]
+    fn the_ca_goes_into_the_bundle_except_on_talos_where_the_machine_config_holds_roots() {
+        let bundle = Path::new("/etc/ssl/certs/ca-certificates.crt");
+        assert_eq!(
+            install_fix(distro::Distro::K3s, bundle),
+            "eddy ca install --bundle /etc/ssl/certs/ca-certificates.crt"
+        );
+        assert!(install_fix(distro::Distro::Talos, bundle).contains("eddy ca talos-patch"));
     }
 
     #[test]

@@ -206,6 +206,10 @@ impl Lifecycle {
         self.policy
     }
 
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// The size limit in bytes now (a percentage follows the filesystem's size).
     pub fn limit_bytes(&self) -> u64 {
         let fs_total = self.store.fs_total_bytes().unwrap_or(u64::MAX);

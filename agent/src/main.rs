@@ -103,6 +103,20 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Doctor(args) => {
+            let p2p_ports = match &args.p2p_listen {
+                Some(listen) => {
+                    let mut p2p = agent::p2p::config::P2pConfig::new(
+                        agent::p2p::config::parse_listen(listen)?,
+                        &args.trust.data_dir,
+                    );
+                    p2p.data_port = args.p2p_data_port;
+                    vec![
+                        ("p2p-listen", p2p.listen_socket()),
+                        ("p2p-data-port", p2p.data_listen()),
+                    ]
+                }
+                None => Vec::new(),
+            };
             let inputs = agent::doctor::Inputs {
                 cgroup: args.cgroup,
                 containerd_socket: args.containerd_socket,
@@ -114,6 +128,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pin_dir: args.bpf_pin_dir,
                 registries: Registries::parse(&args.trust.registry_values())?,
                 proc: "/proc".into(),
+                p2p_ports,
             };
             let checks = agent::doctor::run(&inputs);
             if args.json {

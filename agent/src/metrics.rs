@@ -230,8 +230,8 @@ impl RegistryMetrics {
     }
 }
 
-/// Store size and in-flight fetches, read at scrape time.
-pub struct StoreGauges(pub Arc<crate::store::Store>);
+/// Store size, its limit and in-flight fetches, read at scrape time.
+pub struct StoreGauges(pub Arc<crate::lifecycle::Lifecycle>);
 
 impl std::fmt::Debug for StoreGauges {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,7 +241,8 @@ impl std::fmt::Debug for StoreGauges {
 
 impl Collector for StoreGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let stats = self.0.stats();
+        let store = self.0.store();
+        let stats = store.stats();
         let gauges = [
             (
                 "eddy_store_entries",
@@ -252,6 +253,11 @@ impl Collector for StoreGauges {
                 "eddy_store_proxy_only",
                 "1 while the disk is below the free-space floor and fills are relayed uncached",
                 i64::from(stats.proxy_only),
+            ),
+            (
+                "eddy_store_limit_bytes",
+                "The store's size limit in bytes (--cache-max-size, resolved against the filesystem)",
+                i64::try_from(self.0.limit_bytes()).unwrap_or(i64::MAX),
             ),
         ];
         for (name, help, value) in gauges {
@@ -285,7 +291,7 @@ impl Collector for StoreGauges {
             size.metric_type(),
         )?;
         size.encode(metric)?;
-        let inflight = ConstGauge::new(self.0.in_flight_count() as i64);
+        let inflight = ConstGauge::new(store.in_flight_count() as i64);
         let metric = encoder.encode_descriptor(
             "eddy_inflight_fetches",
             "Upstream fetches in progress (each shared by every client waiting for it)",

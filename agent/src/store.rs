@@ -438,13 +438,23 @@ impl Store {
     }
 
     /// Whether a blob of `bytes` (0 if unknown) may be stored: the disk keeps [`MIN_FREE_BYTES`]
-    /// free beyond it. Below that the store is proxy-only (fills are relayed uncached); each
-    /// change is logged once.
+    /// free beyond it. With the disk below that floor the store is proxy-only (fills are relayed
+    /// uncached); each change is logged once. A single blob too large for the room above the
+    /// floor is relayed uncached too, but does not switch proxy-only on: the gauge and its log
+    /// line follow the floor alone, so they do not flap between a large blob and a small one.
     pub fn admits(&self, bytes: u64) -> bool {
         let free = self.free_bytes().unwrap_or(0);
-        let ok = free >= bytes.saturating_add(MIN_FREE_BYTES);
-        self.set_proxy_only(!ok, free);
-        ok
+        self.set_proxy_only(free < MIN_FREE_BYTES, free);
+        let fits = free >= bytes.saturating_add(MIN_FREE_BYTES);
+        if !fits && free >= MIN_FREE_BYTES {
+            info!(
+                bytes,
+                free,
+                floor = MIN_FREE_BYTES,
+                "blob larger than the disk's room above its free-space floor: relayed uncached"
+            );
+        }
+        fits
     }
 
     /// Leaves proxy-only once the disk has room again (called by the lifecycle loop, since no fill
@@ -1997,6 +2007,18 @@ mod tests {
             out.extend_from_slice(&chunk.unwrap().unwrap());
         }
         out
+    }
+
+    #[test]
+    fn a_blob_too_large_for_the_disk_is_refused_without_switching_proxy_only_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let free = store.free_bytes().unwrap();
+        assert!(free > 2 * MIN_FREE_BYTES, "the test needs a disk with room");
+        assert!(!store.admits(free), "a blob as large as the free space");
+        assert!(!store.stats().proxy_only, "one large blob is not a full disk");
+        assert!(store.admits(1 << 20), "a small blob right after it");
+        assert!(!store.stats().proxy_only);
     }
 
     #[tokio::test]

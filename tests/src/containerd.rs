@@ -36,13 +36,20 @@ pub struct Containerd {
 impl Containerd {
     /// Start a daemon and wait (bounded) until it answers `ctr version`.
     pub fn start() -> Result<Self> {
-        Self::start_with(None, "", None)
+        Self::start_with(None, "", None, None)
+    }
+
+    /// As [`Containerd::start`], reading its trust roots from `bundle` alone
+    /// (`SSL_CERT_FILE`), as a node's containerd reads the host bundle: what `eddy doctor`
+    /// and the trust gate judge.
+    pub fn start_with_roots(bundle: &Path) -> Result<Self> {
+        Self::start_with(None, "", None, Some(bundle))
     }
 
     /// As [`Containerd::start`], inside network namespace `netns` (a name under
     /// /run/netns): a node's own containerd.
     pub fn start_in(netns: &str) -> Result<Self> {
-        Self::start_with(None, "", Some(netns))
+        Self::start_with(None, "", Some(netns), None)
     }
 
     /// Start a daemon with the CRI plugin, as `client` (in its cgroup, with its /etc/hosts
@@ -50,7 +57,7 @@ impl Containerd {
     /// then run in this daemon, with the trust roots it read when it started, as the
     /// kubelet's pulls do on a node. Its images land in namespace `k8s.io`.
     pub fn start_cri(client: &Client) -> Result<Self> {
-        Self::start_with(Some(client), "", None)
+        Self::start_with(Some(client), "", None, None)
     }
 
     /// As [`Containerd::start`], with content isolated per namespace: a pull into a new
@@ -61,11 +68,18 @@ impl Containerd {
             None,
             "\n[plugins.\"io.containerd.metadata.v1.bolt\"]\n  content_sharing_policy = \"isolated\"\n",
             None,
+            None,
         )
     }
 
     /// `extra`: appended to the config file. `netns`: run there (a CRI client brings its own).
-    fn start_with(cri_client: Option<&Client>, extra: &str, netns: Option<&str>) -> Result<Self> {
+    /// `roots`: the only trust bundle it reads (a CRI client brings its own).
+    fn start_with(
+        cri_client: Option<&Client>,
+        extra: &str,
+        netns: Option<&str>,
+        roots: Option<&Path>,
+    ) -> Result<Self> {
         let work = tempfile::Builder::new().prefix("eddy-ctd-").tempdir()?;
         let dir = work.path();
         let socket = dir.join("containerd.sock");
@@ -139,6 +153,9 @@ disabled_plugins = [{disabled_cri}
                     None => Command::new("containerd"),
                 };
                 c.arg("--config").arg(&config_path);
+                if let Some(bundle) = roots {
+                    c.env("SSL_CERT_FILE", bundle).env_remove("SSL_CERT_DIR");
+                }
                 c
             }
         };

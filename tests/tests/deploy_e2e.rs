@@ -41,8 +41,10 @@ fn text(o: &Output) -> String {
 }
 
 /// containerd in its own cgroup, named like a systemd unit so that doctor names the unit.
-fn containerd_in(cgroup: &Path) -> Result<Containerd> {
-    let containerd = Containerd::start()?;
+/// A containerd in `cgroup` that reads its trust roots from `bundle`, as a node's reads the
+/// host bundle.
+fn containerd_in(cgroup: &Path, bundle: &Path) -> Result<Containerd> {
+    let containerd = Containerd::start_with_roots(bundle)?;
     fs::write(cgroup.join("cgroup.procs"), containerd.pid().to_string())
         .context("moving containerd into the test cgroup")?;
     Ok(containerd)
@@ -80,7 +82,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     fs::write(&bundle, "")?;
     let cgroup = CgroupGuard::new()?;
     let unit_cgroup = cgroup.child("ctd-e2e.service")?;
-    let containerd = containerd_in(&unit_cgroup)?;
+    let containerd = containerd_in(&unit_cgroup, &bundle)?;
     // An upstream on loopback that accepts connections, as a reachable registry does.
     let upstream = TcpListener::bind("127.0.0.1:0")?;
     let args = |containerd: &Containerd| -> Vec<String> {
@@ -168,7 +170,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     // A containerd started after the install trusts the CA: every check passes.
     drop(containerd);
     thread::sleep(Duration::from_millis(50));
-    let restarted = containerd_in(&unit_cgroup)?;
+    let restarted = containerd_in(&unit_cgroup, &bundle)?;
     let (ok, checks) = doctor(&args(&restarted))?;
     let failed: Vec<_> = checks.iter().filter(|c| c["outcome"] == "fail").collect();
     ensure!(ok && failed.is_empty(), "doctor failed: {failed:#?}");
@@ -423,7 +425,7 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
 
     // The node's containerd starts after the CA is in place, as after a restart.
     thread::sleep(Duration::from_millis(50));
-    let node = containerd_in(&node_cgroup)?;
+    let node = containerd_in(&node_cgroup, &trust.join("bundle.crt"))?;
     let node_dir = node.socket.parent().unwrap().to_path_buf();
     // For doctor's reachability check: a listener on loopback.
     let reachable = TcpListener::bind("127.0.0.1:0")?;

@@ -72,8 +72,8 @@ impl P2pConfig {
         }
     }
 
-    /// Where the data port listens: the P2P listen address's IP, port `data_port`.
-    pub fn data_listen(&self) -> SocketAddr {
+    /// The swarm's listen address as a socket address.
+    pub fn listen_socket(&self) -> SocketAddr {
         let mut ip = IpAddr::from([0, 0, 0, 0]);
         let mut port = 0u16;
         for p in self.listen.iter() {
@@ -84,10 +84,17 @@ impl P2pConfig {
                 _ => {}
             }
         }
+        SocketAddr::new(ip, port)
+    }
+
+    /// Where the data port listens: the P2P listen address's IP, port `data_port`.
+    pub fn data_listen(&self) -> SocketAddr {
+        let listen = self.listen_socket();
+        let port = listen.port();
         let data_port = self
             .data_port
             .unwrap_or(if port == 0 { 0 } else { port.wrapping_add(1) });
-        SocketAddr::new(ip, data_port)
+        SocketAddr::new(listen.ip(), data_port)
     }
 
     /// From the `run` flags: None when `--p2p-listen` is absent (P2P off). Reads the PSK
