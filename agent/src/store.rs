@@ -2016,7 +2016,10 @@ mod tests {
         let free = store.free_bytes().unwrap();
         assert!(free > 2 * MIN_FREE_BYTES, "the test needs a disk with room");
         assert!(!store.admits(free), "a blob as large as the free space");
-        assert!(!store.stats().proxy_only, "one large blob is not a full disk");
+        assert!(
+            !store.stats().proxy_only,
+            "one large blob is not a full disk"
+        );
         assert!(store.admits(1 << 20), "a small blob right after it");
         assert!(!store.stats().proxy_only);
     }
