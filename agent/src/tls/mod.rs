@@ -79,6 +79,13 @@ pub enum TlsError {
     NoRoots { errors: String },
     #[error("build TLS config: {source}")]
     Config { source: rustls::Error },
+    /// Writing a file in place of the link would leave the node's containerd with eddy's
+    /// CA as its only root.
+    #[error(
+        "{path} is a symlink to {target}, which does not exist here (a host path mounted without \
+         its target?); not writing through it: pass the link's target as --bundle"
+    )]
+    DanglingBundleLink { path: PathBuf, target: PathBuf },
 }
 
 /// A registry as configured: a DNS host name ("ghcr.io", "registry-1.docker.io") or an IP address
@@ -148,7 +155,15 @@ pub fn install_into_bundle(bundle: &Path, ca_pem: &str) -> Result<bool, TlsError
     // distro's link stays a link instead of being replaced by our regular file.
     let target = match fs::canonicalize(bundle) {
         Ok(target) => target,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => bundle.to_path_buf(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Ok(link) = fs::read_link(bundle) {
+                return Err(TlsError::DanglingBundleLink {
+                    path: bundle.to_path_buf(),
+                    target: link,
+                });
+            }
+            bundle.to_path_buf()
+        }
         Err(source) => {
             return Err(TlsError::Read {
                 path: bundle.to_path_buf(),
@@ -342,6 +357,25 @@ mod tests {
             .unwrap()
             .cert_pem()
             .to_string()
+    }
+
+    #[test]
+    fn a_bundle_link_whose_target_is_missing_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = test_ca_pem(dir.path());
+        // RHEL's ca-bundle.crt is an absolute link, dangling when only the link is mounted.
+        let bundle = dir.path().join("ca-bundle.crt");
+        let target = dir.path().join("extracted/tls-ca-bundle.pem");
+        std::os::unix::fs::symlink(&target, &bundle).unwrap();
+        let err = install_into_bundle(&bundle, &pem).unwrap_err();
+        assert!(matches!(err, TlsError::DanglingBundleLink { .. }), "{err}");
+        assert!(err.to_string().contains("pass the link's target"), "{err}");
+        assert_eq!(
+            fs::read_link(&bundle).unwrap(),
+            target,
+            "the link is untouched"
+        );
+        assert!(!target.exists());
     }
 
     #[test]

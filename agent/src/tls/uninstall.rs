@@ -23,7 +23,16 @@ pub fn remove_from_bundle(bundle: &Path, ca_pem: &str) -> Result<bool, TlsError>
     // As install does: write through the distro's symlink, not over it.
     let target = match fs::canonicalize(bundle) {
         Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        // A dangling link: the real bundle is elsewhere, so "nothing to remove" would be wrong.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::read_link(bundle) {
+            Ok(target) => {
+                return Err(TlsError::DanglingBundleLink {
+                    path: bundle.to_path_buf(),
+                    target,
+                })
+            }
+            Err(_) => return Ok(false),
+        },
         Err(source) => {
             return Err(TlsError::Read {
                 path: bundle.to_path_buf(),
