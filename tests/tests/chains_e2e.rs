@@ -4,7 +4,7 @@
 //! own log.
 //!
 //! Run as root: `cargo xtask test --privileged-only -- chain_`.
-use std::{ffi::OsString, process::Command, time::Duration};
+use std::{ffi::OsString, path::Path, process::Command, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
@@ -138,37 +138,13 @@ impl World {
     /// Write an image layout (random layers of `spec`'s sizes) and push it to `upstream` as
     /// `repo:tag`.
     fn push(&self, upstream: &Upstream, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
-        let layout = self
-            .work
-            .path()
-            .join("layouts")
-            .join(repo.replace('/', "_"));
-        let image = oci::write_layout(&layout, tag, spec)?;
-        upstream.push(&image, repo)?;
-        Ok(image)
+        push_new_image(self.work.path(), upstream, repo, tag, spec)
     }
 
     /// `ctr images pull` of `reference` into a fresh containerd; checks that containerd
     /// holds every blob of `image` and records the image under `image`'s digest.
     fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration> {
-        let containerd = Containerd::start()?;
-        let run = self
-            .client
-            .pull(&containerd, NS, reference, extra, PULL_TIMEOUT)?
-            .check(&format!("{what}: ctr images pull {reference}"))
-            .map_err(|e| e.context(format!("eddy log:\n{}", self.eddy.log_tail(30))))?;
-        containerd.ensure_content(NS, &image.blobs())?;
-        let digest = image_digest(&containerd, reference)?;
-        ensure!(
-            digest == image.top.digest,
-            "{what}: containerd recorded {reference} as {digest}, the endpoint has {}",
-            image.top.digest
-        );
-        println!(
-            "{what}: pulled {reference} ({digest}) in {:.2?}",
-            run.elapsed
-        );
-        Ok(run.elapsed)
+        pull_checked(&self.client, &self.eddy, reference, extra, image, what)
     }
 
     fn endpoint_series(&self, registry: &str, endpoint: &str, outcome: &str) -> Result<f64> {
@@ -176,6 +152,50 @@ impl World {
             r#"eddy_endpoint_requests_total{{registry="{registry}",endpoint="{endpoint}",outcome="{outcome}"}}"#
         ))
     }
+}
+
+/// Write an image layout under `work` (random layers of `spec`'s sizes) and push it to
+/// `upstream` as `repo:tag`.
+fn push_new_image(
+    work: &Path,
+    upstream: &Upstream,
+    repo: &str,
+    tag: &str,
+    spec: &ImageSpec,
+) -> Result<Image> {
+    let layout = work.join("layouts").join(repo.replace('/', "_"));
+    let image = oci::write_layout(&layout, tag, spec)?;
+    upstream.push(&image, repo)?;
+    Ok(image)
+}
+
+/// `ctr images pull` of `reference` by `client` into a fresh containerd; checks that
+/// containerd holds every blob of `image` and records the image under `image`'s digest.
+fn pull_checked(
+    client: &Client,
+    eddy: &RegistryEddy,
+    reference: &str,
+    extra: &[&str],
+    image: &Image,
+    what: &str,
+) -> Result<Duration> {
+    let containerd = Containerd::start()?;
+    let run = client
+        .pull(&containerd, NS, reference, extra, PULL_TIMEOUT)?
+        .check(&format!("{what}: ctr images pull {reference}"))
+        .map_err(|e| e.context(format!("eddy log:\n{}", eddy.log_tail(30))))?;
+    containerd.ensure_content(NS, &image.blobs())?;
+    let digest = image_digest(&containerd, reference)?;
+    ensure!(
+        digest == image.top.digest,
+        "{what}: containerd recorded {reference} as {digest}, the endpoint has {}",
+        image.top.digest
+    );
+    println!(
+        "{what}: pulled {reference} ({digest}) in {:.2?}",
+        run.elapsed
+    );
+    Ok(run.elapsed)
 }
 
 /// The digest containerd recorded for image `reference` (`ctr images ls`).
@@ -507,4 +527,292 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
     let served = w.endpoint_series(&local, &endpoint, "served")?;
     ensure!(served >= 3.0, "{endpoint} served {served} requests");
     Ok(())
+}
+
+/// Docker Hub's API host: what eddy dials for `docker.io` in a chain flag.
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+/// The home-lab registry's host name, as the issue writes it (`local:5000`).
+const LOCAL_HOST: &str = "local";
+
+/// When a registry's log line was written (distribution logs RFC 3339 in UTC with up to
+/// nine fraction digits): (date, nanoseconds into the day), which order as times do.
+fn log_time(time: &str) -> Option<(String, u64)> {
+    let (date, clock) = time.split_once('T')?;
+    let clock = clock.strip_suffix('Z')?;
+    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut parts = hms.split(':').map(|p| p.parse::<u64>().ok());
+    let (h, m, s) = (parts.next()??, parts.next()??, parts.next()??);
+    let nanos = match fraction {
+        "" => 0,
+        f if f.len() <= 9 && f.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{f:0<9}").parse::<u64>().ok()?
+        }
+        _ => return None,
+    };
+    Some((
+        date.to_string(),
+        ((h * 60 + m) * 60 + s) * 1_000_000_000 + nanos,
+    ))
+}
+
+/// One answered request for a URI, from a registry's JSON log.
+#[derive(Debug)]
+struct Ask {
+    at: (String, u64),
+    method: String,
+    status: u64,
+}
+
+/// Every request for exactly `uri` that `upstream` answered (404s included), in log order,
+/// leaving out the first `skip` answered requests (as [`logged`] counts them: the pushes).
+fn asks(upstream: &Upstream, uri: &str, skip: usize) -> Result<Vec<Ask>> {
+    let text = std::fs::read_to_string(&upstream.log)?;
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["http.response.status"].is_u64())
+        .skip(skip)
+        .filter(|v| v["http.request.uri"] == uri)
+        .map(|v| {
+            let time = v["time"].as_str().unwrap_or("");
+            Ok(Ask {
+                at: log_time(time).with_context(|| format!("log time {time:?}"))?,
+                method: v["http.request.method"].as_str().unwrap_or("?").to_string(),
+                status: v["http.response.status"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// The issue's home-lab chain with real registries under its names:
+/// `--fallback local:5000=https://registry.test/acme,docker.io`. `local:5000` is a
+/// plain-HTTP registry without the image (clients resolve `local` through their hosts
+/// file; eddy dials the address the client chose), `registry.test/acme` an HTTPS endpoint
+/// whose prefixed repositories lack it too (404), and `docker.io` has it.
+///
+/// `docker.io` is real as far as eddy can tell: a chain endpoint is dialled by name through
+/// the system resolver, so eddy runs with a hosts file (bind-mounted over /etc/hosts; eddy
+/// does not start if the mount fails) mapping `registry-1.docker.io` to a test namespace,
+/// and `--upstream-ca` trusts the test CA that signed that registry's certificate. No
+/// packet leaves for the real Docker Hub.
+///
+/// `ctr --plain-http` pulls `local:5000/test/app:v1` (prefix: `acme/test/app`; a
+/// multi-component name gets no `library/`) and `local:5000/app:v1` (Docker Hub's rule:
+/// `library/app`), each with Docker Hub's digest. Each registry's log shows it was asked
+/// for the tag in chain order (local 404, then the prefixed name at registry.test 404,
+/// then Docker Hub 200), and no endpoint was asked for a name without its rewrite. Decoys
+/// under the unrewritten names (`test/app` at registry.test, `app` at Docker Hub) would
+/// give a wrong digest if a rewrite were skipped.
+#[test]
+fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Result<()> {
+    if !require_privileges() {
+        return Ok(());
+    }
+    check_programs()?;
+    let work = tempfile::Builder::new().prefix("eddy-chains-").tempdir()?;
+    let cgroup = CgroupGuard::new()?;
+    let local_ns = Netns::new()?;
+    let acme_ns = Netns::new()?;
+    let hub_ns = Netns::new()?;
+    let pki = Pki::create(
+        &work.path().join("pki"),
+        &[REGISTRY_HOST, DOCKER_HUB_API],
+        &[
+            local_ns.ns_v4.into(),
+            acme_ns.ns_v4.into(),
+            hub_ns.ns_v4.into(),
+        ],
+    )?;
+    let local = Upstream::start(
+        &local_ns,
+        &pki,
+        UpstreamOptions {
+            plain_http_port: Some(LOCAL_PORT),
+            ..Default::default()
+        },
+    )?;
+    let acme = Upstream::start(&acme_ns, &pki, UpstreamOptions::default())?;
+    let hub = Upstream::start(&hub_ns, &pki, UpstreamOptions::default())?;
+
+    // The client knows only the local registry; eddy knows every endpoint by name.
+    let client_hosts = work.path().join("hosts.client");
+    Client::write_hosts(&client_hosts, local_ns.ns_v4, &[LOCAL_HOST])?;
+    let eddy_hosts = work.path().join("hosts.eddy");
+    std::fs::write(
+        &eddy_hosts,
+        format!(
+            "127.0.0.1 localhost\n::1 localhost\n{} {LOCAL_HOST}\n{} {REGISTRY_HOST}\n{} {DOCKER_HUB_API}\n",
+            local_ns.ns_v4, acme_ns.ns_v4, hub_ns.ns_v4
+        ),
+    )?;
+
+    let spec = ImageSpec::single(&[2 * MIB, MIB]);
+    let decoy = ImageSpec::single(&[64 << 10]);
+    let hub_app = push_new_image(work.path(), &hub, "library/app", "v1", &spec)?;
+    let hub_test_app = push_new_image(work.path(), &hub, "test/app", "v1", &spec)?;
+    push_new_image(&work.path().join("decoys"), &acme, "test/app", "v1", &decoy)?;
+    push_new_image(&work.path().join("decoys"), &hub, "app", "v1", &decoy)?;
+    // Requests before these marks were the pushes.
+    let acme_before = logged(&acme)?.len();
+    let hub_before = logged(&hub)?.len();
+    ensure!(
+        acme_before > 0 && hub_before > 0,
+        "the registries' logs show no push"
+    );
+
+    let local_name = format!("{LOCAL_HOST}:{LOCAL_PORT}");
+    let acme_endpoint = format!("https://{REGISTRY_HOST}/acme");
+    let flags = vec![
+        "--fallback".to_string(),
+        format!("{local_name}={acme_endpoint},docker.io"),
+    ];
+    println!("eddy chain flags: {flags:?}");
+    let config = RegistryEddyConfig {
+        cgroup: cgroup.path().to_path_buf(),
+        data_dir: work.path().join("eddy-data"),
+        registries: Vec::new(),
+        upstream_cas: vec![pki.ca_cert.clone()],
+        hosts: Some(eddy_hosts),
+        quiet_start: false,
+        extra_args: flags.into_iter().map(OsString::from).collect(),
+        in_netns: None,
+    };
+    // Declared after the registries and namespaces: dropped (killed) before them.
+    let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
+    let bundle = work.path().join("ca-bundle.pem");
+    write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
+    let client = Client {
+        cgroup: Some(config.cgroup.clone()),
+        hosts: client_hosts,
+        ca_bundle: bundle,
+        netns: None,
+    };
+
+    // (name at local:5000, name at registry.test, name at Docker Hub, Docker Hub's image)
+    let cases = [
+        ("test/app", "acme/test/app", "test/app", &hub_test_app),
+        ("app", "acme/app", "library/app", &hub_app),
+    ];
+    for (name, at_acme, at_hub, image) in cases {
+        let reference = format!("{local_name}/{name}:v1");
+        pull_checked(
+            &client,
+            &eddy,
+            &reference,
+            &["--plain-http"],
+            image,
+            &format!("pull through the chain ({name})"),
+        )?;
+        let tag_uri = |repo: &str| format!("/v2/{repo}/manifests/v1");
+        let at_local = asks(&local, &tag_uri(name), 0)?;
+        let at_acme_asks = asks(&acme, &tag_uri(at_acme), acme_before)?;
+        let at_hub_asks = asks(&hub, &tag_uri(at_hub), hub_before)?;
+        println!(
+            "{reference}: local asked {:?}; registry.test asked {at_acme} {:?}; docker.io asked \
+             {at_hub} {:?}",
+            at_local
+                .iter()
+                .map(|a| format!("{} {}", a.method, a.status))
+                .collect::<Vec<_>>(),
+            at_acme_asks
+                .iter()
+                .map(|a| format!("{} {}", a.method, a.status))
+                .collect::<Vec<_>>(),
+            at_hub_asks
+                .iter()
+                .map(|a| format!("{} {}", a.method, a.status))
+                .collect::<Vec<_>>(),
+        );
+        let (Some(first_local), Some(first_acme), Some(first_hub)) =
+            (at_local.first(), at_acme_asks.first(), at_hub_asks.first())
+        else {
+            anyhow::bail!(
+                "{reference}: not every endpoint was asked for the tag (local {at_local:?}, \
+                 registry.test {at_acme_asks:?}, docker.io {at_hub_asks:?}); eddy log:\n{}",
+                eddy.log_tail(30)
+            );
+        };
+        ensure!(
+            first_local.status == 404 && at_acme_asks.iter().all(|a| a.status == 404),
+            "{reference}: the local registry or registry.test did not answer 404: local \
+             {at_local:?}, registry.test {at_acme_asks:?}"
+        );
+        ensure!(
+            at_hub_asks.iter().any(|a| a.status == 200),
+            "{reference}: docker.io never served {at_hub}: {at_hub_asks:?}"
+        );
+        ensure!(
+            first_local.at < first_acme.at && first_acme.at < first_hub.at,
+            "{reference}: endpoints not asked in chain order: local at {:?}, registry.test at \
+             {:?}, docker.io at {:?}",
+            first_local.at,
+            first_acme.at,
+            first_hub.at
+        );
+    }
+
+    // Every request an endpoint got during the pulls named a rewritten repository.
+    let acme_during = logged(&acme)?.split_off(acme_before);
+    let unprefixed: Vec<&String> = acme_during
+        .iter()
+        .filter(|r| {
+            let uri = r.split_whitespace().nth(1).unwrap_or("");
+            uri != "/v2/" && !uri.starts_with("/v2/acme/")
+        })
+        .collect();
+    ensure!(
+        !acme_during.is_empty() && unprefixed.is_empty(),
+        "registry.test got requests without the acme/ prefix: {unprefixed:?} (of {})",
+        acme_during.len()
+    );
+    let hub_during = logged(&hub)?.split_off(hub_before);
+    let unrewritten: Vec<&String> = hub_during
+        .iter()
+        .filter(|r| {
+            let uri = r.split_whitespace().nth(1).unwrap_or("");
+            uri.starts_with("/v2/app/") || uri.starts_with("/v2/library/test/")
+        })
+        .collect();
+    ensure!(
+        unrewritten.is_empty(),
+        "docker.io was asked for names without (or with a wrong) library/: {unrewritten:?}"
+    );
+    let served = hub.served()?;
+    ensure!(
+        served.blob_gets >= (hub_app.layers().len() + hub_test_app.layers().len()) as u64,
+        "docker.io served {served:?}: the layers did not come from the last endpoint"
+    );
+
+    let series = |endpoint: &str, outcome: &str| {
+        eddy.metric(&format!(
+            r#"eddy_endpoint_requests_total{{registry="{local_name}",endpoint="{endpoint}",outcome="{outcome}"}}"#
+        ))
+    };
+    let hub_endpoint = format!("https://{DOCKER_HUB_API}");
+    let local_missed = series(&local_name, "not_found")?;
+    let acme_missed = series(&acme_endpoint, "not_found")?;
+    let hub_served = series(&hub_endpoint, "served")?;
+    println!(
+        "eddy_endpoint_requests_total: {local_name} not_found {local_missed}, {acme_endpoint} \
+         not_found {acme_missed}, {hub_endpoint} served {hub_served}"
+    );
+    ensure!(
+        local_missed >= 2.0 && acme_missed >= 2.0 && hub_served >= 6.0,
+        "metrics: {local_name} not_found {local_missed}, {acme_endpoint} not_found \
+         {acme_missed}, {hub_endpoint} served {hub_served}"
+    );
+    ensure!(
+        eddy.metric(&connections_series("registry_http"))? >= 1.0,
+        "the local registry's connections were not intercepted"
+    );
+    Ok(())
+}
+
+#[test]
+fn log_times_order_as_times() {
+    let t = |s| log_time(s).unwrap();
+    assert!(t("2026-12-02T00:02:21.87305903Z") > t("2026-12-02T00:02:21.872910928Z"));
+    assert!(t("2026-12-02T00:02:21.9Z") > t("2026-12-02T00:02:21.872910928Z"));
+    assert!(t("2026-12-02T00:02:22Z") > t("2026-12-02T00:02:21.999999999Z"));
+    assert!(t("2026-12-03T00:00:00Z") > t("2026-12-02T23:59:59.9Z"));
+    assert_eq!(log_time("2026-12-02T00:02:21+01:00"), None);
 }
