@@ -25,7 +25,7 @@ use eddy_tests::{
     containerd::Client,
     oci::ImageSpec,
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
-    registry_world::peak_rss_kib,
+    registry_world::{cpu_seconds, peak_rss_kib},
     require_privileges,
 };
 
@@ -82,7 +82,17 @@ fn main() -> Result<()> {
     cluster.nodes[0]
         .fetch(&format!("{REGISTRY_HOST}/p2p/big:v1"))?
         .check("node 0's pull of the big blob")?;
+    let eddy_pid = |i: usize| cluster.nodes[i].eddy.as_ref().map(|e| e.pid());
+    let (serving, receiving) = (eddy_pid(0), eddy_pid(1));
+    let cpu_before = (serving.map(cpu_seconds), receiving.map(cpu_seconds));
     let (first_byte, secs) = curl_blob(&cluster, 1, "p2p/big", &layer.digest)?;
+    // What each end spent, for a node's CPU per GB (and for a machine with more cores than
+    // this bench's, where both nodes share them).
+    let cpu = |pid: Option<u32>, before: Option<f64>| match (pid, before) {
+        (Some(pid), Some(before)) => cpu_seconds(pid) - before,
+        _ => f64::NAN,
+    };
+    let (serving_cpu, receiving_cpu) = (cpu(serving, cpu_before.0), cpu(receiving, cpu_before.1));
     // Peer bytes are held until they verify, so curl's first byte marks the end of the
     // transfer between the nodes (with the lookup and curl's TLS handshake in it).
     let peer_gbps = layer.size as f64 / first_byte / 1e9;
@@ -98,6 +108,17 @@ fn main() -> Result<()> {
     );
     md += &format!(
         "| the same blob end to end (curl's last byte: the transfer, then served from the store) | {secs:.2} s = **{gbps:.2} GB/s** |\n"
+    );
+    let gib = layer.size as f64 / (1u64 << 30) as f64;
+    eprintln!(
+        "a. CPU: serving eddy {serving_cpu:.2} s, receiving eddy {receiving_cpu:.2} s (the receiving one also served curl), on {} CPUs",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    md += &format!(
+        "| CPU of that transfer, end to end: serving eddy / receiving eddy (which also served curl), per GiB | {:.2} / {:.2} s, on {} CPUs shared by both nodes |\n",
+        serving_cpu / gib,
+        receiving_cpu / gib,
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     if args.throughput_only {
         print!("{md}");

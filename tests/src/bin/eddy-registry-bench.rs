@@ -45,6 +45,7 @@ use eddy_tests::{
         check_programs, parse_registry_log, shape_link, Upstream, UpstreamOptions, REGISTRY_HOST,
     },
     registry_eddy::{ca_export, store_has, RegistryEddy, RegistryEddyConfig},
+    registry_world::cpu_seconds,
     require_privileges,
     wire::HttpsGetReport,
 };
@@ -1225,25 +1226,6 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         rest.split_whitespace().next()?.parse().ok()
     })
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised comm; utime and stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields
-        .get(11..13)
-        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
 }
 
 /// Busy CPU seconds of the whole machine since boot, over all CPUs (/proc/stat).
