@@ -213,10 +213,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         p2p_metrics.register_into(&mut registry);
     }
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
-    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
-        Arc::clone(&store),
-        config.cache_policy,
-    ));
+    let lifecycle = Arc::new(
+        crate::lifecycle::Lifecycle::new(Arc::clone(&store), config.cache_policy)
+            .with_catalog(Arc::clone(&catalog)),
+    );
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&lifecycle))));
     let trust = Arc::new(TrustGate::new(
         ca.cert_der(),

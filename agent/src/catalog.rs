@@ -137,6 +137,20 @@ impl Catalog {
         self.write_json(&self.repo_path(repo), visibility)
     }
 
+    /// Forgets what was known about `digest`, whose content left the store, so the catalog
+    /// does not grow with every digest ever cached. Tag records stay: one small file per tag,
+    /// naming what to fetch again.
+    pub fn forget_content(&self, digest: &Digest) -> Result<(), CatalogError> {
+        let _guard = self.write.lock().unwrap();
+        let path = self.content_path(digest);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(CatalogError { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn content_path(&self, digest: &Digest) -> PathBuf {
         self.dir
             .join("content")

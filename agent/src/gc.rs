@@ -25,7 +25,10 @@ pub fn run(args: &GcArgs) -> anyhow::Result<GcReport> {
         Ok(_lock) => {
             // Held until the collection is done: an agent starting meanwhile waits its turn.
             let store = std::sync::Arc::new(Store::open(&args.data_dir)?);
-            Ok(Lifecycle::new(store, args.cache.policy()).collect(args.dry_run))
+            let catalog = std::sync::Arc::new(crate::catalog::Catalog::open(&args.data_dir)?);
+            Ok(Lifecycle::new(store, args.cache.policy())
+                .with_catalog(catalog)
+                .collect(args.dry_run))
         }
         Err(datadir_lock::LockError::Held { holder, .. }) => {
             let path = if args.dry_run { "/gc?dry_run=1" } else { "/gc" };

@@ -8,8 +8,9 @@
 //! - Content being served (a live `Blob`) is never evicted, and content being filled is not in
 //!   the index yet, so a pull never fails because of eviction. An entry hit after the policy
 //!   looked at it is spared too.
-//! - The catalog (tags, manifest metadata) is left alone: a record pointing at an evicted digest
-//!   is simply a miss for the registry handler, which then refetches.
+//! - The catalog's record of an evicted digest (media type, repositories, public) goes with it,
+//!   unless a fill of that digest started meanwhile. Tag records stay: a tag pointing at an
+//!   evicted digest is simply a miss for the registry handler, which then refetches.
 //!
 //! The policy runs in the agent (after every commit and on a timer), through `POST /gc`, and
 //! through `eddy gc` on a data dir no agent holds.
@@ -22,7 +23,11 @@ use std::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::store::{EntryInfo, EvictReason, Store};
+use crate::{
+    catalog::Catalog,
+    digest::Digest,
+    store::{EntryInfo, EvictReason, Store},
+};
 
 /// Eviction brings the store down to this share of the limit.
 const LOW_WATER_PERCENT: u64 = 80;
@@ -195,11 +200,22 @@ pub fn plan(
 pub struct Lifecycle {
     store: Arc<Store>,
     policy: Policy,
+    catalog: Option<Arc<Catalog>>,
 }
 
 impl Lifecycle {
     pub fn new(store: Arc<Store>, policy: Policy) -> Self {
-        Lifecycle { store, policy }
+        Lifecycle {
+            store,
+            policy,
+            catalog: None,
+        }
+    }
+
+    /// Evictions also forget the evicted digests' catalog records.
+    pub fn with_catalog(mut self, catalog: Arc<Catalog>) -> Self {
+        self.catalog = Some(catalog);
+        self
     }
 
     pub fn policy(&self) -> Policy {
@@ -233,6 +249,9 @@ impl Lifecycle {
                 self.store.evict(&entry.digest, entry.last_access, reason)
             };
             if let Some(bytes) = bytes {
+                if !dry_run {
+                    self.forget(&entry.digest);
+                }
                 removed.push(Removal {
                     digest: entry.digest.to_string(),
                     bytes,
@@ -252,6 +271,20 @@ impl Lifecycle {
             ttl_secs: self.policy.ttl.as_secs(),
             store_bytes: stats.bytes,
             store_entries: stats.entries,
+        }
+    }
+
+    /// Drops the catalog record of an evicted digest, unless the digest is back (a fill that
+    /// started since records its own).
+    fn forget(&self, digest: &Digest) {
+        let Some(catalog) = &self.catalog else {
+            return;
+        };
+        if self.store.contains(digest).is_some() || self.store.in_flight(digest).is_some() {
+            return;
+        }
+        if let Err(err) = catalog.forget_content(digest) {
+            warn!(%digest, %err, "catalog record of an evicted digest not removed");
         }
     }
 
@@ -419,14 +452,23 @@ mod tests {
         }
         // Used most recently: the first one.
         drop(store.get(&digests[0]).unwrap());
+        let catalog = Arc::new(Catalog::open(dir.path()).unwrap());
+        for d in &digests {
+            catalog.record_content(d, None, "r.test/app", true).unwrap();
+        }
         let lifecycle = Lifecycle::new(
             Arc::clone(&store),
             Policy {
                 max_size: CacheSize::Bytes(25_000),
                 ttl: Duration::from_secs(3600),
             },
-        );
+        )
+        .with_catalog(Arc::clone(&catalog));
         let dry = lifecycle.collect(true);
+        assert!(
+            catalog.content(&digests[1]).is_some(),
+            "a dry run forgets nothing"
+        );
         assert!(dry.dry_run);
         assert_eq!(dry.bytes_freed, 10_000);
         assert_eq!(dry.removed[0].digest, digests[1].to_string());
@@ -435,6 +477,11 @@ mod tests {
         assert_eq!(done.removed, dry.removed);
         assert_eq!((done.store_bytes, done.store_entries), (20_000, 2));
         assert!(store.contains(&digests[1]).is_none());
+        assert!(
+            catalog.content(&digests[1]).is_none(),
+            "the evicted digest's record went"
+        );
+        assert!(catalog.content(&digests[0]).is_some() && catalog.content(&digests[2]).is_some());
         assert!(lifecycle.collect(false).removed.is_empty());
         let status = store_status(&lifecycle);
         assert_eq!(status["bytes"], 20_000);
