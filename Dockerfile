@@ -1,11 +1,10 @@
 # eddy node agent image. Build from the repository root:
-#   docker build -t eddy \
-#     --build-arg VERSION="$(grep -m1 '^version = ' agent/Cargo.toml | cut -d'"' -f2)" \
-#     --build-arg REVISION="$(git rev-parse HEAD)" .
+#   docker build -t eddy --build-arg REVISION="$(git rev-parse HEAD)" .
 # The same image as `cargo xtask image` (umoci, no Docker needed): FROM scratch with the
 # eddy binary, the shared libraries it links (libc6, libgcc-s1), the CA roots, and the same
 # labels. A label cannot be read from a file during the build, so VERSION is a build
-# argument, checked against agent/Cargo.toml (the version `eddy --version` reports).
+# argument whose default is checked against agent/Cargo.toml (the version `eddy --version`
+# reports): a release that bumps one without the other fails the build with the fix.
 #
 # The eBPF object needs Debian's rustc-web (prebuilt `core` for bpfel-unknown-none) and
 # bpf-linker built against LLVM 22; the same compiler builds the user-space agent.
@@ -17,10 +16,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-ARG VERSION
+ARG VERSION=0.1.0
 RUN cargo_version="$(grep -m1 '^version = ' agent/Cargo.toml | cut -d'"' -f2)" \
  && if [ "$VERSION" != "$cargo_version" ]; then \
-      echo "VERSION='$VERSION' is not agent/Cargo.toml's version: build with --build-arg VERSION=$cargo_version" >&2; \
+      echo "VERSION='$VERSION' is not agent/Cargo.toml's version $cargo_version: update the Dockerfile's ARG VERSION defaults, or build with --build-arg VERSION=$cargo_version" >&2; \
       exit 1; \
     fi
 RUN cargo xtask build \
@@ -29,7 +28,7 @@ RUN cargo xtask build \
  && ldd /eddy | grep -o '/[^ ]*' | xargs -I{} cp --parents -L {} /rootfs/
 
 FROM scratch
-ARG VERSION
+ARG VERSION=0.1.0
 # The commit built (`git rev-parse HEAD`); .git is not in the build context.
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="eddy" \
