@@ -120,6 +120,21 @@ fn main() -> Result<()> {
         receiving_cpu / gib,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // The machine's own ceiling for any node that stores the blob: writing that many bytes of
+    // new file data (1 MiB writes, no fsync), on the filesystem of the nodes' data dirs, right
+    // after the transfer. On a VM that hands freed memory back to its host, new page-cache
+    // pages can cost far more than reused ones, and this varies with what ran before.
+    let write_secs = new_file_write_secs(cluster.work.path(), layer.size)?;
+    eprintln!(
+        "a. reference: writing {} MiB of new file data on this machine: {write_secs:.2} s = {:.2} GB/s",
+        layer.size / MIB,
+        layer.size as f64 / write_secs / 1e9
+    );
+    md += &format!(
+        "| reference, no eddy: writing {} MiB of new file data on the nodes' filesystem right after (1 MiB writes) | {write_secs:.2} s = {:.2} GB/s |\n",
+        layer.size / MIB,
+        layer.size as f64 / write_secs / 1e9
+    );
     if args.throughput_only {
         print!("{md}");
         return Ok(());
@@ -263,6 +278,24 @@ fn cold_wave(cluster: &Cluster, spec: &ImageSpec) -> Result<(f64, u64, f64)> {
 
 /// Seconds for curl to fetch `digest` through node `i`'s eddy (body discarded): until the
 /// first byte of the body, and until the last.
+/// Seconds to write `bytes` of new data into a fresh file under `dir` (then removed).
+fn new_file_write_secs(dir: &std::path::Path, bytes: u64) -> Result<f64> {
+    let path = dir.join("write-reference");
+    let chunk = vec![0x5a_u8; MIB as usize];
+    let mut file = fs::File::create(&path)?;
+    let started = std::time::Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        file.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(file);
+    fs::remove_file(&path)?;
+    Ok(secs)
+}
+
 fn curl_blob(cluster: &Cluster, i: usize, repo: &str, digest: &str) -> Result<(f64, f64)> {
     let node = &cluster.nodes[i];
     let headers = cluster.work.path().join("curl.headers");
