@@ -1124,68 +1124,10 @@ async fn run_fill<F, Fut, S, E1, E2>(
     guard.finish(result);
 }
 
-/// A batch being hashed and written, each on a blocking thread of its own; its task hands
-/// the hasher back once both are done (and the batch's checkpoint, if due, is written).
+/// A batch being hashed and written on a blocking thread; its task hands the hasher back.
 struct InFlightWrite {
     len: u64,
-    task: futures_util::future::BoxFuture<'static, io::Result<Sha256>>,
-}
-
-impl InFlightWrite {
-    /// Hashes and writes `batch` at `at` in parallel: on a fill from a fast source (a peer,
-    /// or upstream over a LAN) hashing and the page-cache copy are the two largest costs, and
-    /// neither needs the other. A checkpoint (`checkpoint`) goes after both, so it never
-    /// names bytes that are not in the file.
-    fn spawn(
-        batch: Vec<Bytes>,
-        at: u64,
-        mut hasher: Sha256,
-        writer: Arc<File>,
-        checkpoint: Option<PathBuf>,
-    ) -> InFlightWrite {
-        let len: u64 = batch.iter().map(|c| c.len() as u64).sum();
-        let batch = Arc::new(batch);
-        let hash = {
-            let batch = Arc::clone(&batch);
-            tokio::task::spawn_blocking(move || {
-                for chunk in batch.iter() {
-                    hasher.update(chunk);
-                }
-                hasher
-            })
-        };
-        let write = tokio::task::spawn_blocking(move || {
-            let mut pos = at;
-            for chunk in batch.iter() {
-                writer.write_all_at(chunk, pos)?;
-                pos += chunk.len() as u64;
-            }
-            Ok::<_, io::Error>(())
-        });
-        let task = async move {
-            let (hashed, wrote) = tokio::join!(hash, write);
-            wrote.unwrap_or_else(|join| Err(io::Error::other(join)))?;
-            let hasher = hashed.map_err(io::Error::other)?;
-            if let Some(tmp_path) = checkpoint {
-                let state = hasher.clone();
-                let end = at + len;
-                let written = tokio::task::spawn_blocking(move || {
-                    resume::write_checkpoint(&tmp_path, end, &state)
-                })
-                .await
-                .unwrap_or_else(|join| Err(io::Error::other(join)));
-                // Best effort: a missed checkpoint only means more to fetch after a crash.
-                if let Err(err) = written {
-                    debug!(%err, "fill checkpoint not written");
-                }
-            }
-            Ok(hasher)
-        };
-        InFlightWrite {
-            len,
-            task: Box::pin(task),
-        }
-    }
+    task: tokio::task::JoinHandle<io::Result<Sha256>>,
 }
 
 /// Waits for the batch in flight, if any: takes the hasher back, counts its bytes as
@@ -1205,13 +1147,15 @@ async fn finish_write(
 
 /// A batch's write ended: the hasher comes back and its `len` bytes count as written.
 fn write_done(
-    done: io::Result<Sha256>,
+    done: Result<io::Result<Sha256>, tokio::task::JoinError>,
     len: u64,
     hasher: &mut Option<Sha256>,
     written: &mut u64,
     guard: &FillGuard,
 ) -> Result<(), StoreError> {
-    let back = done.map_err(io_err("write", &guard.tmp_path))?;
+    let back = done
+        .unwrap_or_else(|join| Err(io::Error::other(join)))
+        .map_err(io_err("write", &guard.tmp_path))?;
     *hasher = Some(back);
     *written += len;
     guard.tx.send_modify(|p| p.written = *written);
@@ -1361,15 +1305,29 @@ where
         if checkpoint {
             checkpointed = written + batch_len as u64;
         }
-        // Hashing a MiB takes long enough to stall other tasks, so it goes to a blocking thread
-        // too, beside the write.
-        in_flight = Some(InFlightWrite::spawn(
-            batch,
-            written,
-            hasher.take().expect("the hasher is back after each write"),
-            writer.clone(),
-            checkpoint.then(|| guard.tmp_path.clone()),
-        ));
+        // Hashing a MiB takes long enough to stall other tasks, so it rides the blocking hop too.
+        let w = writer.clone();
+        let tmp_path = guard.tmp_path.clone();
+        let at = written;
+        let mut batch_hasher = hasher.take().expect("the hasher is back after each write");
+        in_flight = Some(InFlightWrite {
+            len: batch_len as u64,
+            task: tokio::task::spawn_blocking(move || {
+                let mut pos = at;
+                for chunk in &batch {
+                    batch_hasher.update(chunk);
+                    w.write_all_at(chunk, pos)?;
+                    pos += chunk.len() as u64;
+                }
+                if checkpoint {
+                    // Best effort: a missed checkpoint only means more to fetch after a crash.
+                    if let Err(err) = resume::write_checkpoint(&tmp_path, pos, &batch_hasher) {
+                        debug!(%err, "fill checkpoint not written");
+                    }
+                }
+                Ok(batch_hasher)
+            }),
+        });
     }
     finish_write(&mut in_flight, &mut hasher, &mut written, guard).await?;
     let hasher = hasher.expect("the hasher is back after the last write");
