@@ -346,12 +346,24 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
                 c.pid
             ),
         ),
+        Verdict::Untrusting(Reason::CaNotInRoots)
+            if bundle_contains(&std::fs::read(bundle).unwrap_or_default(), &ca) =>
+        {
+            fail(
+                name,
+                format!(
+                    "eddy's CA is in {}, but in none of the roots containerd (pid {}) reads",
+                    bundle.display(),
+                    c.pid
+                ),
+                "give --bundle (the chart's trustBundle) as the bundle containerd reads",
+            )
+        }
         Verdict::Untrusting(Reason::CaNotInRoots) => fail(
             name,
             format!(
-                "eddy's CA is in none of the roots containerd (pid {}) reads (not in {})",
-                c.pid,
-                bundle.display()
+                "eddy's CA is in none of the roots containerd (pid {}) reads",
+                c.pid
             ),
             install_fix(c.distro, bundle),
         ),
