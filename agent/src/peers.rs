@@ -223,6 +223,16 @@ impl Peers {
                 // Announced before the upstream answers, so that nodes deciding after this
                 // moment join this fetch (its bytes stream to them as they arrive).
                 self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
+                // A node whose claim reached the others after their wait ranked itself
+                // against fewer nodes than they did, and can win in its own view as well.
+                // The content records settle it: a node that now sees another announced
+                // fetcher ranking above it joins that one (the top one never yields).
+                let fetchers =
+                    self.usable(self.net.providers(content_key(digest), LOOKUP_BOUND).await);
+                if let Some(peer) = winner(digest, &me, &fetchers) {
+                    debug!(%digest, %peer, "election: a fetcher ranking above this node announced meanwhile");
+                    return Election::Peer(peer, claim);
+                }
                 Election::Upstream(claim)
             }
         }
@@ -457,6 +467,9 @@ mod tests {
         content: Mutex<HashMap<PeerKey, (Vec<u8>, Option<usize>)>>,
         slow: Mutex<BTreeSet<PeerKey>>,
         failures: Mutex<Vec<(PeerKey, &'static str)>>,
+        /// The next this many lookups find nothing: records that have not reached the
+        /// asking node yet.
+        blind_lookups: std::sync::atomic::AtomicUsize,
     }
 
     struct Node {
@@ -492,6 +505,12 @@ mod tests {
             }
         }
         fn providers(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, Vec<PeerKey>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let blind = self.world.blind_lookups.load(SeqCst);
+            if blind > 0 {
+                self.world.blind_lookups.store(blind - 1, SeqCst);
+                return Box::pin(async { Vec::new() });
+            }
             let found: Vec<PeerKey> = self
                 .world
                 .records
@@ -662,6 +681,41 @@ mod tests {
                 Election::Upstream(_) => panic!("{digest}: the late node fetched upstream too"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_late_claim_that_wins_in_its_own_view_yields_to_a_higher_fetcher_it_sees_after() {
+        let (mut yielded, mut kept) = (0, 0);
+        for i in 0..20u8 {
+            let world = Arc::new(World::default());
+            let digest = Digest::of(&[i, 7]);
+            let (early, late) = (node(&world, "early"), node(&world, "late"));
+            let first = early.elect(&digest).await;
+            assert!(matches!(first, Election::Upstream(_)), "alone, it fetches");
+            // The late node's two lookups after its wait miss the early node's records.
+            world
+                .blind_lookups
+                .store(2, std::sync::atomic::Ordering::SeqCst);
+            let early_ranks_higher = winner(&digest, &key("late"), &[key("early")]).is_some();
+            match late.elect(&digest).await {
+                Election::Peer(peer, _) => {
+                    assert!(
+                        early_ranks_higher,
+                        "{digest}: yielded to a lower-ranked node"
+                    );
+                    assert_eq!(peer, key("early"));
+                    yielded += 1;
+                }
+                Election::Upstream(_) => {
+                    assert!(
+                        !early_ranks_higher,
+                        "{digest}: fetched beside a higher-ranked node"
+                    );
+                    kept += 1;
+                }
+            }
+        }
+        assert!(yielded > 0 && kept > 0, "both ranks occur in 20 digests");
     }
 
     #[tokio::test]
