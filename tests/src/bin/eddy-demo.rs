@@ -247,7 +247,9 @@ fn run(started: Instant) -> Result<()> {
     let eddy_status_text = run_ok(
         Command::new(&bin)
             .args(["status", "--bpf-pin-dir"])
-            .arg(&eddy.pin_dir),
+            .arg(&eddy.pin_dir)
+            .arg("--admin")
+            .arg(eddy.admin.to_string()),
     )?;
 
     println!();
@@ -271,7 +273,11 @@ fn run(started: Instant) -> Result<()> {
     for line in ran.stdout().lines() {
         println!("  | {line}");
     }
-    println!("\n$ eddy status --bpf-pin-dir {}", eddy.pin_dir.display());
+    println!(
+        "\n$ eddy status --bpf-pin-dir {} --admin {}",
+        eddy.pin_dir.display(),
+        eddy.admin
+    );
     for line in String::from_utf8_lossy(&eddy_status_text.stdout).lines() {
         println!("  {line}");
     }
