@@ -10,7 +10,9 @@
 //!   announcements, and the announcer that the digest hashes highest onto (rendezvous hashing)
 //!   fetches it upstream; the others stream from that node. A node that sees the winner always
 //!   picks it, and a node that misses some announcements picks a node that ranks higher than
-//!   itself, so the "streams from" relation has no cycles.
+//!   itself, so the "streams from" relation has no cycles. A winner announces the content and
+//!   looks once more: if a fetcher ranking above it announced meanwhile (its claim was late
+//!   for this node's wait), it joins that one, which keeps the relation acyclic too.
 //! - A peer whose bytes did not verify is avoided for a while (`blame`).
 //!
 //! The network itself (libp2p) sits behind `PeerNetwork`, so this logic is tested without it.
