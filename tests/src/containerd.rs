@@ -217,6 +217,22 @@ disabled_plugins = [{disabled_cri}
         self.process.pid()
     }
 
+    /// The digest this daemon recorded for image `reference` in `namespace` (`ctr images ls`).
+    pub fn image_digest(&self, namespace: &str, reference: &str) -> Result<String> {
+        let argv = self.ctr_args(namespace, &["images", "ls"]);
+        let out = run_bounded(
+            Command::new(&argv[0]).args(&argv[1..]),
+            Duration::from_secs(20),
+        )?;
+        ensure!(out.status.success(), "ctr images ls failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(reference))
+            .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
+            .map(str::to_string)
+            .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
+    }
+
     /// `ctr --address SOCK -n NS` followed by `args`.
     pub fn ctr_args(&self, namespace: &str, args: &[&str]) -> Vec<OsString> {
         let mut argv: Vec<OsString> =

@@ -4,7 +4,11 @@
 //! own log.
 //!
 //! Run as root: `cargo xtask test --privileged-only -- chain_`.
-use std::{ffi::OsString, path::Path, process::Command, time::Duration};
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
@@ -14,7 +18,6 @@ use eddy_tests::{
     netns::Netns,
     oci::{self, Image, ImageSpec},
     pki::{write_bundle, Pki},
-    process::run_bounded,
     registry::{check_programs, Upstream, UpstreamOptions, REGISTRY_HOST},
     registry_eddy::{connections_series, RegistryEddy, RegistryEddyConfig},
     require_privileges,
@@ -54,6 +57,42 @@ struct Options {
     flags: fn(&Upstream, &Upstream) -> Vec<String>,
 }
 
+/// eddy with chain `flags`, resolving endpoints through `eddy_hosts`, and its client: ctr in
+/// `cgroup`, resolving registries through `client_hosts`, trusting eddy's CA and the test
+/// CA. No `--registry`: a chained registry must be intercepted by the chain flags alone
+/// (the defaults stay), and a chained registry's own port is added by eddy.
+fn start_chain_eddy(
+    work: &Path,
+    cgroup: &CgroupGuard,
+    pki: &Pki,
+    eddy_hosts: PathBuf,
+    client_hosts: PathBuf,
+    flags: Vec<String>,
+) -> Result<(RegistryEddy, RegistryEddyConfig, Client)> {
+    println!("eddy chain flags: {flags:?}");
+    let config = RegistryEddyConfig {
+        cgroup: cgroup.path().to_path_buf(),
+        data_dir: work.join("eddy-data"),
+        registries: Vec::new(),
+        upstream_cas: vec![pki.ca_cert.clone()],
+        hosts: Some(eddy_hosts),
+        quiet_start: false,
+        extra_args: flags.into_iter().map(OsString::from).collect(),
+        in_netns: None,
+    };
+    let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
+    // eddy created its CA at start, constrained to the registries it serves.
+    let bundle = work.join("ca-bundle.pem");
+    write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
+    let client = Client {
+        cgroup: Some(config.cgroup.clone()),
+        hosts: client_hosts,
+        ca_bundle: bundle,
+        netns: None,
+    };
+    Ok((eddy, config, client))
+}
+
 impl World {
     fn start(options: Options) -> Result<Self> {
         check_programs()?;
@@ -89,24 +128,8 @@ impl World {
         let eddy_hosts = work.path().join("hosts.eddy");
         Client::write_hosts(&eddy_hosts, second_ns.ns_v4, &[REGISTRY_HOST])?;
         let flags = (options.flags)(&first, &second);
-        println!("eddy chain flags: {flags:?}");
-        let config = RegistryEddyConfig {
-            cgroup: cgroup.path().to_path_buf(),
-            data_dir: work.path().join("eddy-data"),
-            // No --registry: the chained registry must be intercepted by the chain flags
-            // alone (the defaults stay).
-            registries: Vec::new(),
-            upstream_cas: vec![pki.ca_cert.clone()],
-            hosts: Some(eddy_hosts),
-            quiet_start: false,
-            extra_args: flags.into_iter().map(OsString::from).collect(),
-            in_netns: None,
-        };
-        // Only 443 is intercepted by flag: a chained registry's own port is added by eddy.
-        let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
-        // eddy created its CA at start, constrained to the registries it serves.
-        let bundle = work.path().join("ca-bundle.pem");
-        write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
+        let (eddy, config, client) =
+            start_chain_eddy(work.path(), &cgroup, &pki, eddy_hosts, client_hosts, flags)?;
         Ok(World {
             eddy,
             first,
@@ -114,12 +137,7 @@ impl World {
             _first_ns: first_ns,
             _second_ns: second_ns,
             _cgroup: cgroup,
-            client: Client {
-                cgroup: Some(config.cgroup.clone()),
-                hosts: client_hosts,
-                ca_bundle: bundle,
-                netns: None,
-            },
+            client,
             config,
             work,
         })
@@ -185,7 +203,7 @@ fn pull_checked(
         .check(&format!("{what}: ctr images pull {reference}"))
         .map_err(|e| e.context(format!("eddy log:\n{}", eddy.log_tail(30))))?;
     containerd.ensure_content(NS, &image.blobs())?;
-    let digest = image_digest(&containerd, reference)?;
+    let digest = containerd.image_digest(NS, reference)?;
     ensure!(
         digest == image.top.digest,
         "{what}: containerd recorded {reference} as {digest}, the endpoint has {}",
@@ -196,22 +214,6 @@ fn pull_checked(
         run.elapsed
     );
     Ok(run.elapsed)
-}
-
-/// The digest containerd recorded for image `reference` (`ctr images ls`).
-fn image_digest(containerd: &Containerd, reference: &str) -> Result<String> {
-    let argv = containerd.ctr_args(NS, &["images", "ls"]);
-    let out = run_bounded(
-        Command::new(&argv[0]).args(&argv[1..]),
-        Duration::from_secs(20),
-    )?;
-    ensure!(out.status.success(), "ctr images ls failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(reference))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
-        .map(str::to_string)
-        .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
 }
 
 /// Every request `upstream` answered, as `METHOD URI STATUS`, from its JSON log (errors
@@ -665,27 +667,9 @@ fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Res
         "--fallback".to_string(),
         format!("{local_name}={acme_endpoint},docker.io"),
     ];
-    println!("eddy chain flags: {flags:?}");
-    let config = RegistryEddyConfig {
-        cgroup: cgroup.path().to_path_buf(),
-        data_dir: work.path().join("eddy-data"),
-        registries: Vec::new(),
-        upstream_cas: vec![pki.ca_cert.clone()],
-        hosts: Some(eddy_hosts),
-        quiet_start: false,
-        extra_args: flags.into_iter().map(OsString::from).collect(),
-        in_netns: None,
-    };
     // Declared after the registries and namespaces: dropped (killed) before them.
-    let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
-    let bundle = work.path().join("ca-bundle.pem");
-    write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
-    let client = Client {
-        cgroup: Some(config.cgroup.clone()),
-        hosts: client_hosts,
-        ca_bundle: bundle,
-        netns: None,
-    };
+    let (eddy, _config, client) =
+        start_chain_eddy(work.path(), &cgroup, &pki, eddy_hosts, client_hosts, flags)?;
 
     // (name at local:5000, name at registry.test, name at Docker Hub, Docker Hub's image)
     let cases = [

@@ -2324,22 +2324,6 @@ fn node_credentials_from_a_docker_config_json() -> Result<()> {
     Ok(())
 }
 
-/// The digest containerd recorded for image `reference` (`ctr images ls`).
-fn image_digest(containerd: &Containerd, reference: &str) -> Result<String> {
-    let argv = containerd.ctr_args(NS, &["images", "ls"]);
-    let out = eddy_tests::process::run_bounded(
-        std::process::Command::new(&argv[0]).args(&argv[1..]),
-        Duration::from_secs(20),
-    )?;
-    ensure!(out.status.success(), "ctr images ls failed");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.split_whitespace().next() == Some(reference))
-        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
-        .map(str::to_string)
-        .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
-}
-
 /// 13b. Node credentials for an htpasswd-only origin (Basic auth, no token server). Without
 ///      `--upstream-auth-file`, an anonymous `ctr images pull` through eddy is refused: ctr
 ///      fails on the origin's 401, the origin answered 401 and served no manifest or blob,
@@ -2428,7 +2412,7 @@ fn basic_auth_origin_serves_anonymous_pulls_only_with_the_upstream_auth_file() -
         .check("anonymous pull with --upstream-auth-file")
         .map_err(|e| e.context(format!("eddy log:\n{}", setup.eddy().log_tail(30))))?;
     ctd.ensure_content(NS, &image.blobs())?;
-    let digest = image_digest(&ctd, &reference)?;
+    let digest = ctd.image_digest(NS, &reference)?;
     let after = setup.served()?;
     println!(
         "anonymous pull with --upstream-auth-file: {reference} ({digest}) in {:.2?}; the \
@@ -2695,6 +2679,18 @@ fn eddy_gc(args: &[&std::ffi::OsStr]) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// For the gc tests: a pull of `repo`:v1, three 2 MiB layers, that leaves the store
+/// holding every blob.
+fn pull_three_blobs_into_the_store(setup: &mut Setup, repo: &str) -> Result<()> {
+    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
+    let ctd = Containerd::start()?;
+    setup
+        .client
+        .fetch(&ctd, NS, &reference(repo, "v1"), &[], PULL_TIMEOUT)?
+        .check("pull")?;
+    assert_store(setup, &image.blobs())
+}
+
 /// 19. `eddy gc`: through the running agent's admin endpoint (its report matches `GET
 ///     /store`), then directly on the data dir once the agent is gone: `--dry-run` changes
 ///     nothing, and the real run removes exactly what the dry run reported, freeing the bytes
@@ -2704,16 +2700,8 @@ fn eddy_gc_dry_run_changes_nothing_and_gc_frees_what_it_reported() -> Result<()>
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
         return Ok(());
     };
-    let repo = "gc/app";
-    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
-    let reference = reference(repo, "v1");
+    pull_three_blobs_into_the_store(&mut setup, "gc/app")?;
     let data_dir = setup.eddy_config.data_dir.clone();
-    let ctd = Containerd::start()?;
-    setup
-        .client
-        .fetch(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("pull")?;
-    assert_store(&setup, &image.blobs())?;
 
     // Through the agent (default policy: nothing to remove).
     let admin = setup.eddy().admin.to_string();
@@ -2836,16 +2824,8 @@ fn eddy_gc_through_the_running_agent_removes_what_its_dry_run_reported() -> Resu
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
         return Ok(());
     };
-    let repo = "gc-live/app";
-    let image = setup.image(repo, "v1", &ImageSpec::single(&[2 * MIB, 2 * MIB, 2 * MIB]))?;
-    let reference = reference(repo, "v1");
+    pull_three_blobs_into_the_store(&mut setup, "gc-live/app")?;
     let data_dir = setup.eddy_config.data_dir.clone();
-    let ctd = Containerd::start()?;
-    setup
-        .client
-        .fetch(&ctd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("pull")?;
-    assert_store(&setup, &image.blobs())?;
 
     let limit = 3 * MIB;
     setup

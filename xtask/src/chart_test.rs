@@ -583,8 +583,14 @@ fn check_scheduling(
 
 /// The rendered file as Kubernetes objects (JSON values), through the venv's PyYAML.
 fn rendered_objects(tools: &Tools, file: &Path, out: &Path) -> Result<Vec<serde_json::Value>> {
+    let json = to_json_file(tools, file, out, "objects.json")?;
+    Ok(serde_json::from_str(&fs::read_to_string(&json)?)?)
+}
+
+/// Converts a rendered YAML file to `<out>/<stem>.<suffix>` (a JSON list of its objects).
+fn to_json_file(tools: &Tools, file: &Path, out: &Path, suffix: &str) -> Result<PathBuf> {
     let json = out.join(format!(
-        "{}.objects.json",
+        "{}.{suffix}",
         file.file_stem().unwrap().to_string_lossy()
     ));
     util::run(
@@ -593,7 +599,7 @@ fn rendered_objects(tools: &Tools, file: &Path, out: &Path) -> Result<Vec<serde_
             .arg(file)
             .arg(&json),
     )?;
-    Ok(serde_json::from_str(&fs::read_to_string(&json)?)?)
+    Ok(json)
 }
 
 /// Panel titles of a dashboard, those inside collapsed rows included.
@@ -822,16 +828,7 @@ fn self_test_crd_check(tools: &Tools, out: &Path) -> Result<()> {
 }
 
 fn validate_crds(tools: &Tools, file: &Path, out: &Path) -> Result<()> {
-    let json = out.join(format!(
-        "{}.json",
-        file.file_stem().unwrap().to_string_lossy()
-    ));
-    util::run(
-        Command::new(&tools.python)
-            .arg(workspace_root().join("xtask/chart/to_json.py"))
-            .arg(file)
-            .arg(&json),
-    )?;
+    let json = to_json_file(tools, file, out, "json")?;
     let output = Command::new("node")
         .arg(tools.npm_dir.join("crd_check.mjs"))
         .arg(&json)
