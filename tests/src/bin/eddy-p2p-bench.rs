@@ -110,15 +110,14 @@ fn main() -> Result<()> {
         "| the same blob end to end (curl's last byte: the transfer, then served from the store) | {secs:.2} s = **{gbps:.2} GB/s** |\n"
     );
     let gib = layer.size as f64 / (1u64 << 30) as f64;
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
-        "a. CPU: serving eddy {serving_cpu:.2} s, receiving eddy {receiving_cpu:.2} s (the receiving one also served curl), on {} CPUs",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "a. CPU: serving eddy {serving_cpu:.2} s, receiving eddy {receiving_cpu:.2} s (the receiving one also served curl), on {cpus} CPUs"
     );
     md += &format!(
-        "| CPU of that transfer, end to end: serving eddy / receiving eddy (which also served curl), per GiB | {:.2} / {:.2} s, on {} CPUs shared by both nodes |\n",
+        "| CPU of that transfer, end to end: serving eddy / receiving eddy (which also served curl), per GiB | {:.2} / {:.2} s, on {cpus} CPUs shared by both nodes |\n",
         serving_cpu / gib,
         receiving_cpu / gib,
-        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     // The machine's own ceiling for any node that stores the blob: writing that many bytes of
     // new file data (1 MiB writes, no fsync), on the filesystem of the nodes' data dirs, right
@@ -276,8 +275,6 @@ fn cold_wave(cluster: &Cluster, spec: &ImageSpec) -> Result<(f64, u64, f64)> {
     Ok((secs, upstream, upstream as f64 / cold.total_bytes() as f64))
 }
 
-/// Seconds for curl to fetch `digest` through node `i`'s eddy (body discarded): until the
-/// first byte of the body, and until the last.
 /// Seconds to write `bytes` of new data into a fresh file under `dir` (then removed).
 fn new_file_write_secs(dir: &std::path::Path, bytes: u64) -> Result<f64> {
     let path = dir.join("write-reference");
@@ -296,6 +293,8 @@ fn new_file_write_secs(dir: &std::path::Path, bytes: u64) -> Result<f64> {
     Ok(secs)
 }
 
+/// Seconds for curl to fetch `digest` through node `i`'s eddy (body discarded): until the
+/// first byte of the body, and until the last.
 fn curl_blob(cluster: &Cluster, i: usize, repo: &str, digest: &str) -> Result<(f64, f64)> {
     let node = &cluster.nodes[i];
     let headers = cluster.work.path().join("curl.headers");
