@@ -13,6 +13,7 @@
 use std::{
     ffi::OsString,
     fs,
+    io::Write,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -38,6 +39,48 @@ pub const ADMIN_PORT: u16 = 15090;
 
 /// The containerd namespace the clients pull into.
 pub const NAMESPACE: &str = "eddy-p2p";
+/// The host name that resolves to every node with [`Bootstrap::HostName`], as the chart's
+/// headless Service does (each node's eddy reads it from its private /etc/hosts).
+pub const PEERS_HOST: &str = "eddy-peers.cluster.test";
+
+/// How the nodes find each other at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Each node is given every other node's address (`--p2p-bootstrap IP:PORT` each).
+    EveryAddress,
+    /// One `--p2p-bootstrap` host name, [`PEERS_HOST`], that resolves to every node.
+    HostName,
+}
+
+/// What [`Cluster::build`] starts.
+#[derive(Clone, Debug)]
+pub struct ClusterSpec {
+    pub nodes: usize,
+    pub upstream: UpstreamOptions,
+    /// More `eddy run` arguments for every node.
+    pub extra: Vec<String>,
+    /// With a swarm key (`--p2p-psk-file`), or an open swarm.
+    pub private: bool,
+    pub bootstrap: Bootstrap,
+    /// Nodes started at once (each start waits for its containerd and its eddy).
+    pub parallel_starts: usize,
+    /// How long to wait for every node to see every other one.
+    pub connect_timeout: Duration,
+}
+
+impl ClusterSpec {
+    pub fn new(nodes: usize) -> Self {
+        ClusterSpec {
+            nodes,
+            upstream: UpstreamOptions::default(),
+            extra: Vec::new(),
+            private: true,
+            bootstrap: Bootstrap::EveryAddress,
+            parallel_starts: 1,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 pub struct Node {
     pub eddy: Option<RegistryEddy>,
@@ -86,6 +129,22 @@ impl Cluster {
         extra: &[&str],
         private: bool,
     ) -> Result<Self> {
+        Self::build(&ClusterSpec {
+            upstream: options,
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+            private,
+            ..ClusterSpec::new(n)
+        })
+    }
+
+    /// The cluster `spec` describes, started, with every node connected to every other.
+    pub fn build(spec: &ClusterSpec) -> Result<Self> {
+        Self::build_until(spec, &|| false)
+    }
+
+    /// As [`Cluster::build`]; gives up between node starts once `interrupted` says so.
+    pub fn build_until(spec: &ClusterSpec, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<Self> {
+        let n = spec.nodes;
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-p2p-").tempdir()?;
         let lan = Lan::new()?;
@@ -95,8 +154,8 @@ impl Cluster {
             &[REGISTRY_HOST, CDN_HOST],
             &[netns.ns_v4.into()],
         )?;
-        let upstream = Upstream::start(&netns, &pki, options)?;
-        let psk = if private {
+        let upstream = Upstream::start(&netns, &pki, spec.upstream.clone())?;
+        let psk = if spec.private {
             let psk = work.path().join("swarm.key");
             write_swarm_key(&psk)?;
             Some(psk)
@@ -112,21 +171,59 @@ impl Cluster {
             work,
             lan,
         };
-        for i in 0..n {
-            let bootstrap: Vec<SocketAddr> = (0..n)
-                .filter(|j| *j != i)
-                .map(|j| cluster.p2p_addr(j))
-                .collect();
-            let psk = cluster.psk.clone();
-            let node = cluster.node(i, &bootstrap, psk.as_deref(), extra)?;
-            cluster.nodes.push(node);
+        let extra: Vec<&str> = spec.extra.iter().map(String::as_str).collect();
+        let batch = spec.parallel_starts.max(1);
+        let mut next = 0;
+        while next < n {
+            if interrupted() {
+                bail!("interrupted while starting node {next} of {n}");
+            }
+            let ids: Vec<usize> = (next..n.min(next + batch)).collect();
+            let started: Vec<Result<Node>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = ids
+                    .iter()
+                    .map(|&i| {
+                        let cluster = &cluster;
+                        let extra = &extra;
+                        scope.spawn(move || cluster.start_node(i, n, spec.bootstrap, extra))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("node start panicked"))))
+                    .collect()
+            });
+            for node in started {
+                cluster.nodes.push(node?);
+            }
+            next += ids.len();
         }
-        cluster.wait_connected(n - 1, Duration::from_secs(30))?;
+        cluster.wait_connected(n - 1, spec.connect_timeout)?;
         Ok(cluster)
     }
 
+    /// Node `i` of `n`, bootstrapping as `bootstrap` says.
+    fn start_node(&self, i: usize, n: usize, bootstrap: Bootstrap, extra: &[&str]) -> Result<Node> {
+        let psk = self.psk.clone();
+        match bootstrap {
+            Bootstrap::EveryAddress => {
+                let addrs: Vec<String> = (0..n)
+                    .filter(|j| *j != i)
+                    .map(|j| self.p2p_addr(j).to_string())
+                    .collect();
+                self.node_bootstrapping(i, &addrs, &[], psk.as_deref(), extra)
+            }
+            Bootstrap::HostName => {
+                let peers: Vec<std::net::Ipv4Addr> =
+                    (0..n).map(|j| self.node_ip(j)).collect::<Result<_>>()?;
+                let name = format!("{PEERS_HOST}:{P2P_PORT}");
+                self.node_bootstrapping(i, &[name], &peers, psk.as_deref(), extra)
+            }
+        }
+    }
+
     /// Node `i`'s address on the LAN: 10.A.B.(10+i).
-    fn node_ip(&self, i: usize) -> Result<std::net::Ipv4Addr> {
+    pub fn node_ip(&self, i: usize) -> Result<std::net::Ipv4Addr> {
         let host = u8::try_from(10 + i)
             .ok()
             .filter(|h| *h <= 253)
@@ -150,6 +247,20 @@ impl Cluster {
         psk: Option<&Path>,
         extra: &[&str],
     ) -> Result<Node> {
+        let bootstrap: Vec<String> = bootstrap.iter().map(|b| b.to_string()).collect();
+        self.node_bootstrapping(i, &bootstrap, &[], psk, extra)
+    }
+
+    /// As [`Cluster::node`], with `--p2p-bootstrap` arguments as given; `peers`: the
+    /// addresses [`PEERS_HOST`] resolves to in this node's eddy's /etc/hosts.
+    fn node_bootstrapping(
+        &self,
+        i: usize,
+        bootstrap: &[String],
+        peers: &[std::net::Ipv4Addr],
+        psk: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Node> {
         let dir = self
             .work
             .path()
@@ -162,6 +273,14 @@ impl Cluster {
         Client::write_hosts(&client_hosts, self.netns.ns_v4, &[REGISTRY_HOST])?;
         let eddy_hosts = dir.join("hosts.eddy");
         Client::write_hosts(&eddy_hosts, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
+        if !peers.is_empty() {
+            // One line per address, as a headless Service's DNS answer lists every pod.
+            let lines: String = peers.iter().map(|p| format!("{p} {PEERS_HOST}\n")).collect();
+            fs::OpenOptions::new()
+                .append(true)
+                .open(&eddy_hosts)?
+                .write_all(lines.as_bytes())?;
+        }
         let p2p = SocketAddr::from((ip, P2P_PORT));
         // The node's own containerd, whose content store eddy reads.
         let containerd = Containerd::start_in(netns.name())?;
@@ -178,7 +297,7 @@ impl Cluster {
         }
         for b in bootstrap {
             extra_args.push("--p2p-bootstrap".into());
-            extra_args.push(b.to_string().into());
+            extra_args.push(b.into());
         }
         extra_args.extend(extra.iter().map(OsString::from));
         let config = RegistryEddyConfig {

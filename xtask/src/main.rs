@@ -8,6 +8,7 @@ mod chart_test;
 mod demo;
 mod fuzz;
 mod image;
+mod sim;
 mod soak;
 mod test;
 mod util;
@@ -39,6 +40,8 @@ enum Command {
     ChartTest(chart_test::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
+    /// A simulated cluster of N nodes: cold waves, rollout, churn, scale-down, idle cost.
+    Sim(sim::Options),
 }
 
 fn main() -> Result<()> {
@@ -52,5 +55,6 @@ fn main() -> Result<()> {
         Command::Bench(opts) => bench::run(&opts),
         Command::ChartTest(opts) => chart_test::run(&opts),
         Command::Image(opts) => image::run(&opts),
+        Command::Sim(opts) => sim::run(&opts),
     }
 }

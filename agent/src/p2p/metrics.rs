@@ -22,6 +22,10 @@ pub struct P2pMetrics {
     pub advertised_digests: Gauge,
     pub lookup_seconds: Histogram,
     pub peer_failures: Family<ReasonLabels, Counter>,
+    /// Body bytes this node sent to peers (in-band and over the data port).
+    pub sent_bytes: Counter,
+    /// DHT requests other nodes sent this node (lookups, provider records, routing).
+    pub dht_requests: Counter,
 }
 
 impl Default for P2pMetrics {
@@ -33,6 +37,8 @@ impl Default for P2pMetrics {
             // 0.5 ms .. 4 s: lookups are bounded to tens of milliseconds by the caller.
             lookup_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             peer_failures: Family::default(),
+            sent_bytes: Counter::default(),
+            dht_requests: Counter::default(),
         }
     }
 }
@@ -71,6 +77,16 @@ impl P2pMetrics {
             "eddy_peer_failures",
             "Failed peer fetches, by reason (connect, timeout, protocol, not_found, stall, reset, truncated, and the caller's digest_mismatch)",
             self.peer_failures.clone(),
+        );
+        registry.register(
+            "eddy_p2p_sent_bytes",
+            "Content bytes this node sent to peers (how a wave spreads over the nodes)",
+            self.sent_bytes.clone(),
+        );
+        registry.register(
+            "eddy_p2p_dht_requests",
+            "DHT requests received from other nodes (the swarm's control traffic)",
+            self.dht_requests.clone(),
         );
     }
 

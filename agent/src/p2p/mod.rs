@@ -167,6 +167,7 @@ impl P2p {
             incoming,
             Arc::clone(&share),
             Arc::clone(&data),
+            metrics.clone(),
         ));
         if !config.bootstrap.is_empty() {
             tokio::spawn(resolve_loop(

@@ -13,14 +13,16 @@ use std::{
 };
 
 use libp2p::{
-    futures::{AsyncWriteExt, StreamExt},
+    futures::{AsyncWriteExt, StreamExt, TryStreamExt},
     PeerId, Stream,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::{
     data::DataServer,
+    metrics::P2pMetrics,
     protocol::{self, Request, Response},
 };
 use crate::source::PeerShare;
@@ -40,6 +42,7 @@ pub(super) async fn serve_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
     share: Arc<dyn PeerShare>,
     data: Arc<DataServer>,
+    metrics: P2pMetrics,
 ) {
     let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
     while let Some((peer, stream)) = incoming.next().await {
@@ -61,9 +64,10 @@ pub(super) async fn serve_inbound(
         };
         let share = Arc::clone(&share);
         let data = Arc::clone(&data);
+        let sent = metrics.sent_bytes.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&*share, &data, stream).await {
+            if let Err(e) = serve_one(&*share, &data, &sent, stream).await {
                 debug!(%peer, error = %e, "p2p: request not served");
             }
         });
@@ -85,6 +89,7 @@ enum ServeError {
 async fn serve_one(
     share: &dyn PeerShare,
     data: &DataServer,
+    sent: &Counter,
     mut stream: Stream,
 ) -> Result<(), ServeError> {
     let header = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_header(&mut stream))
@@ -105,6 +110,14 @@ async fn serve_one(
                 let _ = stream.close().await;
                 return Ok(());
             };
+            // Counted as the body leaves the source, on either path below.
+            let sent = sent.clone();
+            opened.body = opened
+                .body
+                .inspect_ok(move |chunk| {
+                    sent.inc_by(chunk.len() as u64);
+                })
+                .boxed();
             // The body goes over the data port when the client can take it there and a
             // ticket is free; in-band otherwise.
             if direct {

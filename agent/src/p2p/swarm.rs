@@ -552,6 +552,9 @@ impl Driver {
                 step,
                 ..
             })) => self.on_query(id, result, step.last),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { .. })) => {
+                self.metrics.dht_requests.inc();
+            }
             _ => {}
         }
     }
