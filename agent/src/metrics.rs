@@ -174,6 +174,12 @@ pub struct RegistryMetrics {
     bytes: Family<SourceLabels, Counter>,
     upstream_latency: Family<KindLabels, Histogram>,
     stale_manifests: Counter,
+    error_responses: Family<ReasonLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
 }
 
 impl RegistryMetrics {
@@ -185,6 +191,7 @@ impl RegistryMetrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 16))
             }),
             stale_manifests: Counter::default(),
+            error_responses: Family::default(),
         };
         registry.register(
             "eddy_requests",
@@ -206,7 +213,18 @@ impl RegistryMetrics {
             "Manifests by tag served from the last known record because upstream was unreachable",
             m.stale_manifests.clone(),
         );
+        registry.register(
+            "eddy_error_responses",
+            "Error answers eddy itself gave a client (not upstream's own), by reason; each is logged at warn with its cause",
+            m.error_responses.clone(),
+        );
         m
+    }
+
+    pub fn error_response(&self, reason: &'static str) {
+        self.error_responses
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn request(&self, kind: &'static str, source: &'static str) {

@@ -1,18 +1,20 @@
 //! Fetching from other nodes: which peer to ask, and when to go upstream instead.
 //!
 //! - Content that peers hold (complete, or streaming from their own download in flight) is
-//!   found by a bounded provider lookup of its digest. Providers are asked one after another,
-//!   hedged: when the first has not answered within `HEDGE_AFTER`, the next is asked too and
-//!   the first answer wins. A body that fails mid-way resumes with Range at the next provider.
-//! - Content nobody holds yet goes through an election, so that when several nodes miss the
-//!   same blob at once the cluster fetches it upstream about once. Each node that misses it
-//!   announces that it is about to fetch it (the `fill:` key), waits a moment for the others'
-//!   announcements, and the announcer that the digest hashes highest onto (rendezvous hashing)
-//!   fetches it upstream; the others stream from that node. A node that sees the winner always
-//!   picks it, and a node that misses some announcements picks a node that ranks higher than
-//!   itself, so the "streams from" relation has no cycles. A winner announces the content and
-//!   looks once more: if a fetcher ranking above it announced meanwhile (its claim was late
-//!   for this node's wait), it joins that one, which keeps the relation acyclic too.
+//!   found by a bounded provider lookup of its digest. Providers that are connected now are
+//!   asked first (a provider record outlives a node that left), one after another, hedged:
+//!   when the first has not answered within `HEDGE_AFTER`, the next is asked too and the
+//!   first answer wins. A body that fails mid-way resumes with Range at the next provider.
+//! - Content nobody holds yet goes through the cluster's single flight, so that when many
+//!   nodes miss the same blob at once the cluster fetches it upstream once. The digest's
+//!   home node (the connected node that ranks first for it by rendezvous hashing, the same
+//!   on every node that sees the same members) keeps one claim per digest (`p2p::claims`):
+//!   every node that misses the blob asks the home who fetches it, and the first to ask
+//!   does, while the others stream from it. One node decides, so the outcome does not hang
+//!   on how fast announcements travel through the DHT, which a loaded machine or a large
+//!   cluster slows down (an earlier election by announcements fetched one 16 MiB blob 26
+//!   times at 50 nodes). When the home does not answer within `CLAIM_BOUND`, the node
+//!   fetches upstream itself: a pull never waits on the swarm for long.
 //! - A peer whose bytes did not verify is avoided for a while (`blame`).
 //!
 //! The network itself (libp2p) sits behind `PeerNetwork`, so this logic is tested without it.
@@ -39,11 +41,17 @@ use crate::{
 pub const LOOKUP_BOUND: Duration = Duration::from_millis(60);
 /// How long an announcement may take to reach the nodes that keep its records.
 const ANNOUNCE_BOUND: Duration = Duration::from_millis(300);
-/// After announcing, how long to wait for the announcements of nodes that missed the same blob
-/// at nearly the same moment.
-const SETTLE: Duration = Duration::from_millis(40);
+/// How long a miss waits for the home node's answer to its claim. Generous, because the
+/// answer is what keeps a wave at one upstream fetch, and a cold miss takes longer than
+/// this from upstream anyway; past it the home is overloaded or gone, and the node fetches
+/// upstream itself (fail-open over single flight).
+const CLAIM_BOUND: Duration = Duration::from_secs(2);
 /// When the provider asked first has not answered within this, the next is asked as well.
-const HEDGE_AFTER: Duration = Duration::from_millis(250);
+pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// Once every chosen provider has been asked, how much longer to wait for one to open
+/// before giving up on peers: a provider that left the cluster (its record still stands)
+/// must not hold a pull for a dial timeout.
+const OPEN_BOUND: Duration = Duration::from_millis(1500);
 /// Providers asked for one request, at most.
 const MAX_PROVIDERS: usize = 4;
 /// A peer whose bytes did not verify is not asked again for this long.
@@ -89,15 +97,22 @@ pub trait PeerNetwork: Send + Sync + 'static {
         tag: String,
     ) -> BoxFuture<'static, Result<Option<TagAnswer>, BoxError>>;
     fn report_failure(&self, peer: &PeerKey, reason: &'static str);
+    /// The peers connected right now: the members a digest's home is chosen from.
+    fn members(&self) -> Vec<PeerKey>;
+    /// Asks `home` who fetches `digest` from upstream for the cluster: the node that
+    /// claimed it first, or this node (see `p2p::claims`). `stale`: a fetcher that could
+    /// not serve it, to be replaced.
+    fn claim(
+        &self,
+        home: PeerKey,
+        digest: Digest,
+        stale: Option<PeerKey>,
+    ) -> BoxFuture<'static, Result<PeerKey, BoxError>>;
 }
 
 /// The DHT key under which nodes announce that they hold `digest` (or are streaming it).
 pub fn content_key(digest: &Digest) -> Vec<u8> {
     digest.to_string().into_bytes()
-}
-
-fn fill_key(digest: &Digest) -> Vec<u8> {
-    format!("fill:{digest}").into_bytes()
 }
 
 pub fn tag_key(registry: &str, repository: &str, tag: &str) -> Vec<u8> {
@@ -106,22 +121,11 @@ pub fn tag_key(registry: &str, repository: &str, tag: &str) -> Vec<u8> {
 
 /// Where a blob nobody holds yet should come from.
 pub enum Election {
-    /// This node fetches it upstream. Holding the claim keeps the announcement up.
-    Upstream(Claim),
-    /// Stream it from this peer, which ranks higher and fetches (or streams) it itself.
-    Peer(PeerKey, Claim),
-}
-
-/// A `fill:` announcement, withdrawn when dropped (the fill ended).
-pub struct Claim {
-    net: Arc<dyn PeerNetwork>,
-    key: Vec<u8>,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.net.stop_providing(std::mem::take(&mut self.key));
-    }
+    /// This node fetches it upstream (and has announced the content: peers stream from its
+    /// fill).
+    Upstream,
+    /// Stream it from this peer, which fetches (or holds) it.
+    Peer(PeerKey),
 }
 
 /// Content opened at a peer, with the peers that contributed bytes (to blame on a bad digest).
@@ -134,8 +138,8 @@ pub struct PeerBody {
 /// (`--p2p-single-flight`). `cargo xtask bench` measures both on a simultaneous cold wave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum SingleFlight {
-    /// Announce, wait [`SETTLE`] for the others' announcements, and let rendezvous hashing
-    /// over the announcers pick the one that fetches (the module comment).
+    /// Ask the digest's home node, which keeps one claim per digest: the first node to ask
+    /// fetches, the others stream from it (the module comment).
     #[default]
     Elect,
     /// Announce-then-fetch: announce the content at once and fetch it; nodes that look it
@@ -181,68 +185,60 @@ impl Peers {
         if providers.is_empty() {
             return None;
         }
-        // Spread the load of a wave over every node that has the content.
+        // Spread the load of a wave over every node that has the content, connected ones
+        // first: a record can name a node that has left (it stands until its TTL).
         providers.shuffle(&mut rand::thread_rng());
+        let members = self.net.members();
+        providers.sort_by_key(|p| !members.contains(p));
         providers.truncate(MAX_PROVIDERS);
-        self.open_any(providers, digest, from).await
+        self.open_any(providers, digest, from, Some(OPEN_BOUND)).await
     }
 
     /// Decide who fetches `digest` upstream when nobody holds it (see the module comment).
-    pub async fn elect(&self, digest: &Digest) -> Election {
-        let key = fill_key(digest);
-        let claim = Claim {
-            net: Arc::clone(&self.net),
-            key: key.clone(),
-        };
+    /// `stale`: a fetcher named before that could not serve it.
+    pub async fn elect(&self, digest: &Digest, stale: Option<PeerKey>) -> Election {
         if !self.is_active() {
-            return Election::Upstream(claim);
+            return Election::Upstream;
         }
         if self.single_flight == SingleFlight::Announce {
             // The caller's lookup found nobody: fetch, and let later lookups find this node.
             self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
-            return Election::Upstream(claim);
+            return Election::Upstream;
         }
-        self.net.provide(key.clone(), ANNOUNCE_BOUND).await;
-        tokio::time::sleep(SETTLE).await;
-        // A node that decided before this one's announcement could reach it has announced
-        // the content itself by now: join it rather than rank against it.
-        let (holders, others) = futures_util::join!(
-            self.net.providers(content_key(digest), LOOKUP_BOUND),
-            self.net.providers(key, LOOKUP_BOUND)
-        );
-        if let Some(holder) = self.usable(holders).into_iter().next() {
-            debug!(%digest, peer = %holder, "election: another node already fetches it");
-            return Election::Peer(holder, claim);
-        }
-        let others = self.usable(others);
         let me = self.net.local();
-        match winner(digest, &me, &others) {
-            Some(peer) => {
-                debug!(%digest, %peer, "election: streaming from the node that fetches it");
-                Election::Peer(peer, claim)
+        let home = home(digest, &me, &self.usable(self.net.members()));
+        let asked = tokio::time::timeout(
+            CLAIM_BOUND,
+            self.net.claim(home.clone(), *digest, stale),
+        )
+        .await;
+        match asked {
+            Ok(Ok(fetcher)) if fetcher == me => {
+                // Announced before the upstream answers, so that nodes whose content lookup
+                // finds this node join its fill (its bytes stream to them as they arrive).
+                self.announce(digest);
+                Election::Upstream
             }
-            None => {
-                // Announced before the upstream answers, so that nodes deciding after this
-                // moment join this fetch (its bytes stream to them as they arrive).
-                self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
-                // A node whose claim reached the others after their wait ranked itself
-                // against fewer nodes than they did, and can win in its own view as well.
-                // The content records settle it: a node that now sees another announced
-                // fetcher ranking above it joins that one (the top one never yields).
-                let fetchers =
-                    self.usable(self.net.providers(content_key(digest), LOOKUP_BOUND).await);
-                if let Some(peer) = winner(digest, &me, &fetchers) {
-                    debug!(%digest, %peer, "election: a fetcher ranking above this node announced meanwhile");
-                    return Election::Peer(peer, claim);
-                }
-                Election::Upstream(claim)
+            Ok(Ok(fetcher)) => {
+                debug!(%digest, %home, %fetcher, "single flight: streaming from the node that fetches it");
+                Election::Peer(fetcher)
+            }
+            Ok(Err(e)) => {
+                debug!(%digest, %home, error = %e, "single flight: the home node did not answer; fetching upstream");
+                Election::Upstream
+            }
+            Err(_) => {
+                debug!(%digest, %home, "single flight: no answer from the home node in time; fetching upstream");
+                self.net.report_failure(&home, "claim_timeout");
+                Election::Upstream
             }
         }
     }
 
-    /// `digest` from one given peer (the winner of an election).
+    /// `digest` from one given peer (the fetcher the home named). It is connected and
+    /// answers once its upstream does, within the request's own timeout.
     pub async fn open_from(&self, peer: PeerKey, digest: &Digest, from: u64) -> Option<PeerBody> {
-        self.open_any(vec![peer], digest, from).await
+        self.open_any(vec![peer], digest, from, None).await
     }
 
     /// Announce that this node can serve `digest` now (a download's first byte arrived).
@@ -339,11 +335,13 @@ impl Peers {
 
     /// Ask `candidates` in order, hedged, and take the first that opens; the body resumes at
     /// the remaining ones if it fails mid-way.
+    /// `give_up`: once every candidate has been asked, how long to wait for one to open.
     async fn open_any(
         &self,
         candidates: Vec<PeerKey>,
         digest: &Digest,
         from: u64,
+        give_up: Option<Duration>,
     ) -> Option<PeerBody> {
         let mut waiting = candidates.into_iter();
         let mut asking = FuturesUnordered::new();
@@ -352,7 +350,12 @@ impl Peers {
             async move { (peer, open.await) }
         };
         asking.push(ask(waiting.next()?));
+        let mut all_asked_at = None;
         let (peer, opened) = loop {
+            if waiting.len() == 0 {
+                all_asked_at.get_or_insert_with(tokio::time::Instant::now);
+            }
+            let give_up_at = give_up.zip(all_asked_at).map(|(d, at)| at + d);
             let hedge = tokio::time::sleep(HEDGE_AFTER);
             tokio::select! {
                 done = asking.next() => match done {
@@ -373,6 +376,10 @@ impl Peers {
                     if let Some(next) = waiting.next() {
                         asking.push(ask(next));
                     }
+                }
+                () = sleep_until(give_up_at), if give_up_at.is_some() => {
+                    debug!(%digest, "no provider opened in time; leaving peers");
+                    return None;
                 }
             }
         };
@@ -452,6 +459,19 @@ pub fn winner(digest: &Digest, me: &PeerKey, others: &[PeerKey]) -> Option<PeerK
         .map(|(_, p)| p.clone())
 }
 
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The home of `digest` among this node and `members`: the node that ranks first for it
+/// (rendezvous hashing), where the cluster's claim on it is kept.
+pub fn home(digest: &Digest, me: &PeerKey, members: &[PeerKey]) -> PeerKey {
+    winner(digest, me, members).unwrap_or_else(|| me.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
@@ -472,6 +492,12 @@ mod tests {
         /// The next this many lookups find nothing: records that have not reached the
         /// asking node yet.
         blind_lookups: std::sync::atomic::AtomicUsize,
+        /// The home's claims (every node sees the same members, so one home per digest).
+        claims: Mutex<HashMap<Digest, PeerKey>>,
+        /// Nodes that left: not members, and they never answer.
+        departed: Mutex<BTreeSet<PeerKey>>,
+        /// The home does not answer claims.
+        home_down: std::sync::atomic::AtomicBool,
     }
 
     struct Node {
@@ -530,8 +556,13 @@ mod tests {
             from: u64,
         ) -> BoxFuture<'static, Result<Opened, BoxError>> {
             let slow = self.world.slow.lock().unwrap().contains(&peer);
+            let departed = self.world.departed.lock().unwrap().contains(&peer);
             let served = self.world.content.lock().unwrap().get(&peer).cloned();
             Box::pin(async move {
+                if departed {
+                    // A dial to an address nobody answers: a long TCP timeout.
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
                 if slow {
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
@@ -577,6 +608,33 @@ mod tests {
                 .unwrap()
                 .push((peer.clone(), reason));
         }
+        fn members(&self) -> Vec<PeerKey> {
+            let departed = self.world.departed.lock().unwrap();
+            ["n0", "n1", "n2", "n3", "early", "late", "a", "b", "me"]
+                .into_iter()
+                .map(key)
+                .filter(|p| *p != self.me && !departed.contains(p))
+                .collect()
+        }
+        fn claim(
+            &self,
+            _home: PeerKey,
+            digest: Digest,
+            stale: Option<PeerKey>,
+        ) -> BoxFuture<'static, Result<PeerKey, BoxError>> {
+            if self.world.home_down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Box::pin(std::future::pending());
+            }
+            let mut claims = self.world.claims.lock().unwrap();
+            let fetcher = match claims.get(&digest) {
+                Some(f) if stale.as_ref() != Some(f) => f.clone(),
+                _ => {
+                    claims.insert(digest, self.me.clone());
+                    self.me.clone()
+                }
+            };
+            Box::pin(async move { Ok(fetcher) })
+        }
     }
 
     fn node(world: &Arc<World>, me: &str) -> Peers {
@@ -598,57 +656,50 @@ mod tests {
     }
 
     #[test]
-    fn every_node_that_sees_the_top_announcer_elects_it() {
+    fn every_node_that_sees_the_same_members_picks_the_same_home() {
         let nodes: Vec<PeerKey> = (0..8).map(|i| key(&format!("node-{i}"))).collect();
+        let mut homes = BTreeSet::new();
         for i in 0..50u8 {
             let digest = Digest::of(&[i]);
-            let top = nodes
-                .iter()
-                .find(|n| winner(&digest, n, &nodes).is_none())
-                .expect("exactly one node ranks first")
-                .clone();
+            let first = home(&digest, &nodes[0], &nodes);
             for n in &nodes {
-                let picked = winner(&digest, n, &nodes).unwrap_or_else(|| n.clone());
-                assert_eq!(picked, top, "{n} picked another node for {digest}");
-                // A partial view that includes the top node still picks it.
-                let partial: Vec<PeerKey> = vec![top.clone(), nodes[0].clone()];
-                assert_eq!(
-                    winner(&digest, n, &partial).unwrap_or_else(|| n.clone()),
-                    top
-                );
+                let others: Vec<PeerKey> = nodes.iter().filter(|o| *o != n).cloned().collect();
+                assert_eq!(home(&digest, n, &others), first, "{n} picked another home");
             }
+            homes.insert(first);
         }
+        assert!(homes.len() > 4, "homes spread over the nodes: {homes:?}");
     }
 
     #[tokio::test]
-    async fn simultaneous_misses_elect_one_fetcher() {
+    async fn simultaneous_misses_elect_one_fetcher_and_the_others_stream_from_it() {
         let world = Arc::new(World::default());
         let digest = Digest::of(b"blob");
         let peers: Vec<Peers> = (0..4).map(|i| node(&world, &format!("n{i}"))).collect();
         let elections =
-            futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest))).await;
-        let upstream = elections
-            .iter()
-            .filter(|e| matches!(e, Election::Upstream(_)))
-            .count();
-        assert_eq!(upstream, 1, "exactly one node fetches upstream");
-        drop(elections);
-        let records = world.records.lock().unwrap();
-        assert!(
-            records.get(&fill_key(&digest)).is_none_or(|s| s.is_empty()),
-            "claims are withdrawn when the fills end"
-        );
+            futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest, None))).await;
+        let fetchers: Vec<usize> = (0..4)
+            .filter(|i| matches!(elections[*i], Election::Upstream))
+            .collect();
+        assert_eq!(fetchers.len(), 1, "exactly one node fetches upstream");
+        let fetcher = key(&format!("n{}", fetchers[0]));
+        for e in &elections {
+            if let Election::Peer(p) = e {
+                assert_eq!(*p, fetcher);
+            }
+        }
+        tokio::task::yield_now().await;
         assert_eq!(
-            records.get(&content_key(&digest)).map(|s| s.len()),
+            world.records.lock().unwrap().get(&content_key(&digest)).map(|s| s.len()),
             Some(1),
-            "the winner announced the content before fetching it"
+            "the fetcher announced the content before fetching it"
         );
     }
 
     #[tokio::test]
     async fn announce_then_fetch_lets_simultaneous_misses_each_fetch_and_late_ones_join() {
         let world = Arc::new(World::default());
-        let names = ["a", "b", "c"];
+        let names = ["a", "b", "n0"];
         let node = |me: &str| {
             Peers::with_single_flight(
                 Arc::new(Node {
@@ -661,63 +712,80 @@ mod tests {
         let digest = Digest::of(b"announce");
         // Misses at the same moment: no waiting, so every one of them fetches.
         let simultaneous: Vec<Peers> = names.iter().map(|n| node(n)).collect();
-        let elections =
-            futures_util::future::join_all(simultaneous.iter().map(|p| p.elect(&digest))).await;
-        assert!(elections.iter().all(|e| matches!(e, Election::Upstream(_))));
+        let elections = futures_util::future::join_all(
+            simultaneous.iter().map(|p| p.elect(&digest, None)),
+        )
+        .await;
+        assert!(elections.iter().all(|e| matches!(e, Election::Upstream)));
         // Each announced the content at once: a node that looks now finds them.
-        let late = node("d");
+        let late = node("me");
         let holders = late.net.providers(content_key(&digest), LOOKUP_BOUND).await;
         assert_eq!(holders.len(), names.len());
     }
 
     #[tokio::test]
-    async fn a_late_miss_joins_the_fetch_whatever_its_rank() {
+    async fn a_late_miss_joins_the_fetch_even_when_its_lookup_finds_nobody() {
         for i in 0..20u8 {
             let world = Arc::new(World::default());
             let digest = Digest::of(&[i]);
             let (early, late) = (node(&world, "early"), node(&world, "late"));
-            let first = early.elect(&digest).await;
-            assert!(matches!(first, Election::Upstream(_)), "alone, it fetches");
-            match late.elect(&digest).await {
-                Election::Peer(peer, _) => assert_eq!(peer, key("early")),
-                Election::Upstream(_) => panic!("{digest}: the late node fetched upstream too"),
+            assert!(matches!(early.elect(&digest, None).await, Election::Upstream));
+            // The DHT has not carried the early node's record to the late one yet: the home's
+            // claim still names the fetcher.
+            world.blind_lookups.store(1, std::sync::atomic::Ordering::SeqCst);
+            assert!(late.open_held(&digest, 0).await.is_none());
+            match late.elect(&digest, None).await {
+                Election::Peer(peer) => assert_eq!(peer, key("early")),
+                Election::Upstream => panic!("{digest}: the late node fetched upstream too"),
             }
         }
     }
 
     #[tokio::test]
-    async fn a_late_claim_that_wins_in_its_own_view_yields_to_a_higher_fetcher_it_sees_after() {
-        let (mut yielded, mut kept) = (0, 0);
-        for i in 0..20u8 {
-            let world = Arc::new(World::default());
-            let digest = Digest::of(&[i, 7]);
-            let (early, late) = (node(&world, "early"), node(&world, "late"));
-            let first = early.elect(&digest).await;
-            assert!(matches!(first, Election::Upstream(_)), "alone, it fetches");
-            // The late node's two lookups after its wait miss the early node's records.
-            world
-                .blind_lookups
-                .store(2, std::sync::atomic::Ordering::SeqCst);
-            let early_ranks_higher = winner(&digest, &key("late"), &[key("early")]).is_some();
-            match late.elect(&digest).await {
-                Election::Peer(peer, _) => {
-                    assert!(
-                        early_ranks_higher,
-                        "{digest}: yielded to a lower-ranked node"
-                    );
-                    assert_eq!(peer, key("early"));
-                    yielded += 1;
-                }
-                Election::Upstream(_) => {
-                    assert!(
-                        !early_ranks_higher,
-                        "{digest}: fetched beside a higher-ranked node"
-                    );
-                    kept += 1;
-                }
-            }
+    async fn a_fetcher_that_could_not_serve_is_replaced() {
+        let world = Arc::new(World::default());
+        let digest = Digest::of(b"evicted");
+        let (a, b) = (node(&world, "a"), node(&world, "b"));
+        assert!(matches!(a.elect(&digest, None).await, Election::Upstream));
+        assert!(matches!(b.elect(&digest, Some(key("a"))).await, Election::Upstream));
+        assert!(matches!(a.elect(&digest, None).await, Election::Peer(p) if p == key("b")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_home_that_does_not_answer_costs_at_most_the_claim_bound() {
+        let world = Arc::new(World::default());
+        world.home_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let me = node(&world, "me");
+        assert!(matches!(me.elect(&Digest::of(b"x"), None).await, Election::Upstream));
+        assert_eq!(started.elapsed(), CLAIM_BOUND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_departed_provider_never_holds_a_pull_beyond_the_bounds() {
+        let world = Arc::new(World::default());
+        let data = vec![3u8; 64];
+        let digest = Digest::of(&data);
+        for name in ["a", "b"] {
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
         }
-        assert!(yielded > 0 && kept > 0, "both ranks occur in 20 digests");
+        world.departed.lock().unwrap().insert(key("a"));
+        world.content.lock().unwrap().insert(key("b"), (data.clone(), None));
+        // A live provider is asked first: no wait at all on the departed one.
+        for _ in 0..4 {
+            let started = tokio::time::Instant::now();
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+            assert!(started.elapsed() < HEDGE_AFTER, "waited on the departed node");
+        }
+        // Only departed providers: the node leaves peers after the bound, not a dial timeout.
+        world.departed.lock().unwrap().insert(key("b"));
+        let started = tokio::time::Instant::now();
+        assert!(node(&world, "me").open_held(&digest, 0).await.is_none());
+        assert!(started.elapsed() <= HEDGE_AFTER + OPEN_BOUND);
     }
 
     #[tokio::test]

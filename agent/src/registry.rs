@@ -184,31 +184,55 @@ impl Registry {
     pub async fn handle(
         self: Arc<Self>,
         origin: Arc<Origin>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let resp = self.route(&origin, req).await;
+        // Every error answer eddy makes itself (not upstream's own) is logged with its cause
+        // and counted: a client that sees it fails its pull.
+        if let Some(failed) = resp.extensions().get::<EddyFailure>() {
+            warn!(
+                status = resp.status().as_u16(),
+                reason = failed.reason,
+                cause = %failed.cause,
+                %method,
+                registry = %origin.authority,
+                path,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "eddy answered a client with an error"
+            );
+            self.metrics.error_response(failed.reason);
+        }
+        resp
+    }
+
+    async fn route(&self, origin: &Arc<Origin>, mut req: Request<Incoming>) -> Response<Body> {
+        let origin = &**origin;
         let path = req.uri().path().to_string();
         let is_read = req.method() == Method::GET || req.method() == Method::HEAD;
         let api = parse_path(&path);
         if let (Api::Blob { repo, .. } | Api::Manifest { repo, .. }, true) = (&api, is_read) {
-            self.add_node_credentials(&origin, repo, &mut req).await;
+            self.add_node_credentials(origin, repo, &mut req).await;
         }
         match api {
             Api::Blob { repo, digest } if is_read => match digest.parse::<Digest>() {
-                Ok(digest) => self.content(&origin, repo, &digest, Kind::Blob, req).await,
-                Err(_) => self.forward(&origin, req, "blob").await,
+                Ok(digest) => self.content(origin, repo, &digest, Kind::Blob, req).await,
+                Err(_) => self.forward(origin, req, "blob").await,
             },
             Api::Manifest { repo, reference } if is_read => match reference.parse::<Digest>() {
                 Ok(digest) => {
-                    self.content(&origin, repo, &digest, Kind::Manifest, req)
+                    self.content(origin, repo, &digest, Kind::Manifest, req)
                         .await
                 }
                 Err(_) if reference.starts_with("sha256:") || reference.contains(':') => {
-                    self.forward(&origin, req, "manifest").await
+                    self.forward(origin, req, "manifest").await
                 }
-                Err(_) => self.manifest_by_tag(&origin, repo, reference, req).await,
+                Err(_) => self.manifest_by_tag(origin, repo, reference, req).await,
             },
-            Api::Base => self.base(&origin, req).await,
-            _ => self.forward(&origin, req, "other").await,
+            Api::Base => self.base(origin, req).await,
+            _ => self.forward(origin, req, "other").await,
         }
     }
 
@@ -374,7 +398,7 @@ impl Registry {
                 let boxed = |e: UpstreamError| -> BoxError { Box::new(e) };
 
                 // This node's containerd, then peers, before the upstream.
-                let mut claim = None;
+                let mut elected = false;
                 if !sources.is_empty() {
                     match sources
                         .open(&digest_c, from, shareable, kind == Kind::Blob)
@@ -403,7 +427,7 @@ impl Registry {
                                 return Ok(from_source(found, &metrics, resume_upstream));
                             }
                         }
-                        Lookup::Upstream(won) => claim = won,
+                        Lookup::Upstream { elected: won } => elected = won,
                     }
                 }
 
@@ -466,7 +490,7 @@ impl Registry {
                 }
                 // Peers may stream it from this fill from its first byte on (an elected fill
                 // announced it already).
-                if shareable && claim.is_none() {
+                if shareable && !elected {
                     sources.announce(&digest_c);
                 }
                 let counted = metrics.clone();
@@ -474,13 +498,7 @@ impl Registry {
                     .into_body()
                     .into_data_stream()
                     .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
-                let body = idle_timeout(body, upstream_idle)
-                    .map(move |chunk| {
-                        // The election's announcement stays up while the body is read.
-                        let _held = &claim;
-                        chunk
-                    })
-                    .boxed();
+                let body = idle_timeout(body, upstream_idle).boxed();
                 Ok(Fetched {
                     body: resuming(body, offset, len, resume_upstream),
                     len,
@@ -573,7 +591,7 @@ impl Registry {
             }
             None => match fill.len().await {
                 Ok(len) => len,
-                Err(e) => return error_response(StatusCode::BAD_GATEWAY, &format!("eddy: {e}")),
+                Err(e) => return error_response(StatusCode::BAD_GATEWAY, "fill_failed", &e),
             },
         };
         self.serve_cached(
@@ -649,10 +667,7 @@ impl Registry {
         {
             Ok(c) => c.to_bytes(),
             Err(e) => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("eddy: reading manifest: {e}"),
-                )
+                return error_response(StatusCode::BAD_GATEWAY, "manifest_read", &e)
             }
         };
         self.metrics.bytes("upstream", bytes.len() as u64);
@@ -1156,7 +1171,6 @@ impl Kind {
     }
 }
 
-/// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
 /// The fill's body from a source other than the upstream, counted under that source, and
 /// resumed upstream if it fails mid-way.
 fn from_source(
@@ -1168,18 +1182,12 @@ fn from_source(
         opened,
         source,
         gated,
-        claim,
         ..
     } = found;
     let counted = metrics.clone();
     let body = opened
         .body
         .inspect_ok(move |chunk| counted.bytes(source, chunk.len() as u64))
-        .map(move |chunk| {
-            // The election's announcement stays up while the body is read.
-            let _held = &claim;
-            chunk
-        })
         .boxed();
     Fetched {
         body: resuming(body, opened.offset, Some(opened.len), resume_upstream),
@@ -1218,6 +1226,7 @@ where
     })
 }
 
+/// `/v2/<repo>/{blobs|manifests}/<digest>` at the origin.
 fn content_uri(origin: &Origin, repo: &str, kind: Kind, digest: &Digest) -> Uri {
     format!(
         "{}://{}/v2/{repo}/{}/{digest}",
@@ -1315,18 +1324,39 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Registry-style error body.
-fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+/// Why eddy itself answered a client with an error: read back in [`Registry::handle`], which
+/// logs and counts it.
+#[derive(Clone)]
+struct EddyFailure {
+    reason: &'static str,
+    cause: String,
+}
+
+/// Registry-style error body, marked as eddy's own answer (`reason` is the metric label).
+fn error_response(
+    status: StatusCode,
+    reason: &'static str,
+    cause: &dyn std::fmt::Display,
+) -> Response<Body> {
+    let cause = cause.to_string();
+    let message = format!("eddy: {cause}");
     let body = serde_json::json!({"errors": [{"code": "UNKNOWN", "message": message}]}).to_string();
-    Response::builder()
+    let mut resp = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
         .body(full(Bytes::from(body)))
-        .expect("valid response")
+        .expect("valid response");
+    resp.extensions_mut().insert(EddyFailure { reason, cause });
+    resp
 }
 
 fn bad_gateway(e: &UpstreamError) -> Response<Body> {
-    error_response(StatusCode::BAD_GATEWAY, &format!("eddy: upstream: {e}"))
+    let reason = if e.is_unreachable() {
+        "upstream_unreachable"
+    } else {
+        "upstream_redirects"
+    };
+    error_response(StatusCode::BAD_GATEWAY, reason, &format_args!("upstream: {e}"))
 }
 
 /// Whether the client's Accept header admits `media_type` (no Accept admits anything).

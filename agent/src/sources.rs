@@ -7,7 +7,7 @@ use tracing::debug;
 
 use crate::{
     digest::Digest,
-    peers::{Claim, Election, PeerKey, Peers},
+    peers::{Election, PeerKey, Peers},
     source::{ContentSource, Opened},
 };
 
@@ -21,18 +21,18 @@ pub struct Found {
     pub gated: bool,
     /// Peers that sent bytes, to blame if they do not verify.
     pub contributors: Option<Arc<Mutex<Vec<PeerKey>>>>,
-    /// Kept for as long as the body is read: this node's announcement of its fill, which
-    /// peers that elected it stream from.
-    pub claim: Option<Claim>,
 }
 
 /// What to do about a miss.
 pub enum Lookup {
     Found(Found),
-    /// Fetch upstream. With a claim, this node won the cluster's election for the blob: keep
-    /// it for as long as the fill runs, and announce the content at its first byte.
-    Upstream(Option<Claim>),
+    /// Fetch upstream. `elected`: this node is the cluster's fetcher for the blob and has
+    /// announced it already (peers stream from its fill).
+    Upstream { elected: bool },
 }
+
+/// How often a miss asks the home again after the fetcher it named could not serve.
+const RECLAIMS: usize = 2;
 
 #[derive(Default, Clone)]
 pub struct Sources {
@@ -57,31 +57,32 @@ impl Sources {
                     // containerd verified the digest when it committed the content.
                     gated: false,
                     contributors: None,
-                    claim: None,
                 });
             }
         }
         let Some(peers) = self.peers.as_ref().filter(|p| shareable && p.is_active()) else {
-            return Lookup::Upstream(None);
+            return Lookup::Upstream { elected: false };
         };
         if let Some(held) = peers.open_held(digest, from).await {
-            return Lookup::Found(peer_found(held, None));
+            return Lookup::Found(peer_found(held));
         }
         if !elect {
-            return Lookup::Upstream(None);
+            return Lookup::Upstream { elected: false };
         }
-        match peers.elect(digest).await {
-            Election::Upstream(claim) => Lookup::Upstream(Some(claim)),
-            Election::Peer(peer, claim) => {
-                match peers.open_from(peer.clone(), digest, from).await {
-                    Some(body) => Lookup::Found(peer_found(body, Some(claim))),
+        let mut stale = None;
+        for _ in 0..=RECLAIMS {
+            match peers.elect(digest, stale.take()).await {
+                Election::Upstream => return Lookup::Upstream { elected: true },
+                Election::Peer(peer) => match peers.open_from(peer.clone(), digest, from).await {
+                    Some(body) => return Lookup::Found(peer_found(body)),
                     None => {
-                        debug!(%digest, %peer, "the elected node could not serve; fetching upstream");
-                        Lookup::Upstream(Some(claim))
+                        debug!(%digest, %peer, "the fetcher the home named could not serve; asking again");
+                        stale = Some(peer);
                     }
-                }
+                },
             }
         }
+        Lookup::Upstream { elected: false }
     }
 
     /// Whether peers are configured and connected.
@@ -103,12 +104,11 @@ impl Sources {
     }
 }
 
-fn peer_found(body: crate::peers::PeerBody, claim: Option<Claim>) -> Found {
+fn peer_found(body: crate::peers::PeerBody) -> Found {
     Found {
         opened: body.opened,
         source: "peer",
         gated: true,
         contributors: Some(body.contributors),
-        claim,
     }
 }

@@ -37,6 +37,9 @@ pub const P2P_PORT: u16 = 4001;
 /// Every node's admin port, on its LAN address.
 pub const ADMIN_PORT: u16 = 15090;
 
+/// Kademlia's bucket size (libp2p's default K_VALUE).
+const KAD_K_VALUE: usize = 20;
+
 /// The containerd namespace the clients pull into.
 pub const NAMESPACE: &str = "eddy-p2p";
 /// The host name that resolves to every node with [`Bootstrap::HostName`], as the chart's
@@ -349,7 +352,10 @@ impl Cluster {
                 .iter()
                 .map(|n| (n.peers(), n.metric("eddy_p2p_dht_peers")))
                 .collect();
-            if counts.iter().all(|(c, d)| c.min(*d) >= peers as f64) {
+            // Kademlia keeps at most K_VALUE peers per bucket, so past ~20 nodes a routing
+            // table need not hold every peer: enough for lookups is K_VALUE of them.
+            let dht_wanted = peers.min(KAD_K_VALUE) as f64;
+            if counts.iter().all(|(c, d)| *c >= peers as f64 && *d >= dht_wanted) {
                 return Ok(());
             }
             if Instant::now() >= deadline {

@@ -11,6 +11,7 @@
 //!
 //! [`P2p`] is the handle the rest of eddy uses: which peer to ask and when is decided by
 //! the caller; this module moves records and bytes.
+mod claims;
 pub mod config;
 pub mod data;
 pub mod metrics;
@@ -129,6 +130,8 @@ struct Inner {
     /// Peers whose data port failed, and since when (see [`DIRECT_AVOID_FOR`]).
     no_direct: Mutex<HashMap<PeerId, Instant>>,
     data: Arc<DataServer>,
+    /// The claims this node keeps as the home of digests (see `claims`).
+    claims: Arc<claims::Claims>,
 }
 
 impl Drop for Inner {
@@ -163,11 +166,16 @@ impl P2p {
         tracing::info!(port = data.port(), "p2p data port listening");
         let (commands, rx) = mpsc::unbounded_channel();
         tokio::spawn(driver.run(rx));
+        let claims = Arc::new(claims::Claims::default());
         tokio::spawn(serve::serve_inbound(
             incoming,
-            Arc::clone(&share),
-            Arc::clone(&data),
-            metrics.clone(),
+            serve::Serving {
+                share: Arc::clone(&share),
+                data: Arc::clone(&data),
+                claims: Arc::clone(&claims),
+                shared: Arc::clone(&shared),
+                metrics: metrics.clone(),
+            },
         ));
         if !config.bootstrap.is_empty() {
             tokio::spawn(resolve_loop(
@@ -193,6 +201,7 @@ impl P2p {
                 reconcile_now,
                 no_direct: Mutex::new(HashMap::new()),
                 data,
+                claims,
             }),
         })
     }
@@ -393,6 +402,45 @@ impl P2p {
         };
         if let Err(e) = &result {
             self.report_failure(peer, e.reason());
+        }
+        result
+    }
+
+    /// The peers connected right now.
+    pub fn connected_peers(&self) -> Vec<PeerId> {
+        lock(&self.inner.shared.peers).keys().copied().collect()
+    }
+
+    /// Asks `home` who fetches `digest` from upstream for the cluster (see `claims`); this
+    /// node's own claims when it is the home. `stale`: a fetcher that could not serve.
+    pub async fn claim(
+        &self,
+        home: PeerId,
+        digest: &Digest,
+        stale: Option<PeerId>,
+    ) -> Result<PeerId, PeerError> {
+        let local = self.inner.local;
+        if home == local {
+            let shared = &self.inner.shared;
+            return Ok(self.inner.claims.decide(*digest, local, stale, |p| {
+                *p == local || shared.is_connected(p)
+            }));
+        }
+        let request = Request::Claim {
+            digest: *digest,
+            stale: stale.map(|p| p.to_string()),
+        };
+        let result = match self.request(home, &request).await {
+            Ok((_, Response::Fetcher(peer))) => peer
+                .parse::<PeerId>()
+                .map_err(|e| PeerError::Protocol(format!("claim answered {peer:?}: {e}"))),
+            Ok((_, other)) => Err(PeerError::Protocol(format!(
+                "answered {other:?} to a claim"
+            ))),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            self.report_failure(home, e.reason());
         }
         result
     }

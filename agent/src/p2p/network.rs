@@ -73,6 +73,24 @@ impl PeerNetwork for P2p {
         })
     }
 
+    fn members(&self) -> Vec<PeerKey> {
+        self.connected_peers().into_iter().map(key).collect()
+    }
+
+    fn claim(
+        &self,
+        home: PeerKey,
+        digest: Digest,
+        stale: Option<PeerKey>,
+    ) -> BoxFuture<'static, Result<PeerKey, BoxError>> {
+        let p2p = self.clone();
+        Box::pin(async move {
+            let home = peer_id(&home)?;
+            let stale = stale.as_ref().map(peer_id).transpose()?;
+            Ok(key(P2p::claim(&p2p, home, &digest, stale).await?))
+        })
+    }
+
     fn report_failure(&self, peer: &PeerKey, reason: &'static str) {
         if let Ok(peer) = peer_id(peer) {
             P2p::report_failure(self, peer, reason);

@@ -41,6 +41,13 @@ pub enum Request {
         repository: String,
         tag: String,
     },
+    /// Who fetches `digest` from upstream for the cluster (asked of the digest's home node,
+    /// see `claims`). `stale`: a fetcher (peer id) that could not serve it, to be replaced.
+    Claim {
+        digest: Digest,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stale: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +69,8 @@ pub enum Response {
     /// This peer cannot serve it (now).
     NotFound,
     Tag(Option<TagRecord>),
+    /// The answer to a claim: the peer id of the node that fetches the digest.
+    Fetcher(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

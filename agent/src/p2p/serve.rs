@@ -16,13 +16,14 @@ use libp2p::{
     futures::{AsyncWriteExt, StreamExt, TryStreamExt},
     PeerId, Stream,
 };
-use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::{
+    claims::Claims,
     data::DataServer,
     metrics::P2pMetrics,
+    swarm::Shared,
     protocol::{self, Request, Response},
 };
 use crate::source::PeerShare;
@@ -37,13 +38,19 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client that reads nothing for this long is dropped.
 const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `data`: this node's data port, for clients that can take a body there.
-pub(super) async fn serve_inbound(
-    mut incoming: libp2p_stream::IncomingStreams,
-    share: Arc<dyn PeerShare>,
-    data: Arc<DataServer>,
-    metrics: P2pMetrics,
-) {
+/// What the serving side needs besides the share: this node's data port (for clients
+/// that can take a body there), the claims it keeps as a home node, and whether a peer is
+/// still connected (a claim of a departed node does not stand).
+pub(super) struct Serving {
+    pub share: Arc<dyn PeerShare>,
+    pub data: Arc<DataServer>,
+    pub claims: Arc<Claims>,
+    pub shared: Arc<Shared>,
+    pub metrics: P2pMetrics,
+}
+
+pub(super) async fn serve_inbound(mut incoming: libp2p_stream::IncomingStreams, serving: Serving) {
+    let serving = Arc::new(serving);
     let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
     while let Some((peer, stream)) = incoming.next().await {
         let semaphore = {
@@ -62,12 +69,10 @@ pub(super) async fn serve_inbound(
             drop(stream);
             continue;
         };
-        let share = Arc::clone(&share);
-        let data = Arc::clone(&data);
-        let sent = metrics.sent_bytes.clone();
+        let serving = Arc::clone(&serving);
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_one(&*share, &data, &sent, stream).await {
+            if let Err(e) = serve_one(&serving, peer, stream).await {
                 debug!(%peer, error = %e, "p2p: request not served");
             }
         });
@@ -86,12 +91,8 @@ enum ServeError {
     Write(std::io::Error),
 }
 
-async fn serve_one(
-    share: &dyn PeerShare,
-    data: &DataServer,
-    sent: &Counter,
-    mut stream: Stream,
-) -> Result<(), ServeError> {
+async fn serve_one(serving: &Serving, peer: PeerId, mut stream: Stream) -> Result<(), ServeError> {
+    let (share, data) = (&*serving.share, &*serving.data);
     let header = tokio::time::timeout(REQUEST_TIMEOUT, protocol::read_header(&mut stream))
         .await
         .map_err(|_| ServeError::Timeout("no request header"))??;
@@ -111,7 +112,7 @@ async fn serve_one(
                 return Ok(());
             };
             // Counted as the body leaves the source, on either path below.
-            let sent = sent.clone();
+            let sent = serving.metrics.sent_bytes.clone();
             opened.body = opened
                 .body
                 .inspect_ok(move |chunk| {
@@ -157,6 +158,17 @@ async fn serve_one(
         } => {
             let answer = share.tag(&registry, &repository, &tag).map(Into::into);
             protocol::write_header(&mut stream, &Response::Tag(answer)).await?;
+            stream.close().await.map_err(ServeError::Write)
+        }
+        Request::Claim { digest, stale } => {
+            // The claimant is the authenticated peer on this stream: a node can claim for
+            // itself only.
+            let stale = stale.and_then(|s| s.parse::<PeerId>().ok());
+            let fetcher = serving
+                .claims
+                .decide(digest, peer, stale, |p| serving.shared.is_connected(p));
+            let answer = Response::Fetcher(fetcher.to_string());
+            protocol::write_header(&mut stream, &answer).await?;
             stream.close().await.map_err(ServeError::Write)
         }
     }

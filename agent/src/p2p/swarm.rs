@@ -12,7 +12,7 @@ use std::{
 use libp2p::{
     core::{muxing::StreamMuxerBox, transport::Boxed, upgrade, ConnectedPoint},
     futures::StreamExt,
-    identify, identity,
+    identify, identity, ping,
     kad::{self, store::MemoryStore, store::MemoryStoreConfig},
     multiaddr::Protocol,
     pnet::{PnetConfig, PreSharedKey},
@@ -49,11 +49,17 @@ const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 const REDIAL_MAX: Duration = Duration::from_secs(30);
 const REDIALS: u32 = 8;
 const REDIAL_JITTER: Duration = Duration::from_millis(500);
+/// Each connection is pinged this often, and closed when a ping goes unanswered for
+/// `PING_TIMEOUT`: a node that vanished (power off, network gone) sends no FIN, and until
+/// its connection closes it counts as a member (a digest's home, a claim's fetcher).
+const PING_INTERVAL: Duration = Duration::from_secs(5);
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
     kad: kad::Behaviour<MemoryStore>,
     identify: identify::Behaviour,
+    ping: ping::Behaviour,
     pub(super) stream: libp2p_stream::Behaviour,
 }
 
@@ -80,6 +86,12 @@ pub(super) enum Command {
 pub(super) struct Shared {
     pub peers: Mutex<HashMap<PeerId, PeerState>>,
     pub listen_addrs: Mutex<Vec<Multiaddr>>,
+}
+
+impl Shared {
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        lock(&self.peers).contains_key(peer)
+    }
 }
 
 pub(super) struct PeerState {
@@ -120,6 +132,11 @@ pub(super) fn build(
     let behaviour = Behaviour {
         kad,
         identify,
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(PING_INTERVAL)
+                .with_timeout(PING_TIMEOUT),
+        ),
         stream: libp2p_stream::Behaviour::new(),
     };
     Ok(Swarm::new(
@@ -552,6 +569,14 @@ impl Driver {
                 step,
                 ..
             })) => self.on_query(id, result, step.last),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            })) => {
+                info!(%peer, %error, "p2p peer does not answer pings; closing its connection");
+                self.swarm.close_connection(connection);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::InboundRequest { .. })) => {
                 self.metrics.dht_requests.inc();
             }

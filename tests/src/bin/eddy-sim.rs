@@ -94,7 +94,7 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
     /// Nodes started at once.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 1)]
     parallel_starts: usize,
     /// Where sim.json and sim.md (and each node's eddy log) go.
     #[arg(long, default_value = "target/sim")]
