@@ -199,6 +199,9 @@ impl Cluster {
             for node in started {
                 cluster.nodes.push(node?);
             }
+            if spec.bootstrap == Bootstrap::HostName {
+                cluster.publish_peers()?;
+            }
             next += ids.len();
         }
         cluster.wait_connected(n - 1, spec.connect_timeout)?;
@@ -217,8 +220,10 @@ impl Cluster {
                 self.node_bootstrapping(i, &addrs, &[], psk.as_deref(), extra)
             }
             Bootstrap::HostName => {
+                // As a headless Service lists the pods that are ready: the nodes started so far
+                // and this one; `publish_peers` adds the later ones as they start.
                 let peers: Vec<std::net::Ipv4Addr> =
-                    (0..n).map(|j| self.node_ip(j)).collect::<Result<_>>()?;
+                    (0..=i).map(|j| self.node_ip(j)).collect::<Result<_>>()?;
                 let name = format!("{PEERS_HOST}:{P2P_PORT}");
                 self.node_bootstrapping(i, &[name], &peers, psk.as_deref(), extra)
             }
@@ -275,15 +280,7 @@ impl Cluster {
         let client_hosts = dir.join("hosts.client");
         Client::write_hosts(&client_hosts, self.netns.ns_v4, &[REGISTRY_HOST])?;
         let eddy_hosts = dir.join("hosts.eddy");
-        Client::write_hosts(&eddy_hosts, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
-        if !peers.is_empty() {
-            // One line per address, as a headless Service's DNS answer lists every pod.
-            let lines: String = peers.iter().map(|p| format!("{p} {PEERS_HOST}\n")).collect();
-            fs::OpenOptions::new()
-                .append(true)
-                .open(&eddy_hosts)?
-                .write_all(lines.as_bytes())?;
-        }
+        self.write_eddy_hosts(&eddy_hosts, peers)?;
         let p2p = SocketAddr::from((ip, P2P_PORT));
         // The node's own containerd, whose content store eddy reads.
         let containerd = Containerd::start_in(netns.name())?;
@@ -340,6 +337,32 @@ impl Cluster {
             cgroup,
             netns,
         })
+    }
+
+    /// An eddy's /etc/hosts: the registry and CDN names at the upstream, and [`PEERS_HOST`]
+    /// at each of `peers`, one line per address as a headless Service's DNS answer lists
+    /// every pod. Rewritten in place, so a node's bind mount of it sees the new lines.
+    fn write_eddy_hosts(&self, path: &Path, peers: &[std::net::Ipv4Addr]) -> Result<()> {
+        Client::write_hosts(path, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
+        let lines: String = peers.iter().map(|p| format!("{p} {PEERS_HOST}\n")).collect();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(path)?
+            .write_all(lines.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Every node's [`PEERS_HOST`] now resolves to every node started so far.
+    fn publish_peers(&self) -> Result<()> {
+        let peers: Vec<std::net::Ipv4Addr> = (0..self.nodes.len())
+            .map(|j| self.node_ip(j))
+            .collect::<Result<_>>()?;
+        for node in &self.nodes {
+            if let Some(hosts) = &node.config.hosts {
+                self.write_eddy_hosts(hosts, &peers)?;
+            }
+        }
+        Ok(())
     }
 
     /// Wait (bounded) until every node has at least `peers` connected peers, all of them in

@@ -286,3 +286,45 @@ fn free_subnet(n: u32) -> Result<(u8, u8)> {
     }
     bail!("choosing a test subnet: every 10.200-239.x.0/24 tried is in use")
 }
+
+/// The kernel's neighbour (ARP and NDP) tables are shared by every network namespace, and
+/// `gc_thresh3` (1024 by default) caps them all together: a LAN of N members that all talk
+/// to each other needs about N² entries, so past ~30 members new entries are refused
+/// ("neighbor table overflow") and members stop being reachable. Raised for as long as the
+/// guard lives, then put back.
+pub struct NeighbourLimits {
+    saved: Vec<(String, String)>,
+}
+
+impl NeighbourLimits {
+    /// Room for `members` namespaces on one LAN (and the host), with margin.
+    pub fn raise_for(members: usize) -> Result<Self> {
+        let wanted = ((members + 2) * (members + 2) * 2).max(1024);
+        let mut saved = Vec::new();
+        for family in ["ipv4", "ipv6"] {
+            for (knob, value) in [
+                ("gc_thresh3", wanted),
+                ("gc_thresh2", wanted / 2),
+                ("gc_thresh1", wanted / 8),
+            ] {
+                let path = format!("/proc/sys/net/{family}/neigh/default/{knob}");
+                let old = std::fs::read_to_string(&path)?.trim().to_string();
+                if old.parse::<usize>().unwrap_or(0) < value {
+                    std::fs::write(&path, value.to_string())?;
+                    saved.push((path, old));
+                }
+            }
+        }
+        Ok(NeighbourLimits { saved })
+    }
+}
+
+impl Drop for NeighbourLimits {
+    fn drop(&mut self) {
+        for (path, old) in &self.saved {
+            if let Err(e) = std::fs::write(path, old) {
+                eprintln!("warning: restoring {path} to {old}: {e}");
+            }
+        }
+    }
+}

@@ -134,7 +134,30 @@ impl RegistryEddy {
         }
         run.argv.extend(config.extra_args.iter().cloned());
         let mut inner = run.spawn(work, config.quiet_start)?;
-        inner.wait_ready(Duration::from_secs(20))?;
+        if let Err(e) = inner.wait_ready(Duration::from_secs(20)) {
+            // Where an eddy in a namespace cannot be reached, say what the namespace looks like.
+            let Some(netns) = &config.in_netns else {
+                return Err(e);
+            };
+            let show = |args: &[&str]| {
+                std::process::Command::new("nsenter")
+                    .arg(&netns.enter_arg)
+                    .args(args)
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+            };
+            let host_neigh = std::process::Command::new("ip")
+                .args(["neigh", "show", &netns.admin.ip().to_string()])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            return Err(e.context(format!(
+                "in the node's namespace: listening:\n{}\naddresses:\n{}\nthe host's neighbour entry: {host_neigh}",
+                show(&["ss", "-ltn"]),
+                show(&["ip", "-br", "addr"])
+            )));
+        }
         Ok(Self {
             listen: inner.listen,
             admin: inner.admin,

@@ -52,6 +52,8 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 /// A body that delivers no byte for this long fails (the caller resumes elsewhere with a
 /// Range from where it stopped).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams tried per request (see [`P2p::request`]); the pauses between them add 0.35 s.
+const REQUEST_ATTEMPTS: u32 = 4;
 /// Bytes read from the stream per read call, and about the size of the chunks handed on.
 const READ_CHUNK: usize = 256 * 1024;
 /// A peer whose data port could not be used (a firewall between nodes, say) gets its
@@ -485,11 +487,36 @@ impl P2p {
     }
 
     /// Opens a stream, sends `request` and reads the answer's header, all within
-    /// [`HEADER_TIMEOUT`].
+    /// [`HEADER_TIMEOUT`]. A stream that fails before the answer is tried again on a new
+    /// stream, up to [`REQUEST_ATTEMPTS`] times with a short pause: under load, a busy
+    /// peer's inbound queue drops streams (the client sees "connection is closed" while the
+    /// connection itself stays up), and a failed claim or open costs an upstream fetch.
     async fn request(
         &self,
         peer: PeerId,
         request: &Request,
+    ) -> Result<(libp2p::Stream, Response), PeerError> {
+        let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.request_once(peer, request, deadline).await {
+                Err(e @ (PeerError::Connect(_) | PeerError::Protocol(_)))
+                    if attempt < REQUEST_ATTEMPTS =>
+                {
+                    debug!(%peer, error = %e, attempt, "p2p request failed; trying a new stream");
+                    tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn request_once(
+        &self,
+        peer: PeerId,
+        request: &Request,
+        deadline: tokio::time::Instant,
     ) -> Result<(libp2p::Stream, Response), PeerError> {
         let mut control = self.inner.control.clone();
         let exchange = async move {
@@ -507,7 +534,7 @@ impl P2p {
             let response = protocol::decode_response(&header).map_err(protocol_error)?;
             Ok((stream, response))
         };
-        tokio::time::timeout(HEADER_TIMEOUT, exchange)
+        tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| PeerError::Timeout)?
     }

@@ -510,6 +510,7 @@ impl Driver {
                     peers.remove(&peer_id);
                     info!(peer = %peer_id, cause = ?cause, "p2p peer disconnected");
                 } else if let Some(state) = peers.get_mut(&peer_id) {
+                    debug!(peer = %peer_id, cause = ?cause, left = num_established, "p2p: one of the connections to a peer closed");
                     state
                         .remote
                         .remove(&without_p2p(endpoint.get_remote_address()));

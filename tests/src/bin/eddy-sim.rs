@@ -39,6 +39,7 @@ use clap::{Parser, ValueEnum};
 use eddy_tests::{
     cluster::{Bootstrap, Cluster, ClusterSpec, NAMESPACE},
     containerd::Client,
+    netns::NeighbourLimits,
     oci::{Image, ImageSpec},
     process::ProcessGuard,
     registry::{shape_link, REGISTRY_HOST},
@@ -263,8 +264,9 @@ fn main() -> Result<()> {
             Scenario::Idle,
             Scenario::Wave,
             Scenario::Rollout,
-            Scenario::Churn,
+            // Scale-down before churn: it needs twice as many live nodes as leave.
             Scenario::ScaleDown,
+            Scenario::Churn,
         ]
     } else {
         args.scenario.clone()
@@ -301,6 +303,7 @@ fn run(args: &Args, scenarios: &[Scenario]) -> Result<()> {
     let spec = ImageSpec::single(&layers);
     let started = Instant::now();
     eprintln!("eddy-sim: starting {} nodes", args.nodes);
+    let _neighbours = NeighbourLimits::raise_for(args.nodes + 1)?;
     let cluster = Cluster::build_until(
         &ClusterSpec {
             bootstrap: Bootstrap::HostName,
