@@ -46,6 +46,9 @@ const ANNOUNCE_BOUND: Duration = Duration::from_millis(300);
 /// this from upstream anyway; past it the home is overloaded or gone, and the node fetches
 /// upstream itself (fail-open over single flight).
 const CLAIM_BOUND: Duration = Duration::from_secs(2);
+/// Times a busy fetcher is asked again (after 0.25 s) before a node gives up on it; each ask
+/// waits up to the blob request's own timeout (10 s).
+const FETCHER_RETRIES: u32 = 1;
 /// When the provider asked first has not answered within this, the next is asked as well.
 pub const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// Once every chosen provider has been asked, how much longer to wait for one to open
@@ -191,7 +194,8 @@ impl Peers {
         let members = self.net.members();
         providers.sort_by_key(|p| !members.contains(p));
         providers.truncate(MAX_PROVIDERS);
-        self.open_any(providers, digest, from, Some(OPEN_BOUND)).await
+        self.open_any(providers, digest, from, Some(OPEN_BOUND))
+            .await
     }
 
     /// Decide who fetches `digest` upstream when nobody holds it (see the module comment).
@@ -207,11 +211,8 @@ impl Peers {
         }
         let me = self.net.local();
         let home = home(digest, &me, &self.usable(self.net.members()));
-        let asked = tokio::time::timeout(
-            CLAIM_BOUND,
-            self.net.claim(home.clone(), *digest, stale),
-        )
-        .await;
+        let asked =
+            tokio::time::timeout(CLAIM_BOUND, self.net.claim(home.clone(), *digest, stale)).await;
         match asked {
             Ok(Ok(fetcher)) if fetcher == me => {
                 // Announced before the upstream answers, so that nodes whose content lookup
@@ -239,6 +240,28 @@ impl Peers {
     /// answers once its upstream does, within the request's own timeout.
     pub async fn open_from(&self, peer: PeerKey, digest: &Digest, from: u64) -> Option<PeerBody> {
         self.open_any(vec![peer], digest, from, None).await
+    }
+
+    /// `digest` from the fetcher the home named. A fetcher that is still connected but does
+    /// not answer is busy (every node of a wave asks it at once), not gone: it is asked again
+    /// after a pause, [`FETCHER_RETRIES`] times, since giving up on it means one more upstream
+    /// fetch. A fetcher that left is given up at once.
+    pub async fn open_from_fetcher(
+        &self,
+        fetcher: &PeerKey,
+        digest: &Digest,
+        from: u64,
+    ) -> Option<PeerBody> {
+        for attempt in 0..=FETCHER_RETRIES {
+            if let Some(body) = self.open_from(fetcher.clone(), digest, from).await {
+                return Some(body);
+            }
+            if attempt == FETCHER_RETRIES || !self.net.members().contains(fetcher) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        None
     }
 
     /// Announce that this node can serve `digest` now (a download's first byte arrived).
@@ -622,7 +645,11 @@ mod tests {
             digest: Digest,
             stale: Option<PeerKey>,
         ) -> BoxFuture<'static, Result<PeerKey, BoxError>> {
-            if self.world.home_down.load(std::sync::atomic::Ordering::SeqCst) {
+            if self
+                .world
+                .home_down
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
                 return Box::pin(std::future::pending());
             }
             let mut claims = self.world.claims.lock().unwrap();
@@ -690,7 +717,12 @@ mod tests {
         }
         tokio::task::yield_now().await;
         assert_eq!(
-            world.records.lock().unwrap().get(&content_key(&digest)).map(|s| s.len()),
+            world
+                .records
+                .lock()
+                .unwrap()
+                .get(&content_key(&digest))
+                .map(|s| s.len()),
             Some(1),
             "the fetcher announced the content before fetching it"
         );
@@ -712,10 +744,9 @@ mod tests {
         let digest = Digest::of(b"announce");
         // Misses at the same moment: no waiting, so every one of them fetches.
         let simultaneous: Vec<Peers> = names.iter().map(|n| node(n)).collect();
-        let elections = futures_util::future::join_all(
-            simultaneous.iter().map(|p| p.elect(&digest, None)),
-        )
-        .await;
+        let elections =
+            futures_util::future::join_all(simultaneous.iter().map(|p| p.elect(&digest, None)))
+                .await;
         assert!(elections.iter().all(|e| matches!(e, Election::Upstream)));
         // Each announced the content at once: a node that looks now finds them.
         let late = node("me");
@@ -729,10 +760,15 @@ mod tests {
             let world = Arc::new(World::default());
             let digest = Digest::of(&[i]);
             let (early, late) = (node(&world, "early"), node(&world, "late"));
-            assert!(matches!(early.elect(&digest, None).await, Election::Upstream));
+            assert!(matches!(
+                early.elect(&digest, None).await,
+                Election::Upstream
+            ));
             // The DHT has not carried the early node's record to the late one yet: the home's
             // claim still names the fetcher.
-            world.blind_lookups.store(1, std::sync::atomic::Ordering::SeqCst);
+            world
+                .blind_lookups
+                .store(1, std::sync::atomic::Ordering::SeqCst);
             assert!(late.open_held(&digest, 0).await.is_none());
             match late.elect(&digest, None).await {
                 Election::Peer(peer) => assert_eq!(peer, key("early")),
@@ -747,17 +783,25 @@ mod tests {
         let digest = Digest::of(b"evicted");
         let (a, b) = (node(&world, "a"), node(&world, "b"));
         assert!(matches!(a.elect(&digest, None).await, Election::Upstream));
-        assert!(matches!(b.elect(&digest, Some(key("a"))).await, Election::Upstream));
+        assert!(matches!(
+            b.elect(&digest, Some(key("a"))).await,
+            Election::Upstream
+        ));
         assert!(matches!(a.elect(&digest, None).await, Election::Peer(p) if p == key("b")));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_home_that_does_not_answer_costs_at_most_the_claim_bound() {
         let world = Arc::new(World::default());
-        world.home_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        world
+            .home_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let started = tokio::time::Instant::now();
         let me = node(&world, "me");
-        assert!(matches!(me.elect(&Digest::of(b"x"), None).await, Election::Upstream));
+        assert!(matches!(
+            me.elect(&Digest::of(b"x"), None).await,
+            Election::Upstream
+        ));
         assert_eq!(started.elapsed(), CLAIM_BOUND);
     }
 
@@ -773,13 +817,20 @@ mod tests {
                 .await;
         }
         world.departed.lock().unwrap().insert(key("a"));
-        world.content.lock().unwrap().insert(key("b"), (data.clone(), None));
+        world
+            .content
+            .lock()
+            .unwrap()
+            .insert(key("b"), (data.clone(), None));
         // A live provider is asked first: no wait at all on the departed one.
         for _ in 0..4 {
             let started = tokio::time::Instant::now();
             let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
             assert_eq!(body(got).await, data);
-            assert!(started.elapsed() < HEDGE_AFTER, "waited on the departed node");
+            assert!(
+                started.elapsed() < HEDGE_AFTER,
+                "waited on the departed node"
+            );
         }
         // Only departed providers: the node leaves peers after the bound, not a dial timeout.
         world.departed.lock().unwrap().insert(key("b"));

@@ -666,9 +666,7 @@ impl Registry {
             .await
         {
             Ok(c) => c.to_bytes(),
-            Err(e) => {
-                return error_response(StatusCode::BAD_GATEWAY, "manifest_read", &e)
-            }
+            Err(e) => return error_response(StatusCode::BAD_GATEWAY, "manifest_read", &e),
         };
         self.metrics.bytes("upstream", bytes.len() as u64);
         let computed = Digest::of(&bytes);
@@ -1356,7 +1354,11 @@ fn bad_gateway(e: &UpstreamError) -> Response<Body> {
     } else {
         "upstream_redirects"
     };
-    error_response(StatusCode::BAD_GATEWAY, reason, &format_args!("upstream: {e}"))
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        reason,
+        &format_args!("upstream: {e}"),
+    )
 }
 
 /// Whether the client's Accept header admits `media_type` (no Accept admits anything).

@@ -28,7 +28,9 @@ pub enum Lookup {
     Found(Found),
     /// Fetch upstream. `elected`: this node is the cluster's fetcher for the blob and has
     /// announced it already (peers stream from its fill).
-    Upstream { elected: bool },
+    Upstream {
+        elected: bool,
+    },
 }
 
 /// How often a miss asks the home again after the fetcher it named could not serve.
@@ -73,7 +75,7 @@ impl Sources {
         for _ in 0..=RECLAIMS {
             match peers.elect(digest, stale.take()).await {
                 Election::Upstream => return Lookup::Upstream { elected: true },
-                Election::Peer(peer) => match peers.open_from(peer.clone(), digest, from).await {
+                Election::Peer(peer) => match peers.open_from_fetcher(&peer, digest, from).await {
                     Some(body) => return Lookup::Found(peer_found(body)),
                     None => {
                         debug!(%digest, %peer, "the fetcher the home named could not serve; asking again");

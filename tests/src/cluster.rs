@@ -146,7 +146,10 @@ impl Cluster {
     }
 
     /// As [`Cluster::build`]; gives up between node starts once `interrupted` says so.
-    pub fn build_until(spec: &ClusterSpec, interrupted: &(dyn Fn() -> bool + Sync)) -> Result<Self> {
+    pub fn build_until(
+        spec: &ClusterSpec,
+        interrupted: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Self> {
         let n = spec.nodes;
         check_programs()?;
         let work = tempfile::Builder::new().prefix("eddy-p2p-").tempdir()?;
@@ -193,7 +196,10 @@ impl Cluster {
                     .collect();
                 handles
                     .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("node start panicked"))))
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("node start panicked")))
+                    })
                     .collect()
             });
             for node in started {
@@ -344,7 +350,10 @@ impl Cluster {
     /// every pod. Rewritten in place, so a node's bind mount of it sees the new lines.
     fn write_eddy_hosts(&self, path: &Path, peers: &[std::net::Ipv4Addr]) -> Result<()> {
         Client::write_hosts(path, self.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
-        let lines: String = peers.iter().map(|p| format!("{p} {PEERS_HOST}\n")).collect();
+        let lines: String = peers
+            .iter()
+            .map(|p| format!("{p} {PEERS_HOST}\n"))
+            .collect();
         fs::OpenOptions::new()
             .append(true)
             .open(path)?
@@ -378,7 +387,10 @@ impl Cluster {
             // Kademlia keeps at most K_VALUE peers per bucket, so past ~20 nodes a routing
             // table need not hold every peer: enough for lookups is K_VALUE of them.
             let dht_wanted = peers.min(KAD_K_VALUE) as f64;
-            if counts.iter().all(|(c, d)| *c >= peers as f64 && *d >= dht_wanted) {
+            if counts
+                .iter()
+                .all(|(c, d)| *c >= peers as f64 && *d >= dht_wanted)
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {

@@ -36,7 +36,9 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
     if !util::is_root() {
-        bail!("cargo xtask sim needs root (it attaches BPF programs and creates network namespaces)");
+        bail!(
+            "cargo xtask sim needs root (it attaches BPF programs and creates network namespaces)"
+        );
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     let eddy = util::build_release()?;

@@ -112,5 +112,32 @@ pub fn run(opts: &Options) -> Result<()> {
             .env("EDDY_BIN", &eddy)
             .env("EDDY_IMAGE", &image.expect("built with eddy").archive),
     )?;
+
+    // The simulated cluster, scaled down (`cargo xtask sim` runs it at 50 nodes): no pull
+    // may fail in a cold wave, a rollout, a scale-down or churn.
+    eprintln!("xtask: simulated cluster of 8 nodes (eddy-sim --check)");
+    util::run(cargo().current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "eddy-tests",
+        "--bin",
+        "eddy-sim",
+    ]))?;
+    util::run(
+        std::process::Command::new(crate::util::target_dir().join("release").join("eddy-sim"))
+            .args([
+                "--nodes",
+                "8",
+                "--departing",
+                "3",
+                "--idle-secs",
+                "10",
+                "--check",
+            ])
+            .arg("--out")
+            .arg(crate::util::target_dir().join("sim-ci"))
+            .env("EDDY_BIN", &eddy),
+    )?;
     Ok(())
 }

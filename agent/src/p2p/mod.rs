@@ -49,6 +49,10 @@ use crate::{
 /// Connecting to a peer, sending the request and reading its answer's header must fit in
 /// this: a peer slower than that is treated as failed and the caller moves on.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+/// A blob request's answer may take longer: a node serving a fill in flight answers once its
+/// upstream has (the serving side bounds that wait to the same 10 s). The callers that ask
+/// several providers bound their own wait far below this (`peers`: hedging).
+pub const BLOB_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body that delivers no byte for this long fails (the caller resumes elsewhere with a
 /// Range from where it stopped).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,7 +81,7 @@ pub enum P2pError {
 pub enum PeerError {
     #[error("cannot open a stream to the peer: {0}")]
     Connect(String),
-    #[error("the peer did not answer within {HEADER_TIMEOUT:?}")]
+    #[error("the peer did not answer in time")]
     Timeout,
     #[error("the peer broke the protocol: {0}")]
     Protocol(String),
@@ -487,7 +491,7 @@ impl P2p {
     }
 
     /// Opens a stream, sends `request` and reads the answer's header, all within
-    /// [`HEADER_TIMEOUT`]. A stream that fails before the answer is tried again on a new
+    /// [`HEADER_TIMEOUT`] ([`BLOB_HEADER_TIMEOUT`] for a blob). A stream that fails before the answer is tried again on a new
     /// stream, up to [`REQUEST_ATTEMPTS`] times with a short pause: under load, a busy
     /// peer's inbound queue drops streams (the client sees "connection is closed" while the
     /// connection itself stays up), and a failed claim or open costs an upstream fetch.
@@ -496,7 +500,11 @@ impl P2p {
         peer: PeerId,
         request: &Request,
     ) -> Result<(libp2p::Stream, Response), PeerError> {
-        let deadline = tokio::time::Instant::now() + HEADER_TIMEOUT;
+        let bound = match request {
+            Request::Blob { .. } => BLOB_HEADER_TIMEOUT,
+            _ => HEADER_TIMEOUT,
+        };
+        let deadline = tokio::time::Instant::now() + bound;
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -23,8 +23,8 @@ use super::{
     claims::Claims,
     data::DataServer,
     metrics::P2pMetrics,
-    swarm::Shared,
     protocol::{self, Request, Response},
+    swarm::Shared,
 };
 use crate::source::PeerShare;
 

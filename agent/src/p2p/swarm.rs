@@ -12,9 +12,10 @@ use std::{
 use libp2p::{
     core::{muxing::StreamMuxerBox, transport::Boxed, upgrade, ConnectedPoint},
     futures::StreamExt,
-    identify, identity, ping,
+    identify, identity,
     kad::{self, store::MemoryStore, store::MemoryStoreConfig},
     multiaddr::Protocol,
+    ping,
     pnet::{PnetConfig, PreSharedKey},
     swarm::{dial_opts::DialOpts, dial_opts::PeerCondition, ConnectionId, NetworkBehaviour},
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport,
