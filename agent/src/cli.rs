@@ -293,9 +293,9 @@ pub struct P2pArgs {
     /// hands them over the swarm (default: the --p2p-listen port + 1; 0: any free port).
     #[arg(long, env = "EDDY_P2P_DATA_PORT")]
     pub p2p_data_port: Option<u16>,
-    /// When nodes miss content nobody holds at the same moment: `elect` (wait 40 ms for the
-    /// others' announcements, one fetches upstream, the rest stream from it) or `announce`
-    /// (fetch at once; simultaneous misses may each fetch). See the README's measurements.
+    /// When nodes miss content nobody holds at the same moment: `elect` (ask the digest's home
+    /// node, which names one fetcher; the rest stream from it) or `announce` (fetch at once;
+    /// simultaneous misses may each fetch). See docs/p2p.md and docs/scale.md.
     #[arg(long, env = "EDDY_P2P_SINGLE_FLIGHT", value_enum, default_value_t)]
     pub p2p_single_flight: crate::peers::SingleFlight,
 }

@@ -193,6 +193,15 @@ struct WaveReport {
     spread: Spread,
     /// eddy's error answers to clients during the wave (eddy_error_responses_total), summed.
     eddy_error_responses: f64,
+    /// CPU time the whole machine spent during the wave (every node's eddy, client and
+    /// containerd, and the upstream), in core-seconds, and eddy's part of it.
+    machine_cpu_s: f64,
+    eddy_cpu_s: f64,
+    /// The machine's floor for this wave: its CPU time spread over every core (a wave that
+    /// took about this long was bound by the CPU, not by eddy waiting).
+    cpu_floor_s: f64,
+    /// Machine CPU per GiB delivered to the clients.
+    cpu_s_per_gib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -474,7 +483,18 @@ impl Sim {
         let log_before = self.cluster.upstream.requests().len();
         let sent_before = self.per_node("eddy_p2p_sent_bytes_total");
         let errors_before: f64 = self.per_node("eddy_error_responses_total").iter().sum();
+        let eddy_pids: Vec<u32> = self
+            .cluster
+            .nodes
+            .iter()
+            .filter_map(|n| n.eddy.as_ref().map(|e| e.pid()))
+            .collect();
+        let eddy_cpu_before: f64 = eddy_pids.iter().map(|p| cpu_seconds(*p)).sum();
+        let machine_before = machine_busy_seconds()?;
         let pulls = self.pull(nodes, reference, gap, &mut tick)?;
+        let machine_cpu_s = machine_busy_seconds()? - machine_before;
+        // A killed eddy's time is gone with it: eddy's share is a lower bound under churn.
+        let eddy_cpu_s = (eddy_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - eddy_cpu_before).max(0.0);
         let sent_after = self.per_node("eddy_p2p_sent_bytes_total");
         let errors_after: f64 = self.per_node("eddy_error_responses_total").iter().sum();
         let image_bytes = image_blob_bytes(image);
@@ -490,9 +510,16 @@ impl Sim {
             seeders: per_node.iter().filter(|s| **s > 0.0).count(),
             per_node,
         };
+        let delivered_gib =
+            pulls.iter().filter(|p| p.ok).count() as f64 * image_bytes as f64 / (1u64 << 30) as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         Ok(WaveReport {
             image_bytes,
             direct_s,
+            machine_cpu_s,
+            eddy_cpu_s,
+            cpu_floor_s: machine_cpu_s / cores,
+            cpu_s_per_gib: if delivered_gib > 0.0 { machine_cpu_s / delivered_gib } else { 0.0 },
             pulls: summarize(pulls),
             upstream,
             spread,
@@ -837,6 +864,22 @@ fn save_log(out: &std::path::Path, node: usize, text: &str) {
     let _ = fs::write(out.join(format!("node-{node}.log")), text);
 }
 
+/// Core-seconds the machine has spent busy since boot (/proc/stat: all but idle and iowait).
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    ensure!(ticks.len() >= 5, "unexpected /proc/stat line {cpu:?}");
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks[3] - ticks[4];
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(busy as f64 / hz)
+}
+
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -1023,6 +1066,20 @@ fn markdown(r: &Report) -> String {
             "scale-down: image the survivors had".into(),
             &s.survivors_image,
         );
+    }
+    md.push('\n');
+    let mut cpu = |name: String, w: &WaveReport| {
+        let _ = writeln!(
+            md,
+            "- {name}: the machine was busy {:.1} core-seconds ({:.1} of them eddy's), {:.1} s of CPU per GiB delivered; spread over every core that is a floor of {:.1} s, against the last pull ending at {:.1} s.",
+            w.machine_cpu_s, w.eddy_cpu_s, w.cpu_s_per_gib, w.cpu_floor_s, w.pulls.wave_s
+        );
+    };
+    for (i, w) in r.waves.iter().enumerate() {
+        cpu(format!("cold wave {}", i + 1), w);
+    }
+    if let Some(w) = &r.rollout {
+        cpu("rollout".into(), w);
     }
     md.push('\n');
     if !r.waves.is_empty() {
