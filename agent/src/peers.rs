@@ -85,7 +85,6 @@ pub trait PeerNetwork: Send + Sync + 'static {
     fn connected(&self) -> usize;
     /// Announce `key`; resolves when the record is stored, or after `bound` (false then).
     fn provide(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, bool>;
-    fn stop_providing(&self, key: Vec<u8>);
     /// Other nodes that announced `key`, as many as were found within `bound`.
     fn providers(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, Vec<PeerKey>>;
     fn fetch(
@@ -554,11 +553,6 @@ mod tests {
                 .or_default()
                 .insert(me);
             Box::pin(async { true })
-        }
-        fn stop_providing(&self, key: Vec<u8>) {
-            if let Some(set) = self.world.records.lock().unwrap().get_mut(&key) {
-                set.remove(&self.me);
-            }
         }
         fn providers(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, Vec<PeerKey>> {
             use std::sync::atomic::Ordering::SeqCst;

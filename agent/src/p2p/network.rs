@@ -34,10 +34,6 @@ impl PeerNetwork for P2p {
         Box::pin(async move { p2p.provide(&key, bound).await })
     }
 
-    fn stop_providing(&self, key: Vec<u8>) {
-        P2p::stop_providing(self, &key);
-    }
-
     fn providers(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, Vec<PeerKey>> {
         let p2p = self.clone();
         Box::pin(async move {
