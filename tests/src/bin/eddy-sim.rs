@@ -494,7 +494,8 @@ impl Sim {
         let pulls = self.pull(nodes, reference, gap, &mut tick)?;
         let machine_cpu_s = machine_busy_seconds()? - machine_before;
         // A killed eddy's time is gone with it: eddy's share is a lower bound under churn.
-        let eddy_cpu_s = (eddy_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - eddy_cpu_before).max(0.0);
+        let eddy_cpu_s =
+            (eddy_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - eddy_cpu_before).max(0.0);
         let sent_after = self.per_node("eddy_p2p_sent_bytes_total");
         let errors_after: f64 = self.per_node("eddy_error_responses_total").iter().sum();
         let image_bytes = image_blob_bytes(image);
@@ -519,7 +520,11 @@ impl Sim {
             machine_cpu_s,
             eddy_cpu_s,
             cpu_floor_s: machine_cpu_s / cores,
-            cpu_s_per_gib: if delivered_gib > 0.0 { machine_cpu_s / delivered_gib } else { 0.0 },
+            cpu_s_per_gib: if delivered_gib > 0.0 {
+                machine_cpu_s / delivered_gib
+            } else {
+                0.0
+            },
             pulls: summarize(pulls),
             upstream,
             spread,
