@@ -8,7 +8,7 @@
 //! on failure too.
 use anyhow::{bail, Result};
 
-use crate::util::{self, cargo, target_dir, workspace_root};
+use crate::util;
 
 /// What the demo drives beyond what the privileged tests do: the image's busybox rootfs.
 const DEMO_PROGRAMS: &[(&str, &str)] = &[("tar", "tar"), ("busybox", "busybox-static")];
@@ -26,16 +26,7 @@ pub fn run(_opts: &Options) -> Result<()> {
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     util::ensure_programs(DEMO_PROGRAMS)?;
     let eddy = util::build_release()?;
-    eprintln!("xtask: building eddy-demo");
-    util::run(cargo().current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "eddy-tests",
-        "--bin",
-        "eddy-demo",
-    ]))?;
-    let demo = target_dir().join("release").join("eddy-demo");
+    let demo = util::build_test_bin("eddy-demo")?;
     eprintln!(
         "xtask: running {} with EDDY_BIN={}",
         demo.display(),

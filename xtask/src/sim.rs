@@ -4,7 +4,7 @@
 //! its figures go to target/sim/sim.{json,md} and into docs/scale.md by hand.
 use anyhow::{bail, Result};
 
-use crate::util::{self, cargo, target_dir, workspace_root};
+use crate::util::{self, target_dir};
 
 #[derive(clap::Args)]
 pub struct Options {
@@ -42,16 +42,9 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     let eddy = util::build_release()?;
-    util::run(cargo().current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "eddy-tests",
-        "--bin",
-        "eddy-sim",
-    ]))?;
+    let sim = util::build_test_bin("eddy-sim")?;
     let out = target_dir().join("sim");
-    let mut cmd = std::process::Command::new(target_dir().join("release").join("eddy-sim"));
+    let mut cmd = std::process::Command::new(sim);
     cmd.args(["--nodes", &opts.nodes.to_string()])
         .args(["--waves", &opts.waves.to_string()])
         .args(["--rate", &opts.rate])

@@ -116,16 +116,9 @@ pub fn run(opts: &Options) -> Result<()> {
     // The simulated cluster, scaled down (`cargo xtask sim` runs it at 50 nodes): no pull
     // may fail in a cold wave, a rollout, a scale-down or churn.
     eprintln!("xtask: simulated cluster of 8 nodes (eddy-sim --check)");
-    util::run(cargo().current_dir(workspace_root()).args([
-        "build",
-        "--release",
-        "-p",
-        "eddy-tests",
-        "--bin",
-        "eddy-sim",
-    ]))?;
+    let sim = util::build_test_bin("eddy-sim")?;
     util::run(
-        std::process::Command::new(crate::util::target_dir().join("release").join("eddy-sim"))
+        std::process::Command::new(sim)
             .args([
                 "--nodes",
                 "8",

@@ -135,3 +135,17 @@ fn on_path(program: &str) -> bool {
             .iter()
             .any(|d| Path::new(d).join(program).is_file())
 }
+
+/// Builds one of the eddy-tests crate's helper binaries (release) and returns its path.
+pub fn build_test_bin(name: &str) -> Result<PathBuf> {
+    eprintln!("xtask: building {name}");
+    run(cargo().current_dir(workspace_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "eddy-tests",
+        "--bin",
+        name,
+    ]))?;
+    Ok(target_dir().join("release").join(name))
+}

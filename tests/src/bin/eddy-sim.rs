@@ -43,7 +43,7 @@ use eddy_tests::{
     oci::{Image, ImageSpec},
     process::ProcessGuard,
     registry::{shape_link, REGISTRY_HOST},
-    registry_world::{cpu_seconds, peak_rss_kib},
+    registry_world::{cpu_seconds, rss_kib},
     require_privileges,
 };
 use serde::Serialize;
@@ -833,7 +833,6 @@ impl Sim {
             .iter()
             .map(|p| rss_kib(*p).map(|k| k as f64 / 1024.0))
             .collect::<Result<_>>()?;
-        let _ = peak_rss_kib;
         let n = live.len() as f64;
         Ok(IdleReport {
             secs,
@@ -883,20 +882,6 @@ fn machine_busy_seconds() -> Result<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Ok(busy as f64 / hz)
-}
-
-fn rss_kib(pid: u32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
 fn image_blob_bytes(image: &Image) -> u64 {
