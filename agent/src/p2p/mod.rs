@@ -180,6 +180,7 @@ impl P2p {
                 data: Arc::clone(&data),
                 claims: Arc::clone(&claims),
                 shared: Arc::clone(&shared),
+                local,
                 metrics: metrics.clone(),
             },
         ));

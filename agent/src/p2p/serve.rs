@@ -46,6 +46,8 @@ pub(super) struct Serving {
     pub data: Arc<DataServer>,
     pub claims: Arc<Claims>,
     pub shared: Arc<Shared>,
+    /// This node: a claim it holds itself stands while it runs.
+    pub local: PeerId,
     pub metrics: P2pMetrics,
 }
 
@@ -164,9 +166,8 @@ async fn serve_one(serving: &Serving, peer: PeerId, mut stream: Stream) -> Resul
             // The claimant is the authenticated peer on this stream: a node can claim for
             // itself only.
             let stale = stale.and_then(|s| s.parse::<PeerId>().ok());
-            let fetcher = serving
-                .claims
-                .decide(digest, peer, stale, |p| serving.shared.is_connected(p));
+            let alive = |p: &PeerId| *p == serving.local || serving.shared.is_connected(p);
+            let fetcher = serving.claims.decide(digest, peer, stale, alive);
             let answer = Response::Fetcher(fetcher.to_string());
             protocol::write_header(&mut stream, &answer).await?;
             stream.close().await.map_err(ServeError::Write)

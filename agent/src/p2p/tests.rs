@@ -694,3 +694,29 @@ async fn a_serving_node_that_goes_away_fails_the_body_promptly() {
     );
     assert!(body.next().await.is_none());
 }
+
+/// The home's claims over the swarm: the first asker fetches, whether it asked from afar or
+/// is the home itself, and a later asker is told that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_homes_claim_names_the_first_asker_also_when_that_is_the_home() {
+    let home = node(MemShare::with(&[]), &[], None).await;
+    let b = joined(&home).await;
+    let c = joined(&home).await;
+    let (h, b_id, c_id) = (
+        home.p2p.local_peer_id(),
+        b.p2p.local_peer_id(),
+        c.p2p.local_peer_id(),
+    );
+    // The home claims first, locally: the remote askers after it are told the home.
+    let first = Digest::of(b"claimed by the home");
+    assert_eq!(home.p2p.claim(h, &first, None).await.unwrap(), h);
+    assert_eq!(b.p2p.claim(h, &first, None).await.unwrap(), h);
+    assert_eq!(c.p2p.claim(h, &first, None).await.unwrap(), h);
+    // A remote node claims first: the home itself and later askers are told that node.
+    let second = Digest::of(b"claimed from afar");
+    assert_eq!(b.p2p.claim(h, &second, None).await.unwrap(), b_id);
+    assert_eq!(home.p2p.claim(h, &second, None).await.unwrap(), b_id);
+    assert_eq!(c.p2p.claim(h, &second, None).await.unwrap(), b_id);
+    // The fetcher could not serve `c`: `c` takes over.
+    assert_eq!(c.p2p.claim(h, &second, Some(b_id)).await.unwrap(), c_id);
+}
