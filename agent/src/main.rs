@@ -1,9 +1,9 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 use agent::{
-    cli::{CaCommand, Cli, Command, LogFormat, TrustArgs},
-    config::{Config, Registries},
-    status,
+    app::cli::{CaCommand, Cli, Command, LogFormat, TrustArgs},
+    app::config::{Config, Registries},
+    ops::status,
 };
 use anyhow::Context;
 use clap::Parser;
@@ -37,11 +37,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Gc(args) => {
-            let report = agent::gc::run(&args)?;
+            let report = agent::ops::gc::run(&args)?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print!("{}", agent::lifecycle::render_text(&report));
+                print!("{}", agent::store::lifecycle::render_text(&report));
             }
         }
         Command::Ca(CaCommand::Export(trust)) => {
@@ -62,9 +62,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             if restart_containerd && added {
                 // Only now: a containerd that started after an earlier install trusts the CA.
-                let containerd = agent::distro::detect(std::path::Path::new("/proc"))?;
-                let argv = agent::restart::restart_command(&containerd)?;
-                agent::restart::run_in_host(host_pid, &argv)?;
+                let containerd = agent::node::distro::detect(std::path::Path::new("/proc"))?;
+                let argv = agent::node::restart::restart_command(&containerd)?;
+                agent::node::restart::run_in_host(host_pid, &argv)?;
                 println!(
                     "restarted containerd ({}, pid {} was): {}",
                     containerd.distro,
@@ -99,14 +99,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Ca(CaCommand::TalosPatch(trust)) => {
             print!(
                 "{}",
-                agent::talos::trusted_roots_patch(load_ca(&trust)?.cert_pem())
+                agent::tls::talos::trusted_roots_patch(load_ca(&trust)?.cert_pem())
             );
         }
         Command::Doctor(args) => {
             let p2p_ports = match &args.p2p_listen {
                 Some(listen) => {
-                    let mut p2p = agent::p2p::config::P2pConfig::new(
-                        agent::p2p::config::parse_listen(listen)?,
+                    let mut p2p = agent::peers::p2p::config::P2pConfig::new(
+                        agent::peers::p2p::config::parse_listen(listen)?,
                         &args.trust.data_dir,
                     );
                     p2p.data_port = args.p2p_data_port;
@@ -117,7 +117,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
                 None => Vec::new(),
             };
-            let inputs = agent::doctor::Inputs {
+            let inputs = agent::ops::doctor::Inputs {
                 cgroup: args.cgroup,
                 containerd_socket: args.containerd_socket,
                 listen: args.listen,
@@ -130,13 +130,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 proc: "/proc".into(),
                 p2p_ports,
             };
-            let checks = agent::doctor::run(&inputs);
+            let checks = agent::ops::doctor::run(&inputs);
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
-                print!("{}", agent::doctor::render_text(&checks));
+                print!("{}", agent::ops::doctor::render_text(&checks));
             }
-            if agent::doctor::failed(&checks) {
+            if agent::ops::doctor::failed(&checks) {
                 anyhow::bail!("eddy doctor: some checks failed (see above)");
             }
         }

@@ -1,7 +1,7 @@
 //! docs/configuration.md is the reference for eddy's flags. These tests read the flags from
-//! the clap definition itself (`agent::cli::Cli`, what `eddy` parses), so a flag added to the
+//! the clap definition itself (`agent::app::cli::Cli`, what `eddy` parses), so a flag added to the
 //! CLI without a line in the reference fails here instead of going unnoticed.
-use agent::cli::Cli;
+use agent::app::cli::Cli;
 use clap::CommandFactory;
 
 fn configuration_md() -> String {

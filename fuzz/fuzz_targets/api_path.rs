@@ -2,8 +2,8 @@
 //! (`Digest::from_str`).
 #![no_main]
 use agent::{
-    api_path::{parse_path, Api},
-    digest::Digest,
+    oci::api_path::{parse_path, Api},
+    oci::digest::Digest,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(!repo.is_empty() && !reference.is_empty() && !reference.contains('/'));
     // Nothing eddy caches under can climb out of its repository.
-    assert!(agent::api_path::valid_repository(repo), "{repo:?}");
+    assert!(agent::oci::api_path::valid_repository(repo), "{repo:?}");
     assert!(repo.split('/').all(|c| c != ".." && c != "."), "{repo:?}");
     assert!(path.contains(repo) && path.ends_with(reference));
     if let Ok(digest) = reference.parse::<Digest>() {

@@ -1,7 +1,7 @@
 //! The catalog's JSON sidecars on disk (`catalog::ContentMeta`, `catalog::TagRecord`): a
 //! damaged file is read as absent, and what is read writes back to the same value.
 #![no_main]
-use agent::catalog::{ContentMeta, TagRecord};
+use agent::store::catalog::{ContentMeta, TagRecord};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! `WWW-Authenticate` challenges from upstream registries (`challenge::parse`).
 #![no_main]
-use agent::challenge::parse;
+use agent::upstream::challenge::parse;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! Docker config.json files (`--upstream-auth-file`, a dockerconfigjson Secret):
 //! `credentials::parse`.
 #![no_main]
-use agent::credentials::parse;
+use agent::upstream::credentials::parse;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,7 +1,7 @@
 //! An upstream redirect's `Location` header (`upstream::resolve_location`): whatever eddy
 //! follows is an absolute URI.
 #![no_main]
-use agent::upstream::resolve_location;
+use agent::upstream::client::resolve_location;
 use http::Uri;
 use libfuzzer_sys::fuzz_target;
 

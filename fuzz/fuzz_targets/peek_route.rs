@@ -5,9 +5,9 @@
 use std::{net::SocketAddr, sync::OnceLock};
 
 use agent::{
-    config::Registries,
-    peek::{classify_bytes, Hello},
-    proxy::{route, Route},
+    app::config::Registries,
+    listener::peek::{classify_bytes, Hello},
+    listener::proxy::{route, Route},
     tls::Ca,
 };
 use libfuzzer_sys::fuzz_target;

@@ -1,7 +1,7 @@
 //! The headers of the peer blob protocol (`p2p::protocol`): what one node reads from
 //! another over the swarm, request and response alike.
 #![no_main]
-use agent::p2p::protocol::{decode_request, decode_response, ticket_of, Response, MAX_HEADER};
+use agent::peers::p2p::protocol::{decode_request, decode_response, ticket_of, Response, MAX_HEADER};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! The `Range` header against a content length (`range::parse_range`).
 #![no_main]
-use agent::range::{parse_range, RangeSpec};
+use agent::oci::range::{parse_range, RangeSpec};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: (u64, &[u8])| {

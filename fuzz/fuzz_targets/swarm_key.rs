@@ -1,7 +1,7 @@
 //! The swarm.key parser (`p2p::config::parse_swarm_key`), which reads a file an operator
 //! mounts from a Secret.
 #![no_main]
-use agent::p2p::config::parse_swarm_key;
+use agent::peers::p2p::config::parse_swarm_key;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

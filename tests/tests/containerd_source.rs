@@ -313,7 +313,9 @@ fn containerd_source_missing_socket_warns_once_and_connects_later() -> Result<()
 
 #[test]
 fn containerd_source_open_returns_the_blob_from_any_offset() -> Result<()> {
-    use agent::{containerd::ContainerdSource, digest::Digest, source::ContentSource};
+    use agent::{
+        oci::digest::Digest, sources::containerd::ContainerdSource, sources::source::ContentSource,
+    };
     use futures_util::TryStreamExt;
 
     if !require_privileges() {

@@ -7,6 +7,7 @@
 
 mod ca;
 mod leaf;
+pub mod talos;
 mod uninstall;
 
 use std::fmt;

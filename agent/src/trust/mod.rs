@@ -27,7 +27,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::{metrics::TrustMetrics, sys};
+use crate::{node::sys, ops::metrics::TrustMetrics};
 
 /// How long the reactive guard passes an executable through after it rejected eddy's
 /// certificate.

@@ -41,9 +41,9 @@ pub fn started_at(boot: SystemTime, start_ticks: u64, ticks_per_second: u64) -> 
 pub fn start_time(pid: u32) -> Option<SystemTime> {
     let ticks = start_ticks(Path::new("/proc"), pid).ok()?;
     Some(started_at(
-        crate::sys::boot_time(),
+        crate::node::sys::boot_time(),
         ticks,
-        crate::sys::clock_ticks_per_second(),
+        crate::node::sys::clock_ticks_per_second(),
     ))
 }
 

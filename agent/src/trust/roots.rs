@@ -21,7 +21,7 @@ use std::{
 use rustls::pki_types::{pem::PemObject, CertificateDer};
 
 use super::process::TrustEnv;
-use crate::sys;
+use crate::node::sys;
 
 /// Go's `certFiles` for Linux, in its order.
 pub const CERT_FILES: [&str; 6] = [

@@ -1,0 +1,7 @@
+//! The host eddy runs on: thin syscall wrappers (`sys`), which containerd runs it and how
+//! (`distro`), and restarting that containerd once (`restart`).
+//!
+//! May import nothing else in the crate: everything else may import it.
+pub mod distro;
+pub mod restart;
+pub mod sys;

@@ -1,0 +1,939 @@
+//! Fetching from other nodes: which peer to ask, and when to go upstream instead.
+//!
+//! - Content that peers hold (complete, or streaming from their own download in flight) is
+//!   found by a bounded provider lookup of its digest. Only providers connected now are
+//!   asked (a provider record outlives a node that left), one after another, hedged:
+//!   when the first has not answered within `HEDGE_AFTER`, the next is asked too and the
+//!   first answer wins. A body that fails mid-way resumes with Range at the next provider.
+//! - Content nobody holds yet goes through the cluster's single flight, so that when many
+//!   nodes miss the same blob at once the cluster fetches it upstream once. The digest's
+//!   home node (the connected node that ranks first for it by rendezvous hashing, the same
+//!   on every node that sees the same members) keeps one claim per digest (`p2p::claims`):
+//!   every node that misses the blob asks the home who fetches it, and the first to ask
+//!   does, while the others stream from it. One node decides, so the outcome does not hang
+//!   on how fast announcements travel through the DHT, which a loaded machine or a large
+//!   cluster slows down (an earlier election by announcements fetched one 16 MiB blob 26
+//!   times at 50 nodes). When the home does not answer within `CLAIM_BOUND`, the node
+//!   fetches upstream itself: a pull never waits on the swarm for long.
+//! - A peer whose bytes did not verify is avoided for a while (`blame`).
+//!
+//! The network itself (libp2p) sits behind `PeerNetwork`, so this logic is tested without it.
+
+pub mod p2p;
+pub mod share;
+use std::{
+    collections::HashMap,
+    fmt,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::BoxFuture, stream::FuturesUnordered, StreamExt};
+use rand::seq::SliceRandom;
+use sha2::{Digest as _, Sha256};
+use tracing::debug;
+
+use crate::{
+    oci::digest::Digest,
+    sources::failover::{resuming, Resume},
+    sources::source::{Opened, TagAnswer},
+    store::BoxError,
+};
+
+/// How long a provider lookup may take on the request path.
+pub const LOOKUP_BOUND: Duration = Duration::from_millis(60);
+/// How long an announcement may take to reach the nodes that keep its records.
+const ANNOUNCE_BOUND: Duration = Duration::from_millis(300);
+/// How long a miss waits for the home node's answer to its claim. Generous, because the
+/// answer is what keeps a wave at one upstream fetch: with 50 nodes on 2 cores a home busy
+/// serving took over 2 s to answer 11 claims, and each of those nodes fetched upstream. A
+/// home that left answers at once (its connection is closed: the claim fails and the node
+/// fetches upstream); one that hangs costs this much, once per miss, until its pings fail.
+const CLAIM_BOUND: Duration = Duration::from_secs(5);
+/// Times a busy fetcher is asked again (after 0.25, 0.5 and 1 s) before a node gives up on
+/// it; each ask waits up to the blob request's own timeout (10 s). Only while the fetcher
+/// stays connected, which its answers to pings (every 5 s) vouch for: a fetcher that hangs
+/// or leaves is dropped within about 10 s and given up at once.
+const FETCHER_RETRIES: u32 = 3;
+/// When the provider asked first has not answered within this, the next is asked as well.
+const HEDGE_AFTER: Duration = Duration::from_millis(250);
+/// Once every chosen provider has been asked, how much longer to wait for one to open
+/// before giving up on peers: a provider that left the cluster (its record still stands)
+/// must not hold a pull for a dial timeout.
+const OPEN_BOUND: Duration = Duration::from_millis(1500);
+/// Providers asked for one request, at most.
+const MAX_PROVIDERS: usize = 4;
+/// A peer whose bytes did not verify is not asked again for this long.
+const AVOID_FOR: Duration = Duration::from_secs(300);
+
+/// A peer, by the text form of its identity.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey(pub String);
+
+impl fmt::Display for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What the peer-to-peer network offers (implemented over libp2p by `p2p`).
+pub trait PeerNetwork: Send + Sync + 'static {
+    fn local(&self) -> PeerKey;
+    /// Peers connected right now. With none, nothing is looked up (no delay on a lone node).
+    fn connected(&self) -> usize;
+    /// Announce `key`; resolves when the record is stored, or after `bound` (false then).
+    fn provide(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, bool>;
+    /// Other nodes that announced `key`, as many as were found within `bound`.
+    fn providers(&self, key: Vec<u8>, bound: Duration) -> BoxFuture<'static, Vec<PeerKey>>;
+    fn fetch(
+        &self,
+        peer: PeerKey,
+        digest: Digest,
+        from: u64,
+    ) -> BoxFuture<'static, Result<Opened, BoxError>>;
+    fn tag(
+        &self,
+        peer: PeerKey,
+        registry: String,
+        repository: String,
+        tag: String,
+    ) -> BoxFuture<'static, Result<Option<TagAnswer>, BoxError>>;
+    fn report_failure(&self, peer: &PeerKey, reason: &'static str);
+    /// The peers connected right now: the members a digest's home is chosen from.
+    fn members(&self) -> Vec<PeerKey>;
+    /// Asks `home` who fetches `digest` from upstream for the cluster: the node that
+    /// claimed it first, or this node (see `p2p::claims`). `stale`: a fetcher that could
+    /// not serve it, to be replaced.
+    fn claim(
+        &self,
+        home: PeerKey,
+        digest: Digest,
+        stale: Option<PeerKey>,
+    ) -> BoxFuture<'static, Result<PeerKey, BoxError>>;
+}
+
+/// The DHT key under which nodes announce that they hold `digest` (or are streaming it).
+pub fn content_key(digest: &Digest) -> Vec<u8> {
+    digest.to_string().into_bytes()
+}
+
+pub fn tag_key(registry: &str, repository: &str, tag: &str) -> Vec<u8> {
+    format!("tag:{registry}/{repository}:{tag}").into_bytes()
+}
+
+/// Where a blob nobody holds yet should come from.
+pub enum Election {
+    /// This node fetches it upstream (and has announced the content: peers stream from its
+    /// fill).
+    Upstream,
+    /// Stream it from this peer, which fetches (or holds) it.
+    Peer(PeerKey),
+}
+
+/// Content opened at a peer, with the peers that contributed bytes (to blame on a bad digest).
+pub struct PeerBody {
+    pub opened: Opened,
+    pub contributors: Arc<Mutex<Vec<PeerKey>>>,
+}
+
+/// How a node that misses content nobody holds decides to fetch it upstream
+/// (`--p2p-single-flight`). `cargo xtask bench` measures both on a simultaneous cold wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SingleFlight {
+    /// Ask the digest's home node, which keeps one claim per digest: the first node to ask
+    /// fetches, the others stream from it (the module comment).
+    #[default]
+    Elect,
+    /// Announce-then-fetch: announce the content at once and fetch it; nodes that look it
+    /// up after the announcement stream from this one, nodes that missed it at the same
+    /// moment fetch it too.
+    Announce,
+}
+
+pub struct Peers {
+    net: Arc<dyn PeerNetwork>,
+    single_flight: SingleFlight,
+    avoid: Mutex<HashMap<PeerKey, Instant>>,
+    /// Tag keys announced already (a tag is revalidated on every pull; its record stands).
+    tags: Mutex<std::collections::HashSet<Vec<u8>>>,
+}
+
+impl Peers {
+    pub fn new(net: Arc<dyn PeerNetwork>) -> Self {
+        Self::with_single_flight(net, SingleFlight::default())
+    }
+
+    pub fn with_single_flight(net: Arc<dyn PeerNetwork>, single_flight: SingleFlight) -> Self {
+        Peers {
+            net,
+            single_flight,
+            avoid: Mutex::new(HashMap::new()),
+            tags: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    /// Whether any peer is connected: without one there is nothing to ask.
+    pub fn is_active(&self) -> bool {
+        self.net.connected() > 0
+    }
+
+    /// `digest` from a peer that holds it or is streaming it, from byte `from`.
+    pub async fn open_held(&self, digest: &Digest, from: u64) -> Option<PeerBody> {
+        if !self.is_active() {
+            return None;
+        }
+        let mut providers =
+            self.usable(self.net.providers(content_key(digest), LOOKUP_BOUND).await);
+        // Only nodes connected now: a record can name a node that has left (records stand
+        // until their TTL), and dialling it would hold the pull for a connect timeout. A
+        // holder this node is not connected to is still reached through the digest's home,
+        // whose claim names it (see `elect`).
+        let members = self.net.members();
+        providers.retain(|p| members.contains(p));
+        if providers.is_empty() {
+            return None;
+        }
+        // Spread the load of a wave over every node that has the content.
+        providers.shuffle(&mut rand::thread_rng());
+        providers.truncate(MAX_PROVIDERS);
+        self.open_any(providers, digest, from, Some(OPEN_BOUND))
+            .await
+    }
+
+    /// Decide who fetches `digest` upstream when nobody holds it (see the module comment).
+    /// `stale`: a fetcher named before that could not serve it.
+    pub async fn elect(&self, digest: &Digest, stale: Option<PeerKey>) -> Election {
+        if !self.is_active() {
+            return Election::Upstream;
+        }
+        if self.single_flight == SingleFlight::Announce {
+            // The caller's lookup found nobody: fetch, and let later lookups find this node.
+            self.net.provide(content_key(digest), ANNOUNCE_BOUND).await;
+            return Election::Upstream;
+        }
+        let me = self.net.local();
+        let home = home(digest, &me, &self.usable(self.net.members()));
+        let asked =
+            tokio::time::timeout(CLAIM_BOUND, self.net.claim(home.clone(), *digest, stale)).await;
+        match asked {
+            Ok(Ok(fetcher)) if fetcher == me => {
+                // Announced before the upstream answers, so that nodes whose content lookup
+                // finds this node join its fill (its bytes stream to them as they arrive).
+                self.announce(digest);
+                Election::Upstream
+            }
+            Ok(Ok(fetcher)) => {
+                debug!(%digest, %home, %fetcher, "single flight: streaming from the node that fetches it");
+                Election::Peer(fetcher)
+            }
+            Ok(Err(e)) => {
+                debug!(%digest, %home, error = %e, "single flight: the home node did not answer; fetching upstream");
+                Election::Upstream
+            }
+            Err(_) => {
+                debug!(%digest, %home, "single flight: no answer from the home node in time; fetching upstream");
+                self.net.report_failure(&home, "claim_timeout");
+                Election::Upstream
+            }
+        }
+    }
+
+    /// `digest` from one given peer (the fetcher the home named). It is connected and
+    /// answers once its upstream does, within the request's own timeout.
+    pub async fn open_from(&self, peer: PeerKey, digest: &Digest, from: u64) -> Option<PeerBody> {
+        self.open_any(vec![peer], digest, from, None).await
+    }
+
+    /// `digest` from the fetcher the home named. A fetcher that is still connected but does
+    /// not answer is busy (every node of a wave asks it at once), not gone: it is asked again
+    /// after a pause, up to [`FETCHER_RETRIES`] times, since giving up on it means one more
+    /// upstream fetch. A fetcher that left is given up at once.
+    pub async fn open_from_fetcher(
+        &self,
+        fetcher: &PeerKey,
+        digest: &Digest,
+        from: u64,
+    ) -> Option<PeerBody> {
+        for attempt in 0..=FETCHER_RETRIES {
+            if let Some(body) = self.open_from(fetcher.clone(), digest, from).await {
+                return Some(body);
+            }
+            if attempt == FETCHER_RETRIES || !self.net.members().contains(fetcher) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
+        }
+        None
+    }
+
+    /// Announce that this node can serve `digest` now (a download's first byte arrived).
+    pub fn announce(&self, digest: &Digest) {
+        self.announce_key(content_key(digest));
+    }
+
+    /// Announce this node's last-seen record of a public tag, for peers during an outage.
+    pub fn announce_tag(&self, registry: &str, repository: &str, tag: &str) {
+        let key = tag_key(registry, repository, tag);
+        {
+            let mut tags = self.tags.lock().unwrap();
+            if tags.len() > 100_000 {
+                tags.clear();
+            }
+            if !self.is_active() || !tags.insert(key.clone()) {
+                return;
+            }
+        }
+        self.announce_key(key);
+    }
+
+    fn announce_key(&self, key: Vec<u8>) {
+        if !self.is_active() {
+            return;
+        }
+        let provide = self.net.provide(key, ANNOUNCE_BOUND);
+        tokio::spawn(provide);
+    }
+
+    /// The newest record of `registry/repository:tag` among the peers that announced it.
+    pub async fn tag(&self, registry: &str, repository: &str, tag: &str) -> Option<TagAnswer> {
+        if !self.is_active() {
+            return None;
+        }
+        let mut providers = self.usable(
+            self.net
+                .providers(tag_key(registry, repository, tag), LOOKUP_BOUND * 4)
+                .await,
+        );
+        providers.truncate(MAX_PROVIDERS);
+        let asks: FuturesUnordered<_> = providers
+            .into_iter()
+            .map(|peer| {
+                let ask = self.net.tag(
+                    peer.clone(),
+                    registry.to_string(),
+                    repository.to_string(),
+                    tag.to_string(),
+                );
+                async move {
+                    (
+                        peer,
+                        tokio::time::timeout(Duration::from_secs(3), ask).await,
+                    )
+                }
+            })
+            .collect();
+        let answers: Vec<_> = asks.collect().await;
+        let mut newest: Option<TagAnswer> = None;
+        for (peer, answer) in answers {
+            match answer {
+                Ok(Ok(Some(a))) if newest.as_ref().is_none_or(|n| a.seen_at > n.seen_at) => {
+                    newest = Some(a)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "tag lookup at peer failed");
+                    self.net.report_failure(&peer, "tag");
+                }
+                Err(_) => self.net.report_failure(&peer, "timeout"),
+            }
+        }
+        newest
+    }
+
+    /// Peers whose bytes did not verify: avoided for a while, and counted.
+    pub fn blame(&self, peers: &[PeerKey], reason: &'static str) {
+        let mut avoid = self.avoid.lock().unwrap();
+        for peer in peers {
+            self.net.report_failure(peer, reason);
+            avoid.insert(peer.clone(), Instant::now());
+        }
+    }
+
+    fn usable(&self, mut peers: Vec<PeerKey>) -> Vec<PeerKey> {
+        let mut avoid = self.avoid.lock().unwrap();
+        avoid.retain(|_, since| since.elapsed() < AVOID_FOR);
+        peers.retain(|p| !avoid.contains_key(p));
+        peers.sort();
+        peers.dedup();
+        peers
+    }
+
+    /// Ask `candidates` in order, hedged, and take the first that opens; the body resumes at
+    /// the remaining ones if it fails mid-way.
+    /// `give_up`: once every candidate has been asked, how long to wait for one to open.
+    async fn open_any(
+        &self,
+        candidates: Vec<PeerKey>,
+        digest: &Digest,
+        from: u64,
+        give_up: Option<Duration>,
+    ) -> Option<PeerBody> {
+        let mut waiting = candidates.into_iter();
+        let mut asking = FuturesUnordered::new();
+        let ask = |peer: PeerKey| {
+            let open = self.net.fetch(peer.clone(), *digest, from);
+            async move { (peer, open.await) }
+        };
+        asking.push(ask(waiting.next()?));
+        let mut all_asked_at = None;
+        let (peer, opened) = loop {
+            if waiting.len() == 0 {
+                all_asked_at.get_or_insert_with(tokio::time::Instant::now);
+            }
+            let give_up_at = give_up.zip(all_asked_at).map(|(d, at)| at + d);
+            let hedge = tokio::time::sleep(HEDGE_AFTER);
+            tokio::select! {
+                done = asking.next() => match done {
+                    Some((peer, Ok(opened))) => break (peer, opened),
+                    Some((peer, Err(e))) => {
+                        // Counted by the network under its reason; not avoided: "not here"
+                        // (withdrawn, or not public) is an answer, not a fault.
+                        debug!(%peer, %digest, error = %e, "peer could not serve");
+                        match waiting.next() {
+                            Some(next) => asking.push(ask(next)),
+                            None if asking.is_empty() => return None,
+                            None => {}
+                        }
+                    }
+                    None => return None,
+                },
+                () = hedge, if waiting.len() > 0 => {
+                    if let Some(next) = waiting.next() {
+                        asking.push(ask(next));
+                    }
+                }
+                () = sleep_until(give_up_at), if give_up_at.is_some() => {
+                    debug!(%digest, "no provider opened in time; leaving peers");
+                    return None;
+                }
+            }
+        };
+        drop(asking);
+        let contributors = Arc::new(Mutex::new(vec![peer]));
+        let rest: Vec<PeerKey> = waiting.collect();
+        let Opened {
+            len,
+            offset,
+            body,
+            media_type,
+        } = opened;
+        let body = resuming(
+            body,
+            offset,
+            Some(len),
+            self.resume_at(rest, *digest, Arc::clone(&contributors)),
+        );
+        Some(PeerBody {
+            opened: Opened {
+                len,
+                offset,
+                body,
+                media_type,
+            },
+            contributors,
+        })
+    }
+
+    /// Resumes a failed peer body at the next provider in `rest`.
+    fn resume_at(
+        &self,
+        rest: Vec<PeerKey>,
+        digest: Digest,
+        contributors: Arc<Mutex<Vec<PeerKey>>>,
+    ) -> Resume {
+        let net = Arc::clone(&self.net);
+        let rest = Arc::new(Mutex::new(rest.into_iter()));
+        Box::new(move |pos| {
+            let (net, rest, contributors) = (
+                Arc::clone(&net),
+                Arc::clone(&rest),
+                Arc::clone(&contributors),
+            );
+            Box::pin(async move {
+                loop {
+                    let peer = rest.lock().unwrap().next()?;
+                    match net.fetch(peer.clone(), digest, pos).await {
+                        Ok(opened) if opened.offset == pos => {
+                            contributors.lock().unwrap().push(peer);
+                            return Some(opened.body);
+                        }
+                        Ok(_) => net.report_failure(&peer, "range"),
+                        Err(_) => net.report_failure(&peer, "open"),
+                    }
+                }
+            })
+        })
+    }
+}
+
+/// Rendezvous hashing: the peer among `others` that ranks above `me` for `digest`, if any.
+pub fn winner(digest: &Digest, me: &PeerKey, others: &[PeerKey]) -> Option<PeerKey> {
+    let score = |p: &PeerKey| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(p.0.as_bytes());
+        h.update(digest.to_string().as_bytes());
+        h.finalize().into()
+    };
+    let mine = score(me);
+    others
+        .iter()
+        .filter(|p| *p != me)
+        .map(|p| (score(p), p))
+        .filter(|(s, _)| *s > mine)
+        .max_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, p)| p.clone())
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The home of `digest` among this node and `members`: the node that ranks first for it
+/// (rendezvous hashing), where the cluster's claim on it is kept.
+pub fn home(digest: &Digest, me: &PeerKey, members: &[PeerKey]) -> PeerKey {
+    winner(digest, me, members).unwrap_or_else(|| me.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use bytes::Bytes;
+    use futures_util::TryStreamExt;
+
+    use super::*;
+
+    /// An in-memory network: which node provides which key, and what each peer serves.
+    #[derive(Default)]
+    struct World {
+        records: Mutex<BTreeMap<Vec<u8>, BTreeSet<PeerKey>>>,
+        /// peer → (content, bytes to send before failing; None = all)
+        content: Mutex<HashMap<PeerKey, (Vec<u8>, Option<usize>)>>,
+        slow: Mutex<BTreeSet<PeerKey>>,
+        failures: Mutex<Vec<(PeerKey, &'static str)>>,
+        /// The next this many lookups find nothing: records that have not reached the
+        /// asking node yet.
+        blind_lookups: std::sync::atomic::AtomicUsize,
+        /// The home's claims (every node sees the same members, so one home per digest).
+        claims: Mutex<HashMap<Digest, PeerKey>>,
+        /// Nodes that left: not members, and they never answer.
+        departed: Mutex<BTreeSet<PeerKey>>,
+        /// The home does not answer claims.
+        home_down: std::sync::atomic::AtomicBool,
+    }
+
+    struct Node {
+        me: PeerKey,
+        world: Arc<World>,
+    }
+
+    fn key(s: &str) -> PeerKey {
+        PeerKey(s.to_string())
+    }
+
+    impl PeerNetwork for Node {
+        fn local(&self) -> PeerKey {
+            self.me.clone()
+        }
+        fn connected(&self) -> usize {
+            3
+        }
+        fn provide(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, bool> {
+            let me = self.me.clone();
+            self.world
+                .records
+                .lock()
+                .unwrap()
+                .entry(key)
+                .or_default()
+                .insert(me);
+            Box::pin(async { true })
+        }
+        fn providers(&self, key: Vec<u8>, _: Duration) -> BoxFuture<'static, Vec<PeerKey>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let blind = self.world.blind_lookups.load(SeqCst);
+            if blind > 0 {
+                self.world.blind_lookups.store(blind - 1, SeqCst);
+                return Box::pin(async { Vec::new() });
+            }
+            let found: Vec<PeerKey> = self
+                .world
+                .records
+                .lock()
+                .unwrap()
+                .get(&key)
+                .map(|s| s.iter().filter(|p| **p != self.me).cloned().collect())
+                .unwrap_or_default();
+            Box::pin(async move { found })
+        }
+        fn fetch(
+            &self,
+            peer: PeerKey,
+            _: Digest,
+            from: u64,
+        ) -> BoxFuture<'static, Result<Opened, BoxError>> {
+            let slow = self.world.slow.lock().unwrap().contains(&peer);
+            let departed = self.world.departed.lock().unwrap().contains(&peer);
+            let served = self.world.content.lock().unwrap().get(&peer).cloned();
+            Box::pin(async move {
+                if departed {
+                    // A dial to an address nobody answers: a long TCP timeout.
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                }
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+                let (data, fail_after) = served.ok_or("not found")?;
+                let len = data.len() as u64;
+                let mut part = data[from as usize..].to_vec();
+                let mut items: Vec<Result<Bytes, BoxError>> = Vec::new();
+                if let Some(n) = fail_after {
+                    part.truncate(n.saturating_sub(from as usize));
+                }
+                items.extend(part.chunks(4).map(|c| Ok(Bytes::copy_from_slice(c))));
+                if fail_after.is_some() {
+                    items.push(Err("peer went away".into()));
+                }
+                Ok(Opened {
+                    len,
+                    offset: from,
+                    body: futures_util::stream::iter(items).boxed(),
+                    media_type: None,
+                })
+            })
+        }
+        fn tag(
+            &self,
+            peer: PeerKey,
+            _: String,
+            _: String,
+            _: String,
+        ) -> BoxFuture<'static, Result<Option<TagAnswer>, BoxError>> {
+            let seen_at = peer.0.len() as u64;
+            Box::pin(async move {
+                Ok(Some(TagAnswer {
+                    digest: Digest::of(peer.0.as_bytes()),
+                    media_type: "m".into(),
+                    seen_at,
+                }))
+            })
+        }
+        fn report_failure(&self, peer: &PeerKey, reason: &'static str) {
+            self.world
+                .failures
+                .lock()
+                .unwrap()
+                .push((peer.clone(), reason));
+        }
+        fn members(&self) -> Vec<PeerKey> {
+            let departed = self.world.departed.lock().unwrap();
+            [
+                "n0", "n1", "n2", "n3", "early", "late", "a", "b", "me", "rogue",
+            ]
+            .into_iter()
+            .map(key)
+            .filter(|p| *p != self.me && !departed.contains(p))
+            .collect()
+        }
+        fn claim(
+            &self,
+            _home: PeerKey,
+            digest: Digest,
+            stale: Option<PeerKey>,
+        ) -> BoxFuture<'static, Result<PeerKey, BoxError>> {
+            if self
+                .world
+                .home_down
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Box::pin(std::future::pending());
+            }
+            let mut claims = self.world.claims.lock().unwrap();
+            let fetcher = match claims.get(&digest) {
+                Some(f) if stale.as_ref() != Some(f) => f.clone(),
+                _ => {
+                    claims.insert(digest, self.me.clone());
+                    self.me.clone()
+                }
+            };
+            Box::pin(async move { Ok(fetcher) })
+        }
+    }
+
+    fn node(world: &Arc<World>, me: &str) -> Peers {
+        Peers::new(Arc::new(Node {
+            me: key(me),
+            world: Arc::clone(world),
+        }))
+    }
+
+    async fn body(b: PeerBody) -> Vec<u8> {
+        b.opened
+            .body
+            .try_fold(Vec::new(), |mut v, c| async move {
+                v.extend_from_slice(&c);
+                Ok(v)
+            })
+            .await
+            .unwrap()
+    }
+
+    #[test]
+    fn every_node_that_sees_the_same_members_picks_the_same_home() {
+        let nodes: Vec<PeerKey> = (0..8).map(|i| key(&format!("node-{i}"))).collect();
+        let mut homes = BTreeSet::new();
+        for i in 0..50u8 {
+            let digest = Digest::of(&[i]);
+            let first = home(&digest, &nodes[0], &nodes);
+            for n in &nodes {
+                let others: Vec<PeerKey> = nodes.iter().filter(|o| *o != n).cloned().collect();
+                assert_eq!(home(&digest, n, &others), first, "{n} picked another home");
+            }
+            homes.insert(first);
+        }
+        assert!(homes.len() > 4, "homes spread over the nodes: {homes:?}");
+    }
+
+    #[tokio::test]
+    async fn simultaneous_misses_elect_one_fetcher_and_the_others_stream_from_it() {
+        let world = Arc::new(World::default());
+        let digest = Digest::of(b"blob");
+        let peers: Vec<Peers> = (0..4).map(|i| node(&world, &format!("n{i}"))).collect();
+        let elections =
+            futures_util::future::join_all(peers.iter().map(|p| p.elect(&digest, None))).await;
+        let fetchers: Vec<usize> = (0..4)
+            .filter(|i| matches!(elections[*i], Election::Upstream))
+            .collect();
+        assert_eq!(fetchers.len(), 1, "exactly one node fetches upstream");
+        let fetcher = key(&format!("n{}", fetchers[0]));
+        for e in &elections {
+            if let Election::Peer(p) = e {
+                assert_eq!(*p, fetcher);
+            }
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            world
+                .records
+                .lock()
+                .unwrap()
+                .get(&content_key(&digest))
+                .map(|s| s.len()),
+            Some(1),
+            "the fetcher announced the content before fetching it"
+        );
+    }
+
+    #[tokio::test]
+    async fn announce_then_fetch_lets_simultaneous_misses_each_fetch_and_late_ones_join() {
+        let world = Arc::new(World::default());
+        let names = ["a", "b", "n0"];
+        let node = |me: &str| {
+            Peers::with_single_flight(
+                Arc::new(Node {
+                    me: key(me),
+                    world: Arc::clone(&world),
+                }),
+                SingleFlight::Announce,
+            )
+        };
+        let digest = Digest::of(b"announce");
+        // Misses at the same moment: no waiting, so every one of them fetches.
+        let simultaneous: Vec<Peers> = names.iter().map(|n| node(n)).collect();
+        let elections =
+            futures_util::future::join_all(simultaneous.iter().map(|p| p.elect(&digest, None)))
+                .await;
+        assert!(elections.iter().all(|e| matches!(e, Election::Upstream)));
+        // Each announced the content at once: a node that looks now finds them.
+        let late = node("me");
+        let holders = late.net.providers(content_key(&digest), LOOKUP_BOUND).await;
+        assert_eq!(holders.len(), names.len());
+    }
+
+    #[tokio::test]
+    async fn a_late_miss_joins_the_fetch_even_when_its_lookup_finds_nobody() {
+        for i in 0..20u8 {
+            let world = Arc::new(World::default());
+            let digest = Digest::of(&[i]);
+            let (early, late) = (node(&world, "early"), node(&world, "late"));
+            assert!(matches!(
+                early.elect(&digest, None).await,
+                Election::Upstream
+            ));
+            // The DHT has not carried the early node's record to the late one yet: the home's
+            // claim still names the fetcher.
+            world
+                .blind_lookups
+                .store(1, std::sync::atomic::Ordering::SeqCst);
+            assert!(late.open_held(&digest, 0).await.is_none());
+            match late.elect(&digest, None).await {
+                Election::Peer(peer) => assert_eq!(peer, key("early")),
+                Election::Upstream => panic!("{digest}: the late node fetched upstream too"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fetcher_that_could_not_serve_is_replaced() {
+        let world = Arc::new(World::default());
+        let digest = Digest::of(b"evicted");
+        let (a, b) = (node(&world, "a"), node(&world, "b"));
+        assert!(matches!(a.elect(&digest, None).await, Election::Upstream));
+        assert!(matches!(
+            b.elect(&digest, Some(key("a"))).await,
+            Election::Upstream
+        ));
+        assert!(matches!(a.elect(&digest, None).await, Election::Peer(p) if p == key("b")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_home_that_does_not_answer_costs_at_most_the_claim_bound() {
+        let world = Arc::new(World::default());
+        world
+            .home_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let started = tokio::time::Instant::now();
+        let me = node(&world, "me");
+        assert!(matches!(
+            me.elect(&Digest::of(b"x"), None).await,
+            Election::Upstream
+        ));
+        assert_eq!(started.elapsed(), CLAIM_BOUND);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_departed_provider_never_holds_a_pull_beyond_the_bounds() {
+        let world = Arc::new(World::default());
+        let data = vec![3u8; 64];
+        let digest = Digest::of(&data);
+        for name in ["a", "b"] {
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
+        }
+        world.departed.lock().unwrap().insert(key("a"));
+        world
+            .content
+            .lock()
+            .unwrap()
+            .insert(key("b"), (data.clone(), None));
+        // Only the live provider is asked: no wait at all on the departed one.
+        for _ in 0..4 {
+            let started = tokio::time::Instant::now();
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+            assert_eq!(
+                started.elapsed(),
+                Duration::ZERO,
+                "waited on the departed node"
+            );
+        }
+        // Only departed providers: peers are left at once, not after a dial timeout.
+        world.departed.lock().unwrap().insert(key("b"));
+        let started = tokio::time::Instant::now();
+        assert!(node(&world, "me").open_held(&digest, 0).await.is_none());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn held_content_comes_from_a_provider_and_resumes_at_the_next() {
+        let world = Arc::new(World::default());
+        let data: Vec<u8> = (0..200u8).collect();
+        let digest = Digest::of(&data);
+        for (name, fail_after) in [("a", Some(50)), ("b", None)] {
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
+            world
+                .content
+                .lock()
+                .unwrap()
+                .insert(key(name), (data.clone(), fail_after));
+        }
+        // Whichever is asked first, the body is whole.
+        for _ in 0..6 {
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+        }
+        let got = node(&world, "me").open_held(&digest, 120).await.unwrap();
+        assert_eq!(got.opened.offset, 120);
+        assert_eq!(body(got).await, data[120..].to_vec());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_provider_is_hedged() {
+        let world = Arc::new(World::default());
+        let data = vec![9u8; 40];
+        let digest = Digest::of(&data);
+        for name in ["a", "b"] {
+            node(&world, name)
+                .net
+                .provide(content_key(&digest), LOOKUP_BOUND)
+                .await;
+            world
+                .content
+                .lock()
+                .unwrap()
+                .insert(key(name), (data.clone(), None));
+        }
+        world.slow.lock().unwrap().insert(key("a"));
+        let started = tokio::time::Instant::now();
+        for _ in 0..4 {
+            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
+            assert_eq!(body(got).await, data);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "never waited for the slow one"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_blamed_peer_is_avoided() {
+        let world = Arc::new(World::default());
+        let data = vec![1u8; 10];
+        let digest = Digest::of(&data);
+        node(&world, "rogue")
+            .net
+            .provide(content_key(&digest), LOOKUP_BOUND)
+            .await;
+        world
+            .content
+            .lock()
+            .unwrap()
+            .insert(key("rogue"), (data, None));
+        let me = node(&world, "me");
+        assert!(me.open_held(&digest, 0).await.is_some());
+        me.blame(&[key("rogue")], "digest_mismatch");
+        assert!(me.open_held(&digest, 0).await.is_none());
+        assert_eq!(
+            world.failures.lock().unwrap().as_slice(),
+            &[(key("rogue"), "digest_mismatch")]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_newest_tag_record_wins() {
+        let world = Arc::new(World::default());
+        for name in ["short", "much-longer-name"] {
+            node(&world, name).announce_tag("r.example", "app", "v1");
+        }
+        tokio::task::yield_now().await;
+        let answer = node(&world, "me")
+            .tag("r.example", "app", "v1")
+            .await
+            .unwrap();
+        assert_eq!(answer.seen_at, "much-longer-name".len() as u64);
+    }
+}
