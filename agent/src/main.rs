@@ -2,7 +2,8 @@ use std::{io::IsTerminal, process::ExitCode};
 
 use agent::{
     app::cli::{CaCommand, Cli, Command, LogFormat, TrustArgs},
-    app::config::{Config, Registries},
+    app::config::Config,
+    listener::registries::Registries,
     ops::status,
 };
 use anyhow::Context;
@@ -37,7 +38,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Gc(args) => {
-            let report = agent::ops::gc::run(&args)?;
+            let report = agent::ops::gc::run(&args.request())?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -82,6 +82,17 @@ pub struct GcArgs {
     pub cache: CacheArgs,
 }
 
+impl GcArgs {
+    pub fn request(&self) -> crate::ops::gc::GcRequest {
+        crate::ops::gc::GcRequest {
+            dry_run: self.dry_run,
+            admin: self.admin,
+            data_dir: self.data_dir.clone(),
+            policy: self.cache.policy(),
+        }
+    }
+}
+
 /// The registries served through TLS termination, and the CA that signs for them.
 #[derive(Args, Debug, Clone)]
 pub struct TrustArgs {

@@ -1,6 +1,6 @@
 //! The validated, immutable configuration of `eddy run`.
 use std::{
-    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -8,6 +8,7 @@ use std::{
 use crate::{
     app::cli::RunArgs,
     hook::cgroup::{self, Cgroup, CgroupError},
+    listener::registries::Registries,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -26,8 +27,8 @@ pub enum ConfigError {
     HeartbeatTimeout { ms: u64 },
     #[error("--socket-mark must not be 0")]
     MarkZero,
-    #[error("--registry {value:?}: not a host name or IP[:PORT]")]
-    BadRegistry { value: String },
+    #[error(transparent)]
+    BadRegistry(#[from] crate::listener::registries::BadRegistry),
     #[error(transparent)]
     P2p(#[from] crate::peers::p2p::config::P2pConfigError),
     #[error("--containerd-namespace {value:?}: not a containerd namespace (letters and digits joined by single '.', '_' or '-', at most 76)")]
@@ -36,84 +37,6 @@ pub enum ConfigError {
         "--containerd-namespace: at least one namespace is required (or --containerd-socket none)"
     )]
     NoContainerdNamespaces,
-}
-
-/// The registries whose connections eddy terminates, as configured with `--registry`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Registries {
-    /// Lower-case host names, matched exactly against the TLS SNI.
-    pub hosts: Vec<String>,
-    /// Registries dialled by address (no SNI); port None matches any intercepted port.
-    pub addrs: Vec<(IpAddr, Option<u16>)>,
-}
-
-impl Registries {
-    pub fn parse(values: &[String]) -> Result<Self, ConfigError> {
-        let mut out = Registries::default();
-        for raw in values {
-            let v = raw.trim().to_ascii_lowercase();
-            if v.is_empty() {
-                continue;
-            }
-            if let Ok(sa) = v.parse::<SocketAddr>() {
-                out.addrs.push((sa.ip(), Some(sa.port())));
-            } else if let Ok(ip) = v
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-            {
-                out.addrs.push((ip, None));
-            } else if is_host_name(&v) {
-                out.hosts.push(v);
-            } else {
-                return Err(ConfigError::BadRegistry { value: raw.clone() });
-            }
-        }
-        out.hosts.sort();
-        out.hosts.dedup();
-        Ok(out)
-    }
-
-    pub fn has_host(&self, sni: &str) -> bool {
-        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(sni))
-    }
-
-    pub fn has_addr(&self, dst: SocketAddr) -> bool {
-        self.addrs
-            .iter()
-            .any(|(ip, port)| *ip == dst.ip() && port.is_none_or(|p| p == dst.port()))
-    }
-
-    /// The names a constrained CA must be able to sign for.
-    pub fn names(&self) -> Vec<crate::tls::RegistryName> {
-        let mut names: Vec<_> = self
-            .hosts
-            .iter()
-            .cloned()
-            .map(crate::tls::RegistryName::Dns)
-            .collect();
-        names.extend(
-            self.addrs
-                .iter()
-                .map(|(ip, _)| crate::tls::RegistryName::Ip(*ip)),
-        );
-        names
-    }
-}
-
-/// A DNS name: dot-separated labels of letters, digits and inner hyphens.
-pub(crate) fn is_host_name(v: &str) -> bool {
-    !v.is_empty()
-        && v.len() <= 253
-        && v.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +192,19 @@ impl Config {
 
     /// How often the heartbeat is refreshed: several beats per timeout, so one late tick
     /// (a busy node) does not bypass a healthy eddy.
+    /// The hooks' part of the configuration.
+    pub fn hook(&self) -> crate::hook::bpf::HookConfig {
+        crate::hook::bpf::HookConfig {
+            listen: self.listen,
+            intercept_ports: self.intercept_ports.clone(),
+            pin_dir: self.pin_dir.clone(),
+            socket_mark: self.socket_mark,
+            heartbeat_timeout: self.heartbeat_timeout,
+            cgroup_id: self.cgroup.id,
+            bpf_log: self.bpf_log,
+        }
+    }
+
     pub fn heartbeat_interval(&self) -> Duration {
         self.heartbeat_timeout / 4
     }
@@ -383,24 +319,15 @@ mod tests {
     }
 
     #[test]
-    fn registries_parse_hosts_and_addresses() {
-        let r = Registries::parse(&[
-            "GHCR.io".into(),
-            "10.0.0.1:32000".into(),
-            "10.0.0.2".into(),
-            "[fd00::1]:5000".into(),
-        ])
-        .unwrap();
-        assert!(r.has_host("ghcr.io"));
-        assert!(!r.has_host("evil.io"));
-        assert!(r.has_addr("10.0.0.1:32000".parse().unwrap()));
-        assert!(!r.has_addr("10.0.0.1:443".parse().unwrap()));
-        assert!(r.has_addr("10.0.0.2:443".parse().unwrap()));
-        assert!(r.has_addr("[fd00::1]:5000".parse().unwrap()));
-        assert!(matches!(
-            Registries::parse(&["not a host".into()]),
-            Err(ConfigError::BadRegistry { .. })
-        ));
+    fn a_bad_chain_flag_is_one_line_from_clap() {
+        let argv = ["eddy", "run", "--fallback", "anubis"];
+        let e = crate::app::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--fallback") && e.contains("expected REGISTRY=ENDPOINT"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -16,20 +16,25 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::{
-    app::config::{Config, Registries},
+    app::config::Config,
     hook::bpf::Bpf,
+    hook::metrics::BpfCounters,
+    listener::metrics::ProxyMetrics,
     listener::proxy::Proxy,
+    listener::registries::Registries,
     node::sys,
     ops::admin::{self, AdminState},
-    ops::metrics::{BpfCounters, ProxyMetrics, RegistryMetrics, StoreGauges, TrustMetrics},
     peers::share::NodeShare,
     peers::{PeerNetwork, Peers},
+    registry::metrics::RegistryMetrics,
     registry::Registry,
     sources::containerd::ContainerdSource,
     sources::order::Sources,
     store::catalog::Catalog,
+    store::metrics::StoreGauges,
     store::Store,
     tls::{Ca, TlsError},
+    trust::metrics::TrustMetrics,
     trust::{Host, TrustGate},
     upstream::client::Upstream,
 };
@@ -48,7 +53,7 @@ pub enum AppError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Lock(#[from] crate::app::datadir_lock::LockError),
+    Lock(#[from] crate::store::datadir_lock::LockError),
     #[error(transparent)]
     Bpf(#[from] crate::hook::bpf::BpfError),
     #[error(transparent)]
@@ -79,7 +84,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         path: config.data_dir.clone(),
         source,
     })?;
-    let _data_dir_lock = crate::app::datadir_lock::acquire(&config.data_dir)?;
+    let _data_dir_lock = crate::store::datadir_lock::acquire(&config.data_dir)?;
     let listener = bind("--listen", config.listen.into()).await?;
     let listener6 = match bind("IPv6 listener", config.listen6).await {
         Ok(l) => Some(l),
@@ -195,7 +200,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             ),
     );
 
-    let mut bpf = Bpf::load(&config, listener6.is_some())?;
+    let mut bpf = Bpf::load(&config.hook(), listener6.is_some())?;
     if let Some(log) = bpf.take_decision_log() {
         crate::hook::decision_log::spawn(log);
         info!("eBPF decision logs on (target eddy::bpf, debug)");

@@ -2,9 +2,10 @@
 //! original-destination lookup. All `unsafe` for BPF lives here and in `sys`.
 use std::{
     fs::File,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use aya::{
@@ -14,7 +15,24 @@ use aya::{
 };
 use eddy_common::{map, program, v4_mapped, Config as BpfConfig, ConnKey, Counter, OrigDst};
 
-use crate::{app::config::Config, node::sys, trust::ClientProcess};
+use crate::{node::sys, trust::ClientProcess};
+
+/// What the hooks are loaded with: the part of `eddy run`'s configuration the kernel side sees.
+#[derive(Debug, Clone)]
+pub struct HookConfig {
+    /// The proxy's IPv4 listener that connects are redirected to.
+    pub listen: SocketAddrV4,
+    pub intercept_ports: Vec<u16>,
+    pub pin_dir: PathBuf,
+    /// Marks eddy's own sockets, which the hooks never redirect.
+    pub socket_mark: u32,
+    /// How stale the heartbeat may be before the hooks stop redirecting (fail-open).
+    pub heartbeat_timeout: Duration,
+    /// The cgroup v2 id the programs are attached to.
+    pub cgroup_id: u64,
+    /// `--bpf-log`: log every decision.
+    pub bpf_log: bool,
+}
 
 /// The eBPF object built by `cargo xtask build-ebpf`, embedded at build time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("EDDY_EBPF_OBJECT"));
@@ -85,7 +103,7 @@ impl Bpf {
     /// port set. Nothing is attached yet, so a failure here leaves the node untouched.
     /// `ipv6_listener`: whether the proxy listens on [::1]; without it native IPv6
     /// destinations must go direct.
-    pub fn load(config: &Config, ipv6_listener: bool) -> Result<Self, BpfError> {
+    pub fn load(config: &HookConfig, ipv6_listener: bool) -> Result<Self, BpfError> {
         if !sys::has_bpf_privileges() {
             return Err(BpfError::NotPrivileged);
         }
@@ -96,7 +114,7 @@ impl Bpf {
         })
     }
 
-    fn load_pinned(config: &Config, ipv6_listener: bool) -> Result<Self, BpfError> {
+    fn load_pinned(config: &HookConfig, ipv6_listener: bool) -> Result<Self, BpfError> {
         // The decision logs' level is a constant of the loaded programs: off, their code is
         // dead and the verifier drops it.
         let log_on = crate::hook::decision_log::wanted(config.bpf_log);
@@ -280,7 +298,7 @@ pub(crate) fn read_counters(counters: &PerCpuArray<MapData, u64>) -> Vec<(Counte
         .collect()
 }
 
-fn bpf_config(config: &Config, ipv6_listener: bool) -> Result<BpfConfig, BpfError> {
+fn bpf_config(config: &HookConfig, ipv6_listener: bool) -> Result<BpfConfig, BpfError> {
     Ok(BpfConfig {
         proxy_ip4: config.listen.ip().octets(),
         proxy_port: config.listen.port(),
@@ -294,7 +312,7 @@ fn bpf_config(config: &Config, ipv6_listener: bool) -> Result<BpfConfig, BpfErro
         netns_cookie: sys::netns_cookie().map_err(BpfError::NetnsCookie)?,
         heartbeat_timeout_ns: config.heartbeat_timeout.as_nanos() as u64,
         agent_pid: std::process::id(),
-        attached_cgroup_id: config.cgroup.id,
+        attached_cgroup_id: config.cgroup_id,
         ..BpfConfig::default()
     })
 }

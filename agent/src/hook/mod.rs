@@ -6,3 +6,4 @@
 pub mod bpf;
 pub mod cgroup;
 pub mod decision_log;
+pub mod metrics;

@@ -29,10 +29,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::{
-    app::config::Registries,
     hook::bpf::Bpf,
+    listener::metrics::{route, DirectionLabels, ProxyMetrics},
     listener::peek::{self, Hello},
-    ops::metrics::{route, DirectionLabels, ProxyMetrics},
+    listener::registries::Registries,
     registry::{Origin, Registry},
     tls::{self, Ca, RegistryName},
     trust::{self, ClientProcess, TrustGate, Verdict},

@@ -13,8 +13,8 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    app::config::Registries,
     hook::cgroup,
+    listener::registries::Registries,
     node::distro::{self, Containerd},
     node::sys,
 };

@@ -10,14 +10,25 @@ use std::{
 use anyhow::{bail, Context};
 
 use crate::{
-    app::cli::GcArgs,
-    app::datadir_lock,
-    store::lifecycle::{GcReport, Lifecycle},
+    store::datadir_lock,
+    store::lifecycle::{GcReport, Lifecycle, Policy},
     store::Store,
 };
 
+/// What `eddy gc` was asked to do.
+pub struct GcRequest {
+    /// Report what would be removed, remove nothing.
+    pub dry_run: bool,
+    /// The running agent's admin address.
+    pub admin: SocketAddr,
+    /// The data dir, worked on directly when no agent holds it.
+    pub data_dir: std::path::PathBuf,
+    /// The policy for a direct run (a running agent applies its own).
+    pub policy: Policy,
+}
+
 /// Runs the collection and returns its report.
-pub fn run(args: &GcArgs) -> anyhow::Result<GcReport> {
+pub fn run(args: &GcRequest) -> anyhow::Result<GcReport> {
     if !args.data_dir.is_dir() {
         bail!("data dir {} does not exist", args.data_dir.display());
     }
@@ -27,7 +38,7 @@ pub fn run(args: &GcArgs) -> anyhow::Result<GcReport> {
             let store = std::sync::Arc::new(Store::open(&args.data_dir)?);
             let catalog =
                 std::sync::Arc::new(crate::store::catalog::Catalog::open(&args.data_dir)?);
-            Ok(Lifecycle::new(store, args.cache.policy())
+            Ok(Lifecycle::new(store, args.policy)
                 .with_catalog(catalog)
                 .collect(args.dry_run))
         }

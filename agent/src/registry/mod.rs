@@ -12,6 +12,7 @@
 //!   upstream serves to anonymous clients is served to anyone, also while upstream is down;
 //!   private content only to a client whose credentials upstream accepts for that repository
 //!   (a HEAD upstream, remembered briefly).
+pub mod metrics;
 use std::{
     collections::HashMap,
     sync::{
@@ -36,8 +37,8 @@ use crate::{
     oci::api_path::{parse_path, Api},
     oci::digest::Digest,
     oci::range::{parse_range, RangeSpec},
-    ops::metrics::RegistryMetrics,
     peers::PeerKey,
+    registry::metrics::RegistryMetrics,
     sources::failover::{resuming, skip_prefix, Resume},
     sources::order::{Found, Lookup, Sources},
     sources::source::ByteStream,

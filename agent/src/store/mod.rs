@@ -14,7 +14,9 @@
 //! One process owns a store directory at a time (`eddy run` holds the data dir's lock file).
 
 pub mod catalog;
+pub mod datadir_lock;
 pub mod lifecycle;
+pub mod metrics;
 pub mod resume;
 
 use std::collections::HashMap;

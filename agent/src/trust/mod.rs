@@ -14,6 +14,7 @@
 //!   command line, a trust store the gate does not know), the same executable in the same
 //!   cgroup is passed through for [`GUARD_FOR`]. That first connection is lost: the client
 //!   saw a TLS error, and retries.
+pub mod metrics;
 pub mod process;
 pub mod roots;
 
@@ -27,7 +28,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::{node::sys, ops::metrics::TrustMetrics};
+use crate::{node::sys, trust::metrics::TrustMetrics};
 
 /// How long the reactive guard passes an executable through after it rejected eddy's
 /// certificate.

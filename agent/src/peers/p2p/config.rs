@@ -188,7 +188,7 @@ impl Bootstrap {
                         .with(Protocol::Tcp(*port)),
                 ),
                 [Protocol::Dns(h) | Protocol::Dns4(h) | Protocol::Dns6(h), Protocol::Tcp(port)]
-                    if crate::app::config::is_host_name(h) =>
+                    if crate::oci::host::is_host_name(h) =>
                 {
                     Target::Host {
                         host: h.to_string(),
@@ -201,7 +201,7 @@ impl Bootstrap {
         }
         let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
-        if port == 0 || !crate::app::config::is_host_name(host) {
+        if port == 0 || !crate::oci::host::is_host_name(host) {
             return Err(bad());
         }
         Ok(Bootstrap {

@@ -37,7 +37,7 @@ use tokio_rustls::{client::TlsStream, TlsAcceptor, TlsConnector};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::protocol::{self, Response};
+use super::protocol::{self, Response, Ticket, Token};
 use crate::sources::source::Opened;
 
 /// How long a ticket waits for its data connection.
@@ -51,8 +51,6 @@ const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// The name in the certificate and in the client's SNI; the pin is what is checked.
 const SERVER_NAME: &str = "peer.eddy.invalid";
 const ALPN: &[u8] = b"eddy-blob/1";
-
-pub type Token = [u8; 32];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -71,14 +69,6 @@ pub enum DataError {
     Protocol(#[from] protocol::ProtocolError),
     #[error("the data port answered {0}")]
     Unexpected(String),
-}
-
-/// What a client needs to fetch one body from the data port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ticket {
-    pub port: u16,
-    pub cert_sha256: [u8; 32],
-    pub token: Token,
 }
 
 pub(super) struct Held {

@@ -14,6 +14,7 @@
 mod claims;
 pub mod config;
 pub mod data;
+mod error;
 pub mod metrics;
 mod network;
 pub mod protocol;
@@ -35,7 +36,11 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::TokioAsyncReadCompatExt as _;
 use tracing::debug;
 
-pub use self::{config::P2pConfig, metrics::P2pMetrics};
+pub use self::{
+    config::P2pConfig,
+    error::{P2pError, PeerError},
+    metrics::P2pMetrics,
+};
 use self::{
     data::DataServer,
     protocol::{Request, Response, BLOB_PROTOCOL},
@@ -63,42 +68,6 @@ const READ_CHUNK: usize = 256 * 1024;
 /// A peer whose data port could not be used (a firewall between nodes, say) gets its
 /// bodies in-band for this long, rather than a failed connect on every fetch.
 const DIRECT_AVOID_FOR: Duration = Duration::from_secs(300);
-
-#[derive(Debug, thiserror::Error)]
-pub enum P2pError {
-    #[error(transparent)]
-    Identity(#[from] config::IdentityError),
-    #[error("p2p noise keys: {0}")]
-    Noise(String),
-    #[error("--p2p-listen: {0}")]
-    Listen(String),
-    #[error("--p2p-data-port: {0}")]
-    Data(#[from] data::DataError),
-}
-
-/// Why a fetch from a peer failed. [`PeerError::reason`] is the metric label.
-#[derive(Debug, thiserror::Error)]
-pub enum PeerError {
-    #[error("cannot open a stream to the peer: {0}")]
-    Connect(String),
-    #[error("the peer did not answer in time")]
-    Timeout,
-    #[error("the peer broke the protocol: {0}")]
-    Protocol(String),
-    #[error("the peer does not have it")]
-    NotFound,
-}
-
-impl PeerError {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            PeerError::Connect(_) => "connect",
-            PeerError::Timeout => "timeout",
-            PeerError::Protocol(_) => "protocol",
-            PeerError::NotFound => "not_found",
-        }
-    }
-}
 
 /// A connected peer, for `eddy status` (`GET /peers`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::oci::digest::Digest;
 
+/// The secret that redeems one body at a data port.
+pub type Token = [u8; 32];
+
+/// What a client needs to fetch one body from the data port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub port: u16,
+    pub cert_sha256: [u8; 32],
+    pub token: Token,
+}
+
 pub const BLOB_PROTOCOL: StreamProtocol = StreamProtocol::new("/eddy/blob/1.0.0");
 
 /// The largest request or response header accepted: a digest, an offset, or a tag's name.
@@ -140,7 +151,7 @@ pub fn decode_response(bytes: &[u8]) -> Result<Response, ProtocolError> {
 }
 
 /// The data port ticket in a `Response::Direct` (None for other responses).
-pub fn ticket_of(response: &Response) -> Result<Option<super::data::Ticket>, ProtocolError> {
+pub fn ticket_of(response: &Response) -> Result<Option<Ticket>, ProtocolError> {
     let Response::Direct {
         port,
         cert_sha256,
@@ -158,15 +169,15 @@ pub fn ticket_of(response: &Response) -> Result<Option<super::data::Ticket>, Pro
     if *port == 0 {
         return Err(ProtocolError::Malformed("data port 0".into()));
     }
-    Ok(Some(super::data::Ticket {
+    Ok(Some(Ticket {
         port: *port,
         cert_sha256: bytes32("cert_sha256", cert_sha256)?,
         token: bytes32("token", token)?,
     }))
 }
 
-impl From<&super::data::Ticket> for Response {
-    fn from(t: &super::data::Ticket) -> Self {
+impl From<&Ticket> for Response {
+    fn from(t: &Ticket) -> Self {
         Response::Direct {
             port: t.port,
             cert_sha256: hex::encode(t.cert_sha256),
@@ -267,7 +278,7 @@ mod tests {
 
     #[test]
     fn direct_tickets_round_trip_and_bad_ones_are_refused() {
-        let ticket = super::super::data::Ticket {
+        let ticket = Ticket {
             port: 4002,
             cert_sha256: [1; 32],
             token: [2; 32],

@@ -23,7 +23,7 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::{metrics::P2pMetrics, P2pError};
+use super::{error::P2pError, metrics::P2pMetrics};
 use crate::oci::digest::Digest;
 
 /// Kademlia under a protocol name of its own, so eddy's DHT never mixes with IPFS's (and a
