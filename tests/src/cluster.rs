@@ -30,7 +30,7 @@ use crate::{
     pki::Pki,
     registry::{check_programs, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
     registry_eddy::{InNetns, RegistryEddy, RegistryEddyConfig},
-    world::{trust_eddy_and_test_ca, upstream_host},
+    world::{curl_registry, trust_eddy_and_test_ca, upstream_host},
 };
 
 /// Every node's P2P port (each node has an address of its own).
@@ -454,24 +454,8 @@ impl Node {
         path: &str,
         extra: &[&str],
     ) -> Result<(Option<u16>, Vec<u8>)> {
-        let n = crate::next_id();
-        let body = cluster.work.path().join(format!("curl-{n}.body"));
-        let headers = cluster.work.path().join(format!("curl-{n}.headers"));
-        let mut args = vec![
-            "--cacert",
-            self.client.ca_bundle.to_str().context("utf-8 path")?,
-        ];
-        args.extend_from_slice(extra);
-        self.client.curl(
-            &format!("https://{REGISTRY_HOST}{path}"),
-            &args,
-            &body,
-            &headers,
-            Duration::from_secs(60),
-        )?;
-        let status =
-            crate::containerd::http_status(&fs::read_to_string(&headers).unwrap_or_default());
-        Ok((status, fs::read(&body).unwrap_or_default()))
+        let curl = curl_registry(&self.client, cluster.work.path(), path, extra)?;
+        Ok((curl.status, curl.body))
     }
 
     /// `eddy_p2p_peers`, or 0 when it cannot be read.

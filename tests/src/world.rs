@@ -393,33 +393,39 @@ impl RegistryWorld {
     }
 
     fn curl_as(&self, client: &Client, path: &str, extra: &[&str]) -> Result<Curl> {
-        let n = crate::next_id();
-        let body = self.work.path().join(format!("curl-{n}.body"));
-        let headers = self.work.path().join(format!("curl-{n}.headers"));
-        let mut args = vec!["--cacert", client.ca_bundle.to_str().context("utf-8 path")?];
-        args.extend_from_slice(extra);
-        let run = client.curl(
-            &format!("https://{REGISTRY_HOST}{path}"),
-            &args,
-            &body,
-            &headers,
-            Duration::from_secs(60),
-        )?;
-        let headers = fs::read_to_string(&headers).unwrap_or_default();
-        let out = Curl {
-            ok: run.ok(),
-            status: http_status(&headers),
-            headers,
-            body: fs::read(&body).unwrap_or_default(),
-            stderr: run.stderr(),
-        };
-        let _ = fs::remove_file(&body);
-        Ok(out)
+        curl_registry(client, self.work.path(), path, extra)
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.eddy_config.data_dir
     }
+}
+
+/// curl `https://registry.test<path>` as `client` (trusting its bundle) with `extra`
+/// arguments, keeping the headers in `dir`.
+pub fn curl_registry(client: &Client, dir: &Path, path: &str, extra: &[&str]) -> Result<Curl> {
+    let n = crate::next_id();
+    let body = dir.join(format!("curl-{n}.body"));
+    let headers = dir.join(format!("curl-{n}.headers"));
+    let mut args = vec!["--cacert", client.ca_bundle.to_str().context("utf-8 path")?];
+    args.extend_from_slice(extra);
+    let run = client.curl(
+        &format!("https://{REGISTRY_HOST}{path}"),
+        &args,
+        &body,
+        &headers,
+        Duration::from_secs(60),
+    )?;
+    let headers = fs::read_to_string(&headers).unwrap_or_default();
+    let out = Curl {
+        ok: run.ok(),
+        status: http_status(&headers),
+        headers,
+        body: fs::read(&body).unwrap_or_default(),
+        stderr: run.stderr(),
+    };
+    let _ = fs::remove_file(&body);
+    Ok(out)
 }
 
 /// A hosts file at `path`: localhost, and each name at its address.

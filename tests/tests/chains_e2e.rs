@@ -4,7 +4,7 @@
 //! own log.
 //!
 //! Run as root: `cargo xtask test --privileged-only -- chain_`.
-use std::{ffi::OsString, ops::Deref, time::Duration};
+use std::{ffi::OsString, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
@@ -20,20 +20,6 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 const NS: &str = "chains";
 /// The port of the plain-HTTP registries (a home-lab registry's kind of port).
 const LOCAL_PORT: u16 = 5000;
-
-/// Two upstreams and eddy (see [`WorldSpec`]): the world's first upstream is the registry
-/// clients ask for, its other the registry the chain leads to.
-struct World {
-    registry: RegistryWorld,
-}
-
-impl Deref for World {
-    type Target = RegistryWorld;
-
-    fn deref(&self) -> &RegistryWorld {
-        &self.registry
-    }
-}
 
 struct Options {
     /// Serve the first registry over plain HTTP on [`LOCAL_PORT`] (else HTTPS on 443 as
@@ -56,56 +42,65 @@ fn chain_eddy(config: &mut RegistryEddyConfig, flags: Vec<String>) {
     config.extra_args = flags.into_iter().map(OsString::from).collect();
 }
 
-impl World {
-    /// Two upstreams as `options` say, and eddy with their chain flags.
-    fn spec(options: Options) -> WorldSpec {
-        let plain = |yes: bool| UpstreamOptions {
-            plain_http_port: yes.then_some(LOCAL_PORT),
-            ..Default::default()
-        };
-        let flags = options.flags;
-        WorldSpec::new()
-            .upstream(plain(options.first_plain))
-            .and_upstream(UpstreamOptions {
-                basic_auth: options
-                    .second_auth
-                    .map(|(u, p)| (u.to_string(), p.to_string())),
-                ..plain(options.second_plain)
-            })
-            .cert_names(&[REGISTRY_HOST])
-            // Clients know registry.test as the first registry; eddy as the second (an
-            // endpoint is resolved by eddy itself, like any host it is not intercepting).
-            .client_hosts(&[(REGISTRY_HOST, 0)])
-            .eddy_hosts(&[(REGISTRY_HOST, 1)])
-            .configure_eddy(move |config, upstreams| {
-                chain_eddy(config, flags(upstreams[0], upstreams[1]))
-            })
-            // eddy creates its CA at start, constrained to the registries it serves.
-            .eddy_ca_created_at_start()
-    }
+/// Two upstreams as `options` say, and eddy with their chain flags (see [`WorldSpec`]): the
+/// world's first upstream is the registry clients ask for, its other the registry the
+/// chain leads to.
+fn chain_world(options: Options) -> WorldSpec {
+    let plain = |yes: bool| UpstreamOptions {
+        plain_http_port: yes.then_some(LOCAL_PORT),
+        ..Default::default()
+    };
+    let flags = options.flags;
+    WorldSpec::new()
+        .upstream(plain(options.first_plain))
+        .and_upstream(UpstreamOptions {
+            basic_auth: options
+                .second_auth
+                .map(|(u, p)| (u.to_string(), p.to_string())),
+            ..plain(options.second_plain)
+        })
+        .cert_names(&[REGISTRY_HOST])
+        // Clients know registry.test as the first registry; eddy as the second (an
+        // endpoint is resolved by eddy itself, like any host it is not intercepting).
+        .client_hosts(&[(REGISTRY_HOST, 0)])
+        .eddy_hosts(&[(REGISTRY_HOST, 1)])
+        .configure_eddy(move |config, upstreams| {
+            chain_eddy(config, flags(upstreams[0], upstreams[1]))
+        })
+        // eddy creates its CA at start, constrained to the registries it serves.
+        .eddy_ca_created_at_start()
+}
 
+/// What the chain tests ask of their world.
+trait Chain {
     /// The registry clients ask for.
+    fn first(&self) -> &Upstream;
+    /// The registry the chain leads to.
+    fn second(&self) -> &Upstream;
+    /// Stop eddy and start it again on the same data dir with `extra` flags added.
+    fn restart_with(&mut self, extra: &[String]) -> Result<()>;
+    /// `ctr images pull` of `reference` into a fresh containerd; checks that containerd
+    /// holds every blob of `image` and records the image under `image`'s digest.
+    fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration>;
+    fn endpoint_series(&self, registry: &str, endpoint: &str, outcome: &str) -> Result<f64>;
+}
+
+impl Chain for RegistryWorld {
     fn first(&self) -> &Upstream {
         &self.upstream
     }
 
-    /// The registry the chain leads to.
     fn second(&self) -> &Upstream {
         &self.others[0].upstream
     }
 
-    /// Stop eddy and start it again on the same data dir with `extra` flags added.
     fn restart_with(&mut self, extra: &[String]) -> Result<()> {
-        let registry = &mut self.registry;
-        registry
-            .eddy_config
+        self.eddy_config
             .extra_args
             .extend(extra.iter().map(OsString::from));
-        registry.restart_eddy()
+        self.restart_eddy()
     }
 
-    /// `ctr images pull` of `reference` into a fresh containerd; checks that containerd
-    /// holds every blob of `image` and records the image under `image`'s digest.
     fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration> {
         pull_checked(&self.client, self.eddy(), reference, extra, image, what)
     }
@@ -156,9 +151,8 @@ fn logged_status(upstream: &Upstream, uri: &str, status: u64) -> Result<usize> {
         .count())
 }
 
-fn world(options: Options) -> Option<World> {
-    let registry = World::spec(options).start_if_privileged()?;
-    Some(World { registry })
+fn world(options: Options) -> Option<RegistryWorld> {
+    chain_world(options).start_if_privileged()
 }
 
 /// `--fallback <local:5000>=https://registry.test/acme`: a plain-HTTP local registry without
@@ -270,7 +264,7 @@ fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
         "v2",
         &ImageSpec::single(&[2 * MIB, MIB]),
     )?;
-    w.registry.upstream.stop_registry()?;
+    w.upstream.stop_registry()?;
     let local = w.first().ip_authority();
     let reference = format!("{local}/app:v2");
     w.pull(

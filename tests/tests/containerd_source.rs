@@ -73,17 +73,9 @@ fn import_image(
 }
 
 fn ctr(containerd: &Containerd, namespace: &str, args: &[&str]) -> Result<()> {
-    let argv = containerd.ctr_args(namespace, args);
-    let out = run_bounded(
-        Command::new(&argv[0]).args(&argv[1..]),
-        Duration::from_secs(30),
-    )?;
-    ensure!(
-        out.status.success(),
-        "ctr {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    containerd
+        .ctr(namespace, args, Duration::from_secs(30))
+        .map(drop)
 }
 
 /// The digests eddy's containerd source knows (admin `GET /containerd/digests`).

@@ -127,15 +127,21 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     let upstream_check = format!("upstream.{}", upstream.local_addr()?);
     ensure!(outcome(&checks, &upstream_check).0 == "pass");
 
+    // `eddy ca VERB --bundle BUNDLE --data-dir DATA MORE...`.
+    let ca = |verb: &str, more: &[&str]| {
+        let mut argv = vec![
+            "ca",
+            verb,
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(more);
+        eddy(&argv)
+    };
     // The CA goes into the bundle after containerd started: containerd does not trust it.
-    let install = eddy(&[
-        "ca",
-        "install",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ])?;
+    let install = ca("install", &[])?;
     ensure!(install.status.success(), "{}", text(&install));
     ensure!(
         text(&install).contains("added eddy's CA"),
@@ -151,15 +157,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     );
 
     // Installing again adds nothing, and so restarts nothing.
-    let again = eddy(&[
-        "ca",
-        "install",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--restart-containerd",
-    ])?;
+    let again = ca("install", &["--restart-containerd"])?;
     ensure!(again.status.success(), "{}", text(&again));
     ensure!(
         text(&again).contains("already in") && text(&again).contains("not restarted"),
@@ -192,14 +190,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
 
     // Uninstall leaves the bundle as it was before install (empty here), and says so twice.
     let uninstall = |expect: &str| -> Result<()> {
-        let out = eddy(&[
-            "ca",
-            "uninstall",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])?;
+        let out = ca("uninstall", &[])?;
         ensure!(
             out.status.success() && text(&out).contains(expect),
             "{}",

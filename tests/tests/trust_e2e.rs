@@ -7,7 +7,7 @@
 //! Run as root: `cargo xtask test --privileged-only -- trust_` (or `cargo xtask test`).
 use std::{
     fs,
-    ops::{Deref, DerefMut},
+    ops::Deref,
     path::{Path, PathBuf},
     thread,
     time::Duration,
@@ -58,12 +58,6 @@ impl Deref for World {
     }
 }
 
-impl DerefMut for World {
-    fn deref_mut(&mut self) -> &mut RegistryWorld {
-        &mut self.registry
-    }
-}
-
 impl World {
     fn new() -> Result<Self> {
         let registry = WorldSpec::new()
@@ -81,6 +75,10 @@ impl World {
             with_eddy,
             image,
         })
+    }
+
+    fn start_eddy(&mut self) -> Result<()> {
+        self.registry.start_eddy()
     }
 
     /// A client in the hooked cgroup (or none) whose SSL_CERT_FILE is `bundle`.

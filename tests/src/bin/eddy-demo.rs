@@ -194,12 +194,17 @@ fn run(started: Instant) -> Result<()> {
     log.say(format!(
         "COLD pull: ctr images pull {reference} (eddy's store is empty)…"
     ));
-    let cold = client
-        .pull(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("cold ctr images pull through eddy")?;
-    let after_cold = Snapshot::take(&upstream, &eddy, after_push)?;
-    log.say(format!("  done in {:.2}s", cold.elapsed.as_secs_f64()));
-    containerd.ensure_content(NS, &image.blobs())?;
+    // One pull into `containerd`, checked, and the counters after it.
+    let pull = |containerd: &Containerd, what: &str| -> Result<(Run, Snapshot)> {
+        let run = client
+            .pull(containerd, NS, &reference, &[], PULL_TIMEOUT)?
+            .check(&format!("{what} ctr images pull through eddy"))?;
+        let after = Snapshot::take(upstream, eddy, after_push)?;
+        log.say(format!("  done in {:.2}s", run.elapsed.as_secs_f64()));
+        containerd.ensure_content(NS, &image.blobs())?;
+        Ok((run, after))
+    };
+    let (cold, after_cold) = pull(&containerd, "cold")?;
 
     let warm_containerd = start_containerd_in(&hooked)?;
     log.say(format!(
@@ -207,12 +212,7 @@ fn run(started: Instant) -> Result<()> {
          image…",
         warm_containerd.root.display()
     ));
-    let warm = client
-        .pull(&warm_containerd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("warm ctr images pull through eddy")?;
-    let after_warm = Snapshot::take(&upstream, &eddy, after_push)?;
-    log.say(format!("  done in {:.2}s", warm.elapsed.as_secs_f64()));
-    warm_containerd.ensure_content(NS, &image.blobs())?;
+    let (warm, after_warm) = pull(&warm_containerd, "warm")?;
 
     log.say("running the pulled image: ctr run --rm … /bin/sh -c 'echo …; uname -a'");
     let ran = run_container(client, &warm_containerd, &reference)?;
