@@ -27,9 +27,10 @@ use crate::{
     eddy::{eddy_bin, metric_value},
     netns::{Lan, Netns},
     oci::{self, Image, ImageSpec},
-    pki::{write_bundle, Pki},
+    pki::Pki,
     registry::{check_programs, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
-    registry_eddy::{ca_export, InNetns, RegistryEddy, RegistryEddyConfig},
+    registry_eddy::{InNetns, RegistryEddy, RegistryEddyConfig},
+    world::{curl_registry, trust_eddy_and_test_ca, upstream_host},
 };
 
 /// Every node's P2P port (each node has an address of its own).
@@ -155,12 +156,12 @@ impl Cluster {
         let work = tempfile::Builder::new().prefix("eddy-p2p-").tempdir()?;
         let lan = Lan::new()?;
         let netns = lan.member(1)?;
-        let pki = Pki::create(
-            &work.path().join("pki"),
+        let (pki, upstream) = upstream_host(
+            work.path(),
+            &netns,
             &[REGISTRY_HOST, CDN_HOST],
-            &[netns.ns_v4.into()],
+            spec.upstream.clone(),
         )?;
-        let upstream = Upstream::start(&netns, &pki, spec.upstream.clone())?;
         let psk = if spec.private {
             let psk = work.path().join("swarm.key");
             write_swarm_key(&psk)?;
@@ -307,28 +308,15 @@ impl Cluster {
         }
         extra_args.extend(extra.iter().map(OsString::from));
         let config = RegistryEddyConfig {
-            cgroup: cgroup.path().to_path_buf(),
-            data_dir: dir.join("data"),
-            registries: vec![REGISTRY_HOST.to_string()],
-            upstream_cas: vec![self.pki.ca_cert.clone()],
-            hosts: Some(eddy_hosts),
-            quiet_start: false,
             extra_args,
             in_netns: Some(InNetns {
                 enter_arg: netns.enter_arg(),
                 admin: SocketAddr::from((ip, ADMIN_PORT)),
             }),
+            ..RegistryEddyConfig::caching(cgroup.path(), dir.join("data"), &self.pki, eddy_hosts)
         };
-        let bin = eddy_bin();
-        fs::create_dir_all(&config.data_dir)?;
-        let eddy_ca = dir.join("eddy-ca.pem");
-        fs::write(
-            &eddy_ca,
-            ca_export(&bin, &config.data_dir, &config.registries)?,
-        )?;
-        let bundle = dir.join("ca-bundle.pem");
-        write_bundle(&bundle, &[&eddy_ca, &self.pki.ca_cert])?;
-        let eddy = RegistryEddy::start(&bin, &config)?;
+        let bundle = trust_eddy_and_test_ca(&dir, &config, &self.pki)?;
+        let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
         Ok(Node {
             eddy: Some(eddy),
             containerd,
@@ -466,24 +454,8 @@ impl Node {
         path: &str,
         extra: &[&str],
     ) -> Result<(Option<u16>, Vec<u8>)> {
-        let n = crate::next_id();
-        let body = cluster.work.path().join(format!("curl-{n}.body"));
-        let headers = cluster.work.path().join(format!("curl-{n}.headers"));
-        let mut args = vec![
-            "--cacert",
-            self.client.ca_bundle.to_str().context("utf-8 path")?,
-        ];
-        args.extend_from_slice(extra);
-        self.client.curl(
-            &format!("https://{REGISTRY_HOST}{path}"),
-            &args,
-            &body,
-            &headers,
-            Duration::from_secs(60),
-        )?;
-        let status =
-            crate::containerd::http_status(&fs::read_to_string(&headers).unwrap_or_default());
-        Ok((status, fs::read(&body).unwrap_or_default()))
+        let curl = curl_registry(&self.client, cluster.work.path(), path, extra)?;
+        Ok((curl.status, curl.body))
     }
 
     /// `eddy_p2p_peers`, or 0 when it cannot be read.

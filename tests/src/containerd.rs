@@ -219,18 +219,25 @@ disabled_plugins = [{disabled_cri}
 
     /// The digest this daemon recorded for image `reference` in `namespace` (`ctr images ls`).
     pub fn image_digest(&self, namespace: &str, reference: &str) -> Result<String> {
-        let argv = self.ctr_args(namespace, &["images", "ls"]);
-        let out = run_bounded(
-            Command::new(&argv[0]).args(&argv[1..]),
-            Duration::from_secs(20),
-        )?;
-        ensure!(out.status.success(), "ctr images ls failed");
-        let text = String::from_utf8_lossy(&out.stdout);
+        let text = self.ctr(namespace, &["images", "ls"], Duration::from_secs(20))?;
         text.lines()
             .find(|l| l.split_whitespace().next() == Some(reference))
             .and_then(|l| l.split_whitespace().find(|w| w.starts_with("sha256:")))
             .map(str::to_string)
             .with_context(|| format!("no image {reference} in `ctr images ls`:\n{text}"))
+    }
+
+    /// Run `ctr --address SOCK -n NS ARGS...` (outside any cgroup: it only talks to the
+    /// daemon), bounded by `timeout`; error unless it succeeds. Returns its stdout.
+    pub fn ctr(&self, namespace: &str, args: &[&str], timeout: Duration) -> Result<String> {
+        let argv = self.ctr_args(namespace, args);
+        let out = run_bounded(Command::new(&argv[0]).args(&argv[1..]), timeout)?;
+        ensure!(
+            out.status.success(),
+            "ctr {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `ctr --address SOCK -n NS` followed by `args`.
@@ -258,17 +265,8 @@ disabled_plugins = [{disabled_cri}
     /// The digests (`sha256:...`) in namespace `ns`'s content store, via `ctr content ls -q`
     /// (run outside any cgroup: it only talks to the daemon).
     pub fn content_digests(&self, namespace: &str) -> Result<Vec<String>> {
-        let argv = self.ctr_args(namespace, &["content", "ls", "-q"]);
-        let out = run_bounded(
-            Command::new(&argv[0]).args(&argv[1..]),
-            Duration::from_secs(20),
-        )?;
-        ensure!(
-            out.status.success(),
-            "ctr content ls failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout)
+        let text = self.ctr(namespace, &["content", "ls", "-q"], Duration::from_secs(20))?;
+        Ok(text
             .lines()
             .map(|l| l.trim().to_string())
             .filter(|l| !l.is_empty())

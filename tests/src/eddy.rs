@@ -446,6 +446,26 @@ pub fn status_command(bin: &Path, pin_dir: &Path) -> Result<std::process::Output
     )
 }
 
+/// `eddy status` as text, for the eddy with pins in `pin_dir` and its admin server at
+/// `admin`; fails if the command fails.
+pub fn status_text(pin_dir: &Path, admin: SocketAddr) -> Result<String> {
+    let out = run_bounded(
+        Command::new(eddy_bin())
+            .args(["status", "--bpf-pin-dir"])
+            .arg(pin_dir)
+            .arg("--admin")
+            .arg(admin.to_string()),
+        Duration::from_secs(20),
+    )?;
+    if !out.status.success() {
+        bail!(
+            "eddy status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// `eddy status --json`, per the CLI contract.
 #[derive(Debug, Deserialize)]
 pub struct Status {

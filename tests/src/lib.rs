@@ -25,9 +25,9 @@ pub mod probe;
 pub mod process;
 pub mod registry;
 pub mod registry_eddy;
-pub mod registry_world;
 pub mod token_auth;
 pub mod wire;
+pub mod world;
 
 pub use cgroup::CgroupGuard;
 pub use eddy::{Eddy, EddyConfig};

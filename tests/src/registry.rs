@@ -362,15 +362,20 @@ impl Upstream {
                     .unwrap_or("")
                     .contains("/manifests/")
             })
-            .map(|v| {
-                format!(
-                    "{} {} {}",
-                    v["http.request.method"].as_str().unwrap_or("?"),
-                    v["http.request.uri"].as_str().unwrap_or("?"),
-                    v["http.response.status"]
-                )
-            })
+            .map(|v| request_line(&v))
             .collect()
+    }
+
+    /// Every request the registry answered, errors included (which
+    /// [`Upstream::requests`] leaves out), as `METHOD URI STATUS`, in order.
+    pub fn answered(&self) -> Result<Vec<String>> {
+        let text = fs::read_to_string(&self.log)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["http.response.status"].is_u64())
+            .map(|v| request_line(&v))
+            .collect())
     }
 
     /// Every request in the registry's log (pushes included), in order. Requests refused by
@@ -425,6 +430,16 @@ impl Upstream {
             .filter(|l| l.contains(r#""method": "GET""#))
             .count() as u64
     }
+}
+
+/// `METHOD URI STATUS` of one request in distribution's JSON log.
+fn request_line(v: &serde_json::Value) -> String {
+    format!(
+        "{} {} {}",
+        v["http.request.method"].as_str().unwrap_or("?"),
+        v["http.request.uri"].as_str().unwrap_or("?"),
+        v["http.response.status"]
+    )
 }
 
 /// The programs the registry end-to-end tests drive, with their Debian packages.

@@ -16,7 +16,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::{
     eddy::{EddyProcess, RunCommand},
+    pki::Pki,
     process::run_bounded,
+    registry::REGISTRY_HOST,
 };
 
 pub const UPSTREAM_BYTES: &str = r#"eddy_bytes_total{source="upstream"}"#;
@@ -54,6 +56,23 @@ pub struct RegistryEddyConfig {
     pub extra_args: Vec<OsString>,
     /// Run eddy inside a network namespace of the test's (a cluster node).
     pub in_netns: Option<InNetns>,
+    /// `--intercept-port`, repeatable (none: just [`crate::INTERCEPTED_PORT`]).
+    pub intercept_ports: Vec<u16>,
+}
+
+impl RegistryEddyConfig {
+    /// eddy caching registry.test for `cgroup` on `data_dir`, trusting the test CA of
+    /// `pki` upstream and resolving names through `hosts`.
+    pub fn caching(cgroup: &Path, data_dir: PathBuf, pki: &Pki, hosts: PathBuf) -> Self {
+        Self {
+            cgroup: cgroup.to_path_buf(),
+            data_dir,
+            registries: vec![REGISTRY_HOST.to_string()],
+            upstream_cas: vec![pki.ca_cert.clone()],
+            hosts: Some(hosts),
+            ..Default::default()
+        }
+    }
 }
 
 /// Where an eddy in a network namespace runs, and the `--admin` address the test reaches it
@@ -75,19 +94,8 @@ pub struct RegistryEddy {
 }
 
 impl RegistryEddy {
-    /// Start eddy intercepting [`crate::INTERCEPTED_PORT`] and wait (bounded) until
-    /// /readyz answers 200.
+    /// Start eddy and wait (bounded) until /readyz answers 200.
     pub fn start(bin: &Path, config: &RegistryEddyConfig) -> Result<Self> {
-        Self::start_intercepting(bin, config, &[])
-    }
-
-    /// As [`RegistryEddy::start`], with `--intercept-port` for each of `intercept_ports`
-    /// (none: just [`crate::INTERCEPTED_PORT`]).
-    pub fn start_intercepting(
-        bin: &Path,
-        config: &RegistryEddyConfig,
-        intercept_ports: &[u16],
-    ) -> Result<Self> {
         // Holds the log.
         let work = tempfile::Builder::new().prefix("eddy-reg-").tempdir()?;
         fs::create_dir_all(&config.data_dir)?;
@@ -111,7 +119,7 @@ impl RegistryEddy {
             );
             wrapper.push(hosts.into());
         }
-        let ports = match intercept_ports {
+        let ports = match config.intercept_ports.as_slice() {
             [] => vec![crate::INTERCEPTED_PORT],
             ports => ports.to_vec(),
         };
@@ -299,4 +307,24 @@ pub fn store_has(data_dir: &Path, digest: &str) -> bool {
     store_blob_dir(data_dir)
         .join(digest.trim_start_matches("sha256:"))
         .is_file()
+}
+
+/// Every file under `dir` (bounded depth by the tree itself; empty when absent).
+pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    files
 }

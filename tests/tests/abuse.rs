@@ -14,9 +14,11 @@ use std::{
 use anyhow::{ensure, Result};
 use eddy_tests::{
     oci::ImageSpec,
-    registry::{UpstreamOptions, REGISTRY_PORT},
-    registry_world::{open_fds, rss_kib, RegistryWorld},
-    require_privileges, Probe,
+    process::{open_fds, rss_kib},
+    registry::REGISTRY_PORT,
+    registry_eddy::files_under,
+    world::{RegistryWorld, WorldSpec},
+    Probe,
 };
 use sha2::{Digest as _, Sha256};
 
@@ -30,10 +32,7 @@ fn registry_client_hello() -> std::path::PathBuf {
 }
 
 fn world() -> Option<RegistryWorld> {
-    if !require_privileges() {
-        return None;
-    }
-    Some(RegistryWorld::start(UpstreamOptions::default(), None).expect("setting up the world"))
+    WorldSpec::new().start_if_privileged()
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -235,7 +234,7 @@ fn path_traversal_in_the_repository_name_goes_nowhere() -> Result<()> {
     }
     // Nothing was cached or recorded under a traversal name.
     let catalog = world.data_dir().join("catalog");
-    for entry in walk(&catalog) {
+    for entry in files_under(&catalog) {
         let text = fs::read_to_string(&entry).unwrap_or_default();
         ensure!(!text.contains(".."), "{} records {text}", entry.display());
     }
@@ -291,7 +290,7 @@ fn a_flood_of_missing_digests_leaves_no_state() -> Result<()> {
     let eddy = world.eddy();
     let inflight = eddy.metric(eddy_tests::registry_eddy::INFLIGHT_FETCHES)?;
     let (rss_after, fds_after) = (rss_kib(pid)?, open_fds(pid)?);
-    let files = walk(world.data_dir()).len();
+    let files = files_under(world.data_dir()).len();
     println!(
         "{count} missing digests in {elapsed:.2?}: RSS {rss_before} -> {rss_after} KiB, fds \
          {fds_before} -> {fds_after}, {files} files in the data dir, {inflight} fetches in flight"
@@ -307,7 +306,7 @@ fn a_flood_of_missing_digests_leaves_no_state() -> Result<()> {
         "fds {fds_before} -> {fds_after}"
     );
     // Only the CA and the one manifest fetched: nothing per missing digest.
-    let per_digest: Vec<_> = walk(world.data_dir())
+    let per_digest: Vec<_> = files_under(world.data_dir())
         .into_iter()
         .filter(|p| !p.starts_with(world.data_dir().join("ca")))
         .collect();
@@ -318,24 +317,4 @@ fn a_flood_of_missing_digests_leaves_no_state() -> Result<()> {
         &per_digest[..per_digest.len().min(5)]
     );
     Ok(())
-}
-
-/// Every file under `dir` (bounded depth by the tree itself; empty when absent).
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
-            }
-        }
-    }
-    files
 }

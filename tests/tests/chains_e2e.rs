@@ -4,23 +4,15 @@
 //! own log.
 //!
 //! Run as root: `cargo xtask test --privileged-only -- chain_`.
-use std::{
-    ffi::OsString,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{ffi::OsString, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    cgroup::CgroupGuard,
     containerd::{http_status, Client, Containerd},
-    eddy::eddy_bin,
-    netns::Netns,
-    oci::{self, Image, ImageSpec},
-    pki::{write_bundle, Pki},
-    registry::{check_programs, Upstream, UpstreamOptions, REGISTRY_HOST},
+    oci::{Image, ImageSpec},
+    registry::{Upstream, UpstreamOptions, REGISTRY_HOST},
     registry_eddy::{connections_series, RegistryEddy, RegistryEddyConfig},
-    require_privileges,
+    world::{RegistryWorld, WorldSpec},
 };
 
 const MIB: u64 = 1 << 20;
@@ -28,22 +20,6 @@ const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 const NS: &str = "chains";
 /// The port of the plain-HTTP registries (a home-lab registry's kind of port).
 const LOCAL_PORT: u16 = 5000;
-
-/// Two upstreams and eddy. Fields drop in declaration order: eddy first.
-struct World {
-    eddy: RegistryEddy,
-    /// The registry clients ask for.
-    first: Upstream,
-    /// The registry the chain leads to.
-    second: Upstream,
-    _first_ns: Netns,
-    _second_ns: Netns,
-    _cgroup: CgroupGuard,
-    client: Client,
-    /// eddy's configuration, for a restart with more flags.
-    config: RegistryEddyConfig,
-    work: tempfile::TempDir,
-}
 
 struct Options {
     /// Serve the first registry over plain HTTP on [`LOCAL_PORT`] (else HTTPS on 443 as
@@ -57,134 +33,83 @@ struct Options {
     flags: fn(&Upstream, &Upstream) -> Vec<String>,
 }
 
-/// eddy with chain `flags`, resolving endpoints through `eddy_hosts`, and its client: ctr in
-/// `cgroup`, resolving registries through `client_hosts`, trusting eddy's CA and the test
-/// CA. No `--registry`: a chained registry must be intercepted by the chain flags alone
-/// (the defaults stay), and a chained registry's own port is added by eddy.
-fn start_chain_eddy(
-    work: &Path,
-    cgroup: &CgroupGuard,
-    pki: &Pki,
-    eddy_hosts: PathBuf,
-    client_hosts: PathBuf,
-    flags: Vec<String>,
-) -> Result<(RegistryEddy, RegistryEddyConfig, Client)> {
+/// eddy with chain `flags` and no `--registry`: a chained registry must be intercepted by
+/// the chain flags alone (the defaults stay), and a chained registry's own port is added
+/// by eddy.
+fn chain_eddy(config: &mut RegistryEddyConfig, flags: Vec<String>) {
     println!("eddy chain flags: {flags:?}");
-    let config = RegistryEddyConfig {
-        cgroup: cgroup.path().to_path_buf(),
-        data_dir: work.join("eddy-data"),
-        registries: Vec::new(),
-        upstream_cas: vec![pki.ca_cert.clone()],
-        hosts: Some(eddy_hosts),
-        quiet_start: false,
-        extra_args: flags.into_iter().map(OsString::from).collect(),
-        in_netns: None,
-    };
-    let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
-    // eddy created its CA at start, constrained to the registries it serves.
-    let bundle = work.join("ca-bundle.pem");
-    write_bundle(&bundle, &[&config.data_dir.join("ca/ca.crt"), &pki.ca_cert])?;
-    let client = Client {
-        cgroup: Some(config.cgroup.clone()),
-        hosts: client_hosts,
-        ca_bundle: bundle,
-        netns: None,
-    };
-    Ok((eddy, config, client))
+    config.registries = Vec::new();
+    config.extra_args = flags.into_iter().map(OsString::from).collect();
 }
 
-impl World {
-    fn start(options: Options) -> Result<Self> {
-        check_programs()?;
-        let work = tempfile::Builder::new().prefix("eddy-chains-").tempdir()?;
-        let cgroup = CgroupGuard::new()?;
-        let first_ns = Netns::new()?;
-        let second_ns = Netns::new()?;
-        let pki = Pki::create(
-            &work.path().join("pki"),
-            &[REGISTRY_HOST],
-            &[first_ns.ns_v4.into(), second_ns.ns_v4.into()],
-        )?;
-        let plain = |yes: bool| UpstreamOptions {
-            plain_http_port: yes.then_some(LOCAL_PORT),
-            ..Default::default()
-        };
-        let first = Upstream::start(&first_ns, &pki, plain(options.first_plain))?;
-        let second = Upstream::start(
-            &second_ns,
-            &pki,
-            UpstreamOptions {
-                basic_auth: options
-                    .second_auth
-                    .map(|(u, p)| (u.to_string(), p.to_string())),
-                ..plain(options.second_plain)
-            },
-        )?;
-
+/// Two upstreams as `options` say, and eddy with their chain flags (see [`WorldSpec`]): the
+/// world's first upstream is the registry clients ask for, its other the registry the
+/// chain leads to.
+fn chain_world(options: Options) -> WorldSpec {
+    let plain = |yes: bool| UpstreamOptions {
+        plain_http_port: yes.then_some(LOCAL_PORT),
+        ..Default::default()
+    };
+    let flags = options.flags;
+    WorldSpec::new()
+        .upstream(plain(options.first_plain))
+        .and_upstream(UpstreamOptions {
+            basic_auth: options
+                .second_auth
+                .map(|(u, p)| (u.to_string(), p.to_string())),
+            ..plain(options.second_plain)
+        })
+        .cert_names(&[REGISTRY_HOST])
         // Clients know registry.test as the first registry; eddy as the second (an
         // endpoint is resolved by eddy itself, like any host it is not intercepting).
-        let client_hosts = work.path().join("hosts.client");
-        Client::write_hosts(&client_hosts, first_ns.ns_v4, &[REGISTRY_HOST])?;
-        let eddy_hosts = work.path().join("hosts.eddy");
-        Client::write_hosts(&eddy_hosts, second_ns.ns_v4, &[REGISTRY_HOST])?;
-        let flags = (options.flags)(&first, &second);
-        let (eddy, config, client) =
-            start_chain_eddy(work.path(), &cgroup, &pki, eddy_hosts, client_hosts, flags)?;
-        Ok(World {
-            eddy,
-            first,
-            second,
-            _first_ns: first_ns,
-            _second_ns: second_ns,
-            _cgroup: cgroup,
-            client,
-            config,
-            work,
+        .client_hosts(&[(REGISTRY_HOST, 0)])
+        .eddy_hosts(&[(REGISTRY_HOST, 1)])
+        .configure_eddy(move |config, upstreams| {
+            chain_eddy(config, flags(upstreams[0], upstreams[1]))
         })
-    }
+        // eddy creates its CA at start, constrained to the registries it serves.
+        .eddy_ca_created_at_start()
+}
 
+/// What the chain tests ask of their world.
+trait Chain {
+    /// The registry clients ask for.
+    fn first(&self) -> &Upstream;
+    /// The registry the chain leads to.
+    fn second(&self) -> &Upstream;
     /// Stop eddy and start it again on the same data dir with `extra` flags added.
-    fn restart_with(&mut self, extra: &[String]) -> Result<()> {
-        self.eddy.kill9()?;
-        self.config
-            .extra_args
-            .extend(extra.iter().map(OsString::from));
-        self.eddy = RegistryEddy::start(&eddy_bin(), &self.config)?;
-        Ok(())
-    }
-
-    /// Write an image layout (random layers of `spec`'s sizes) and push it to `upstream` as
-    /// `repo:tag`.
-    fn push(&self, upstream: &Upstream, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
-        push_new_image(self.work.path(), upstream, repo, tag, spec)
-    }
-
+    fn restart_with(&mut self, extra: &[String]) -> Result<()>;
     /// `ctr images pull` of `reference` into a fresh containerd; checks that containerd
     /// holds every blob of `image` and records the image under `image`'s digest.
+    fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration>;
+    fn endpoint_series(&self, registry: &str, endpoint: &str, outcome: &str) -> Result<f64>;
+}
+
+impl Chain for RegistryWorld {
+    fn first(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    fn second(&self) -> &Upstream {
+        &self.others[0].upstream
+    }
+
+    fn restart_with(&mut self, extra: &[String]) -> Result<()> {
+        self.eddy_config
+            .extra_args
+            .extend(extra.iter().map(OsString::from));
+        self.restart_eddy()
+    }
+
     fn pull(&self, reference: &str, extra: &[&str], image: &Image, what: &str) -> Result<Duration> {
-        pull_checked(&self.client, &self.eddy, reference, extra, image, what)
+        pull_checked(&self.client, self.eddy(), reference, extra, image, what)
     }
 
     fn endpoint_series(&self, registry: &str, endpoint: &str, outcome: &str) -> Result<f64> {
-        self.eddy.metric(&format!(
+        self.eddy().metric(&format!(
             r#"eddy_endpoint_requests_total{{registry="{registry}",endpoint="{endpoint}",outcome="{outcome}"}}"#
         ))
     }
-}
-
-/// Write an image layout under `work` (random layers of `spec`'s sizes) and push it to
-/// `upstream` as `repo:tag`.
-fn push_new_image(
-    work: &Path,
-    upstream: &Upstream,
-    repo: &str,
-    tag: &str,
-    spec: &ImageSpec,
-) -> Result<Image> {
-    let layout = work.join("layouts").join(repo.replace('/', "_"));
-    let image = oci::write_layout(&layout, tag, spec)?;
-    upstream.push(&image, repo)?;
-    Ok(image)
 }
 
 /// `ctr images pull` of `reference` by `client` into a fresh containerd; checks that
@@ -216,25 +141,6 @@ fn pull_checked(
     Ok(run.elapsed)
 }
 
-/// Every request `upstream` answered, as `METHOD URI STATUS`, from its JSON log (errors
-/// included, which `Upstream::requests` leaves out).
-fn logged(upstream: &Upstream) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(&upstream.log)?;
-    Ok(text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["http.response.status"].is_u64())
-        .map(|v| {
-            format!(
-                "{} {} {}",
-                v["http.request.method"].as_str().unwrap_or("?"),
-                v["http.request.uri"].as_str().unwrap_or("?"),
-                v["http.response.status"]
-            )
-        })
-        .collect())
-}
-
 /// Requests for `uri` that `upstream` answered with `status`, from its JSON log.
 fn logged_status(upstream: &Upstream, uri: &str, status: u64) -> Result<usize> {
     let text = std::fs::read_to_string(&upstream.log)?;
@@ -245,11 +151,8 @@ fn logged_status(upstream: &Upstream, uri: &str, status: u64) -> Result<usize> {
         .count())
 }
 
-fn world(options: Options) -> Option<World> {
-    if !require_privileges() {
-        return None;
-    }
-    Some(World::start(options).expect("setting up two upstreams, a cgroup and eddy"))
+fn world(options: Options) -> Option<RegistryWorld> {
+    chain_world(options).start_if_privileged()
 }
 
 /// `--fallback <local:5000>=https://registry.test/acme`: a plain-HTTP local registry without
@@ -272,24 +175,25 @@ fn chain_fallback_serves_what_the_registry_lacks() -> Result<()> {
     }) else {
         return Ok(());
     };
-    let image = w.push(
-        &w.second,
+    let image = w.image_at(
+        w.second(),
         "acme/app",
         "v1",
         &ImageSpec::single(&[4 * MIB, MIB]),
     )?;
-    let local = w.first.ip_authority();
+    let local = w.first().ip_authority();
     let reference = format!("{local}/app:v1");
 
     w.pull(&reference, &["--plain-http"], &image, "cold pull")?;
     // distribution logs a 404 as "response completed with error", which `requests()` leaves
     // out: read those from the log itself.
-    let not_found = logged_status(&w.first, "/v2/app/manifests/v1", 404)?;
-    let pulled = w.second.served()?;
+    let not_found = logged_status(w.first(), "/v2/app/manifests/v1", 404)?;
+    let pulled = w.second().served()?;
     println!(
         "local registry: {not_found} manifest 404s, {} blob requests (404); registry.test \
          sent {} blobs, {:.1} MiB",
-        logged(&w.first)?
+        w.first()
+            .answered()?
             .iter()
             .filter(|r| r.contains("/blobs/") && r.ends_with(" 404"))
             .count(),
@@ -299,7 +203,7 @@ fn chain_fallback_serves_what_the_registry_lacks() -> Result<()> {
     ensure!(
         not_found >= 1,
         "the local registry was not asked first; its log:\n{}",
-        w.first.logs_tail()
+        w.first().logs_tail()
     );
     ensure!(
         pulled.blob_gets >= image.layers().len() as u64,
@@ -316,12 +220,12 @@ fn chain_fallback_serves_what_the_registry_lacks() -> Result<()> {
         "metrics: served {served}, not_found {missed}"
     );
     ensure!(
-        w.eddy.metric(&connections_series("registry_http"))? >= 1.0,
+        w.eddy().metric(&connections_series("registry_http"))? >= 1.0,
         "the local registry's connections were not intercepted"
     );
 
     w.pull(&reference, &["--plain-http"], &image, "second pull")?;
-    let again = w.second.served()?;
+    let again = w.second().served()?;
     println!(
         "second pull: registry.test blob GETs {} -> {}",
         pulled.blob_gets, again.blob_gets
@@ -354,14 +258,14 @@ fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
     }) else {
         return Ok(());
     };
-    let image = w.push(
-        &w.second,
+    let image = w.image_at(
+        w.second(),
         "mirror/app",
         "v2",
         &ImageSpec::single(&[2 * MIB, MIB]),
     )?;
-    w.first.stop_registry()?;
-    let local = w.first.ip_authority();
+    w.upstream.stop_registry()?;
+    let local = w.first().ip_authority();
     let reference = format!("{local}/app:v2");
     w.pull(
         &reference,
@@ -369,7 +273,7 @@ fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
         &image,
         "pull while the registry is down",
     )?;
-    let endpoint = format!("http://{}/mirror", w.second.ip_authority());
+    let endpoint = format!("http://{}/mirror", w.second().ip_authority());
     let unreachable = w.endpoint_series(&local, &local, "unreachable")?;
     // Once found unreachable, the registry is not waited for again for a while.
     let skipped = w.endpoint_series(&local, &local, "skipped")?;
@@ -383,7 +287,7 @@ fn chain_fallback_serves_while_the_registry_is_down() -> Result<()> {
         "metrics: unreachable {unreachable}, skipped {skipped}, served {served}"
     );
     ensure!(
-        w.second.served()?.blob_gets >= image.layers().len() as u64,
+        w.second().served()?.blob_gets >= image.layers().len() as u64,
         "the fallback did not serve the layers"
     );
     Ok(())
@@ -408,25 +312,25 @@ fn chain_mirror_serves_without_touching_the_registry() -> Result<()> {
         return Ok(());
     };
     // One layout, pushed to both with its digests kept: a true mirror.
-    let image = w.push(
-        &w.first,
+    let image = w.image_at(
+        w.first(),
         "team/app",
         "v1",
         &ImageSpec::single(&[4 * MIB, MIB]),
     )?;
-    w.second.push(&image, "team/app")?;
-    let before = logged(&w.first)?.len();
+    w.second().push(&image, "team/app")?;
+    let before = w.first().answered()?.len();
     // The push is in the log: an empty log below means no requests, not an unread log.
     ensure!(before > 0, "registry.test's log shows no push");
 
     let reference = format!("{REGISTRY_HOST}/team/app:v1");
     w.pull(&reference, &[], &image, "pull with a mirror")?;
-    let origin = logged(&w.first)?.split_off(before);
+    let origin = w.first().answered()?.split_off(before);
     let content: Vec<&String> = origin
         .iter()
         .filter(|r| r.contains("/blobs/") || r.contains("/manifests/"))
         .collect();
-    let mirror = w.second.served()?;
+    let mirror = w.second().served()?;
     println!(
         "registry.test got {} requests during the pull ({} blob or manifest requests: {content:?}); \
          the mirror sent {} blobs",
@@ -443,10 +347,10 @@ fn chain_mirror_serves_without_touching_the_registry() -> Result<()> {
         "the mirror did not serve the layers: {mirror:?}"
     );
     ensure!(
-        w.eddy.metric(&connections_series("registry_tls"))? >= 1.0,
+        w.eddy().metric(&connections_series("registry_tls"))? >= 1.0,
         "registry.test's TLS was not terminated"
     );
-    let endpoint = format!("http://{}", w.second.ip_authority());
+    let endpoint = format!("http://{}", w.second().ip_authority());
     let served = w.endpoint_series(REGISTRY_HOST, &endpoint, "served")?;
     ensure!(served >= 3.0, "{endpoint} served {served} requests");
     Ok(())
@@ -474,8 +378,8 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
     }) else {
         return Ok(());
     };
-    let image = w.push(&w.second, "acme/app", "v1", &ImageSpec::single(&[2 * MIB]))?;
-    let local = w.first.ip_authority();
+    let image = w.image_at(w.second(), "acme/app", "v1", &ImageSpec::single(&[2 * MIB]))?;
+    let local = w.first().ip_authority();
     let endpoint = format!("https://{REGISTRY_HOST}/acme");
 
     let body = w.work.path().join("manifest.body");
@@ -495,7 +399,9 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
     )?;
     let status = http_status(&std::fs::read_to_string(&headers).unwrap_or_default());
     let refused = w.endpoint_series(&local, &endpoint, "refused")?;
-    let accepted = logged(&w.second)?
+    let accepted = w
+        .second()
+        .answered()?
         .into_iter()
         .filter(|r| r.contains("/manifests/") && r.ends_with(" 200"))
         .count();
@@ -508,7 +414,7 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
         status == Some(404) && refused >= 1.0 && accepted == 0,
         "the client's credentials reached the endpoint: HTTP {status:?}, refused {refused}, \
          {accepted} manifest 200s; eddy log:\n{}",
-        w.eddy.log_tail(20)
+        w.eddy().log_tail(20)
     );
 
     use base64::Engine as _;
@@ -566,7 +472,7 @@ struct Ask {
 }
 
 /// Every request for exactly `uri` that `upstream` answered (404s included), in log order,
-/// leaving out the first `skip` answered requests (as [`logged`] counts them: the pushes).
+/// leaving out the first `skip` answered requests (as [`Upstream::answered`] counts them: the pushes).
 fn asks(upstream: &Upstream, uri: &str, skip: usize) -> Result<Vec<Ask>> {
     let text = std::fs::read_to_string(&upstream.log)?;
     text.lines()
@@ -606,70 +512,51 @@ fn asks(upstream: &Upstream, uri: &str, skip: usize) -> Result<Vec<Ask>> {
 /// give a wrong digest if a rewrite were skipped.
 #[test]
 fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Result<()> {
-    if !require_privileges() {
-        return Ok(());
-    }
-    check_programs()?;
-    let work = tempfile::Builder::new().prefix("eddy-chains-").tempdir()?;
-    let cgroup = CgroupGuard::new()?;
-    let local_ns = Netns::new()?;
-    let acme_ns = Netns::new()?;
-    let hub_ns = Netns::new()?;
-    let pki = Pki::create(
-        &work.path().join("pki"),
-        &[REGISTRY_HOST, DOCKER_HUB_API],
-        &[
-            local_ns.ns_v4.into(),
-            acme_ns.ns_v4.into(),
-            hub_ns.ns_v4.into(),
-        ],
-    )?;
-    let local = Upstream::start(
-        &local_ns,
-        &pki,
-        UpstreamOptions {
-            plain_http_port: Some(LOCAL_PORT),
-            ..Default::default()
-        },
-    )?;
-    let acme = Upstream::start(&acme_ns, &pki, UpstreamOptions::default())?;
-    let hub = Upstream::start(&hub_ns, &pki, UpstreamOptions::default())?;
-
-    // The client knows only the local registry; eddy knows every endpoint by name.
-    let client_hosts = work.path().join("hosts.client");
-    Client::write_hosts(&client_hosts, local_ns.ns_v4, &[LOCAL_HOST])?;
-    let eddy_hosts = work.path().join("hosts.eddy");
-    std::fs::write(
-        &eddy_hosts,
-        format!(
-            "127.0.0.1 localhost\n::1 localhost\n{} {LOCAL_HOST}\n{} {REGISTRY_HOST}\n{} {DOCKER_HUB_API}\n",
-            local_ns.ns_v4, acme_ns.ns_v4, hub_ns.ns_v4
-        ),
-    )?;
-
-    let spec = ImageSpec::single(&[2 * MIB, MIB]);
-    let decoy = ImageSpec::single(&[64 << 10]);
-    let hub_app = push_new_image(work.path(), &hub, "library/app", "v1", &spec)?;
-    let hub_test_app = push_new_image(work.path(), &hub, "test/app", "v1", &spec)?;
-    push_new_image(&work.path().join("decoys"), &acme, "test/app", "v1", &decoy)?;
-    push_new_image(&work.path().join("decoys"), &hub, "app", "v1", &decoy)?;
-    // Requests before these marks were the pushes.
-    let acme_before = logged(&acme)?.len();
-    let hub_before = logged(&hub)?.len();
-    ensure!(
-        acme_before > 0 && hub_before > 0,
-        "the registries' logs show no push"
-    );
-
     let local_name = format!("{LOCAL_HOST}:{LOCAL_PORT}");
     let acme_endpoint = format!("https://{REGISTRY_HOST}/acme");
     let flags = vec![
         "--fallback".to_string(),
         format!("{local_name}={acme_endpoint},docker.io"),
     ];
-    // Declared after the registries and namespaces: dropped (killed) before them.
-    let (eddy, _config, client) =
-        start_chain_eddy(work.path(), &cgroup, &pki, eddy_hosts, client_hosts, flags)?;
+    // Upstreams: 0 the local registry, 1 registry.test (acme), 2 Docker Hub. The client
+    // knows only the local registry; eddy knows every endpoint by name. eddy starts once
+    // the images are pushed.
+    let Some(mut world) = WorldSpec::new()
+        .upstream(UpstreamOptions {
+            plain_http_port: Some(LOCAL_PORT),
+            ..Default::default()
+        })
+        .and_upstream(UpstreamOptions::default())
+        .and_upstream(UpstreamOptions::default())
+        .cert_names(&[REGISTRY_HOST, DOCKER_HUB_API])
+        .client_hosts(&[(LOCAL_HOST, 0)])
+        .eddy_hosts(&[(LOCAL_HOST, 0), (REGISTRY_HOST, 1), (DOCKER_HUB_API, 2)])
+        .configure_eddy(move |config, _| chain_eddy(config, flags))
+        .eddy_ca_created_at_start()
+        .eddy_started_later()
+        .start_if_privileged()
+    else {
+        return Ok(());
+    };
+    let (acme, hub) = (world.upstream_at(1), world.upstream_at(2));
+
+    let spec = ImageSpec::single(&[2 * MIB, MIB]);
+    let decoy = ImageSpec::single(&[64 << 10]);
+    let hub_app = world.image_at(hub, "library/app", "v1", &spec)?;
+    let hub_test_app = world.image_at(hub, "test/app", "v1", &spec)?;
+    world.image_at(acme, "test/app", "v1", &decoy)?;
+    world.image_at(hub, "app", "v1", &decoy)?;
+    // Requests before these marks were the pushes.
+    let acme_before = acme.answered()?.len();
+    let hub_before = hub.answered()?.len();
+    ensure!(
+        acme_before > 0 && hub_before > 0,
+        "the registries' logs show no push"
+    );
+
+    world.start_eddy()?;
+    let (local, acme, hub) = (&world.upstream, world.upstream_at(1), world.upstream_at(2));
+    let (eddy, client) = (world.eddy(), &world.client);
 
     // (name at local:5000, name at registry.test, name at Docker Hub, Docker Hub's image)
     let cases = [
@@ -679,17 +566,17 @@ fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Res
     for (name, at_acme, at_hub, image) in cases {
         let reference = format!("{local_name}/{name}:v1");
         pull_checked(
-            &client,
-            &eddy,
+            client,
+            eddy,
             &reference,
             &["--plain-http"],
             image,
             &format!("pull through the chain ({name})"),
         )?;
         let tag_uri = |repo: &str| format!("/v2/{repo}/manifests/v1");
-        let at_local = asks(&local, &tag_uri(name), 0)?;
-        let at_acme_asks = asks(&acme, &tag_uri(at_acme), acme_before)?;
-        let at_hub_asks = asks(&hub, &tag_uri(at_hub), hub_before)?;
+        let at_local = asks(local, &tag_uri(name), 0)?;
+        let at_acme_asks = asks(acme, &tag_uri(at_acme), acme_before)?;
+        let at_hub_asks = asks(hub, &tag_uri(at_hub), hub_before)?;
         println!(
             "{reference}: local asked {:?}; registry.test asked {at_acme} {:?}; docker.io asked \
              {at_hub} {:?}",
@@ -735,7 +622,7 @@ fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Res
     }
 
     // Every request an endpoint got during the pulls named a rewritten repository.
-    let acme_during = logged(&acme)?.split_off(acme_before);
+    let acme_during = acme.answered()?.split_off(acme_before);
     let unprefixed: Vec<&String> = acme_during
         .iter()
         .filter(|r| {
@@ -748,7 +635,7 @@ fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Res
         "registry.test got requests without the acme/ prefix: {unprefixed:?} (of {})",
         acme_during.len()
     );
-    let hub_during = logged(&hub)?.split_off(hub_before);
+    let hub_during = hub.answered()?.split_off(hub_before);
     let unrewritten: Vec<&String> = hub_during
         .iter()
         .filter(|r| {

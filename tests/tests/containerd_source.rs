@@ -16,7 +16,7 @@ use std::{
 use anyhow::{bail, ensure, Context, Result};
 use eddy_tests::{
     containerd::Containerd,
-    eddy::eddy_bin,
+    eddy::{eddy_bin, status_text},
     oci::{write_layout, Image, ImageSpec},
     process::run_bounded,
     require_privileges, CgroupGuard, Eddy, EddyConfig,
@@ -73,17 +73,9 @@ fn import_image(
 }
 
 fn ctr(containerd: &Containerd, namespace: &str, args: &[&str]) -> Result<()> {
-    let argv = containerd.ctr_args(namespace, args);
-    let out = run_bounded(
-        Command::new(&argv[0]).args(&argv[1..]),
-        Duration::from_secs(30),
-    )?;
-    ensure!(
-        out.status.success(),
-        "ctr {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    containerd
+        .ctr(namespace, args, Duration::from_secs(30))
+        .map(drop)
 }
 
 /// The digests eddy's containerd source knows (admin `GET /containerd/digests`).
@@ -228,15 +220,7 @@ fn containerd_source_lists_follows_events_and_forgets_deleted_content() -> Resul
     );
 
     // `eddy status` says the same as the admin endpoint.
-    let out = run_bounded(
-        Command::new(eddy_bin())
-            .args(["status", "--bpf-pin-dir"])
-            .arg(&eddy.pin_dir)
-            .arg("--admin")
-            .arg(eddy.admin.to_string()),
-        Duration::from_secs(10),
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = status_text(&eddy.pin_dir, eddy.admin)?;
     let line = format!(
         "containerd source: on, {after} digests (socket {}, namespaces {NAMESPACE})",
         containerd.socket.display()

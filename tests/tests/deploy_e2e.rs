@@ -17,12 +17,12 @@ use eddy_tests::{
     cgroup::CgroupGuard,
     containerd::{Client, Containerd},
     eddy::{eddy_bin, free_port},
-    netns::Netns,
     oci::{self, ImageSpec},
     pki::{write_bundle, Pki},
     process::run_bounded,
-    registry::{check_programs, Upstream, UpstreamOptions, REGISTRY_HOST},
+    registry::{Upstream, REGISTRY_HOST},
     require_privileges, unique_suffix,
+    world::WorldSpec,
 };
 use serde_json::Value;
 
@@ -127,15 +127,21 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     let upstream_check = format!("upstream.{}", upstream.local_addr()?);
     ensure!(outcome(&checks, &upstream_check).0 == "pass");
 
+    // `eddy ca VERB --bundle BUNDLE --data-dir DATA MORE...`.
+    let ca = |verb: &str, more: &[&str]| {
+        let mut argv = vec![
+            "ca",
+            verb,
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(more);
+        eddy(&argv)
+    };
     // The CA goes into the bundle after containerd started: containerd does not trust it.
-    let install = eddy(&[
-        "ca",
-        "install",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-    ])?;
+    let install = ca("install", &[])?;
     ensure!(install.status.success(), "{}", text(&install));
     ensure!(
         text(&install).contains("added eddy's CA"),
@@ -151,15 +157,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
     );
 
     // Installing again adds nothing, and so restarts nothing.
-    let again = eddy(&[
-        "ca",
-        "install",
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--restart-containerd",
-    ])?;
+    let again = ca("install", &["--restart-containerd"])?;
     ensure!(again.status.success(), "{}", text(&again));
     ensure!(
         text(&again).contains("already in") && text(&again).contains("not restarted"),
@@ -192,14 +190,7 @@ fn deploy_doctor_and_trust_bootstrap_with_a_real_containerd() -> Result<()> {
 
     // Uninstall leaves the bundle as it was before install (empty here), and says so twice.
     let uninstall = |expect: &str| -> Result<()> {
-        let out = eddy(&[
-            "ca",
-            "uninstall",
-            "--bundle",
-            bundle.to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-        ])?;
+        let out = ca("uninstall", &[])?;
         ensure!(
             out.status.success() && text(&out).contains(expect),
             "{}",
@@ -279,27 +270,21 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     let archive = std::env::var_os("EDDY_IMAGE").context(
         "EDDY_IMAGE is not set: run through `cargo xtask test`, which builds the image with `cargo xtask image`",
     )?;
-    check_programs()?;
-    let work = tempfile::tempdir()?;
-    let netns = Netns::new()?;
-    let pki = Pki::create(
-        &work.path().join("pki"),
-        &[REGISTRY_HOST],
-        &[netns.ns_v4.into()],
-    )?;
-    let upstream = Upstream::start(&netns, &pki, UpstreamOptions::default())?;
-    let layout = work.path().join("layout");
-    let app = oci::write_layout(&layout, "v1", &ImageSpec::single(&[3 << 20, 1 << 20]))?;
-    upstream.push(&app, "deploy/app")?;
-    // eddy (in the container) and the pulling client resolve registry.test to the upstream.
-    let hosts = work.path().join("hosts");
-    Client::write_hosts(&hosts, netns.ns_v4, &[REGISTRY_HOST])?;
+    // The upstream, and a cgroup; eddy runs in the container. eddy and the pulling client
+    // resolve registry.test to the upstream through the world's client hosts file.
+    let world = WorldSpec::new()
+        .cert_names(&[REGISTRY_HOST])
+        .without_eddy()
+        .start()?;
+    let (work, pki, upstream) = (&world.work, &world.pki, &world.upstream);
+    let hosts = world.client.hosts.as_path();
+    let app = world.image("deploy/app", "v1", &ImageSpec::single(&[3 << 20, 1 << 20]))?;
     let data = work.path().join("data");
     let trust = work.path().join("trust");
     fs::create_dir_all(&data)?;
     fs::create_dir_all(&trust)?;
     fs::write(trust.join("bundle.crt"), "")?;
-    let cgroup = CgroupGuard::new()?;
+    let cgroup = &world.cgroup;
     let hooked = cgroup.child("hooked")?;
     let node_cgroup = cgroup.child("node-containerd.service")?;
     // The runtime that runs eddy's container.
@@ -507,7 +492,7 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     let pulls = if attached.is_empty() {
         Ok(())
     } else {
-        pull_twice(&work, &hooked, &hosts, &pki, &data, &upstream, &app)
+        pull_twice(work, &hooked, hosts, pki, &data, upstream, &app)
     };
     let _ = ctr(&["tasks", "kill", "-s", "SIGTERM", &container]);
     // Bounded: eddy drains for at most its drain timeout (10 s), then exits.

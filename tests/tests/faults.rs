@@ -16,11 +16,12 @@ use std::{
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
     containerd::Containerd,
-    oci::ImageSpec,
+    oci::{Image, ImageSpec},
+    process::ProcessGuard,
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
     registry_eddy::{connections_series, store_has, verify_store, UPSTREAM_BYTES},
-    registry_world::RegistryWorld,
     require_privileges,
+    world::{RegistryWorld, WorldSpec},
 };
 use sha2::{Digest as _, Sha256};
 
@@ -30,20 +31,68 @@ fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn cdn_world() -> Option<RegistryWorld> {
-    if !require_privileges() {
-        return None;
-    }
-    let options = UpstreamOptions {
+/// An upstream that redirects blob GETs to the CDN, whose faults the tests inject.
+fn cdn_world() -> WorldSpec {
+    WorldSpec::new().upstream(UpstreamOptions {
         redirect_to_cdn: true,
         ..Default::default()
-    };
-    Some(RegistryWorld::start(options, None).expect("setting up the world"))
+    })
+}
+
+/// A world whose data dir is a tmpfs of `size` of its own (None: not privileged). The
+/// world drops before the tmpfs is unmounted.
+fn world_on_tmpfs(size: &str) -> Result<Option<(RegistryWorld, Tmpfs)>> {
+    if !require_privileges() {
+        return Ok(None);
+    }
+    let tmpfs = Tmpfs::mount(size)?;
+    let world = WorldSpec::new()
+        .data_dir(tmpfs.path().join("data"))
+        .start()?;
+    Ok(Some((world, tmpfs)))
+}
+
+/// Eight ctr pulls of one image, each by a containerd of its own, running in the
+/// background through a link shaped to 50 Mbit/s (the 32 MiB image takes about 6 s, so
+/// a restart or crash 2 s in lands in the middle).
+struct Herd {
+    image: Image,
+    reference: String,
+    daemons: Vec<Containerd>,
+    /// Each pull's process and log.
+    pulls: Vec<(ProcessGuard, std::path::PathBuf)>,
+    started: Instant,
+}
+
+impl Herd {
+    /// Start the pulls of a new image `repo:v1` and give them 2 s to get going.
+    fn start(world: &RegistryWorld, repo: &str) -> Result<Self> {
+        let image = world.image(repo, "v1", &ImageSpec::single(&[24 * MIB, 8 * MIB]))?;
+        let reference = format!("{REGISTRY_HOST}/{repo}:v1");
+        let daemons: Vec<Containerd> =
+            (0..8).map(|_| Containerd::start()).collect::<Result<_>>()?;
+        shape_link(&world.netns, Some("50mbit"))?;
+        let started = Instant::now();
+        let mut pulls = Vec::new();
+        for (i, daemon) in daemons.iter().enumerate() {
+            let argv = daemon.ctr_args("faults", &["content", "fetch", &reference]);
+            let log = world.work.path().join(format!("pull-{i}.log"));
+            pulls.push((world.client.spawn(&argv, &log)?, log));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        Ok(Self {
+            image,
+            reference,
+            daemons,
+            pulls,
+            started,
+        })
+    }
 }
 
 #[test]
 fn upstream_faults_mid_blob_commit_nothing_corrupt() -> Result<()> {
-    let Some(world) = cdn_world() else {
+    let Some(world) = cdn_world().start_if_privileged() else {
         return Ok(());
     };
     // One cold layer per fault.
@@ -100,17 +149,10 @@ fn upstream_faults_mid_blob_commit_nothing_corrupt() -> Result<()> {
 
 #[test]
 fn a_read_only_data_dir_fails_no_request() -> Result<()> {
-    if !require_privileges() {
-        return Ok(());
-    }
     // The data dir is a small tmpfs of its own, so it can be remounted read-only under eddy.
-    let mount = tempfile::Builder::new().prefix("eddy-rofs-").tempdir()?;
-    let mnt = mount.path().to_path_buf();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=600m", "tmpfs"])
-        .arg(&mnt))?;
-    let _unmount = Unmount(mnt.clone());
-    let world = RegistryWorld::start(UpstreamOptions::default(), Some(mnt.join("data")))?;
+    let Some((world, _tmpfs)) = world_on_tmpfs("600m")? else {
+        return Ok(());
+    };
     let image = world.image(
         "faults/ro",
         "v1",
@@ -160,27 +202,16 @@ fn a_read_only_data_dir_fails_no_request() -> Result<()> {
 
 #[test]
 fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
-    if !require_privileges() {
+    let Some(mut world) = WorldSpec::new().start_if_privileged() else {
         return Ok(());
-    }
-    let mut world = RegistryWorld::start(UpstreamOptions::default(), None)?;
-    let image = world.image(
-        "faults/herd",
-        "v1",
-        &ImageSpec::single(&[24 * MIB, 8 * MIB]),
-    )?;
-    let reference = format!("{REGISTRY_HOST}/faults/herd:v1");
-    let daemons: Vec<Containerd> = (0..8).map(|_| Containerd::start()).collect::<Result<_>>()?;
-    // 50 Mbit/s: the 32 MiB image takes about 6 s, so the restart lands in the middle.
-    shape_link(&world.netns, Some("50mbit"))?;
-    let started = Instant::now();
-    let mut pulls = Vec::new();
-    for (i, daemon) in daemons.iter().enumerate() {
-        let argv = daemon.ctr_args("faults", &["content", "fetch", &reference]);
-        let log = world.work.path().join(format!("pull-{i}.log"));
-        pulls.push((world.client.spawn(&argv, &log)?, log));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    };
+    let Herd {
+        image,
+        daemons,
+        mut pulls,
+        started,
+        ..
+    } = Herd::start(&world, "faults/herd")?;
     let in_flight = world.eddy().metric("eddy_active_connections")?;
     ensure!(
         in_flight >= 1.0,
@@ -223,19 +254,13 @@ fn rolling_restart_during_eight_concurrent_pulls() -> Result<()> {
 /// ctr pull through the same stall completes, and the blob ends up committed whole.
 #[test]
 fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
-    if !require_privileges() {
-        return Ok(());
-    }
-    let options = UpstreamOptions {
-        redirect_to_cdn: true,
-        ..Default::default()
-    };
     let idle = Duration::from_secs(2);
-    let world = RegistryWorld::start_with_args(
-        options,
-        None,
-        vec!["--upstream-idle-timeout".into(), "2s".into()],
-    )?;
+    let Some(world) = cdn_world()
+        .eddy_args(["--upstream-idle-timeout", "2s"])
+        .start_if_privileged()
+    else {
+        return Ok(());
+    };
     let image = world.image(
         "faults/stall",
         "v1",
@@ -324,17 +349,10 @@ fn an_upstream_stalled_mid_blob_fails_the_fill_not_the_pull() -> Result<()> {
 /// uncached), and once there is room again the blob is cached as usual.
 #[test]
 fn enospc_mid_write_commits_nothing_and_fails_no_pull() -> Result<()> {
-    if !require_privileges() {
-        return Ok(());
-    }
     // MIN_FREE_BYTES (256 MiB) + a 40 MiB layer fit in 320 MiB with a little to spare.
-    let mount = tempfile::Builder::new().prefix("eddy-enospc-").tempdir()?;
-    let mnt = mount.path().to_path_buf();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=320m", "tmpfs"])
-        .arg(&mnt))?;
-    let _unmount = Unmount(mnt.clone());
-    let world = RegistryWorld::start(UpstreamOptions::default(), Some(mnt.join("data")))?;
+    let Some((world, tmpfs)) = world_on_tmpfs("320m")? else {
+        return Ok(());
+    };
     let image = world.image("faults/enospc", "v1", &ImageSpec::single(&[40 * MIB]))?;
     let layer = image.layers()[0].clone();
     let daemon = Containerd::start()?;
@@ -348,7 +366,7 @@ fn enospc_mid_write_commits_nothing_and_fails_no_pull() -> Result<()> {
     world
         .eddy()
         .wait_metric_at_least(UPSTREAM_BYTES, (4 * MIB) as f64, Duration::from_secs(30))?;
-    let filler = mnt.join("filler");
+    let filler = tmpfs.path().join("filler");
     // dd stops with ENOSPC when the tmpfs is full; that is the point.
     let _ = Command::new("dd")
         .args(["if=/dev/zero", "bs=1M", "status=none"])
@@ -408,27 +426,16 @@ fn enospc_mid_write_commits_nothing_and_fails_no_pull() -> Result<()> {
 /// checked against its digest, before it is committed).
 #[test]
 fn sigkill_during_eight_concurrent_pulls_cuts_only_transfers_in_flight() -> Result<()> {
-    if !require_privileges() {
+    let Some(mut world) = WorldSpec::new().start_if_privileged() else {
         return Ok(());
-    }
-    let mut world = RegistryWorld::start(UpstreamOptions::default(), None)?;
-    let image = world.image(
-        "faults/crash",
-        "v1",
-        &ImageSpec::single(&[24 * MIB, 8 * MIB]),
-    )?;
-    let reference = format!("{REGISTRY_HOST}/faults/crash:v1");
-    let daemons: Vec<Containerd> = (0..8).map(|_| Containerd::start()).collect::<Result<_>>()?;
-    // 50 Mbit/s: the 32 MiB image takes about 6 s, so the crash lands in the middle.
-    shape_link(&world.netns, Some("50mbit"))?;
-    let started = Instant::now();
-    let mut pulls = Vec::new();
-    for (i, daemon) in daemons.iter().enumerate() {
-        let argv = daemon.ctr_args("faults", &["content", "fetch", &reference]);
-        let log = world.work.path().join(format!("pull-{i}.log"));
-        pulls.push((world.client.spawn(&argv, &log)?, log));
-    }
-    std::thread::sleep(Duration::from_secs(2));
+    };
+    let Herd {
+        image,
+        reference,
+        daemons,
+        mut pulls,
+        started,
+    } = Herd::start(&world, "faults/crash")?;
     let in_flight = world.eddy().metric("eddy_active_connections")?;
     let upstream_before = world.eddy().upstream_bytes()?;
     ensure!(
@@ -533,8 +540,31 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Unmounts the tmpfs when the test ends, whatever happened.
+/// Unmounts a mount when the test ends, whatever happened.
 struct Unmount(std::path::PathBuf);
+
+/// A tmpfs of its own, on a fresh temp dir; unmounted on drop.
+struct Tmpfs {
+    unmount: Unmount,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("eddy-tmpfs-").tempdir()?;
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path()))?;
+        Ok(Self {
+            unmount: Unmount(dir.path().to_path_buf()),
+            _dir: dir,
+        })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.unmount.0
+    }
+}
 
 impl Drop for Unmount {
     fn drop(&mut self) {
@@ -547,16 +577,9 @@ impl Drop for Unmount {
 /// every pull succeeds, relayed uncached.
 #[test]
 fn a_data_dir_smaller_than_the_image_is_proxy_only_and_fails_no_pull() -> Result<()> {
-    if !require_privileges() {
+    let Some((world, _tmpfs)) = world_on_tmpfs("16m")? else {
         return Ok(());
-    }
-    let mount = tempfile::Builder::new().prefix("eddy-small-").tempdir()?;
-    let mnt = mount.path().to_path_buf();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(&mnt))?;
-    let _unmount = Unmount(mnt.clone());
-    let world = RegistryWorld::start(UpstreamOptions::default(), Some(mnt.join("data")))?;
+    };
     let image = world.image(
         "faults/small",
         "v1",

@@ -12,6 +12,7 @@ use std::{
     ffi::OsString,
     fs,
     io::Write as _,
+    ops::{Deref, DerefMut},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -19,22 +20,20 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    cgroup::CgroupGuard,
     containerd::{header, http_status, Client, Containerd},
     eddy::eddy_bin,
     netns::Netns,
-    oci::{self, Blob, Image, ImageSpec},
-    pki::{write_bundle, Pki},
+    oci::{Blob, Image, ImageSpec},
+    pki::Pki,
     process::ProcessGuard,
-    registry::{
-        check_programs, shape_link, Served, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST,
-    },
+    registry::{shape_link, Served, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
     registry_eddy::{
-        ca_export, connections_series, requests_series, store_has, verify_store, RegistryEddy,
-        RegistryEddyConfig, INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
+        ca_export, connections_series, files_under, requests_series, store_has, verify_store,
+        RegistryEddy, INFLIGHT_FETCHES, STALE_MANIFESTS, STORE_BYTES,
     },
     require_privileges,
     token_auth::{Grants, SigningKey, TokenRequest, TokenServer, AUTH_HOST, TOKEN_SERVICE},
+    world::{RegistryWorld, WorldSpec},
 };
 use sha2::{Digest as _, Sha256};
 
@@ -42,132 +41,47 @@ const MIB: u64 = 1 << 20;
 const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const NS: &str = "e2e";
 
-/// One test's world. Fields drop in declaration order: eddy, then the upstream servers,
-/// then the namespace and the cgroup, then the files.
+/// One test's world (see [`WorldSpec`]) and the requests this harness makes in it. The
+/// world's fields and methods are the setup's own.
 struct Setup {
-    eddy: Option<RegistryEddy>,
-    upstream: Upstream,
-    netns: Netns,
-    _cgroup: CgroupGuard,
-    /// ctr/curl inside the hooked cgroup, resolving registry.test (only) to the upstream,
-    /// trusting eddy's CA and the test CA.
-    client: Client,
-    eddy_config: RegistryEddyConfig,
-    /// eddy's `--intercept-port`s (empty: the default, 443).
-    intercept_ports: Vec<u16>,
-    /// The test CA and the upstream hosts' certificate (registry, CDN, token host).
-    pki: Pki,
-    work: tempfile::TempDir,
+    world: RegistryWorld,
+}
+
+impl Deref for Setup {
+    type Target = RegistryWorld;
+
+    fn deref(&self) -> &RegistryWorld {
+        &self.world
+    }
+}
+
+impl DerefMut for Setup {
+    fn deref_mut(&mut self) -> &mut RegistryWorld {
+        &mut self.world
+    }
 }
 
 impl Setup {
-    /// Upstream, cgroup and (when `with_eddy`) eddy with `--registry registry.test`.
-    fn new(options: UpstreamOptions, with_eddy: bool) -> Result<Self> {
-        Self::with_eddy_config(options, with_eddy, |_, _, _| {})
-    }
-
-    /// As [`Setup::new`], with `configure` adjusting eddy's configuration and intercepted
-    /// ports (given the namespace, for its address) before eddy's CA is exported and eddy
-    /// starts.
-    fn with_eddy_config(
-        options: UpstreamOptions,
-        with_eddy: bool,
-        configure: impl FnOnce(&mut RegistryEddyConfig, &mut Vec<u16>, &Netns),
-    ) -> Result<Self> {
-        check_programs()?;
-        let work = tempfile::Builder::new().prefix("eddy-e2e-").tempdir()?;
-        let cgroup = CgroupGuard::new()?;
-        let netns = Netns::new()?;
-        let pki = Pki::create(
-            &work.path().join("pki"),
-            &[REGISTRY_HOST, CDN_HOST, AUTH_HOST],
-            &[netns.ns_v4.into()],
-        )?;
-        let upstream = Upstream::start(&netns, &pki, options)?;
-
-        let client_hosts = work.path().join("hosts.client");
-        Client::write_hosts(&client_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
-        let eddy_hosts = work.path().join("hosts.eddy");
-        Client::write_hosts(&eddy_hosts, netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
-        let mut eddy_config = RegistryEddyConfig {
-            cgroup: cgroup.path().to_path_buf(),
-            data_dir: work.path().join("eddy-data"),
-            registries: vec![REGISTRY_HOST.to_string()],
-            upstream_cas: vec![pki.ca_cert.clone()],
-            hosts: Some(eddy_hosts),
-            quiet_start: false,
-            extra_args: Vec::new(),
-            in_netns: None,
-        };
-        let mut intercept_ports = Vec::new();
-        configure(&mut eddy_config, &mut intercept_ports, &netns);
-        let bundle = work.path().join("ca-bundle.pem");
-        let eddy = if with_eddy {
-            let bin = eddy_bin();
-            let eddy_ca = work.path().join("eddy-ca.pem");
-            fs::write(
-                &eddy_ca,
-                ca_export(&bin, &eddy_config.data_dir, &eddy_config.registries)?,
-            )?;
-            write_bundle(&bundle, &[&eddy_ca, &pki.ca_cert])?;
-            Some(RegistryEddy::start_intercepting(
-                &bin,
-                &eddy_config,
-                &intercept_ports,
-            )?)
-        } else {
-            write_bundle(&bundle, &[&pki.ca_cert])?;
-            None
-        };
-        let client = Client {
-            cgroup: Some(cgroup.path().to_path_buf()),
-            hosts: client_hosts,
-            ca_bundle: bundle,
-            netns: None,
-        };
+    fn start(spec: WorldSpec) -> Result<Self> {
         Ok(Self {
-            eddy,
-            upstream,
-            netns,
-            _cgroup: cgroup,
-            client,
-            eddy_config,
-            intercept_ports,
-            pki,
-            work,
+            world: spec.start()?,
         })
     }
 
-    fn eddy(&self) -> &RegistryEddy {
-        self.eddy.as_ref().expect("this setup runs eddy")
-    }
-
-    /// Restart eddy on the same data dir (after a crash).
-    fn restart_eddy(&mut self) -> Result<()> {
-        self.eddy = None;
-        self.eddy = Some(RegistryEddy::start_intercepting(
-            &eddy_bin(),
-            &self.eddy_config,
-            &self.intercept_ports,
-        )?);
-        Ok(())
+    /// The harness's upstream serving as `options` say, without eddy: a baseline.
+    fn without_eddy(options: UpstreamOptions) -> Result<Self> {
+        Self::start(WorldSpec::new().upstream(options).without_eddy())
     }
 
     /// Write an image layout and push it as registry.test/<repo>:<tag>.
     fn image(&self, repo: &str, tag: &str, spec: &ImageSpec) -> Result<Image> {
         let start = Instant::now();
-        let layout = self
-            .work
-            .path()
-            .join("layouts")
-            .join(repo.replace('/', "_"));
-        let image = oci::write_layout(&layout, tag, spec)?;
-        let written = start.elapsed();
-        let pushed = self.upstream.push(&image, repo)?;
+        let image = self.world.image(repo, tag, spec)?;
         println!(
-            "image {repo}:{tag}: {} blobs, {:.1} MiB (written in {written:.2?}, pushed in {pushed:.2?})",
+            "image {repo}:{tag}: {} blobs, {:.1} MiB (written and pushed in {:.2?})",
             image.blobs().len(),
-            mib(image.total_bytes())
+            mib(image.total_bytes()),
+            start.elapsed()
         );
         Ok(image)
     }
@@ -282,10 +196,8 @@ struct CurlResult {
 }
 
 fn setup(options: UpstreamOptions) -> Option<Setup> {
-    if !require_privileges() {
-        return None;
-    }
-    Some(Setup::new(options, true).expect("setting up upstream, cgroup and eddy"))
+    let world = WorldSpec::new().upstream(options).start_if_privileged()?;
+    Some(Setup { world })
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -318,29 +230,19 @@ fn assert_store(setup: &Setup, blobs: &[Blob]) -> Result<()> {
 /// Files under `dir` that are not finished store blobs or the CA (partial fills, temp files),
 /// with their sizes.
 fn other_files(dir: &std::path::Path) -> Vec<(String, u64)> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-                continue;
-            }
+    let mut found: Vec<(String, u64)> = files_under(dir)
+        .into_iter()
+        .filter_map(|path| {
             let rel = path
                 .strip_prefix(dir)
                 .unwrap_or(&path)
                 .display()
                 .to_string();
-            if rel.starts_with("store/blobs/sha256/") || rel.starts_with("ca/") {
-                continue;
-            }
-            found.push((rel, entry.metadata().map(|m| m.len()).unwrap_or(0)));
-        }
-    }
+            let finished = rel.starts_with("store/blobs/sha256/") || rel.starts_with("ca/");
+            let size = fs::symlink_metadata(&path).map(|m| m.len()).unwrap_or(0);
+            (!finished).then_some((rel, size))
+        })
+        .collect();
     found.sort();
     found
 }
@@ -356,7 +258,7 @@ fn baseline_direct_pull_without_eddy() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let setup = Setup::new(UpstreamOptions::default(), false)?;
+    let setup = Setup::without_eddy(UpstreamOptions::default())?;
     let image = setup.image(
         "baseline/app",
         "v1",
@@ -395,13 +297,10 @@ fn baseline_redirected_pull_without_eddy() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let setup = Setup::new(
-        UpstreamOptions {
-            redirect_to_cdn: true,
-            ..Default::default()
-        },
-        false,
-    )?;
+    let setup = Setup::without_eddy(UpstreamOptions {
+        redirect_to_cdn: true,
+        ..Default::default()
+    })?;
     let image = setup.image("baseline/cdn", "v1", &ImageSpec::single(&[8 * MIB, MIB]))?;
     let hosts = setup.work.path().join("hosts.with-cdn");
     Client::write_hosts(&hosts, setup.netns.ns_v4, &[REGISTRY_HOST, CDN_HOST])?;
@@ -443,13 +342,10 @@ fn baseline_private_and_range_without_eddy() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let setup = Setup::new(
-        UpstreamOptions {
-            basic_auth: Some(("bob".into(), "pw".into())),
-            ..Default::default()
-        },
-        false,
-    )?;
+    let setup = Setup::without_eddy(UpstreamOptions {
+        basic_auth: Some(("bob".into(), "pw".into())),
+        ..Default::default()
+    })?;
     let image = setup.image("baseline/private", "v1", &ImageSpec::single(&[4 * MIB]))?;
     let reference = reference("baseline/private", "v1");
     let containerd = Containerd::start()?;
@@ -1380,9 +1276,9 @@ fn registry_named_by_ip_address() -> Result<()> {
     if !require_privileges() {
         return Ok(());
     }
-    let setup = Setup::with_eddy_config(UpstreamOptions::default(), true, |config, _, netns| {
-        config.registries = vec![netns.ns_v4.to_string()];
-    })?;
+    let setup = Setup::start(WorldSpec::new().configure_eddy(|config, upstreams| {
+        config.registries = vec![upstreams[0].ip.to_string()];
+    }))?;
     let repo = "byip/app";
     let image = setup.image(repo, "v1", &ImageSpec::single(&[16 * MIB, 4 * MIB]))?;
     let reference = format!("{}/{repo}:v1", setup.upstream.ip_authority());
@@ -1473,13 +1369,15 @@ fn plain_http_registry_on_an_intercepted_port() -> Result<()> {
         return Ok(());
     }
     const PORT: u16 = 5000;
-    let setup = Setup::with_eddy_config(
-        UpstreamOptions {
-            plain_http_port: Some(PORT),
-            ..Default::default()
-        },
-        true,
-        |_, ports, _| *ports = vec![eddy_tests::INTERCEPTED_PORT, PORT],
+    let setup = Setup::start(
+        WorldSpec::new()
+            .upstream(UpstreamOptions {
+                plain_http_port: Some(PORT),
+                ..Default::default()
+            })
+            .configure_eddy(|config, _| {
+                config.intercept_ports = vec![eddy_tests::INTERCEPTED_PORT, PORT]
+            }),
     )?;
     let repo = "plain/app";
     let image = setup.image(repo, "v1", &ImageSpec::single(&[16 * MIB, 4 * MIB]))?;
@@ -1619,16 +1517,16 @@ impl TokenWorld {
             .prefix("eddy-token-keys-")
             .tempdir()?;
         let signing = SigningKey::create(keys.path())?;
-        let mut setup = Setup::with_eddy_config(
-            UpstreamOptions {
-                token_auth: Some(
-                    signing.registry_auth_config(&format!("https://{AUTH_HOST}/token")),
-                ),
-                push_creds: Some((USER.into(), SECRET.into())),
-                ..Default::default()
-            },
-            true,
-            |config, _, _| config.extra_args = eddy_args,
+        let mut setup = Setup::start(
+            WorldSpec::new()
+                .upstream(UpstreamOptions {
+                    token_auth: Some(
+                        signing.registry_auth_config(&format!("https://{AUTH_HOST}/token")),
+                    ),
+                    push_creds: Some((USER.into(), SECRET.into())),
+                    ..Default::default()
+                })
+                .eddy_args(eddy_args),
         )?;
         let auth_ip = setup.netns.add_v4(3)?;
         // eddy's hosts file is bind-mounted into its mount namespace: appending shows there.
@@ -2516,16 +2414,10 @@ fn store_files(data_dir: &Path) -> Result<std::collections::BTreeMap<String, u64
 
 /// Setup with extra `eddy run` flags.
 fn setup_with_flags(flags: &[(&str, &str)]) -> Option<Setup> {
-    if !require_privileges() {
-        return None;
-    }
-    let setup = Setup::with_eddy_config(UpstreamOptions::default(), true, |config, _, _| {
-        config.extra_args = flags
-            .iter()
-            .flat_map(|(f, v)| [OsString::from(f), OsString::from(v)])
-            .collect();
-    });
-    Some(setup.expect("setting up upstream, cgroup and eddy"))
+    let world = WorldSpec::new()
+        .eddy_args(flags.iter().flat_map(|(f, v)| [*f, *v]))
+        .start_if_privileged()?;
+    Some(Setup { world })
 }
 
 /// Poll (bounded) until the store holds at most `max` bytes; returns what it holds.

@@ -7,26 +7,21 @@
 //! Run as root: `cargo xtask test --privileged-only -- trust_` (or `cargo xtask test`).
 use std::{
     fs,
+    ops::Deref,
     path::{Path, PathBuf},
-    process::Command,
     thread,
     time::Duration,
 };
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    cgroup::CgroupGuard,
     containerd::{http_status, Client, Containerd},
-    eddy::eddy_bin,
-    netns::Netns,
-    oci::{self, Image, ImageSpec},
-    pki::{write_bundle, Pki},
-    process::run_bounded,
-    registry::{check_programs, Upstream, UpstreamOptions, CDN_HOST, REGISTRY_HOST},
-    registry_eddy::{
-        ca_export, connections_series, verify_store, RegistryEddy, RegistryEddyConfig,
-    },
-    require_privileges,
+    eddy::status_text,
+    oci::{Image, ImageSpec},
+    pki::write_bundle,
+    registry::{CDN_HOST, REGISTRY_HOST},
+    registry_eddy::{connections_series, verify_store},
+    world::{RegistryWorld, WorldSpec},
 };
 
 const MIB: u64 = 1 << 20;
@@ -43,102 +38,52 @@ fn tls_series() -> String {
     connections_series("registry_tls")
 }
 
-/// One test's world. Fields drop in declaration order: eddy, then the upstream, then the
-/// namespace and the cgroup, then the files.
+/// One test's world (see [`WorldSpec`]): a small image pushed, eddy's CA created and
+/// both bundles written; eddy not started yet. The registry world's fields and methods
+/// are this one's.
 struct World {
-    eddy: Option<RegistryEddy>,
-    upstream: Upstream,
-    _netns: Netns,
-    cgroup: CgroupGuard,
-    eddy_config: RegistryEddyConfig,
-    /// /etc/hosts for clients: registry.test is the upstream.
-    hosts: PathBuf,
+    registry: RegistryWorld,
     /// The test CA alone: a bundle WITHOUT eddy's CA.
     without_eddy: PathBuf,
     /// eddy's CA and the test CA.
     with_eddy: PathBuf,
-    eddy_ca: PathBuf,
-    pki: Pki,
     image: Image,
-    work: tempfile::TempDir,
+}
+
+impl Deref for World {
+    type Target = RegistryWorld;
+
+    fn deref(&self) -> &RegistryWorld {
+        &self.registry
+    }
 }
 
 impl World {
-    /// Upstream with a small image pushed, eddy's CA created, both bundles written; eddy
-    /// not started yet.
     fn new() -> Result<Self> {
-        check_programs()?;
-        let work = tempfile::Builder::new().prefix("eddy-trust-").tempdir()?;
-        let cgroup = CgroupGuard::new()?;
-        let netns = Netns::new()?;
-        let pki = Pki::create(
-            &work.path().join("pki"),
-            &[REGISTRY_HOST, CDN_HOST],
-            &[netns.ns_v4.into()],
-        )?;
-        let upstream = Upstream::start(&netns, &pki, UpstreamOptions::default())?;
-        let hosts = work.path().join("hosts.client");
-        Client::write_hosts(&hosts, netns.ns_v4, &[REGISTRY_HOST])?;
-        let eddy_hosts = work.path().join("hosts.eddy");
-        Client::write_hosts(&eddy_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
-        let eddy_config = RegistryEddyConfig {
-            cgroup: cgroup.path().to_path_buf(),
-            data_dir: work.path().join("eddy-data"),
-            registries: vec![REGISTRY_HOST.to_string()],
-            upstream_cas: vec![pki.ca_cert.clone()],
-            hosts: Some(eddy_hosts),
-            quiet_start: false,
-            extra_args: Vec::new(),
-            in_netns: None,
-        };
-        let eddy_ca = work.path().join("eddy-ca.pem");
-        fs::write(
-            &eddy_ca,
-            ca_export(&eddy_bin(), &eddy_config.data_dir, &eddy_config.registries)?,
-        )?;
-        let without_eddy = work.path().join("bundle-without-eddy.pem");
-        write_bundle(&without_eddy, &[&pki.ca_cert])?;
-        let with_eddy = work.path().join("bundle-with-eddy.pem");
-        write_bundle(&with_eddy, &[&eddy_ca, &pki.ca_cert])?;
-        let image = oci::write_layout(
-            &work.path().join("layout"),
-            "v1",
-            &ImageSpec::single(&[3 * MIB, MIB]),
-        )?;
-        upstream.push(&image, REPO)?;
+        let registry = WorldSpec::new()
+            .cert_names(&[REGISTRY_HOST, CDN_HOST])
+            .eddy_hosts(&[(REGISTRY_HOST, 0)])
+            .eddy_started_later()
+            .start()?;
+        let without_eddy = registry.work.path().join("bundle-without-eddy.pem");
+        write_bundle(&without_eddy, &[&registry.pki.ca_cert])?;
+        let with_eddy = registry.client.ca_bundle.clone();
+        let image = registry.image(REPO, "v1", &ImageSpec::single(&[3 * MIB, MIB]))?;
         Ok(World {
-            eddy: None,
-            upstream,
-            _netns: netns,
-            cgroup,
-            eddy_config,
-            hosts,
+            registry,
             without_eddy,
             with_eddy,
-            eddy_ca,
-            pki,
             image,
-            work,
         })
     }
 
     fn start_eddy(&mut self) -> Result<()> {
-        self.eddy = Some(RegistryEddy::start(&eddy_bin(), &self.eddy_config)?);
-        Ok(())
-    }
-
-    fn eddy(&self) -> &RegistryEddy {
-        self.eddy.as_ref().expect("eddy was started")
+        self.registry.start_eddy()
     }
 
     /// A client in the hooked cgroup (or none) whose SSL_CERT_FILE is `bundle`.
     fn client(&self, bundle: &Path, hooked: bool) -> Client {
-        Client {
-            cgroup: hooked.then(|| self.cgroup.path().to_path_buf()),
-            hosts: self.hosts.clone(),
-            ca_bundle: bundle.to_path_buf(),
-            netns: None,
-        }
+        self.client_trusting(bundle, hooked)
     }
 
     fn reference(&self) -> String {
@@ -155,31 +100,17 @@ impl World {
     }
 
     fn store_files(&self) -> Result<usize> {
-        Ok(verify_store(&self.eddy_config.data_dir)?.files)
+        Ok(verify_store(self.data_dir())?.files)
     }
 
     /// `eddy status --admin ADDR` as text.
     fn status_text(&self) -> Result<String> {
-        let eddy = self.eddy();
-        let out = run_bounded(
-            Command::new(eddy_bin())
-                .args(["status", "--bpf-pin-dir"])
-                .arg(&eddy.pin_dir)
-                .arg("--admin")
-                .arg(eddy.admin.to_string()),
-            Duration::from_secs(20),
-        )?;
-        ensure!(
-            out.status.success(),
-            "eddy status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        status_text(&self.eddy().pin_dir, self.eddy().admin)
     }
 }
 
 fn world() -> Option<World> {
-    if !require_privileges() {
+    if !eddy_tests::require_privileges() {
         return None;
     }
     Some(World::new().expect("setting up upstream, cgroup and eddy's CA"))

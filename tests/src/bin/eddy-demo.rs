@@ -17,16 +17,15 @@ use std::{
 
 use anyhow::{bail, ensure, Context, Result};
 use eddy_tests::{
-    cgroup::{cgroup2_mount, CgroupGuard},
+    cgroup::cgroup2_mount,
     containerd::{Client, Containerd, Run},
-    eddy::{eddy_bin, metric_value, status_command},
-    netns::Netns,
+    eddy::{eddy_bin, metric_value, status_command, status_text},
     oci::{self, Blob, Image, ImageSpec, PlatformImage, MEDIA_LAYER_TAR, MEDIA_MANIFEST},
-    pki::{write_bundle, Pki},
     process::{run_bounded, run_ok},
-    registry::{check_programs, shape_link, Served, Upstream, UpstreamOptions, REGISTRY_HOST},
-    registry_eddy::{ca_export, RegistryEddy, RegistryEddyConfig, STORE_BYTES, UPSTREAM_BYTES},
+    registry::{shape_link, Served, Upstream, REGISTRY_HOST},
+    registry_eddy::{RegistryEddy, STORE_BYTES, UPSTREAM_BYTES},
     require_privileges,
+    world::WorldSpec,
 };
 use serde_json::json;
 
@@ -106,21 +105,19 @@ fn run(started: Instant) -> Result<()> {
     if !require_privileges() {
         bail!("this machine cannot run the demo (see above)");
     }
-    check_programs()?;
     let log = Log(started);
     let bin = eddy_bin();
 
-    // Locals drop in reverse order: eddy first, then the containerds, the registry, the
-    // namespace, the cgroup (which kills anything left in it) and last the files.
-    let work = tempfile::Builder::new().prefix("eddy-demo-").tempdir()?;
-    let cgroup = CgroupGuard::new()?;
-    let netns = Netns::new()?;
-    let pki = Pki::create(
-        &work.path().join("pki"),
-        &[REGISTRY_HOST],
-        &[netns.ns_v4.into()],
-    )?;
-    let upstream = Upstream::start(&netns, &pki, UpstreamOptions::default())?;
+    // The world: the registry in its namespace, the cgroup, eddy's CA and (started below,
+    // once its cgroup argument is chosen) eddy. It drops after the containerds: eddy, the
+    // registry, the namespace, the cgroup (which kills anything left in it), the files.
+    let mut world = WorldSpec::new()
+        .cert_names(&[REGISTRY_HOST])
+        .eddy_hosts(&[(REGISTRY_HOST, 0)])
+        .eddy_started_later()
+        .start()?;
+    let (upstream, netns) = (&world.upstream, &world.netns);
+    let hooked = world.cgroup.path().to_path_buf();
     log.say(format!(
         "upstream registry: docker-registry at https://{REGISTRY_HOST} ({} in netns {}), \
          its own test CA",
@@ -129,7 +126,7 @@ fn run(started: Instant) -> Result<()> {
     ));
 
     log.say("building the demo image: a busybox rootfs and 3 random layers…");
-    let image = demo_image(&work.path().join("layout"))?;
+    let image = demo_image(&world.work.path().join("layout"))?;
     log.say(format!(
         "pushing the demo image ({:.1} MiB, {} layers) with skopeo…",
         mib(image.total_bytes()),
@@ -138,22 +135,22 @@ fn run(started: Instant) -> Result<()> {
     let pushed = upstream.push(&image, REPO)?;
     let after_push = upstream.served()?;
     log.say(format!("  pushed in {:.1}s", pushed.as_secs_f64()));
-    shape_link(&netns, Some(WAN_RATE))?;
+    shape_link(netns, Some(WAN_RATE))?;
     log.say(format!(
         "link to the registry shaped to {WAN_RATE} (tc tbf, both directions), like a WAN"
     ));
 
-    let containerd = start_containerd_in(cgroup.path())?;
+    let containerd = start_containerd_in(&hooked)?;
     log.say(format!(
         "containerd {} started in a fresh cgroup {} (root {})",
         containerd_version(),
-        cgroup.path().display(),
+        hooked.display(),
         containerd.root.display()
     ));
 
     // `--cgroup auto` finds the oldest process named containerd; only use it when that
     // can only be ours.
-    let others = foreign_containerds(cgroup.path())?;
+    let others = foreign_containerds(&hooked)?;
     let cgroup_arg = if others.is_empty() {
         log.say(
             "eddy: --cgroup auto (the demo's containerd is the only containerd on this \
@@ -164,32 +161,15 @@ fn run(started: Instant) -> Result<()> {
         log.say(format!(
             "eddy: --cgroup {} (explicit: other containerd processes run here, pids {others:?}, \
              so auto could pick theirs)",
-            cgroup.path().display()
+            hooked.display()
         ));
-        cgroup.path().to_path_buf()
-    };
-    let eddy_hosts = work.path().join("hosts.eddy");
-    Client::write_hosts(&eddy_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
-    let eddy_config = RegistryEddyConfig {
-        cgroup: cgroup_arg,
-        data_dir: work.path().join("eddy-data"),
-        registries: vec![REGISTRY_HOST.to_string()],
-        upstream_cas: vec![pki.ca_cert.clone()],
-        hosts: Some(eddy_hosts),
-        quiet_start: false,
-        extra_args: Vec::new(),
-        in_netns: None,
+        hooked.clone()
     };
     // The node trusts eddy's CA (what `eddy ca install` does for the host bundle) and the
-    // registry's own CA.
-    let eddy_ca = work.path().join("eddy-ca.pem");
-    fs::write(
-        &eddy_ca,
-        ca_export(&bin, &eddy_config.data_dir, &eddy_config.registries)?,
-    )?;
-    let bundle = work.path().join("ca-bundle.pem");
-    write_bundle(&bundle, &[&eddy_ca, &pki.ca_cert])?;
-    let eddy = RegistryEddy::start(&bin, &eddy_config)?;
+    // registry's own CA: the world's client does.
+    world.eddy_config.cgroup = cgroup_arg;
+    world.start_eddy()?;
+    let (upstream, eddy) = (&world.upstream, world.eddy());
     let status = eddy_status_json(&bin, &eddy.pin_dir)?;
     let attached_to = status["cgroup"]["path"].as_str().unwrap_or("?").to_string();
     log.say(format!(
@@ -199,58 +179,45 @@ fn run(started: Instant) -> Result<()> {
         eddy.admin
     ));
     ensure!(
-        Path::new(&attached_to) == cgroup.path(),
+        Path::new(&attached_to) == hooked,
         "eddy attached to {attached_to}, not the demo's cgroup {}",
-        cgroup.path().display()
+        hooked.display()
     );
 
     // ctr (1.6 fetches in the client process) runs in the same cgroup as containerd, with
     // a private /etc/hosts that resolves registry.test to the upstream. No hosts.toml, no
     // mirror configuration: ctr believes it talks to registry.test.
-    let client_hosts = work.path().join("hosts.client");
-    Client::write_hosts(&client_hosts, netns.ns_v4, &[REGISTRY_HOST])?;
-    let client = Client {
-        cgroup: Some(cgroup.path().to_path_buf()),
-        hosts: client_hosts,
-        ca_bundle: bundle,
-        netns: None,
-    };
+    let client = &world.client;
     let reference = format!("{REGISTRY_HOST}/{REPO}:{TAG}");
 
     let before_cold = Snapshot::take(&upstream, &eddy, after_push)?;
     log.say(format!(
         "COLD pull: ctr images pull {reference} (eddy's store is empty)…"
     ));
-    let cold = client
-        .pull(&containerd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("cold ctr images pull through eddy")?;
-    let after_cold = Snapshot::take(&upstream, &eddy, after_push)?;
-    log.say(format!("  done in {:.2}s", cold.elapsed.as_secs_f64()));
-    containerd.ensure_content(NS, &image.blobs())?;
+    // One pull into `containerd`, checked, and the counters after it.
+    let pull = |containerd: &Containerd, what: &str| -> Result<(Run, Snapshot)> {
+        let run = client
+            .pull(containerd, NS, &reference, &[], PULL_TIMEOUT)?
+            .check(&format!("{what} ctr images pull through eddy"))?;
+        let after = Snapshot::take(upstream, eddy, after_push)?;
+        log.say(format!("  done in {:.2}s", run.elapsed.as_secs_f64()));
+        containerd.ensure_content(NS, &image.blobs())?;
+        Ok((run, after))
+    };
+    let (cold, after_cold) = pull(&containerd, "cold")?;
 
-    let warm_containerd = start_containerd_in(cgroup.path())?;
+    let warm_containerd = start_containerd_in(&hooked)?;
     log.say(format!(
         "WARM pull: a second containerd with an empty content store (root {}) pulls the same \
          image…",
         warm_containerd.root.display()
     ));
-    let warm = client
-        .pull(&warm_containerd, NS, &reference, &[], PULL_TIMEOUT)?
-        .check("warm ctr images pull through eddy")?;
-    let after_warm = Snapshot::take(&upstream, &eddy, after_push)?;
-    log.say(format!("  done in {:.2}s", warm.elapsed.as_secs_f64()));
-    warm_containerd.ensure_content(NS, &image.blobs())?;
+    let (warm, after_warm) = pull(&warm_containerd, "warm")?;
 
     log.say("running the pulled image: ctr run --rm … /bin/sh -c 'echo …; uname -a'");
-    let ran = run_container(&client, &warm_containerd, &reference)?;
+    let ran = run_container(client, &warm_containerd, &reference)?;
 
-    let eddy_status_text = run_ok(
-        Command::new(&bin)
-            .args(["status", "--bpf-pin-dir"])
-            .arg(&eddy.pin_dir)
-            .arg("--admin")
-            .arg(eddy.admin.to_string()),
-    )?;
+    let eddy_status_text = status_text(&eddy.pin_dir, eddy.admin)?;
 
     println!();
     println!("==================== eddy demo: summary ====================");
@@ -278,7 +245,7 @@ fn run(started: Instant) -> Result<()> {
         eddy.pin_dir.display(),
         eddy.admin
     );
-    for line in String::from_utf8_lossy(&eddy_status_text.stdout).lines() {
+    for line in eddy_status_text.lines() {
         println!("  {line}");
     }
     println!("=============================================================");
@@ -314,13 +281,12 @@ fn run(started: Instant) -> Result<()> {
     log.say("cleaning up: eddy, containerd, registry, netns, cgroup, pins, temp dirs…");
     // eddy's guard prints its log tail when dropped (useful when a test fails); on success
     // the demo keeps its own output readable instead.
-    eddy.stop_quietly();
     drop(warm_containerd);
     drop(containerd);
-    drop(upstream);
-    drop(netns);
-    drop(cgroup);
-    drop(work);
+    if let Some(eddy) = world.eddy.take() {
+        eddy.stop_quietly();
+    }
+    drop(world);
     Ok(())
 }
 

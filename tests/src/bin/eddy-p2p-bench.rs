@@ -24,8 +24,8 @@ use eddy_tests::{
     cluster::{Cluster, NAMESPACE},
     containerd::Client,
     oci::ImageSpec,
+    process::{cpu_seconds, peak_rss_kib},
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
-    registry_world::{cpu_seconds, peak_rss_kib},
     require_privileges,
 };
 

@@ -1142,12 +1142,5 @@ async fn h2_get_inner(
 
 /// User + system CPU seconds of this process so far.
 fn self_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we own.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    eddy_tests::process::rusage_cpu_seconds(libc::RUSAGE_SELF)
 }

@@ -39,15 +39,15 @@ use eddy_tests::{
     eddy::eddy_bin,
     netns::Netns,
     oci::{self, Image, ImageSpec},
-    pki::{write_bundle, Pki},
-    process::{run_bounded, ProcessGuard},
+    pki::Pki,
+    process::{cpu_seconds, run_bounded, rusage_cpu_seconds, ProcessGuard},
     registry::{
         check_programs, parse_registry_log, shape_link, Upstream, UpstreamOptions, REGISTRY_HOST,
     },
-    registry_eddy::{ca_export, store_has, RegistryEddy, RegistryEddyConfig},
-    registry_world::cpu_seconds,
+    registry_eddy::{store_has, RegistryEddy, RegistryEddyConfig},
     require_privileges,
     wire::HttpsGetReport,
+    world::trust_eddy_and_test_ca,
 };
 
 const MIB: u64 = 1 << 20;
@@ -164,6 +164,7 @@ impl Env {
             .tempdir()?;
         let cgroup = CgroupGuard::new()?;
         let netns = Netns::new()?;
+        // The cache serves on the host side of the veth: its address is in the certificate.
         let pki = Pki::create(
             &work.path().join("pki"),
             &[REGISTRY_HOST, CACHE_HOST],
@@ -256,24 +257,19 @@ impl Env {
 
     /// A fresh eddy (empty store) and a client in the hooked cgroup that trusts its CA.
     fn start_eddy(&self, name: &str) -> Result<(RegistryEddy, Client)> {
-        let bin = eddy_bin();
         let dir = self.work.path().join(name);
         let config = RegistryEddyConfig {
-            cgroup: self.cgroup.path().to_path_buf(),
-            data_dir: dir.join("data"),
-            registries: vec![REGISTRY_HOST.to_string()],
-            upstream_cas: vec![self.pki.ca_cert.clone()],
-            hosts: Some(self.upstream_hosts.clone()),
             // The harness's "starting eddy: ..." line stays off the report's stderr.
             quiet_start: true,
-            extra_args: Vec::new(),
-            in_netns: None,
+            ..RegistryEddyConfig::caching(
+                self.cgroup.path(),
+                dir.join("data"),
+                &self.pki,
+                self.upstream_hosts.clone(),
+            )
         };
-        let ca = dir.join("eddy-ca.pem");
-        fs::write(&ca, ca_export(&bin, &config.data_dir, &config.registries)?)?;
-        let bundle = dir.join("bundle.pem");
-        write_bundle(&bundle, &[&ca, &self.pki.ca_cert])?;
-        let eddy = RegistryEddy::start(&bin, &config)?;
+        let bundle = trust_eddy_and_test_ca(&dir, &config, &self.pki)?;
+        let eddy = RegistryEddy::start(&eddy_bin(), &config)?;
         let client = Client {
             cgroup: Some(self.cgroup.path().to_path_buf()),
             hosts: self.upstream_hosts.clone(),
@@ -940,19 +936,11 @@ fn curl_blob(
     .iter()
     .map(OsString::from)
     .collect();
-    let server_before = server_pid.map(cpu_seconds);
-    let children_before = children_cpu_seconds();
-    let machine_before = machine_cpu_seconds();
-    let run: Run = client
-        .run(&argv, Duration::from_secs(120))?
-        .check(&format!("curl {http} {host}{path}"))?;
-    let machine = machine_cpu_seconds() - machine_before;
-    let client_cpu = children_cpu_seconds() - children_before;
-    let server_cpu = server_pid
-        .map(cpu_seconds)
-        .zip(server_before)
-        .map(|(a, b)| a - b);
-    let others_cpu = server_cpu.map(|server| (machine - server - client_cpu).max(0.0));
+    let (run, cpu): (Run, _) = measure_cpu(server_pid, || {
+        client
+            .run(&argv, Duration::from_secs(120))?
+            .check(&format!("curl {http} {host}{path}"))
+    })?;
     let out = run.stdout();
     let fields: Vec<&str> = out.split_whitespace().collect();
     ensure!(fields.len() == 5, "unexpected curl -w output: {out:?}");
@@ -971,9 +959,9 @@ fn curl_blob(
         cipher: String::new(),
         chunk: 0,
         secs: fields[4].parse()?,
-        client_cpu,
-        server_cpu,
-        others_cpu,
+        client_cpu: cpu.client,
+        server_cpu: cpu.server,
+        others_cpu: cpu.others,
     })
 }
 
@@ -1029,17 +1017,9 @@ fn probe_blob(
     if !cipher_suites.is_empty() {
         cmd.arg("--cipher-suites").arg(cipher_suites.join(","));
     }
-    let server_before = server_pid.map(cpu_seconds);
-    let children_before = children_cpu_seconds();
-    let machine_before = machine_cpu_seconds();
-    let out = run_bounded(&mut cmd, Duration::from_secs(150))?;
-    let machine = machine_cpu_seconds() - machine_before;
-    let client_cpu = children_cpu_seconds() - children_before;
-    let server_cpu = server_pid
-        .map(cpu_seconds)
-        .zip(server_before)
-        .map(|(a, b)| a - b);
-    let others_cpu = server_cpu.map(|server| (machine - server - client_cpu).max(0.0));
+    let (out, cpu) = measure_cpu(server_pid, || {
+        run_bounded(&mut cmd, Duration::from_secs(150))
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let what = format!(
         "eddy-probe https-get{} {path}",
@@ -1073,9 +1053,9 @@ fn probe_blob(
         cipher: report.cipher.unwrap_or_else(|| "?".into()),
         chunk: report.bytes / report.chunks.max(1),
         secs,
-        client_cpu,
-        server_cpu,
-        others_cpu,
+        client_cpu: cpu.client,
+        server_cpu: cpu.server,
+        others_cpu: cpu.others,
     })
 }
 
@@ -1260,14 +1240,43 @@ fn loadavg() -> String {
 
 /// CPU seconds of every reaped child of this process so far.
 fn children_cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the zeroed struct we own.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
-        usage
-    };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+    rusage_cpu_seconds(libc::RUSAGE_CHILDREN)
+}
+
+/// Where the CPU time went while one client ran.
+struct CpuSplit {
+    /// The client: this process's children reaped meanwhile.
+    client: f64,
+    /// The server, when its pid is known.
+    server: Option<f64>,
+    /// The rest of the machine (all CPU time less the client's and the server's).
+    others: Option<f64>,
+}
+
+/// Run the client `run`, and split the CPU time the machine spent meanwhile.
+fn measure_cpu<T>(
+    server_pid: Option<u32>,
+    run: impl FnOnce() -> Result<T>,
+) -> Result<(T, CpuSplit)> {
+    let server_before = server_pid.map(cpu_seconds);
+    let children_before = children_cpu_seconds();
+    let machine_before = machine_cpu_seconds();
+    let out = run()?;
+    let machine = machine_cpu_seconds() - machine_before;
+    let client = children_cpu_seconds() - children_before;
+    let server = server_pid
+        .map(cpu_seconds)
+        .zip(server_before)
+        .map(|(a, b)| a - b);
+    let others = server.map(|server| (machine - server - client).max(0.0));
+    Ok((
+        out,
+        CpuSplit {
+            client,
+            server,
+            others,
+        },
+    ))
 }
 
 /// The pid of a harness containerd: the process whose command line names its config,

@@ -42,8 +42,8 @@ use eddy_tests::{
     netns::NeighbourLimits,
     oci::{Image, ImageSpec},
     process::ProcessGuard,
+    process::{cpu_seconds, rss_kib},
     registry::{shape_link, REGISTRY_HOST},
-    registry_world::{cpu_seconds, rss_kib},
     require_privileges,
 };
 use serde::Serialize;

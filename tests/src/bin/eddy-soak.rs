@@ -22,10 +22,11 @@ use clap::Parser;
 use eddy_tests::{
     containerd::Containerd,
     oci::ImageSpec,
-    registry::{UpstreamOptions, REGISTRY_HOST},
+    process::{open_fds, peak_rss_kib, rss_kib},
+    registry::REGISTRY_HOST,
     registry_eddy::verify_store,
-    registry_world::{open_fds, peak_rss_kib, rss_kib, RegistryWorld},
     require_privileges,
+    world::WorldSpec,
 };
 use rand::Rng;
 
@@ -60,7 +61,7 @@ fn main() -> Result<()> {
     if !(0.1..=240.0).contains(&args.minutes) || !(1..=16).contains(&args.clients) {
         bail!("--minutes must be within 0.1..=240 and --clients within 1..=16");
     }
-    let world = RegistryWorld::start(UpstreamOptions::default(), None)?;
+    let world = WorldSpec::new().start()?;
     let mut rng = rand::thread_rng();
     // Cold images are pushed before the run (about 0.4 s each), 60 per minute of soak; once
     // they are used up, the remaining pulls are warm (the report counts each kind).
