@@ -30,7 +30,7 @@ pub struct CgroupGuard {
 impl CgroupGuard {
     pub fn new() -> Result<Self> {
         let mount = cgroup2_mount().context("no cgroup2 mount in /proc/mounts")?;
-        let path = mount.join(format!("eddy-test-{}", crate::unique_suffix()));
+        let path = mount.join(format!("eddy-test-{}", crate::basics::unique_suffix()));
         fs::create_dir(&path).with_context(|| format!("mkdir {}", path.display()))?;
         Ok(Self { path })
     }

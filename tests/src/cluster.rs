@@ -279,7 +279,7 @@ impl Cluster {
         let dir = self
             .work
             .path()
-            .join(format!("node-{i}-{}", crate::next_id()));
+            .join(format!("node-{i}-{}", crate::basics::next_id()));
         fs::create_dir_all(&dir)?;
         let ip = self.node_ip(i)?;
         let netns = self.lan.member(ip.octets()[3])?;

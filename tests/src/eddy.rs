@@ -52,7 +52,7 @@ impl EddyConfig {
     pub fn new(cgroup: &Path) -> Self {
         Self {
             cgroup: cgroup.display().to_string(),
-            intercept_ports: vec![crate::INTERCEPTED_PORT],
+            intercept_ports: vec![crate::basics::INTERCEPTED_PORT],
             listen: None,
             heartbeat_timeout_ms: None,
             run_in_cgroup: None,
@@ -249,7 +249,10 @@ impl RunCommand {
             None => SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         };
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/eddy-test-{}", crate::unique_suffix()));
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/eddy-test-{}",
+            crate::basics::unique_suffix()
+        ));
         let mut run = Self {
             listen,
             admin,
@@ -352,7 +355,7 @@ impl EddyProcess {
     }
 
     pub(crate) fn log_tail(&self, lines: usize) -> String {
-        crate::tail(&self.log_text(), lines)
+        crate::basics::tail(&self.log_text(), lines)
     }
 
     /// Poll /readyz until it answers 200, eddy exits, or `timeout` passes.

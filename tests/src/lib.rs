@@ -5,13 +5,11 @@
 //! child processes ([`process::ProcessGuard`]) and eddy itself ([`eddy::Eddy`]). Names,
 //! ports and pin dirs are unique per process and per test, so a crashed run cannot collide
 //! with the next one.
-use std::{
-    path::PathBuf,
-    sync::atomic::{AtomicU32, Ordering},
-};
+use std::path::PathBuf;
 
 use anyhow::Result;
 
+pub mod basics;
 pub mod cgroup;
 pub mod cluster;
 pub mod containerd;
@@ -29,29 +27,13 @@ pub mod token_auth;
 pub mod wire;
 pub mod world;
 
+pub use basics::{next_id, tail, unique_suffix, INTERCEPTED_PORT, OTHER_PORT};
 pub use cgroup::CgroupGuard;
 pub use eddy::{Eddy, EddyConfig};
 pub use netns::Netns;
 pub use privileges::require_privileges;
 pub use probe::Probe;
 pub use process::ProcessGuard;
-
-/// The port eddy intercepts in the tests (its default).
-pub const INTERCEPTED_PORT: u16 = 443;
-/// A port the upstream also serves but eddy does not intercept.
-pub const OTHER_PORT: u16 = 8080;
-
-static NEXT_ID: AtomicU32 = AtomicU32::new(0);
-
-/// A number unique within this process.
-pub fn next_id() -> u32 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// `<pid>-<n>`: unique across concurrent test processes and within one.
-pub fn unique_suffix() -> String {
-    format!("{}-{}", std::process::id(), next_id())
-}
 
 /// What every privileged test needs: the binaries under test.
 pub struct Ctx {
@@ -101,10 +83,4 @@ impl World {
             cgroup,
         })
     }
-}
-
-/// The last `lines` lines of `text`.
-pub fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -27,7 +27,7 @@ pub struct Netns {
 
 impl Netns {
     pub fn new() -> Result<Self> {
-        let n = crate::next_id();
+        let n = crate::basics::next_id();
         let suffix = format!("{}-{n}", std::process::id());
         // Interface names are at most 15 bytes: "eddy-" + pid (<= 7) + "-" + n.
         let name = format!("eddy-{suffix}");
@@ -167,7 +167,7 @@ pub struct Lan {
 
 impl Lan {
     pub fn new() -> Result<Self> {
-        let n = crate::next_id();
+        let n = crate::basics::next_id();
         let name = format!("eddy-{}-{n}", std::process::id());
         if name.len() > 15 {
             bail!("interface name {name} is longer than 15 bytes");
@@ -202,7 +202,7 @@ impl Lan {
         if !(1..=253).contains(&host) {
             bail!("LAN member address .{host} is outside 1..=253");
         }
-        let n = crate::next_id();
+        let n = crate::basics::next_id();
         let name = format!("eddy-{}-{n}", std::process::id());
         if name.len() > 15 {
             bail!("namespace name {name} is longer than 15 bytes");

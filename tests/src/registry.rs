@@ -270,7 +270,7 @@ impl Upstream {
         ] {
             let body = fs::read_to_string(&path).unwrap_or_default();
             text.push_str(&format!("--- {} ---\n", path.display()));
-            text.push_str(&crate::tail(&body, 15));
+            text.push_str(&crate::basics::tail(&body, 15));
             text.push('\n');
         }
         text

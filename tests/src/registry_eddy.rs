@@ -56,7 +56,7 @@ pub struct RegistryEddyConfig {
     pub extra_args: Vec<OsString>,
     /// Run eddy inside a network namespace of the test's (a cluster node).
     pub in_netns: Option<InNetns>,
-    /// `--intercept-port`, repeatable (none: just [`crate::INTERCEPTED_PORT`]).
+    /// `--intercept-port`, repeatable (none: just [`crate::basics::INTERCEPTED_PORT`]).
     pub intercept_ports: Vec<u16>,
 }
 
@@ -120,7 +120,7 @@ impl RegistryEddy {
             wrapper.push(hosts.into());
         }
         let ports = match config.intercept_ports.as_slice() {
-            [] => vec![crate::INTERCEPTED_PORT],
+            [] => vec![crate::basics::INTERCEPTED_PORT],
             ports => ports.to_vec(),
         };
         let mut run = RunCommand::new(

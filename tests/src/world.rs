@@ -374,7 +374,7 @@ impl RegistryWorld {
         let layout = self
             .work
             .path()
-            .join(format!("layouts-{}", crate::next_id()))
+            .join(format!("layouts-{}", crate::basics::next_id()))
             .join(repo.replace('/', "_"));
         let image = oci::write_layout(&layout, tag, spec)?;
         upstream.push(&image, repo)?;
@@ -404,7 +404,7 @@ impl RegistryWorld {
 /// curl `https://registry.test<path>` as `client` (trusting its bundle) with `extra`
 /// arguments, keeping the headers in `dir`.
 pub fn curl_registry(client: &Client, dir: &Path, path: &str, extra: &[&str]) -> Result<Curl> {
-    let n = crate::next_id();
+    let n = crate::basics::next_id();
     let body = dir.join(format!("curl-{n}.body"));
     let headers = dir.join(format!("curl-{n}.headers"));
     let mut args = vec!["--cacert", client.ca_bundle.to_str().context("utf-8 path")?];

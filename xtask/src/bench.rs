@@ -69,7 +69,7 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("cargo xtask bench needs root (it attaches BPF programs and creates a netns)");
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
-    let eddy = util::build_release()?;
+    let eddy = crate::build::release()?;
     eprintln!("xtask: building eddy-bench, eddy-registry-bench, eddy-p2p-bench and eddy-probe");
     util::run(cargo().current_dir(workspace_root()).args([
         "build",

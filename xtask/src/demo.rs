@@ -25,7 +25,7 @@ pub fn run(_opts: &Options) -> Result<()> {
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
     util::ensure_programs(DEMO_PROGRAMS)?;
-    let eddy = util::build_release()?;
+    let eddy = crate::build::release()?;
     let demo = util::build_test_bin("eddy-demo")?;
     eprintln!(
         "xtask: running {} with EDDY_BIN={}",

@@ -52,7 +52,7 @@ pub fn run(_opts: &Options) -> Result<()> {
 }
 
 pub fn build() -> Result<Built> {
-    let eddy = util::build_release()?;
+    let eddy = crate::build::release()?;
     build_from(&eddy)
 }
 

@@ -3,8 +3,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod build;
 mod build_ebpf;
 mod chart_test;
+mod circles;
 mod demo;
 mod fuzz;
 mod image;
@@ -38,6 +40,8 @@ enum Command {
     Image(image::Options),
     /// Check the Helm chart with the real helm, kubectl and Kubernetes schemas (no cluster).
     ChartTest(chart_test::Options),
+    /// Fail if modules of agent, xtask or the tests' library import each other in a circle.
+    Circles(circles::Options),
     /// Measure eddy against direct upstream (and a distribution pull-through cache).
     Bench(bench::Options),
     /// A simulated cluster of N nodes: cold waves, rollout, churn, scale-down, idle cost.
@@ -47,13 +51,14 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::BuildEbpf(opts) => build_ebpf::run(&opts).map(drop),
-        Command::Build => util::build_release().map(drop),
+        Command::Build => build::release().map(drop),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Soak(opts) => soak::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::ChartTest(opts) => chart_test::run(&opts),
+        Command::Circles(opts) => circles::run(&opts),
         Command::Image(opts) => image::run(&opts),
         Command::Sim(opts) => sim::run(&opts),
     }

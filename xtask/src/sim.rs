@@ -41,7 +41,7 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
-    let eddy = util::build_release()?;
+    let eddy = crate::build::release()?;
     let sim = util::build_test_bin("eddy-sim")?;
     let out = target_dir().join("sim");
     let mut cmd = std::process::Command::new(sim);

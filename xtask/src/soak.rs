@@ -22,7 +22,7 @@ pub fn run(opts: &Options) -> Result<()> {
         bail!("cargo xtask soak needs root (it attaches BPF programs and creates a netns)");
     }
     util::ensure_programs(crate::test::PRIVILEGED_TEST_PROGRAMS)?;
-    let eddy = util::build_release()?;
+    let eddy = crate::build::release()?;
     util::run(cargo().current_dir(workspace_root()).args([
         "build",
         "--release",

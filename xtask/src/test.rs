@@ -46,6 +46,8 @@ pub struct Options {
 }
 
 pub fn run(opts: &Options) -> Result<()> {
+    // Milliseconds, no root: a new import circle fails before anything is built.
+    crate::circles::run(&Default::default())?;
     let allow_skip = std::env::var("EDDY_ALLOW_SKIP").as_deref() == Ok("1");
     if !opts.unit_only && !util::is_root() && !allow_skip {
         bail!(
@@ -63,7 +65,7 @@ pub fn run(opts: &Options) -> Result<()> {
         crate::build_ebpf::run(&Default::default())?;
         None
     } else {
-        Some(util::build_release()?)
+        Some(crate::build::release()?)
     };
 
     if !opts.privileged_only {

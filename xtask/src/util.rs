@@ -61,22 +61,6 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Build the eBPF object, then the release agent with it embedded. Returns the binary.
-pub fn build_release() -> Result<PathBuf> {
-    crate::build_ebpf::run(&crate::build_ebpf::Options::default())?;
-    // containerd-client generates its gRPC bindings with protoc at build time.
-    ensure_programs(&[("protoc", "protobuf-compiler")])?;
-    eprintln!("xtask: building the release eddy binary");
-    run(cargo()
-        .current_dir(workspace_root())
-        .args(["build", "--release", "-p", "agent"]))?;
-    let bin = eddy_bin();
-    if !bin.exists() {
-        bail!("expected {} after the build", bin.display());
-    }
-    Ok(bin)
-}
-
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
     extern "C" {
