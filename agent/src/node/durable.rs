@@ -83,7 +83,12 @@ pub fn write_atomic(path: &Path, contents: &[u8], options: &Options) -> io::Resu
     Ok(())
 }
 
-fn write_then_rename(tmp: &Path, path: &Path, contents: &[u8], options: &Options) -> io::Result<()> {
+fn write_then_rename(
+    tmp: &Path,
+    path: &Path,
+    contents: &[u8],
+    options: &Options,
+) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
