@@ -3,60 +3,40 @@ use super::*;
 
 #[tokio::test]
 async fn a_crashed_fill_resumes_from_its_verified_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = content(300_000);
-    let digest = Digest::of(&data);
-    let partial = crashed_fill(dir.path(), &data, 180_000, 150_000);
+    let (dir, data, partial) = crashed(300_000, 180_000, 150_000);
     let store = Store::open(dir.path()).unwrap();
     assert!(partial.exists(), "open must keep a resumable partial");
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
     // A reader from byte 0 gets the prefix from disk and the rest from upstream.
-    assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
-    fill.done().await.unwrap();
-    assert_eq!(*lock(&asked), vec![150_000]);
-    assert_eq!(
-        dir_entries(&dir.path().join("store/tmp")),
-        Vec::<PathBuf>::new()
-    );
+    assert_eq!(fill_resuming(&store, &data).await, vec![150_000]);
+    assert_empty(&dir.path().join("store/tmp"));
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.scrub().await, 0);
-    assert!(store.get(&digest).is_some());
+    assert!(store.get(&Digest::of(&data)).is_some());
 }
 
 #[tokio::test]
 async fn a_corrupt_prefix_is_discarded_and_the_fill_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = content(300_000);
-    let digest = Digest::of(&data);
-    let partial = crashed_fill(dir.path(), &data, 200_000, 200_000);
+    let (dir, data, partial) = crashed(300_000, 200_000, 200_000);
     // Bit rot (or a power loss before the bytes were durable) inside the checkpointed prefix.
     let f = OpenOptions::new().write(true).open(&partial).unwrap();
     f.write_all_at(&[0u8; 4096], 65_536).unwrap();
     drop(f);
     let store = Store::open(dir.path()).unwrap();
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    let fill = store.fill(&digest, fetch_range(data.clone(), asked.clone()));
-    assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
-    fill.done().await.unwrap();
-    assert_eq!(
-        *lock(&asked),
-        vec![0],
-        "a corrupt prefix must be fetched again"
-    );
+    let from = fill_resuming(&store, &data).await;
+    assert_eq!(from, vec![0], "a corrupt prefix must be fetched again");
     assert_eq!(store.scrub().await, 0);
 }
 
 #[tokio::test]
 async fn upstream_ignoring_the_range_still_completes_the_fill() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = content(300_000);
-    let digest = Digest::of(&data);
-    crashed_fill(dir.path(), &data, 100_000, 100_000);
+    let (dir, data, _) = crashed(300_000, 100_000, 100_000);
     let store = Store::open(dir.path()).unwrap();
     // A 200 with the whole body: the store skips the 100,000 bytes it already holds.
-    let fill = store.fill(&digest, fetch_bytes(data.clone(), Some(data.len() as u64)));
+    let fill = store.fill(
+        &Digest::of(&data),
+        fetch_bytes(data.clone(), Some(data.len() as u64)),
+    );
     let tail = collect(fill.read_range(250_000, None)).await.unwrap();
     assert_eq!(tail, &data[250_000..]);
     let blob = fill.done().await.unwrap();
@@ -65,14 +45,12 @@ async fn upstream_ignoring_the_range_still_completes_the_fill() {
 
 #[tokio::test]
 async fn a_failed_fill_does_not_leave_a_partial_to_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = content(100_000);
+    let (dir, data, _) = crashed(100_000, 60_000, 60_000);
     let digest = Digest::of(&data);
-    crashed_fill(dir.path(), &data, 60_000, 60_000);
     let store = Store::open(dir.path()).unwrap();
     let mut wrong = data.clone();
     wrong[90_000] ^= 1;
-    let asked = Arc::new(Mutex::new(Vec::new()));
+    let asked = asked();
     let fill = store.fill(&digest, fetch_range(wrong, asked.clone()));
     assert!(matches!(
         fill.done().await,
@@ -81,13 +59,7 @@ async fn a_failed_fill_does_not_leave_a_partial_to_resume() {
     assert_eq!(*lock(&asked), vec![60_000]);
     assert_clean(&store, dir.path(), &digest);
     // The next attempt starts from zero.
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    store
-        .fill(&digest, fetch_range(data.clone(), asked.clone()))
-        .done()
-        .await
-        .unwrap();
-    assert_eq!(*lock(&asked), vec![0]);
+    assert_eq!(fill_resuming(&store, &data).await, vec![0]);
 }
 
 /// A runtime torn down mid-fill (as at shutdown) keeps the partial and its checkpoints; the
@@ -97,50 +69,31 @@ fn a_fill_interrupted_by_shutdown_is_resumed_by_the_next_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = content(3 * resume::CHECKPOINT_EVERY as usize);
     let digest = Digest::of(&data);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let store = Store::open(dir.path()).unwrap();
-        let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
-        let fill = store.fill(&digest, up.fetch());
+        let (_up, tx, fill) = fake_fill(&store, &digest, Some(data.len() as u64));
         let half = data.len() / 2;
         for chunk in data[..half].chunks(64 * 1024) {
-            tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+            send(&tx, chunk);
         }
         let got = collect_n(fill.read_range(0, None), half).await;
         assert_eq!(got, &data[..half]);
         std::mem::forget(tx);
     });
-    drop(rt);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let store = Store::open(dir.path()).unwrap();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let blob = store
-            .fill(&digest, fetch_range(data.clone(), asked.clone()))
-            .done()
-            .await
-            .unwrap();
-        let from = lock(&asked).clone();
+        let from = fill_resuming(&store, &data).await;
         assert_eq!(from.len(), 1);
         assert!(
             from[0] >= resume::CHECKPOINT_EVERY && from[0] <= data.len() as u64 / 2,
             "resumed from {from:?}"
         );
-        assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
     });
 }
 
 #[tokio::test]
 async fn stale_partials_are_removed_but_running_fills_are_not() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = content(50_000);
-    let partial = crashed_fill(dir.path(), &data, 20_000, 20_000);
+    let (dir, data, partial) = crashed(50_000, 20_000, 20_000);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(
         store.remove_stale_partials(Duration::from_secs(3600), false),
@@ -149,8 +102,7 @@ async fn stale_partials_are_removed_but_running_fills_are_not() {
     assert_eq!(store.remove_stale_partials(Duration::ZERO, true), 20_000);
     assert!(partial.exists());
     // A running fill's partial is left alone.
-    let (up, tx) = FakeUpstream::new(None);
-    let fill = store.fill(&Digest::of(&data), up.fetch());
+    let (_up, tx, fill) = fake_fill(&store, &Digest::of(&data), None);
     assert_eq!(store.remove_stale_partials(Duration::ZERO, false), 0);
     drop((fill, tx));
     timeout(T, async {

@@ -9,11 +9,7 @@ async fn open_clears_tmp_and_distrusts_unrecorded_blobs() {
     let digest = Digest::of(&data);
     {
         let store = Store::open(dir.path()).unwrap();
-        store
-            .fill(&digest, fetch_bytes(data.clone(), None))
-            .done()
-            .await
-            .unwrap();
+        fill_bytes(&store, &data).await;
     }
     // What a killed process or a stray writer might leave behind.
     fs::write(
@@ -30,15 +26,10 @@ async fn open_clears_tmp_and_distrusts_unrecorded_blobs() {
     .unwrap();
     fs::write(root.join("blobs/sha256/not-a-digest"), b"junk").unwrap();
     let orphan = Digest::of(b"orphan");
-    fs::write(
-        root.join("meta/sha256")
-            .join(format!("{}.json", orphan.hex())),
-        b"{\"size\":6}",
-    )
-    .unwrap();
+    write_sidecar(&root, &orphan, 6);
 
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(dir_entries(&root.join("tmp")), Vec::<PathBuf>::new());
+    assert_empty(&root.join("tmp"));
     assert_eq!(
         dir_entries(&root.join("blobs/sha256")),
         vec![root.join("blobs/sha256").join(digest.hex())]
@@ -52,19 +43,19 @@ async fn open_clears_tmp_and_distrusts_unrecorded_blobs() {
 
     // A sidecar that disagrees with the file: not loaded.
     drop(store);
-    fs::write(
-        root.join("meta/sha256")
-            .join(format!("{}.json", digest.hex())),
-        b"{\"size\":1}",
-    )
-    .unwrap();
+    write_sidecar(&root, &digest, 1);
     let store = Store::open(dir.path()).unwrap();
     assert!(store.get(&digest).is_none());
     assert_eq!(store.size_bytes(), 0);
-    assert_eq!(
-        dir_entries(&root.join("blobs/sha256")),
-        Vec::<PathBuf>::new()
-    );
+    assert_empty(&root.join("blobs/sha256"));
+}
+
+/// A size record in `meta/`, as a commit writes it.
+fn write_sidecar(root: &Path, digest: &Digest, size: u64) {
+    let path = root
+        .join("meta/sha256")
+        .join(format!("{}.json", digest.hex()));
+    fs::write(path, format!("{{\"size\":{size}}}")).unwrap();
 }
 
 #[tokio::test]
@@ -75,16 +66,8 @@ async fn corrupted_blobs_are_not_served() {
     let (da, db) = (Digest::of(&a), Digest::of(&b));
     {
         let store = Store::open(dir.path()).unwrap();
-        store
-            .fill(&da, fetch_bytes(a.clone(), None))
-            .done()
-            .await
-            .unwrap();
-        store
-            .fill(&db, fetch_bytes(b.clone(), None))
-            .done()
-            .await
-            .unwrap();
+        fill_bytes(&store, &a).await;
+        fill_bytes(&store, &b).await;
         assert_eq!(store.size_bytes(), 30_000);
     }
     let store = Store::open(dir.path()).unwrap();
@@ -110,11 +93,7 @@ async fn corrupted_blobs_are_not_served() {
     assert_eq!(store.size_bytes(), 0);
 
     // Healthy blobs survive a scrub, and a refill after eviction works.
-    store
-        .fill(&db, fetch_bytes(b.clone(), None))
-        .done()
-        .await
-        .unwrap();
+    fill_bytes(&store, &b).await;
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.scrub().await, 0);

@@ -3,10 +3,7 @@ use super::*;
 
 #[tokio::test]
 async fn digest_mismatch_fails_cleanly_and_a_retry_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(100_000);
-    let digest = Digest::of(&data);
+    let (dir, store, data, digest) = setup(100_000);
     let mut wrong = data.clone();
     wrong[54_321] ^= 1;
 
@@ -19,11 +16,7 @@ async fn digest_mismatch_fails_cleanly_and_a_retry_succeeds() {
     assert!(collect(fill.read_range(0, None)).await.is_err());
     assert_clean(&store, dir.path(), &digest);
 
-    let blob = store
-        .fill(&digest, fetch_bytes(data.clone(), None))
-        .done()
-        .await
-        .unwrap();
+    let blob = fill_bytes(&store, &data).await;
     assert_eq!(collect(blob.read_range(0, None)).await.unwrap(), data);
     assert_eq!(store.size_bytes(), data.len() as u64);
 }
@@ -32,35 +25,17 @@ async fn digest_mismatch_fails_cleanly_and_a_retry_succeeds() {
 /// bytes fail the fill before any client got a byte of them.
 #[tokio::test]
 async fn a_gated_fill_hands_out_nothing_before_it_verifies() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(300_000);
-    let digest = Digest::of(&data);
-    let gated = |bytes: Vec<u8>| {
-        let len = Some(bytes.len() as u64);
-        move |_from: u64| {
-            let chunks: Vec<Chunk> = bytes
-                .chunks(7000)
-                .map(|c| Ok(Bytes::copy_from_slice(c)))
-                .collect();
-            futures_util::future::ready(Ok::<_, io::Error>(Fetched {
-                body: futures_util::stream::iter(chunks).boxed(),
-                len,
-                offset: 0,
-                gated: true,
-            }))
-        }
-    };
+    let (dir, store, data, digest) = setup(300_000);
     let mut wrong = data.clone();
     wrong[123] ^= 1;
-    let fill = store.fill(&digest, gated(wrong));
+    let fill = store.fill(&digest, fetch_gated(wrong));
     let mut reader = Box::pin(fill.read_range(0, None));
     let first = timeout(T, reader.next()).await.unwrap().unwrap();
     assert!(matches!(first, Err(StoreError::DigestMismatch { .. })));
     assert!(timeout(T, fill.started()).await.unwrap().is_err());
     assert_clean(&store, dir.path(), &digest);
 
-    let fill = store.fill(&digest, gated(data.clone()));
+    let fill = store.fill(&digest, fetch_gated(data.clone()));
     assert_eq!(
         timeout(T, fill.started()).await.unwrap().unwrap(),
         Some(data.len() as u64)
@@ -74,10 +49,7 @@ async fn a_gated_fill_hands_out_nothing_before_it_verifies() {
 
 #[tokio::test]
 async fn length_mismatch_fails() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(20_000);
-    let digest = Digest::of(&data);
+    let (dir, store, data, digest) = setup(20_000);
     for announced in [10_000, 30_000] {
         let fill = store.fill(&digest, fetch_bytes(data.clone(), Some(announced)));
         let err = timeout(T, fill.done()).await.unwrap().unwrap_err();
@@ -91,17 +63,12 @@ async fn length_mismatch_fails() {
 
 #[tokio::test]
 async fn upstream_error_fails_cleanly_and_a_retry_succeeds() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(100_000);
-    let digest = Digest::of(&data);
+    let (dir, store, data, digest) = setup(100_000);
 
     // Mid-stream.
-    let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
-    let fill = store.fill(&digest, up.fetch());
+    let (_up, tx, fill) = fake_fill(&store, &digest, Some(data.len() as u64));
     let mut stream = Box::pin(fill.read_range(0, None));
-    tx.send(Ok(Bytes::copy_from_slice(&data[..40_000])))
-        .unwrap();
+    send(&tx, &data[..40_000]);
     let first = timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(&first[..], &data[..40_000]);
     tx.send(Err(io::Error::new(

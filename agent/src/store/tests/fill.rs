@@ -3,10 +3,7 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_fills_share_one_fetch_and_stream_progressively() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(3 * READ_CHUNK as usize + 12345);
-    let digest = Digest::of(&data);
+    let (dir, store, data, digest) = setup(3 * READ_CHUNK as usize + 12345);
     let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
 
     let barrier = Arc::new(tokio::sync::Barrier::new(8));
@@ -31,7 +28,7 @@ async fn concurrent_fills_share_one_fetch_and_stream_progressively() {
     }
 
     // Only the first chunk: every reader must get it while upstream still holds back the rest.
-    tx.send(Ok(Bytes::copy_from_slice(&data[..1000]))).unwrap();
+    send(&tx, &data[..1000]);
     for _ in 0..8 {
         timeout(T, first_rx.recv())
             .await
@@ -39,7 +36,7 @@ async fn concurrent_fills_share_one_fetch_and_stream_progressively() {
             .unwrap();
     }
     for chunk in data[1000..].chunks(64 * 1024) {
-        tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        send(&tx, chunk);
     }
     drop(tx);
 
@@ -50,20 +47,13 @@ async fn concurrent_fills_share_one_fetch_and_stream_progressively() {
     assert_eq!(store.get(&digest).unwrap().len(), data.len() as u64);
     assert_eq!(store.size_bytes(), data.len() as u64);
     assert!(store.in_flight(&digest).is_none());
-    assert_eq!(
-        dir_entries(&dir.path().join("store/tmp")),
-        Vec::<PathBuf>::new()
-    );
+    assert_empty(&dir.path().join("store/tmp"));
 }
 
 #[tokio::test]
 async fn a_commit_while_nobody_waits_is_still_seen_by_the_next_wait() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(1000);
-    let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
-    let fill = store.fill(&digest, up.fetch());
+    let (_dir, store, data, digest) = setup(1000);
+    let (_up, tx, fill) = fake_fill(&store, &digest, Some(data.len() as u64));
     tx.send(Ok(Bytes::from(data.clone()))).unwrap();
     drop(tx);
     assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
@@ -75,12 +65,8 @@ async fn a_commit_while_nobody_waits_is_still_seen_by_the_next_wait() {
 
 #[tokio::test]
 async fn final_chunk_is_held_until_verified() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(READ_CHUNK as usize + 100);
-    let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
-    let fill = store.fill(&digest, up.fetch());
+    let (_dir, store, data, digest) = setup(READ_CHUNK as usize + 100);
+    let (_up, tx, fill) = fake_fill(&store, &digest, Some(data.len() as u64));
     // All bytes, but the body has not ended, so the hash is not checked yet.
     tx.send(Ok(Bytes::from(data.clone()))).unwrap();
 
@@ -105,12 +91,11 @@ async fn read_range_during_fill_and_after_commit() {
     let data = content(2 * READ_CHUNK as usize + 5000);
     let len = data.len() as u64;
     let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(Some(len));
-    let fill = store.fill(&digest, up.fetch());
+    let (up, tx, fill) = fake_fill(&store, &digest, Some(len));
     assert_eq!(timeout(T, fill.len()).await.unwrap().unwrap(), len);
 
     let half = data.len() / 2;
-    tx.send(Ok(Bytes::copy_from_slice(&data[..half]))).unwrap();
+    send(&tx, &data[..half]);
     // A bounded range starting mid-way gets its first bytes while the fill is still running.
     let mut bounded = Box::pin(fill.read_range(100, Some(300_000)));
     let first = timeout(T, bounded.next()).await.unwrap().unwrap().unwrap();
@@ -119,7 +104,7 @@ async fn read_range_during_fill_and_after_commit() {
     let tail = tokio::spawn(collect(fill.read_range(half as u64 + 10, None)));
     let last_byte = tokio::spawn(collect(fill.read_range(len - 1, Some(len))));
     for chunk in data[half..].chunks(10_000) {
-        tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        send(&tx, chunk);
     }
     drop(tx);
     let rest = collect(bounded).await.unwrap();
@@ -166,15 +151,11 @@ async fn read_range_during_fill_and_after_commit() {
 
 #[tokio::test]
 async fn an_unknown_length_fill_starts_before_it_ends() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(50_000);
-    let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(None);
-    let fill = store.fill(&digest, up.fetch());
+    let (_dir, store, data, digest) = setup(50_000);
+    let (_up, tx, fill) = fake_fill(&store, &digest, None);
     // Upstream has answered but sent nothing yet: the fill has started, length unknown.
     assert_eq!(fill.started().await.unwrap(), None);
-    tx.send(Ok(Bytes::copy_from_slice(&data))).unwrap();
+    send(&tx, &data);
     drop(tx);
     assert_eq!(fill.len().await.unwrap(), data.len() as u64);
     assert_eq!(fill.started().await.unwrap(), Some(data.len() as u64));
@@ -182,25 +163,19 @@ async fn an_unknown_length_fill_starts_before_it_ends() {
 
 #[tokio::test]
 async fn unknown_length_is_learned_at_commit() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(50_000);
-    let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(None);
-    let fill = store.fill(&digest, up.fetch());
+    let (_dir, store, data, digest) = setup(50_000);
+    let (_up, tx, fill) = fake_fill(&store, &digest, None);
     let len = tokio::spawn({
         let fill = fill.clone();
         async move { fill.len().await }
     });
     let mut stream = Box::pin(fill.read_range(0, None));
-    tx.send(Ok(Bytes::copy_from_slice(&data[..20_000])))
-        .unwrap();
+    send(&tx, &data[..20_000]);
     // Without a known end nothing is held back: the body is chunked, and a failure cuts it short.
     let first = timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
     assert_eq!(&first[..], &data[..20_000]);
     assert!(!len.is_finished());
-    tx.send(Ok(Bytes::copy_from_slice(&data[20_000..])))
-        .unwrap();
+    send(&tx, &data[20_000..]);
     drop(tx);
     assert_eq!(collect(stream).await.unwrap(), &data[20_000..]);
     assert_eq!(
@@ -211,20 +186,16 @@ async fn unknown_length_is_learned_at_commit() {
 
 #[tokio::test]
 async fn dropped_readers_do_not_abort_the_fill() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let data = content(300_000);
-    let digest = Digest::of(&data);
-    let (up, tx) = FakeUpstream::new(Some(data.len() as u64));
-    let fill = store.fill(&digest, up.fetch());
+    let (_dir, store, data, digest) = setup(300_000);
+    let (_up, tx, fill) = fake_fill(&store, &digest, Some(data.len() as u64));
     let mut stream = Box::pin(fill.read_range(0, None));
-    tx.send(Ok(Bytes::copy_from_slice(&data[..1000]))).unwrap();
+    send(&tx, &data[..1000]);
     timeout(T, stream.next()).await.unwrap().unwrap().unwrap();
     // The client goes away: its stream and every handle on the fill.
     drop(stream);
     drop(fill);
     for chunk in data[1000..].chunks(4096) {
-        tx.send(Ok(Bytes::copy_from_slice(chunk))).unwrap();
+        send(&tx, chunk);
     }
     drop(tx);
     // A later request joins the running fill or finds the committed blob; it never refetches.

@@ -25,11 +25,7 @@ async fn eviction_spares_content_in_use_and_content_hit_since_the_plan() {
     // A fill's reader keeps the fresh blob in use after commit.
     let fill = store.fill(&da, fetch_bytes(a.clone(), None));
     fill.done().await.unwrap();
-    store
-        .fill(&db, fetch_bytes(b.clone(), None))
-        .done()
-        .await
-        .unwrap();
+    fill_bytes(&store, &b).await;
     let seen = |d: &Digest| {
         store
             .entries()
@@ -71,7 +67,7 @@ async fn eviction_spares_content_in_use_and_content_hit_since_the_plan() {
     assert_eq!(stats.hits, 2);
     // An evicted digest is a plain miss: the next fill fetches it again.
     let (up, tx) = FakeUpstream::new(Some(a.len() as u64));
-    tx.send(Ok(Bytes::copy_from_slice(&a))).unwrap();
+    send(&tx, &a);
     drop(tx);
     store.fill(&da, up.fetch()).done().await.unwrap();
     assert_eq!(up.calls(), 1);
@@ -85,11 +81,7 @@ async fn access_times_survive_a_restart() {
     let old = SystemTime::now() - Duration::from_secs(3600);
     {
         let store = Store::open(dir.path()).unwrap();
-        store
-            .fill(&digest, fetch_bytes(data, None))
-            .done()
-            .await
-            .unwrap();
+        fill_bytes(&store, &data).await;
     }
     let path = dir.path().join("store/blobs/sha256").join(digest.hex());
     File::options()
@@ -113,9 +105,9 @@ async fn size_bytes_tracks_commits_and_removals() {
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.size_bytes(), 0);
     let (a, b) = (content(1_000), content(2_345));
-    let (da, db) = (Digest::of(&a), Digest::of(&b));
-    store.fill(&da, fetch_bytes(a, None)).done().await.unwrap();
-    store.fill(&db, fetch_bytes(b, None)).done().await.unwrap();
+    let da = Digest::of(&a);
+    fill_bytes(&store, &a).await;
+    fill_bytes(&store, &b).await;
     assert_eq!(store.size_bytes(), 3_345);
     // Filling what is already committed fetches nothing and counts nothing twice.
     let (unused, _tx) = FakeUpstream::new(None);

@@ -76,15 +76,17 @@ impl FakeUpstream {
 
 /// A whole body at once, in 7000-byte chunks (deliberately not aligned to anything).
 fn fetch_bytes(data: Vec<u8>, len: Option<u64>) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
+    move |_from| ready(Fetched::whole(chunked(&data), len))
+}
+
+/// As [`fetch_bytes`] with the length announced, for a source whose bytes are gated.
+fn fetch_gated(data: Vec<u8>) -> impl FnOnce(u64) -> FetchFut + Send + 'static {
     move |_from| {
-        let chunks: Vec<Chunk> = data
-            .chunks(7000)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        futures_util::future::ready(Ok(Fetched::whole(
-            futures_util::stream::iter(chunks).boxed(),
-            len,
-        )))
+        let len = Some(data.len() as u64);
+        ready(Fetched {
+            gated: true,
+            ..Fetched::whole(chunked(&data), len)
+        })
     }
 }
 
@@ -96,17 +98,56 @@ fn fetch_range(
     move |from| {
         lock(&asked).push(from);
         let len = Some(data.len() as u64);
-        let chunks: Vec<Chunk> = data[from as usize..]
-            .chunks(7000)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
-        futures_util::future::ready(Ok(Fetched {
-            body: futures_util::stream::iter(chunks).boxed(),
-            len,
+        ready(Fetched {
             offset: from,
-            gated: false,
-        }))
+            ..Fetched::whole(chunked(&data[from as usize..]), len)
+        })
     }
+}
+
+fn chunked(data: &[u8]) -> futures_util::stream::BoxStream<'static, Chunk> {
+    let chunks: Vec<Chunk> = data
+        .chunks(7000)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    futures_util::stream::iter(chunks).boxed()
+}
+
+fn ready(fetched: Fetched<futures_util::stream::BoxStream<'static, Chunk>>) -> FetchFut {
+    futures_util::future::ready(Ok(fetched))
+}
+
+/// The offsets a [`fetch_range`] upstream was asked from.
+fn asked() -> Arc<Mutex<Vec<u64>>> {
+    Arc::default()
+}
+
+/// A fresh store and `n` bytes of content to fill it with.
+fn setup(n: usize) -> (tempfile::TempDir, Store, Vec<u8>, Digest) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let data = content(n);
+    let digest = Digest::of(&data);
+    (dir, store, data, digest)
+}
+
+/// A fill fed by a [`FakeUpstream`] that announces `len`.
+fn fake_fill(store: &Store, digest: &Digest, len: Option<u64>) -> (FakeUpstream, Sender, Fill) {
+    let (up, tx) = FakeUpstream::new(len);
+    let fill = store.fill(digest, up.fetch());
+    (up, tx, fill)
+}
+
+type Sender = mpsc::UnboundedSender<Chunk>;
+
+fn send(tx: &Sender, bytes: &[u8]) {
+    tx.send(Ok(Bytes::copy_from_slice(bytes))).unwrap();
+}
+
+/// Fills `data` (from a whole body, length not announced) and waits for the commit.
+async fn fill_bytes(store: &Store, data: &[u8]) -> Blob {
+    let fetch = fetch_bytes(data.to_vec(), None);
+    store.fill(&Digest::of(data), fetch).done().await.unwrap()
 }
 
 async fn collect(
@@ -133,12 +174,39 @@ fn assert_clean(store: &Store, root: &Path, digest: &Digest) {
     assert!(store.in_flight(digest).is_none());
     assert_eq!(store.size_bytes(), 0);
     for sub in ["tmp", "blobs/sha256", "meta/sha256"] {
-        assert_eq!(
-            dir_entries(&root.join("store").join(sub)),
-            Vec::<PathBuf>::new(),
-            "{sub}"
-        );
+        assert_empty(&root.join("store").join(sub));
     }
+}
+
+fn assert_empty(dir: &Path) {
+    assert_eq!(dir_entries(dir), Vec::<PathBuf>::new(), "{}", dir.display());
+}
+
+/// `n` bytes of content whose fill a killed eddy left behind (see [`crashed_fill`]), in a data dir
+/// no store has opened yet.
+fn crashed(n: usize, written: usize, checkpointed: usize) -> (tempfile::TempDir, Vec<u8>, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(n);
+    let partial = crashed_fill(dir.path(), &data, written, checkpointed);
+    (dir, data, partial)
+}
+
+/// Fills `data` from an upstream that honours Range, reading it all through the fill as it
+/// grows; returns the offsets upstream was asked from.
+async fn fill_resuming(store: &Store, data: &[u8]) -> Vec<u64> {
+    let asked = asked();
+    let fill = store.fill(&Digest::of(data), fetch_range(data.to_vec(), asked.clone()));
+    assert_eq!(collect(fill.read_range(0, None)).await.unwrap(), data);
+    fill.done().await.unwrap();
+    let from = lock(&asked).clone();
+    from
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// A partial file and checkpoint as a killed eddy leaves them: `written` bytes of `data`, the
