@@ -3,7 +3,8 @@
 //! credentials, the last digest each tag resolved to (served while upstream is down), and
 //! whether upstream serves each repository to anonymous clients (its public/private verdict).
 //!
-//! Small JSON sidecars under `<data_dir>/catalog`, written atomically (temp + rename).
+//! Small JSON sidecars under `<data_dir>/catalog`, replaced atomically and durably
+//! ([`crate::node::durable`]).
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
@@ -13,6 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::node::durable;
 use crate::oci::digest::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +58,7 @@ pub struct Catalog {
 impl Catalog {
     pub fn open(data_dir: &Path) -> Result<Self, CatalogError> {
         let dir = data_dir.join("catalog");
-        for sub in ["content", "tags", "repos", "tmp"] {
+        for sub in ["content", "tags", "repos"] {
             let path = dir.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| CatalogError { path, source })?;
         }
@@ -173,13 +175,8 @@ impl Catalog {
             path: path.to_path_buf(),
             source,
         };
-        let tmp =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{}", std::process::id(), rand::random::<u64>()));
         let json = serde_json::to_vec(value).expect("catalog records serialise");
-        std::fs::write(&tmp, json).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        durable::write_atomic(path, &json, &durable::Options::new()).map_err(err)
     }
 }
 

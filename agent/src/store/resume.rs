@@ -29,6 +29,7 @@ use std::{
 
 use sha2::{Digest as _, Sha256};
 
+use crate::node::durable;
 use crate::oci::digest::Digest;
 
 /// How often a running fill records a checkpoint. After a crash at most this much (plus what
@@ -64,21 +65,16 @@ pub fn is_resumable_name(name: &str) -> bool {
 }
 
 /// Records that the first `len` bytes of `partial` hash to `prefix` (the fill's running hash,
-/// which is cloned, not consumed). Temp file and rename, so a reader never sees half a record.
+/// which is cloned, not consumed). Replaced atomically, so a reader never sees half a record.
 pub fn write_checkpoint(partial: &Path, len: u64, prefix: &Sha256) -> io::Result<()> {
     let record = Checkpoint {
         len,
         prefix_sha256: hex::encode(prefix.clone().finalize()),
     };
-    let path = checkpoint_path(partial);
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    fs::write(
-        &tmp,
-        serde_json::to_vec(&record).expect("Checkpoint serializes"),
-    )?;
-    fs::rename(&tmp, &path)
+    let record = serde_json::to_vec(&record).expect("Checkpoint serializes");
+    // Not fsync'd (see the module doc): the prefix hash is re-checked on resume anyway.
+    let options = durable::Options::new().without_fsync();
+    durable::write_atomic(&checkpoint_path(partial), &record, &options)
 }
 
 /// Removes a fill's partial file and its checkpoint.

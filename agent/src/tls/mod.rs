@@ -11,10 +11,10 @@ pub mod talos;
 mod uninstall;
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -22,6 +22,8 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName};
 use rustls::{ClientConfig, RootCertStore};
+
+use crate::node::durable;
 
 pub use ca::Ca;
 pub use leaf::{server_config, server_config_for_ip};
@@ -282,44 +284,15 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 }
 
 /// Replace `path` with `contents` so that a crash leaves the old file or the new one, never a torn
-/// one. The temp file is created with `mode` from the start, so a key is never readable by others,
-/// not even briefly.
+/// one, created with `mode` (and `owner`) from the start (see [`crate::node::durable`]).
 fn write_atomic(
     path: &Path,
     contents: &[u8],
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> Result<(), TlsError> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{:08x}", rand::random::<u32>()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have narrowed `mode`; a trust bundle must stay readable by everyone.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        // Make the rename itself durable.
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|source| TlsError::Write {
+    let options = durable::Options::new().mode(mode).owner(owner);
+    durable::write_atomic(path, contents, &options).map_err(|source| TlsError::Write {
         path: path.to_path_buf(),
         source,
     })

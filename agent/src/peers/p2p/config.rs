@@ -1,9 +1,8 @@
 //! P2P configuration: the listen address, the bootstrap addresses (re-resolved host names),
 //! the swarm key (libp2p pnet) and the node's identity in the data dir.
 use std::{
-    io::Write,
     net::{IpAddr, SocketAddr},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -14,6 +13,8 @@ use libp2p::{
     multiaddr::Protocol,
     Multiaddr, PeerId,
 };
+
+use crate::node::durable;
 
 /// How often bootstrap host names are re-resolved (and unconnected addresses re-dialled).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
@@ -332,18 +333,9 @@ pub fn load_or_create_identity(path: &Path) -> Result<identity::Keypair, Identit
             }
             let keypair = ed25519::Keypair::generate();
             // Written under a temporary name and renamed, so a crash never leaves half a key.
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
+            let key_file = durable::Options::new().mode(0o600);
+            durable::write_atomic(path, keypair.secret().as_ref(), &key_file)
                 .map_err(|e| err(e.to_string()))?;
-            file.write_all(keypair.secret().as_ref())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| err(e.to_string()))?;
-            std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
             Ok(keypair.into())
         }
         Err(e) => Err(err(e.to_string())),
