@@ -180,17 +180,18 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             }
         });
     }
-    let sources = Sources {
-        containerd: containerd_source
+    let peers = p2p.clone().map(|p2p| {
+        Arc::new(Peers::with_single_flight(
+            Arc::new(p2p) as Arc<dyn PeerNetwork>,
+            config.single_flight,
+        )) as Arc<dyn crate::sources::source::PeerSource>
+    });
+    let sources = Sources::new(
+        containerd_source
             .clone()
             .map(|c| c as Arc<dyn crate::sources::source::ContentSource>),
-        peers: p2p.clone().map(|p2p| {
-            Arc::new(Peers::with_single_flight(
-                Arc::new(p2p) as Arc<dyn PeerNetwork>,
-                config.single_flight,
-            ))
-        }),
-    };
+        peers,
+    );
     let oci = Arc::new(
         oci.with_sources(sources)
             .with_upstream_idle(config.upstream_idle_timeout)

@@ -36,7 +36,7 @@ use tracing::debug;
 use crate::{
     oci::digest::Digest,
     sources::failover::{resuming, Resume},
-    sources::source::{Opened, TagAnswer},
+    sources::source::{Blame, Opened, PeerLookup, PeerSource, TagAnswer},
     store::BoxError,
 };
 
@@ -55,6 +55,8 @@ const CLAIM_BOUND: Duration = Duration::from_secs(5);
 /// stays connected, which its answers to pings (every 5 s) vouch for: a fetcher that hangs
 /// or leaves is dropped within about 10 s and given up at once.
 const FETCHER_RETRIES: u32 = 3;
+/// How often a miss asks the home again after the fetcher it named could not serve.
+const RECLAIMS: usize = 2;
 /// When the provider asked first has not answered within this, the next is asked as well.
 const HEDGE_AFTER: Duration = Duration::from_millis(250);
 /// Once every chosen provider has been asked, how much longer to wait for one to open
@@ -159,7 +161,8 @@ pub enum SingleFlight {
 pub struct Peers {
     net: Arc<dyn PeerNetwork>,
     single_flight: SingleFlight,
-    avoid: Mutex<HashMap<PeerKey, Instant>>,
+    /// Peers whose bytes did not verify, and since when (shared with the `Blame`s handed out).
+    avoid: Arc<Mutex<HashMap<PeerKey, Instant>>>,
     /// Tag keys announced already (a tag is revalidated on every pull; its record stands).
     tags: Mutex<std::collections::HashSet<Vec<u8>>>,
 }
@@ -173,7 +176,7 @@ impl Peers {
         Peers {
             net,
             single_flight,
-            avoid: Mutex::new(HashMap::new()),
+            avoid: Arc::new(Mutex::new(HashMap::new())),
             tags: Mutex::new(std::collections::HashSet::new()),
         }
     }
@@ -348,10 +351,44 @@ impl Peers {
 
     /// Peers whose bytes did not verify: avoided for a while, and counted.
     pub fn blame(&self, peers: &[PeerKey], reason: &'static str) {
-        let mut avoid = self.avoid.lock().unwrap();
-        for peer in peers {
-            self.net.report_failure(peer, reason);
-            avoid.insert(peer.clone(), Instant::now());
+        avoid(&*self.net, &self.avoid, peers, reason);
+    }
+
+    /// A miss, asked of the peers: a node that holds it, else the cluster's single flight
+    /// (`elect`): stream from the fetcher the digest's home names, or fetch it upstream.
+    pub async fn open_for_miss(&self, digest: &Digest, from: u64, elect: bool) -> PeerLookup {
+        if let Some(held) = self.open_held(digest, from).await {
+            return self.found(held);
+        }
+        if !elect {
+            return PeerLookup::Upstream { elected: false };
+        }
+        let mut stale = None;
+        for _ in 0..=RECLAIMS {
+            match self.elect(digest, stale.take()).await {
+                Election::Upstream => return PeerLookup::Upstream { elected: true },
+                Election::Peer(peer) => match self.open_from_fetcher(&peer, digest, from).await {
+                    Some(body) => return self.found(body),
+                    None => {
+                        debug!(%digest, %peer, "the fetcher the home named could not serve; asking again");
+                        stale = Some(peer);
+                    }
+                },
+            }
+        }
+        PeerLookup::Upstream { elected: false }
+    }
+
+    /// A peer's body, with the means to blame whoever sent it if it does not verify.
+    fn found(&self, body: PeerBody) -> PeerLookup {
+        let (net, avoided) = (Arc::clone(&self.net), Arc::clone(&self.avoid));
+        let contributors = body.contributors;
+        PeerLookup::Found {
+            opened: body.opened,
+            blame: Blame::new(move |reason| {
+                let peers = contributors.lock().unwrap().clone();
+                avoid(&*net, &avoided, &peers, reason);
+            }),
         }
     }
 
@@ -501,6 +538,47 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// (rendezvous hashing), where the cluster's claim on it is kept.
 pub fn home(digest: &Digest, me: &PeerKey, members: &[PeerKey]) -> PeerKey {
     winner(digest, me, members).unwrap_or_else(|| me.clone())
+}
+
+/// Tell the network the peers failed, and avoid them for [`AVOID_FOR`].
+fn avoid(
+    net: &dyn PeerNetwork,
+    avoided: &Mutex<HashMap<PeerKey, Instant>>,
+    peers: &[PeerKey],
+    reason: &'static str,
+) {
+    let mut avoided = avoided.lock().unwrap();
+    for peer in peers {
+        net.report_failure(peer, reason);
+        avoided.insert(peer.clone(), Instant::now());
+    }
+}
+
+impl PeerSource for Peers {
+    fn is_active(&self) -> bool {
+        Peers::is_active(self)
+    }
+
+    fn open<'a>(&'a self, digest: &'a Digest, from: u64, elect: bool) -> BoxFuture<'a, PeerLookup> {
+        Box::pin(self.open_for_miss(digest, from, elect))
+    }
+
+    fn announce(&self, digest: &Digest) {
+        Peers::announce(self, digest)
+    }
+
+    fn announce_tag(&self, registry: &str, repository: &str, tag: &str) {
+        Peers::announce_tag(self, registry, repository, tag)
+    }
+
+    fn tag<'a>(
+        &'a self,
+        registry: &'a str,
+        repository: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Option<TagAnswer>> {
+        Box::pin(Peers::tag(self, registry, repository, tag))
+    }
 }
 
 #[cfg(test)]

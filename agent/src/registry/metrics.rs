@@ -10,6 +10,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use crate::sources::source::SourceKind;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub kind: &'static str,
@@ -86,13 +88,15 @@ impl RegistryMetrics {
             .inc();
     }
 
-    pub fn request(&self, kind: &'static str, source: &'static str) {
+    pub fn request(&self, kind: &'static str, source: SourceKind) {
+        let source = source.label();
         self.requests
             .get_or_create(&RequestLabels { kind, source })
             .inc();
     }
 
-    pub fn bytes(&self, source: &'static str, n: u64) {
+    pub fn bytes(&self, source: SourceKind, n: u64) {
+        let source = source.label();
         self.bytes.get_or_create(&SourceLabels { source }).inc_by(n);
     }
 

@@ -37,11 +37,10 @@ use crate::{
     oci::api_path::{parse_path, Api},
     oci::digest::Digest,
     oci::range::{parse_range, RangeSpec},
-    peers::PeerKey,
     registry::metrics::RegistryMetrics,
     sources::failover::{resuming, skip_prefix, Resume},
     sources::order::{Found, Lookup, Sources},
-    sources::source::ByteStream,
+    sources::source::{Blame, ByteStream, SourceKind},
     store::catalog::{Catalog, ContentMeta, TagRecord},
     store::{Blob, Fetched, Store, StoreError},
     upstream::chain::{served_by_endpoint, ChainConfig, ChainMetrics, Chains},
@@ -98,17 +97,16 @@ pub struct Registry {
 
 /// Where a fill's bytes came from.
 struct Served {
-    /// The `source` metrics label.
-    source: &'static str,
-    /// The peers that sent them, if any.
-    peers: Option<Arc<Mutex<Vec<PeerKey>>>>,
+    source: SourceKind,
+    /// For peers' bytes that do not verify.
+    blame: Option<Blame>,
 }
 
 impl Default for Served {
     fn default() -> Self {
         Served {
-            source: "upstream",
-            peers: None,
+            source: SourceKind::Upstream,
+            blame: None,
         }
     }
 }
@@ -321,12 +319,12 @@ impl Registry {
         }
 
         if let Some(blob) = cached {
-            self.metrics.request(kind.label(), "store");
+            self.metrics.request(kind.label(), SourceKind::Store);
             let media_type = meta.as_ref().and_then(|m| m.media_type.clone());
             return self.serve_blob(&req, digest, media_type.as_deref(), blob);
         }
         if req.method() == Method::HEAD {
-            self.metrics.request(kind.label(), "upstream");
+            self.metrics.request(kind.label(), SourceKind::Upstream);
             return self.forward_following(origin, req).await;
         }
         self.fill(origin, repo, &repo_key, digest, kind, req).await
@@ -405,14 +403,14 @@ impl Registry {
                         .open(&digest_c, from, shareable, kind == Kind::Blob)
                         .await
                     {
-                        Lookup::Found(found) => {
+                        Lookup::Found(mut found) => {
                             let known = catalog.content(&digest_c).and_then(|m| m.media_type);
                             let media_type = found.opened.media_type.clone().or(known);
                             // A manifest is served with its media type, or not from here.
                             if kind == Kind::Blob || media_type.is_some() {
                                 // Peers share public content only. containerd's may be anyone's:
                                 // not public until upstream says so (see `authorize`).
-                                let public = public && found.source == "peer";
+                                let public = public && found.kind == SourceKind::Peer;
                                 if let Err(e) = catalog.record_content(
                                     &digest_c,
                                     media_type.as_deref(),
@@ -422,8 +420,8 @@ impl Registry {
                                     warn!(error = %e, "recording content metadata failed");
                                 }
                                 *served_by.lock().unwrap() = Served {
-                                    source: found.source,
-                                    peers: found.contributors.clone(),
+                                    source: found.kind,
+                                    blame: found.blame.take(),
                                 };
                                 return Ok(from_source(found, &metrics, resume_upstream));
                             }
@@ -498,7 +496,9 @@ impl Registry {
                 let body = resp
                     .into_body()
                     .into_data_stream()
-                    .inspect_ok(move |chunk| counted.bytes("upstream", chunk.len() as u64));
+                    .inspect_ok(move |chunk| {
+                        counted.bytes(SourceKind::Upstream, chunk.len() as u64)
+                    });
                 let body = idle_timeout(body, upstream_idle).boxed();
                 Ok(Fetched {
                     body: resuming(body, offset, len, resume_upstream),
@@ -512,27 +512,26 @@ impl Registry {
         let announced = match fill.started().await {
             Ok(len) => len,
             Err(e) => {
-                if let Some(peers) = served_by.lock().unwrap().peers.take() {
+                if let Some(blame) = served_by.lock().unwrap().blame.take() {
                     if matches!(
                         e,
                         StoreError::DigestMismatch { .. } | StoreError::LengthMismatch { .. }
                     ) {
-                        self.sources
-                            .blame(&peers.lock().unwrap(), "digest_mismatch");
+                        blame.blame("digest_mismatch");
                     }
                 }
                 return match uncached_rx.await {
                     // Upstream said no (401, 404, ...), or the disk is full: the client gets
                     // upstream's answer as it is.
                     Ok(resp) => {
-                        self.metrics.request(kind.label(), "upstream");
+                        self.metrics.request(kind.label(), SourceKind::Upstream);
                         self.counted_passthrough(resp)
                     }
                     // Someone else's fetch failed (or ours, before upstream answered): on
                     // any doubt, go upstream for this client directly.
                     Err(_) => {
                         warn!(%digest, error = %e, "shared fetch failed; fetching uncached");
-                        self.metrics.request(kind.label(), "upstream");
+                        self.metrics.request(kind.label(), SourceKind::Upstream);
                         let headers = request_headers(req.headers());
                         match self
                             .chains
@@ -555,7 +554,7 @@ impl Registry {
         let source = served_by.lock().unwrap().source;
         // We joined someone else's fetch, or ours came from containerd (content any client
         // on the node may have pulled, with any credentials): make sure this client may see it.
-        if joined || source == "containerd" {
+        if joined || source == SourceKind::Containerd {
             if let Err(denied) = self
                 .authorize(
                     origin,
@@ -571,8 +570,10 @@ impl Registry {
                 return denied;
             }
         }
-        self.metrics
-            .request(kind.label(), if joined { "store" } else { source });
+        self.metrics.request(
+            kind.label(),
+            if joined { SourceKind::Store } else { source },
+        );
         let media_type = meta.and_then(|m| m.media_type);
         if kind == Kind::Manifest
             && !media_type
@@ -620,7 +621,7 @@ impl Registry {
             .read_range(0, None)
             .inspect_ok(move |chunk| {
                 if hit {
-                    metrics.bytes("store", chunk.len() as u64)
+                    metrics.bytes(SourceKind::Store, chunk.len() as u64)
                 }
             })
             .map_ok(Frame::data)
@@ -645,7 +646,8 @@ impl Registry {
         expected: Option<&Digest>,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        self.metrics.request(Kind::Manifest.label(), "upstream");
+        self.metrics
+            .request(Kind::Manifest.label(), SourceKind::Upstream);
         let method = req.method().clone();
         let uri = upstream_uri(origin, req.uri());
         let headers = request_headers(req.headers());
@@ -669,7 +671,7 @@ impl Registry {
             Ok(c) => c.to_bytes(),
             Err(e) => return error_response(StatusCode::BAD_GATEWAY, "manifest_read", &e),
         };
-        self.metrics.bytes("upstream", bytes.len() as u64);
+        self.metrics.bytes(SourceKind::Upstream, bytes.len() as u64);
         let computed = Digest::of(&bytes);
         let claimed = parts
             .headers
@@ -778,12 +780,11 @@ impl Registry {
         }
         if public {
             // Peers may resolve it through this node while the upstream is down.
-            if let Some(peers) = &self.sources.peers {
-                peers.announce_tag(&origin.authority, repo, tag);
-            }
+            self.sources.announce_tag(&origin.authority, repo, tag);
         }
         if req.method() == Method::HEAD {
-            self.metrics.request(Kind::Manifest.label(), "upstream");
+            self.metrics
+                .request(Kind::Manifest.label(), SourceKind::Upstream);
             return passthrough_response(head);
         }
         if let Some(blob) = self.store.get(&digest) {
@@ -791,7 +792,8 @@ impl Registry {
             let _ = self
                 .catalog
                 .record_content(&digest, Some(&media_type), &repo_key, public);
-            self.metrics.request(Kind::Manifest.label(), "store");
+            self.metrics
+                .request(Kind::Manifest.label(), SourceKind::Store);
             return self.serve_blob(&req, &digest, Some(&media_type), blob);
         }
         self.content(origin, repo, &digest, Kind::Manifest, req)
@@ -856,7 +858,8 @@ impl Registry {
         };
         warn!(repo = repo_key, tag, %digest, error = %cause, "upstream unreachable; serving the last known manifest");
         self.metrics.stale_manifest();
-        self.metrics.request(Kind::Manifest.label(), "store");
+        self.metrics
+            .request(Kind::Manifest.label(), SourceKind::Store);
         self.serve_blob(req, &digest, Some(&media_type), blob)
     }
 
@@ -870,19 +873,17 @@ impl Registry {
         tag: &str,
         req: &Request<Incoming>,
     ) -> Option<(Digest, String, Blob)> {
-        let peers = self.sources.peers.as_ref()?;
-        let answer = peers.tag(&origin.authority, repo, tag).await?;
+        let answer = self.sources.peer_tag(&origin.authority, repo, tag).await?;
         if !accepts(req.headers(), &answer.media_type) {
             return None;
         }
         let digest = answer.digest;
         if self.store.get(&digest).is_none() {
-            let held = peers.open_held(&digest, 0).await?;
-            if held.opened.len > MAX_MANIFEST as u64 {
+            let (opened, blame) = self.sources.peer_held(&digest, 0).await?;
+            if opened.len > MAX_MANIFEST as u64 {
                 return None;
             }
-            let bytes: Vec<u8> = held
-                .opened
+            let bytes: Vec<u8> = opened
                 .body
                 .try_fold(Vec::new(), |mut all, chunk| async move {
                     all.extend_from_slice(&chunk);
@@ -891,10 +892,10 @@ impl Registry {
                 .await
                 .ok()?;
             if Digest::of(&bytes) != digest {
-                peers.blame(&held.contributors.lock().unwrap(), "digest_mismatch");
+                blame.blame("digest_mismatch");
                 return None;
             }
-            self.metrics.bytes("peer", bytes.len() as u64);
+            self.metrics.bytes(SourceKind::Peer, bytes.len() as u64);
             self.remember_manifest(&digest, &answer.media_type, repo_key, true, bytes.into())
                 .await;
         }
@@ -996,7 +997,7 @@ impl Registry {
         let stream = read(start, Some(end))
             .inspect_ok(move |chunk| {
                 if hit {
-                    metrics.bytes("store", chunk.len() as u64)
+                    metrics.bytes(SourceKind::Store, chunk.len() as u64)
                 }
             })
             .map_ok(Frame::data)
@@ -1092,7 +1093,7 @@ impl Registry {
         let body = body
             .map_frame(move |frame| {
                 if let Some(data) = frame.data_ref() {
-                    metrics.bytes("upstream", data.len() as u64);
+                    metrics.bytes(SourceKind::Upstream, data.len() as u64);
                 }
                 frame
             })
@@ -1108,7 +1109,7 @@ impl Registry {
         req: Request<Incoming>,
         kind: &'static str,
     ) -> Response<Body> {
-        self.metrics.request(kind, "upstream");
+        self.metrics.request(kind, SourceKind::Upstream);
         match self.send_upstream(origin, req).await {
             Ok(resp) => resp,
             Err(e) => bad_gateway(&e),
@@ -1179,7 +1180,7 @@ fn from_source(
 ) -> Fetched<ByteStream> {
     let Found {
         opened,
-        source,
+        kind: source,
         gated,
         ..
     } = found;
@@ -1214,7 +1215,7 @@ where
             let body = resp
                 .into_body()
                 .into_data_stream()
-                .inspect_ok(move |chunk| metrics.bytes("upstream", chunk.len() as u64));
+                .inspect_ok(move |chunk| metrics.bytes(SourceKind::Upstream, chunk.len() as u64));
             let body = idle_timeout(body, idle).boxed();
             match at {
                 Some(at) if at == pos => Some(body),

@@ -45,7 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     oci::digest::Digest,
-    sources::source::{ContentSource, Opened},
+    sources::source::{ContentSource, Opened, SourceKind},
     store::BoxError,
 };
 
@@ -556,8 +556,8 @@ impl ContainerdSource {
 }
 
 impl ContentSource for ContainerdSource {
-    fn name(&self) -> &'static str {
-        "containerd"
+    fn kind(&self) -> SourceKind {
+        SourceKind::Containerd
     }
 
     fn open(&self, digest: &Digest, from: u64) -> BoxFuture<'_, Option<Opened>> {

@@ -1,116 +1,113 @@
 //! The sources a miss is served from before the upstream: containerd's content store on this
 //! node, then peers. eddy's own store comes first and the upstream last; both are the
 //! registry handler's. One shared fill asks these once per digest (single flight).
-use std::sync::{Arc, Mutex};
-
-use tracing::debug;
+use std::sync::Arc;
 
 use crate::{
     oci::digest::Digest,
-    peers::{Election, PeerKey, Peers},
-    sources::source::{ContentSource, Opened},
+    sources::source::{
+        Blame, ContentSource, Opened, PeerLookup, PeerSource, SourceKind, TagAnswer,
+    },
 };
 
-/// Content found at a source.
+/// Content a source other than the upstream serves.
 pub struct Found {
     pub opened: Opened,
-    /// The `source` metrics label.
-    pub source: &'static str,
-    /// The source is not trusted to send the right bytes: nothing may be served before the
-    /// whole verifies (see `store::Fetched::gated`).
+    pub kind: SourceKind,
+    /// Bytes no client may see before they verify (a peer's).
     pub gated: bool,
-    /// Peers that sent bytes, to blame if they do not verify.
-    pub contributors: Option<Arc<Mutex<Vec<PeerKey>>>>,
+    /// For bytes that do not verify: avoid their senders.
+    pub blame: Option<Blame>,
 }
 
-/// What to do about a miss.
+/// What the sources before the upstream gave for a miss.
 pub enum Lookup {
     Found(Found),
-    /// Fetch upstream. `elected`: this node is the cluster's fetcher for the blob and has
-    /// announced it already (peers stream from its fill).
+    /// Nobody serves it: fetch it upstream. `elected`: this node fetches it for the cluster.
     Upstream {
         elected: bool,
     },
 }
 
-/// How often a miss asks the home again after the fetcher it named could not serve.
-const RECLAIMS: usize = 2;
-
+/// The sources a miss is asked in order, before the upstream.
 #[derive(Default, Clone)]
 pub struct Sources {
-    pub containerd: Option<Arc<dyn ContentSource>>,
-    pub peers: Option<Arc<Peers>>,
+    containerd: Option<Arc<dyn ContentSource>>,
+    peers: Option<Arc<dyn PeerSource>>,
 }
 
 impl Sources {
+    pub fn new(
+        containerd: Option<Arc<dyn ContentSource>>,
+        peers: Option<Arc<dyn PeerSource>>,
+    ) -> Self {
+        Sources { containerd, peers }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.containerd.is_none() && self.peers.is_none()
     }
 
-    /// `digest` from byte `from`. `shareable`: the content may come from other nodes (public
-    /// content: peers share nothing else). `elect`: when nobody has it, hold the cluster's
-    /// election on who fetches it upstream (blobs; manifests are small and fetched by each).
+    /// `digest` from byte `from`: this node's containerd, then peers. `shareable`: public
+    /// content, the only kind peers share. `elect`: when nobody holds it, hold the cluster's
+    /// single flight.
     pub async fn open(&self, digest: &Digest, from: u64, shareable: bool, elect: bool) -> Lookup {
         if let Some(containerd) = &self.containerd {
             if let Some(opened) = containerd.open(digest, from).await {
                 return Lookup::Found(Found {
                     opened,
-                    source: containerd.name(),
-                    // containerd verified the digest when it committed the content.
+                    kind: containerd.kind(),
                     gated: false,
-                    contributors: None,
+                    blame: None,
                 });
             }
         }
-        let Some(peers) = self.peers.as_ref().filter(|p| shareable && p.is_active()) else {
+        let Some(peers) = self.active_peers().filter(|_| shareable) else {
             return Lookup::Upstream { elected: false };
         };
-        if let Some(held) = peers.open_held(digest, from).await {
-            return Lookup::Found(peer_found(held));
+        match peers.open(digest, from, elect).await {
+            PeerLookup::Found { opened, blame } => Lookup::Found(Found {
+                opened,
+                kind: SourceKind::Peer,
+                gated: true,
+                blame: Some(blame),
+            }),
+            PeerLookup::Upstream { elected } => Lookup::Upstream { elected },
         }
-        if !elect {
-            return Lookup::Upstream { elected: false };
-        }
-        let mut stale = None;
-        for _ in 0..=RECLAIMS {
-            match peers.elect(digest, stale.take()).await {
-                Election::Upstream => return Lookup::Upstream { elected: true },
-                Election::Peer(peer) => match peers.open_from_fetcher(&peer, digest, from).await {
-                    Some(body) => return Lookup::Found(peer_found(body)),
-                    None => {
-                        debug!(%digest, %peer, "the fetcher the home named could not serve; asking again");
-                        stale = Some(peer);
-                    }
-                },
-            }
-        }
-        Lookup::Upstream { elected: false }
     }
 
-    /// Whether peers are configured and connected.
     pub fn peers_active(&self) -> bool {
-        self.peers.as_ref().is_some_and(|p| p.is_active())
+        self.active_peers().is_some()
     }
 
-    /// This node can serve `digest` to peers now.
+    fn active_peers(&self) -> Option<&Arc<dyn PeerSource>> {
+        self.peers.as_ref().filter(|p| p.is_active())
+    }
+
+    /// Peers may stream `digest` from this node now.
     pub fn announce(&self, digest: &Digest) {
         if let Some(peers) = &self.peers {
             peers.announce(digest);
         }
     }
 
-    pub fn blame(&self, contributors: &[PeerKey], reason: &'static str) {
+    /// This node holds a record of a public tag.
+    pub fn announce_tag(&self, registry: &str, repository: &str, tag: &str) {
         if let Some(peers) = &self.peers {
-            peers.blame(contributors, reason);
+            peers.announce_tag(registry, repository, tag);
         }
     }
-}
 
-fn peer_found(body: crate::peers::PeerBody) -> Found {
-    Found {
-        opened: body.opened,
-        source: "peer",
-        gated: true,
-        contributors: Some(body.contributors),
+    /// `digest` from a peer that holds it, without the single flight (small content).
+    pub async fn peer_held(&self, digest: &Digest, from: u64) -> Option<(Opened, Blame)> {
+        match self.active_peers()?.open(digest, from, false).await {
+            PeerLookup::Found { opened, blame } => Some((opened, blame)),
+            PeerLookup::Upstream { .. } => None,
+        }
+    }
+
+    /// The newest record of a public tag among the peers.
+    pub async fn peer_tag(&self, registry: &str, repository: &str, tag: &str) -> Option<TagAnswer> {
+        self.peers.as_ref()?.tag(registry, repository, tag).await
     }
 }

@@ -1,5 +1,6 @@
 //! Where content-addressed data can come from besides eddy's own store and the upstream
-//! registry: containerd's content store on this node (`containerd`), and other nodes (`p2p`).
+//! registry: containerd's content store on this node (`ContentSource`), and other nodes
+//! (`PeerSource`, implemented by `peers`).
 //!
 //! The registry handler asks these sources in order (store → containerd → peers → upstream)
 //! through the one small interface below, so a new source is a new module, not new branches
@@ -28,7 +29,7 @@ pub struct Opened {
 /// A source of content by digest.
 pub trait ContentSource: Send + Sync + 'static {
     /// The `source` label in metrics: `containerd` or `peer`.
-    fn name(&self) -> &'static str;
+    fn kind(&self) -> SourceKind;
 
     /// Opens `digest` from byte `from`. `None` means this source cannot serve it now, and the
     /// caller goes on to the next source; it must come quickly when the source lacks it.
@@ -57,4 +58,77 @@ pub trait PeerShare: Send + Sync + 'static {
 
     /// Every digest this node can serve peers right now (to advertise in the DHT).
     fn digests(&self) -> Vec<Digest>;
+}
+
+/// Where a response's bytes came from: the `source` label of eddy's metrics, and what decides
+/// whether a client must be authorized for content it did not fetch itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// eddy's own store (a hit, or a fill another client started).
+    Store,
+    /// This node's containerd content store.
+    Containerd,
+    /// Other nodes.
+    Peer,
+    /// The registry itself, or its chain's endpoints.
+    Upstream,
+}
+
+impl SourceKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            SourceKind::Store => "store",
+            SourceKind::Containerd => "containerd",
+            SourceKind::Peer => "peer",
+            SourceKind::Upstream => "upstream",
+        }
+    }
+}
+
+/// Tells the peers that sent a body that its bytes did not verify, so that they are avoided
+/// for a while. The handler holds it without knowing who the peers are.
+pub struct Blame(Box<dyn FnOnce(&'static str) + Send + Sync>);
+
+impl Blame {
+    pub fn new(blame: impl FnOnce(&'static str) + Send + Sync + 'static) -> Self {
+        Blame(Box::new(blame))
+    }
+
+    pub fn blame(self, reason: &'static str) {
+        (self.0)(reason)
+    }
+}
+
+/// What asking the peers for a blob gave.
+pub enum PeerLookup {
+    /// A peer serves it. Its bytes are gated: no client sees them before they verify.
+    Found { opened: Opened, blame: Blame },
+    /// Fetch it upstream. `elected`: this node fetches it for the cluster (its single flight),
+    /// and has announced it, so the other nodes stream from this node's fill.
+    Upstream { elected: bool },
+}
+
+/// Other nodes as a source: content they hold or are fetching, the cluster's single flight
+/// for content nobody holds yet, and their last-seen records of public tags.
+pub trait PeerSource: Send + Sync + 'static {
+    /// Whether any peer is connected: without one there is nothing to ask.
+    fn is_active(&self) -> bool;
+
+    /// `digest` from byte `from`. `elect`: when nobody holds it, take part in the cluster's
+    /// single flight (blobs; manifests are small and go upstream).
+    fn open<'a>(&'a self, digest: &'a Digest, from: u64, elect: bool) -> BoxFuture<'a, PeerLookup>;
+
+    /// This node can serve `digest` now (a fill's first byte arrived).
+    fn announce(&self, digest: &Digest);
+
+    /// This node holds a record of a public tag, for peers during an upstream outage.
+    fn announce_tag(&self, registry: &str, repository: &str, tag: &str);
+
+    /// The newest record of `registry/repository:tag` among the peers.
+    fn tag<'a>(
+        &'a self,
+        registry: &'a str,
+        repository: &'a str,
+        tag: &'a str,
+    ) -> BoxFuture<'a, Option<TagAnswer>>;
 }
