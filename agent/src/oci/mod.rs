@@ -7,3 +7,4 @@ pub mod api_path;
 pub mod digest;
 pub mod host;
 pub mod range;
+pub mod repo_key;

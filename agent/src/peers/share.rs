@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::{future::BoxFuture, StreamExt, TryStreamExt};
 
 use crate::{
-    oci::digest::Digest,
+    oci::{digest::Digest, repo_key::RepoKey},
     sources::containerd::ContainerdSource,
     sources::source::{ContentSource, Opened, PeerShare, TagAnswer},
     store::catalog::Catalog,
@@ -42,7 +42,7 @@ impl NodeShare {
         digest: &Digest,
     ) -> bool {
         for (registry, repo) in source.distribution_sources(digest).await {
-            let repo_key = format!("{registry}/{repo}");
+            let repo_key = RepoKey::new(&registry, &repo);
             match self.visibility.known(&repo_key) {
                 Some(Verdict::Public) => return true,
                 Some(_) => continue,
@@ -110,7 +110,7 @@ impl PeerShare for NodeShare {
     }
 
     fn tag(&self, registry: &str, repository: &str, tag: &str) -> Option<TagAnswer> {
-        let repo_key = format!("{registry}/{repository}");
+        let repo_key = RepoKey::new(registry, repository);
         let record = self.catalog.tag(&repo_key, tag)?;
         if !(record.public || self.visibility.is_public(&repo_key)) {
             return None;

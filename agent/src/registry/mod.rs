@@ -37,6 +37,7 @@ use crate::{
     oci::api_path::{parse_path, Api},
     oci::digest::Digest,
     oci::range::{parse_range, RangeSpec},
+    oci::repo_key::RepoKey,
     registry::metrics::RegistryMetrics,
     sources::failover::{resuming, skip_prefix, Resume},
     sources::order::{Found, Lookup, Sources},
@@ -88,7 +89,7 @@ pub struct Registry {
     /// chain when it has one, else straight to the registry.
     chains: Arc<Chains>,
     /// (repository, credentials hash) → when upstream last accepted them.
-    auth_ok: Mutex<HashMap<(String, [u8; 32]), Instant>>,
+    auth_ok: Mutex<HashMap<(RepoKey, [u8; 32]), Instant>>,
     /// containerd and peers, asked before the upstream on a miss.
     sources: Sources,
     /// How long a fill waits for upstream's next bytes ([`UPSTREAM_IDLE`] by default).
@@ -288,7 +289,7 @@ impl Registry {
         kind: Kind,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let repo_key = format!("{}/{repo}", origin.authority);
+        let repo_key = RepoKey::new(&origin.authority, repo);
         let meta = self.catalog.content(digest);
         let cached = self.store.get(digest);
 
@@ -336,7 +337,7 @@ impl Registry {
         &self,
         origin: &Origin,
         repo: &str,
-        repo_key: &str,
+        repo_key: &RepoKey,
         digest: &Digest,
         kind: Kind,
         req: Request<Incoming>,
@@ -372,7 +373,7 @@ impl Registry {
             let store = Arc::clone(&self.store);
             let sources = self.sources.clone();
             let upstream_idle = self.upstream_idle;
-            let (digest_c, repo_key, owned) = (*digest, repo_key.to_string(), Arc::clone(&owned));
+            let (digest_c, repo_key, owned) = (*digest, repo_key.clone(), Arc::clone(&owned));
             let served_by = Arc::clone(&served_by);
             self.store.fill(digest, move |held| async move {
                 owned.store(true, Ordering::Relaxed);
@@ -642,7 +643,7 @@ impl Registry {
     async fn fetch_manifest(
         &self,
         origin: &Origin,
-        repo_key: &str,
+        repo_key: &RepoKey,
         expected: Option<&Digest>,
         req: Request<Incoming>,
     ) -> Response<Body> {
@@ -699,7 +700,7 @@ impl Registry {
         &self,
         digest: &Digest,
         media_type: &str,
-        repo_key: &str,
+        repo_key: &RepoKey,
         public: bool,
         bytes: Bytes,
     ) {
@@ -732,7 +733,7 @@ impl Registry {
         tag: &str,
         req: Request<Incoming>,
     ) -> Response<Body> {
-        let repo_key = format!("{}/{repo}", origin.authority);
+        let repo_key = RepoKey::new(&origin.authority, repo);
         let probe = upstream_uri(origin, req.uri());
         let headers = request_headers(req.headers());
         let with_credentials = headers.contains_key(header::AUTHORIZATION);
@@ -806,7 +807,7 @@ impl Registry {
     /// client's own headers, whose answer the client gets.
     async fn revalidate_tag(
         &self,
-        repo_key: &str,
+        repo_key: &RepoKey,
         repo: &str,
         probe: Uri,
         headers: &HeaderMap,
@@ -833,7 +834,7 @@ impl Registry {
         &self,
         origin: &Origin,
         repo: &str,
-        repo_key: &str,
+        repo_key: &RepoKey,
         tag: &str,
         req: &Request<Incoming>,
         cause: &UpstreamError,
@@ -856,7 +857,7 @@ impl Registry {
         let Some((digest, media_type, blob)) = usable else {
             return bad_gateway(cause);
         };
-        warn!(repo = repo_key, tag, %digest, error = %cause, "upstream unreachable; serving the last known manifest");
+        warn!(repo = %repo_key, tag, %digest, error = %cause, "upstream unreachable; serving the last known manifest");
         self.metrics.stale_manifest();
         self.metrics
             .request(Kind::Manifest.label(), SourceKind::Store);
@@ -869,7 +870,7 @@ impl Registry {
         &self,
         origin: &Origin,
         repo: &str,
-        repo_key: &str,
+        repo_key: &RepoKey,
         tag: &str,
         req: &Request<Incoming>,
     ) -> Option<(Digest, String, Blob)> {
@@ -1013,7 +1014,7 @@ impl Registry {
         &self,
         origin: &Origin,
         repo: &str,
-        repo_key: &str,
+        repo_key: &RepoKey,
         kind: Kind,
         digest: &Digest,
         meta: Option<&ContentMeta>,
@@ -1024,7 +1025,7 @@ impl Registry {
             return Ok(());
         }
         let uri = || content_uri(origin, repo, kind, digest);
-        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key));
+        let seen_in_repo = meta.is_some_and(|m| m.repos.contains(repo_key.as_str()));
         let verdict = seen_in_repo
             .then(|| self.visibility.known(repo_key))
             .flatten();
@@ -1051,7 +1052,7 @@ impl Registry {
                 .unwrap_or_default(),
         )
         .into();
-        let key = (repo_key.to_string(), credentials);
+        let key = (repo_key.clone(), credentials);
         if seen_in_repo {
             if let Some(at) = self.auth_ok.lock().unwrap().get(&key) {
                 if at.elapsed() < AUTH_TTL {
@@ -1082,7 +1083,7 @@ impl Registry {
             let _ = self.catalog.record_content(digest, None, repo_key, false);
             return Ok(());
         }
-        debug!(status = %resp.status(), repo = repo_key, "upstream refused the client's credentials");
+        debug!(status = %resp.status(), repo = %repo_key, "upstream refused the client's credentials");
         Err(passthrough_response(resp))
     }
 

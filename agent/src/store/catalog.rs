@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::node::durable;
-use crate::oci::digest::Digest;
+use crate::oci::{digest::Digest, repo_key::RepoKey};
 
 #[derive(Debug, thiserror::Error)]
 #[error("catalog {path}: {source}")]
@@ -77,7 +77,7 @@ impl Catalog {
         &self,
         digest: &Digest,
         media_type: Option<&str>,
-        repo: &str,
+        repo: &RepoKey,
         public: bool,
     ) -> Result<(), CatalogError> {
         let _guard = self.write.lock().unwrap();
@@ -95,13 +95,13 @@ impl Catalog {
         self.write_json(&path, &meta)
     }
 
-    pub fn tag(&self, repo: &str, tag: &str) -> Option<TagRecord> {
+    pub fn tag(&self, repo: &RepoKey, tag: &str) -> Option<TagRecord> {
         read_json(&self.tag_path(repo, tag))
     }
 
     /// When the record of `repo:tag` last changed (seconds since the Unix epoch): peers that
     /// hold different records for a tag during an outage prefer the newest.
-    pub fn tag_changed_at(&self, repo: &str, tag: &str) -> Option<u64> {
+    pub fn tag_changed_at(&self, repo: &RepoKey, tag: &str) -> Option<u64> {
         let modified = std::fs::metadata(self.tag_path(repo, tag))
             .ok()?
             .modified()
@@ -114,7 +114,7 @@ impl Catalog {
 
     pub fn record_tag(
         &self,
-        repo: &str,
+        repo: &RepoKey,
         tag: &str,
         record: &TagRecord,
     ) -> Result<(), CatalogError> {
@@ -126,13 +126,13 @@ impl Catalog {
         self.write_json(&path, record)
     }
 
-    pub fn repo_visibility(&self, repo: &str) -> Option<RepoVisibility> {
+    pub fn repo_visibility(&self, repo: &RepoKey) -> Option<RepoVisibility> {
         read_json(&self.repo_path(repo))
     }
 
     pub fn record_repo_visibility(
         &self,
-        repo: &str,
+        repo: &RepoKey,
         visibility: &RepoVisibility,
     ) -> Result<(), CatalogError> {
         let _guard = self.write.lock().unwrap();
@@ -160,13 +160,13 @@ impl Catalog {
     }
 
     /// Tags are keyed by a hash: repository names contain slashes and may be long.
-    fn tag_path(&self, repo: &str, tag: &str) -> PathBuf {
+    fn tag_path(&self, repo: &RepoKey, tag: &str) -> PathBuf {
         let key = hex::encode(Sha256::digest(format!("{repo}:{tag}")));
         self.dir.join("tags").join(format!("{key}.json"))
     }
 
-    fn repo_path(&self, repo: &str) -> PathBuf {
-        let key = hex::encode(Sha256::digest(repo));
+    fn repo_path(&self, repo: &RepoKey) -> PathBuf {
+        let key = hex::encode(Sha256::digest(repo.as_str()));
         self.dir.join("repos").join(format!("{key}.json"))
     }
 
@@ -201,15 +201,21 @@ mod tests {
         let cat = Catalog::open(dir.path()).unwrap();
         let d = digest('a');
         assert_eq!(cat.content(&d), None);
-        cat.record_content(&d, None, "r.test/private", false)
+        cat.record_content(&d, None, &RepoKey::from_stored("r.test/private"), false)
             .unwrap();
-        cat.record_content(&d, Some("application/x"), "r.test/other", false)
-            .unwrap();
+        cat.record_content(
+            &d,
+            Some("application/x"),
+            &RepoKey::from_stored("r.test/other"),
+            false,
+        )
+        .unwrap();
         let meta = cat.content(&d).unwrap();
         assert!(!meta.public);
         assert_eq!(meta.media_type.as_deref(), Some("application/x"));
         assert_eq!(meta.repos.len(), 2);
-        cat.record_content(&d, None, "r.test/pub", true).unwrap();
+        cat.record_content(&d, None, &RepoKey::from_stored("r.test/pub"), true)
+            .unwrap();
         assert!(cat.content(&d).unwrap().public);
     }
 
@@ -223,11 +229,14 @@ mod tests {
         };
         Catalog::open(dir.path())
             .unwrap()
-            .record_tag("r.test/a/b", "v1", &rec)
+            .record_tag(&RepoKey::from_stored("r.test/a/b"), "v1", &rec)
             .unwrap();
         let cat = Catalog::open(dir.path()).unwrap();
-        assert_eq!(cat.tag("r.test/a/b", "v1"), Some(rec));
-        assert_eq!(cat.tag("r.test/a/b", "v2"), None);
+        assert_eq!(
+            cat.tag(&RepoKey::from_stored("r.test/a/b"), "v1"),
+            Some(rec)
+        );
+        assert_eq!(cat.tag(&RepoKey::from_stored("r.test/a/b"), "v2"), None);
     }
 
     #[test]
@@ -239,10 +248,16 @@ mod tests {
         };
         Catalog::open(dir.path())
             .unwrap()
-            .record_repo_visibility("r.test/library/busybox", &v)
+            .record_repo_visibility(&RepoKey::from_stored("r.test/library/busybox"), &v)
             .unwrap();
         let cat = Catalog::open(dir.path()).unwrap();
-        assert_eq!(cat.repo_visibility("r.test/library/busybox"), Some(v));
-        assert_eq!(cat.repo_visibility("r.test/library/other"), None);
+        assert_eq!(
+            cat.repo_visibility(&RepoKey::from_stored("r.test/library/busybox")),
+            Some(v)
+        );
+        assert_eq!(
+            cat.repo_visibility(&RepoKey::from_stored("r.test/library/other")),
+            None
+        );
     }
 }

@@ -387,7 +387,7 @@ pub fn render_text(report: &GcReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oci::digest::Digest;
+    use crate::oci::{digest::Digest, repo_key::RepoKey};
 
     #[test]
     fn sizes_parse_with_units_and_shares() {
@@ -454,7 +454,9 @@ mod tests {
         drop(store.get(&digests[0]).unwrap());
         let catalog = Arc::new(Catalog::open(dir.path()).unwrap());
         for d in &digests {
-            catalog.record_content(d, None, "r.test/app", true).unwrap();
+            catalog
+                .record_content(d, None, &RepoKey::from_stored("r.test/app"), true)
+                .unwrap();
         }
         let lifecycle = Lifecycle::new(
             Arc::clone(&store),

@@ -23,6 +23,7 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use tracing::{debug, info};
 
 use crate::{
+    oci::repo_key::RepoKey,
     store::catalog::{Catalog, ContentMeta, RepoVisibility},
     upstream::challenge::{self, Challenge},
     upstream::client::{empty, Upstream},
@@ -63,9 +64,9 @@ pub struct Visibility {
     catalog: Arc<Catalog>,
     /// repo → last verdict, or None for none yet: a read-through cache of the catalog's
     /// records, so the request path does not touch the disk for a repository twice.
-    known: Mutex<HashMap<String, Option<RepoVisibility>>>,
+    known: Mutex<HashMap<RepoKey, Option<RepoVisibility>>>,
     /// repo → when its last background check started.
-    attempts: Mutex<HashMap<String, Instant>>,
+    attempts: Mutex<HashMap<RepoKey, Instant>>,
     tokens: Arc<TokenClient>,
 }
 
@@ -81,11 +82,11 @@ impl Visibility {
     }
 
     /// The last verdict on `repo` (`authority/repository`), however old.
-    pub fn known(&self, repo: &str) -> Option<Verdict> {
+    pub fn known(&self, repo: &RepoKey) -> Option<Verdict> {
         self.record(repo).map(|r| verdict_of(&r))
     }
 
-    pub fn is_public(&self, repo: &str) -> bool {
+    pub fn is_public(&self, repo: &RepoKey) -> bool {
         self.known(repo) == Some(Verdict::Public)
     }
 
@@ -93,10 +94,14 @@ impl Visibility {
     /// was seen in a repository upstream serves to anonymous clients (content addressing
     /// makes it public wherever it is).
     pub fn content_is_public(&self, meta: &ContentMeta) -> bool {
-        meta.public || meta.repos.iter().any(|r| self.is_public(r))
+        meta.public
+            || meta
+                .repos
+                .iter()
+                .any(|r| self.is_public(&RepoKey::from_stored(r.as_str())))
     }
 
-    fn record(&self, repo: &str) -> Option<RepoVisibility> {
+    fn record(&self, repo: &RepoKey) -> Option<RepoVisibility> {
         if let Some(r) = self.known.lock().unwrap().get(repo) {
             return *r;
         }
@@ -105,16 +110,16 @@ impl Visibility {
         r
     }
 
-    fn remember(&self, repo: &str, record: Option<RepoVisibility>) {
+    fn remember(&self, repo: &RepoKey, record: Option<RepoVisibility>) {
         let mut known = self.known.lock().unwrap();
         if known.len() >= MAX_ENTRIES {
             // The catalog has them all; this is only a cache.
             known.clear();
         }
-        known.insert(repo.to_string(), record);
+        known.insert(repo.clone(), record);
     }
 
-    fn is_fresh(&self, repo: &str) -> bool {
+    fn is_fresh(&self, repo: &RepoKey) -> bool {
         self.record(repo)
             .is_some_and(|r| now_unix().saturating_sub(r.checked_at) < RECHECK_AFTER.as_secs())
     }
@@ -123,7 +128,7 @@ impl Visibility {
     /// started less than RETRY_AFTER ago. `probe` gives content of the repository upstream
     /// just served (a manifest or blob URI; built only when a check starts), `name` the
     /// repository path within the registry.
-    pub fn refresh(self: &Arc<Self>, repo: &str, name: &str, probe: impl FnOnce() -> Uri) {
+    pub fn refresh(self: &Arc<Self>, repo: &RepoKey, name: &str, probe: impl FnOnce() -> Uri) {
         if self.is_fresh(repo) {
             return;
         }
@@ -138,17 +143,17 @@ impl Visibility {
             if attempts.len() >= MAX_ENTRIES {
                 attempts.retain(|_, at| at.elapsed() < RETRY_AFTER);
             }
-            attempts.insert(repo.to_string(), Instant::now());
+            attempts.insert(repo.clone(), Instant::now());
         }
         let this = Arc::clone(self);
-        let (repo, name, probe) = (repo.to_string(), name.to_string(), probe());
+        let (repo, name, probe) = (repo.clone(), name.to_string(), probe());
         tokio::spawn(async move {
             let _ = this.check(&repo, &name, &probe).await;
         });
     }
 
     /// Ask upstream now, record and return the verdict. `None`: undecided (nothing changes).
-    pub async fn check(&self, repo: &str, name: &str, probe: &Uri) -> Option<Verdict> {
+    pub async fn check(&self, repo: &RepoKey, name: &str, probe: &Uri) -> Option<Verdict> {
         let outcome = match tokio::time::timeout(CHECK_TIMEOUT, self.decide(name, probe)).await {
             Ok(r) => r,
             Err(_) => Err(Undecided::Timeout),
@@ -166,7 +171,7 @@ impl Visibility {
                 }
                 if before != Some(verdict) {
                     info!(
-                        repo,
+                        repo = %repo,
                         ?verdict,
                         "repository visibility decided by an anonymous check upstream"
                     );
@@ -174,7 +179,7 @@ impl Visibility {
                 Some(verdict)
             }
             Err(e) => {
-                debug!(repo, error = %e, "repository visibility undecided");
+                debug!(repo = %repo, error = %e, "repository visibility undecided");
                 None
             }
         }
@@ -298,7 +303,7 @@ mod tests {
         let catalog = Arc::new(Catalog::open(dir.path()).unwrap());
         catalog
             .record_repo_visibility(
-                "r.test/pub",
+                &RepoKey::from_stored("r.test/pub"),
                 &RepoVisibility {
                     public: true,
                     checked_at: now_unix(),
@@ -307,7 +312,7 @@ mod tests {
             .unwrap();
         catalog
             .record_repo_visibility(
-                "r.test/priv",
+                &RepoKey::from_stored("r.test/priv"),
                 &RepoVisibility {
                     public: false,
                     checked_at: now_unix(),
@@ -326,6 +331,9 @@ mod tests {
         assert!(!v.content_is_public(&meta(&["r.test/priv"])));
         assert!(!v.content_is_public(&meta(&["r.test/unknown"])));
         assert!(v.content_is_public(&meta(&["r.test/priv", "r.test/pub"])));
-        assert!(v.is_fresh("r.test/pub") && !v.is_fresh("r.test/unknown"));
+        assert!(
+            v.is_fresh(&RepoKey::from_stored("r.test/pub"))
+                && !v.is_fresh(&RepoKey::from_stored("r.test/unknown"))
+        );
     }
 }
