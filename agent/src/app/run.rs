@@ -27,7 +27,7 @@ use crate::{
     peers::share::NodeShare,
     peers::{PeerNetwork, Peers},
     registry::metrics::RegistryMetrics,
-    registry::Registry,
+    registry::Handler as RegistryHandler,
     sources::containerd::ContainerdSource,
     sources::order::Sources,
     store::catalog::Catalog,
@@ -142,7 +142,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let mut registry = MetricsRegistry::default();
     let registry_metrics = RegistryMetrics::register(&mut registry);
-    let oci = Registry::new(
+    let oci = RegistryHandler::new(
         Upstream::new(upstream_tls, config.socket_mark),
         Arc::clone(&store),
         Arc::clone(&catalog),

@@ -33,7 +33,7 @@ use crate::{
     listener::metrics::{route, DirectionLabels, ProxyMetrics},
     listener::peek::{self, Hello},
     listener::registries::Registries,
-    registry::{Origin, Registry},
+    registry::{Handler as RegistryHandler, Origin},
     tls::{self, Ca, RegistryName},
     trust::{self, ClientProcess, TrustGate, Verdict},
     upstream::client as upstream,
@@ -55,7 +55,7 @@ pub struct Proxy {
     pub socket_mark: u32,
     pub registries: Registries,
     pub ca: Arc<Ca>,
-    pub registry: Arc<Registry>,
+    pub registry: Arc<RegistryHandler>,
     /// Decides, per client process, whether terminating TLS is safe.
     pub trust: Arc<TrustGate>,
     tls_by_sni: Arc<rustls::ServerConfig>,
@@ -86,7 +86,7 @@ impl Proxy {
         socket_mark: u32,
         registries: Registries,
         ca: Arc<Ca>,
-        registry: Arc<Registry>,
+        registry: Arc<RegistryHandler>,
         trust: Arc<TrustGate>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
@@ -297,7 +297,11 @@ impl Proxy {
 
 /// A plain-HTTP request names its registry in the Host header; the connection's original
 /// destination is where that registry lives.
-fn plain_http_origin(req: &Request<Incoming>, orig: SocketAddr, registry: &Registry) -> Origin {
+fn plain_http_origin(
+    req: &Request<Incoming>,
+    orig: SocketAddr,
+    registry: &RegistryHandler,
+) -> Origin {
     let authority = req
         .uri()
         .authority()
