@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::OnceLock};
 
 use agent::{
-    app::config::Registries,
+    listener::registries::Registries,
     listener::peek::{classify_bytes, Hello},
     listener::proxy::{route, Route},
     tls::Ca,

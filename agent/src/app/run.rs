@@ -11,7 +11,7 @@ use std::{
 };
 
 use prometheus_client::registry::Registry as MetricsRegistry;
-use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch};
+use tokio::{net::TcpListener, signal::unix::SignalKind, sync::watch, task::JoinHandle};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -20,10 +20,11 @@ use crate::{
     hook::bpf::Bpf,
     hook::metrics::BpfCounters,
     listener::metrics::ProxyMetrics,
-    listener::proxy::Proxy,
+    listener::proxy::{Proxy, ProxyParts},
     listener::registries::Registries,
     node::sys,
     ops::admin::{self, AdminState},
+    peers::p2p::{P2p, P2pMetrics},
     peers::share::NodeShare,
     peers::{PeerNetwork, Peers},
     registry::metrics::RegistryMetrics,
@@ -31,6 +32,7 @@ use crate::{
     sources::containerd::ContainerdSource,
     sources::order::Sources,
     store::catalog::Catalog,
+    store::lifecycle::Lifecycle,
     store::metrics::StoreGauges,
     store::Store,
     tls::{Ca, TlsError},
@@ -72,9 +74,59 @@ pub enum AppError {
 
 pub async fn run(config: Config) -> Result<(), AppError> {
     sys::raise_nofile_limit();
+    let _data_dir_lock = claim_node(&config)?;
+    let listeners = Listeners::bind(&config).await?;
+    log_start(&config);
+    let ca = Arc::new(load_ca(
+        &config.ca_dir,
+        &config.registries,
+        config.ca_unconstrained,
+    )?);
+    let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
+    let node_credentials = config
+        .upstream_auth_file
+        .as_deref()
+        .map(crate::upstream::credentials::NodeCredentials::load)
+        .transpose()?;
+    let (store, catalog) = open_store(&config)?;
+    let mut signals = Signals::install()?;
 
-    // Before anything touches the node (listeners, CA, store): a run that cannot attach must
-    // leave nothing behind.
+    let mut registry = MetricsRegistry::default();
+    let registry_metrics = RegistryMetrics::register(&mut registry);
+    let oci = RegistryHandler::new(
+        Upstream::new(upstream_tls, config.socket_mark),
+        Arc::clone(&store),
+        Arc::clone(&catalog),
+        registry_metrics,
+        node_credentials,
+    );
+    let containerd = containerd_source(&config, &mut registry);
+    let (p2p, p2p_metrics) = start_p2p(&config, &oci, &store, &catalog, &containerd).await?;
+    let oci = Arc::new(with_sources(oci, &config, &containerd, &p2p, &mut registry));
+
+    let bpf = load_and_attach(&config, listeners.v6.is_some())?;
+
+    let parts = Parts {
+        ca,
+        oci,
+        store,
+        catalog,
+        containerd,
+        p2p,
+        p2p_metrics,
+        registry,
+        bpf,
+    };
+    let running = serve(&config, observe(&config, parts), listeners);
+    signals.wait().await;
+    running.drain(config.drain_timeout).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Before anything touches the node (listeners, CA, store): a run that cannot attach must
+/// leave nothing behind. Returns the data dir's lock, held for the whole run.
+fn claim_node(config: &Config) -> Result<crate::store::datadir_lock::DataDirLock, AppError> {
     if !sys::has_bpf_privileges() {
         return Err(crate::hook::bpf::BpfError::NotPrivileged.into());
     }
@@ -84,16 +136,33 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         path: config.data_dir.clone(),
         source,
     })?;
-    let _data_dir_lock = crate::store::datadir_lock::acquire(&config.data_dir)?;
-    let listener = bind("--listen", config.listen.into()).await?;
-    let listener6 = match bind("IPv6 listener", config.listen6).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            warn!(addr = %config.listen6, error = %e, "no IPv6 listener: native IPv6 destinations go direct");
-            None
-        }
-    };
-    let admin_listener = bind("--admin", config.admin).await?;
+    Ok(crate::store::datadir_lock::acquire(&config.data_dir)?)
+}
+
+/// The sockets eddy accepts on: redirected IPv4 (and IPv6, if it can bind) connections, and
+/// the admin endpoint.
+struct Listeners {
+    v4: TcpListener,
+    v6: Option<TcpListener>,
+    admin: TcpListener,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Self, AppError> {
+        let v4 = bind("--listen", config.listen.into()).await?;
+        let v6 = match bind("IPv6 listener", config.listen6).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(addr = %config.listen6, error = %e, "no IPv6 listener: native IPv6 destinations go direct");
+                None
+            }
+        };
+        let admin = bind("--admin", config.admin).await?;
+        Ok(Listeners { v4, v6, admin })
+    }
+}
+
+fn log_start(config: &Config) {
     info!(
         cgroup = %config.cgroup.path.display(),
         listen = %config.listen,
@@ -109,19 +178,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     if !config.chains.is_empty() {
         info!(chains = ?config.chains.describe(), "registry chains");
     }
-    let ca = Arc::new(load_ca(
-        &config.ca_dir,
-        &config.registries,
-        config.ca_unconstrained,
-    )?);
-    let upstream_tls = crate::tls::upstream_client_config(&config.upstream_ca)?;
-    let node_credentials = config
-        .upstream_auth_file
-        .as_deref()
-        .map(crate::upstream::credentials::NodeCredentials::load)
-        .transpose()?;
+}
+
+/// Open the store, start re-hashing what an earlier run left (in the background: open only
+/// checks sizes), and open the catalog.
+fn open_store(config: &Config) -> Result<(Arc<Store>, Arc<Catalog>), AppError> {
     let store = Arc::new(Store::open(&config.data_dir)?);
-    // Re-hash what an earlier run left, in the background: open only checks sizes.
     tokio::spawn({
         let store = Arc::clone(&store);
         async move {
@@ -135,43 +197,65 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         }
     });
     let catalog = Arc::new(Catalog::open(&config.data_dir)?);
-    let mut sigterm =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut sigint =
-        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    Ok((store, catalog))
+}
 
-    let mut registry = MetricsRegistry::default();
-    let registry_metrics = RegistryMetrics::register(&mut registry);
-    let oci = RegistryHandler::new(
-        Upstream::new(upstream_tls, config.socket_mark),
-        Arc::clone(&store),
-        Arc::clone(&catalog),
-        registry_metrics,
-        node_credentials,
-    );
+/// SIGTERM and SIGINT, installed before anything is attached.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
 
-    // containerd's content store as a source (None with --containerd-socket none). It is off
-    // until containerd answers, which it learns in the background: start never waits for it.
-    let containerd_source: Option<Arc<ContainerdSource>> = config.containerd.as_ref().map(|c| {
+impl Signals {
+    fn install() -> Result<Self, AppError> {
+        let term =
+            tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+        let int =
+            tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+        Ok(Signals { term, int })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => info!("SIGINT: shutting down"),
+        }
+    }
+}
+
+/// containerd's content store as a source (None with --containerd-socket none). It is off
+/// until containerd answers, which it learns in the background: start never waits for it.
+fn containerd_source(
+    config: &Config,
+    registry: &mut MetricsRegistry,
+) -> Option<Arc<ContainerdSource>> {
+    config.containerd.as_ref().map(|c| {
         info!(socket = %c.socket.display(), namespaces = ?c.namespaces, "containerd source: connecting");
-        ContainerdSource::new(c.socket.clone(), c.namespaces.clone(), &mut registry)
-    });
-    // Before attaching: a taken --p2p-listen port fails the start with nothing attached.
-    let p2p_metrics = crate::peers::p2p::P2pMetrics::default();
+        ContainerdSource::new(c.socket.clone(), c.namespaces.clone(), registry)
+    })
+}
+
+/// Start p2p if configured: before attaching, so a taken --p2p-listen port fails the start
+/// with nothing attached. Content containerd learns is then advertised to peers at once.
+async fn start_p2p(
+    config: &Config,
+    oci: &RegistryHandler,
+    store: &Arc<Store>,
+    catalog: &Arc<Catalog>,
+    containerd: &Option<Arc<ContainerdSource>>,
+) -> Result<(Option<P2p>, P2pMetrics), AppError> {
+    let p2p_metrics = P2pMetrics::default();
     let share = Arc::new(NodeShare {
-        store: Arc::clone(&store),
-        catalog: Arc::clone(&catalog),
+        store: Arc::clone(store),
+        catalog: Arc::clone(catalog),
         visibility: oci.visibility(),
-        containerd: containerd_source.clone(),
+        containerd: containerd.clone(),
     });
-    let p2p: Option<crate::peers::p2p::P2p> = match &config.p2p {
-        Some(p2p_config) => Some(
-            crate::peers::p2p::P2p::start(p2p_config.clone(), share, p2p_metrics.clone()).await?,
-        ),
+    let p2p: Option<P2p> = match &config.p2p {
+        Some(p2p_config) => Some(P2p::start(p2p_config.clone(), share, p2p_metrics.clone()).await?),
         None => None,
     };
-    if let (Some(p2p), Some(source)) = (&p2p, &containerd_source) {
-        // Content containerd learned is advertised to peers at once.
+    if let (Some(p2p), Some(source)) = (&p2p, containerd) {
         let (p2p, source) = (p2p.clone(), Arc::clone(source));
         tokio::spawn(async move {
             loop {
@@ -180,28 +264,39 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             }
         });
     }
+    Ok((p2p, p2p_metrics))
+}
+
+/// The registry handler with its sources (containerd, then peers), idle timeout and chains.
+fn with_sources(
+    oci: RegistryHandler,
+    config: &Config,
+    containerd: &Option<Arc<ContainerdSource>>,
+    p2p: &Option<P2p>,
+    registry: &mut MetricsRegistry,
+) -> RegistryHandler {
     let peers = p2p.clone().map(|p2p| {
         Arc::new(Peers::with_single_flight(
             Arc::new(p2p) as Arc<dyn PeerNetwork>,
             config.single_flight,
         )) as Arc<dyn crate::sources::source::PeerSource>
     });
-    let sources = Sources::new(
-        containerd_source
-            .clone()
-            .map(|c| c as Arc<dyn crate::sources::source::ContentSource>),
-        peers,
-    );
-    let oci = Arc::new(
-        oci.with_sources(sources)
-            .with_upstream_idle(config.upstream_idle_timeout)
-            .with_chains(
-                config.chains.clone(),
-                crate::upstream::chain::ChainMetrics::register(&mut registry),
-            ),
-    );
+    let containerd = containerd
+        .clone()
+        .map(|c| c as Arc<dyn crate::sources::source::ContentSource>);
+    let sources = Sources::new(containerd, peers);
+    oci.with_sources(sources)
+        .with_upstream_idle(config.upstream_idle_timeout)
+        .with_chains(
+            config.chains.clone(),
+            crate::upstream::chain::ChainMetrics::register(registry),
+        )
+}
 
-    let mut bpf = Bpf::load(&config.hook(), listener6.is_some())?;
+/// Load the eBPF programs and attach them: the last step that can fail. A failed attach
+/// detaches and unpins what it attached, so the start leaves nothing behind.
+fn load_and_attach(config: &Config, ipv6: bool) -> Result<Arc<Bpf>, AppError> {
+    let mut bpf = Bpf::load(&config.hook(), ipv6)?;
     if let Some(log) = bpf.take_decision_log() {
         crate::hook::decision_log::spawn(log);
         info!("eBPF decision logs on (target eddy::bpf, debug)");
@@ -211,17 +306,68 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         bpf.unpin();
         return Err(e.into());
     }
-    let bpf = Arc::new(bpf);
     info!(cgroup = %config.cgroup.path.display(), "attached connect4, connect6 and sock_ops");
+    Ok(Arc::new(bpf))
+}
 
+/// What the steps before serving built.
+struct Parts {
+    ca: Arc<Ca>,
+    oci: Arc<RegistryHandler>,
+    store: Arc<Store>,
+    catalog: Arc<Catalog>,
+    containerd: Option<Arc<ContainerdSource>>,
+    p2p: Option<P2p>,
+    p2p_metrics: P2pMetrics,
+    registry: MetricsRegistry,
+    bpf: Arc<Bpf>,
+}
+
+/// What serving runs, taken apart again by [`Running::drain`].
+struct Running {
+    admin_state: Arc<AdminState>,
+    heartbeat: JoinHandle<()>,
+    bpf: Arc<Bpf>,
+    stop_tx: watch::Sender<bool>,
+    acceptors: Vec<JoinHandle<()>>,
+    connections: TaskTracker,
+    admin_stop_tx: watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
+}
+
+/// What serving starts from: the parts the proxy needs, and what the admin endpoint shows.
+struct Observed {
+    ca: Arc<Ca>,
+    oci: Arc<RegistryHandler>,
+    bpf: Arc<Bpf>,
+    containerd: Option<Arc<ContainerdSource>>,
+    metrics: ProxyMetrics,
+    lifecycle: Arc<Lifecycle>,
+    trust: Arc<TrustGate>,
+    admin_state: Arc<AdminState>,
+}
+
+/// Register the remaining metrics, and gather them with the cache lifecycle and the trust
+/// gate into the admin endpoint's state (not ready yet).
+fn observe(config: &Config, parts: Parts) -> Observed {
+    let Parts {
+        ca,
+        oci,
+        store,
+        catalog,
+        containerd,
+        p2p,
+        p2p_metrics,
+        mut registry,
+        bpf,
+    } = parts;
     let metrics = ProxyMetrics::register(&mut registry);
     if p2p.is_some() {
         p2p_metrics.register_into(&mut registry);
     }
     registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
     let lifecycle = Arc::new(
-        crate::store::lifecycle::Lifecycle::new(Arc::clone(&store), config.cache_policy)
-            .with_catalog(Arc::clone(&catalog)),
+        Lifecycle::new(Arc::clone(&store), config.cache_policy).with_catalog(Arc::clone(&catalog)),
     );
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&lifecycle))));
     let trust = Arc::new(TrustGate::new(
@@ -234,12 +380,36 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
         lifecycle: Arc::clone(&lifecycle),
-        p2p: p2p.clone(),
-        containerd: containerd_source.clone(),
+        p2p,
+        containerd: containerd.clone(),
     });
+    Observed {
+        ca,
+        oci,
+        bpf,
+        containerd,
+        metrics,
+        lifecycle,
+        trust,
+        admin_state,
+    }
+}
 
+/// Start the background tasks and the admin endpoint, then accept redirected connections
+/// and report ready.
+fn serve(config: &Config, observed: Observed, listeners: Listeners) -> Running {
+    let Observed {
+        ca,
+        oci,
+        bpf,
+        containerd,
+        metrics,
+        lifecycle,
+        trust,
+        admin_state,
+    } = observed;
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(source) = &containerd_source {
+    if let Some(source) = &containerd {
         tokio::spawn(Arc::clone(source).follow(stop_rx.clone()));
     }
     tokio::spawn(lifecycle.run(stop_rx.clone()));
@@ -252,28 +422,28 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     // while connections finish.
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
+        listeners.admin,
         Arc::clone(&admin_state),
         admin_stop_rx,
     ));
 
-    let proxy = Arc::new(Proxy::new(
-        Arc::clone(&bpf),
+    let proxy = Arc::new(Proxy::new(ProxyParts {
+        bpf: Arc::clone(&bpf),
         metrics,
-        config.socket_mark,
-        config.registries.clone(),
+        socket_mark: config.socket_mark,
+        registries: config.registries.clone(),
         ca,
-        oci,
+        registry: oci,
         trust,
-        stop_rx.clone(),
-    ));
+        shutdown: stop_rx.clone(),
+    }));
     let connections = TaskTracker::new();
     let mut acceptors = vec![tokio::spawn(Arc::clone(&proxy).serve(
-        listener,
+        listeners.v4,
         stop_rx.clone(),
         connections.clone(),
     ))];
-    if let Some(l6) = listener6 {
+    if let Some(l6) = listeners.v6 {
         acceptors.push(tokio::spawn(Arc::clone(&proxy).serve(
             l6,
             stop_rx.clone(),
@@ -282,36 +452,55 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     admin_state.ready.store(true, Ordering::Relaxed);
     info!("ready");
+    Running {
+        admin_state,
+        heartbeat,
+        bpf,
+        stop_tx,
+        acceptors,
+        connections,
+        admin_stop_tx,
+        admin_task,
+    }
+}
 
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: shutting down"),
-        _ = sigint.recv() => info!("SIGINT: shutting down"),
+impl Running {
+    /// Stop redirecting first, then detach, then drain the connections already redirected to
+    /// us (for at most `drain_timeout`), and only then unpin and stop the admin endpoint.
+    async fn drain(self, drain_timeout: Duration) {
+        let Running {
+            admin_state,
+            heartbeat,
+            bpf,
+            stop_tx,
+            acceptors,
+            connections,
+            admin_stop_tx,
+            admin_task,
+        } = self;
+        admin_state.ready.store(false, Ordering::Relaxed);
+        heartbeat.abort();
+        bpf.stop_redirects();
+        bpf.detach();
+        info!("detached; draining connections");
+        let _ = stop_tx.send(true);
+        for a in acceptors {
+            let _ = a.await;
+        }
+        connections.close();
+        if tokio::time::timeout(drain_timeout, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = connections.len(),
+                "drain timeout; closing remaining connections"
+            );
+        }
+        bpf.unpin();
+        let _ = admin_stop_tx.send(true);
+        let _ = admin_task.await;
     }
-
-    admin_state.ready.store(false, Ordering::Relaxed);
-    heartbeat.abort();
-    bpf.stop_redirects();
-    bpf.detach();
-    info!("detached; draining connections");
-    let _ = stop_tx.send(true);
-    for a in acceptors {
-        let _ = a.await;
-    }
-    connections.close();
-    if tokio::time::timeout(config.drain_timeout, connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = connections.len(),
-            "drain timeout; closing remaining connections"
-        );
-    }
-    bpf.unpin();
-    let _ = admin_stop_tx.send(true);
-    let _ = admin_task.await;
-    info!("stopped");
-    Ok(())
 }
 
 /// The node's CA (in `ca_dir`, see `TrustArgs::ca_dir`), constrained to the configured

@@ -76,20 +76,31 @@ pub enum Route {
     Http,
 }
 
+/// What a [`Proxy`]'s connection handlers depend on, each a separate dependency.
+pub struct ProxyParts {
+    pub bpf: Arc<Bpf>,
+    pub metrics: ProxyMetrics,
+    pub socket_mark: u32,
+    pub registries: Registries,
+    pub ca: Arc<Ca>,
+    pub registry: Arc<RegistryHandler>,
+    pub trust: Arc<TrustGate>,
+    /// Flips to true on SIGTERM: HTTP connections then close once idle.
+    pub shutdown: watch::Receiver<bool>,
+}
+
 impl Proxy {
-    // Each argument is a separate dependency of the connection handlers; bundling them
-    // into a struct would only rename them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        bpf: Arc<Bpf>,
-        metrics: ProxyMetrics,
-        socket_mark: u32,
-        registries: Registries,
-        ca: Arc<Ca>,
-        registry: Arc<RegistryHandler>,
-        trust: Arc<TrustGate>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(parts: ProxyParts) -> Self {
+        let ProxyParts {
+            bpf,
+            metrics,
+            socket_mark,
+            registries,
+            ca,
+            registry,
+            trust,
+            shutdown,
+        } = parts;
         Proxy {
             bpf,
             metrics,

@@ -25,8 +25,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
-use super::leaf::Leaves;
-use super::{write_atomic, RegistryName, TlsError};
+use super::error::TlsError;
+use super::files::write_atomic;
+use super::leaf_cache::Leaves;
+use super::name::RegistryName;
+use super::provider::provider;
 
 const CERT_FILE: &str = "ca.crt";
 const KEY_FILE: &str = "ca.key";
@@ -323,7 +326,7 @@ impl Ca {
             issuer,
             key,
             constraints,
-            provider: super::provider(),
+            provider: provider(),
             leaves: Leaves::default(),
         }
     }

@@ -471,32 +471,7 @@ impl Driver {
                 connection_id,
                 endpoint,
                 ..
-            } => {
-                let remote = without_p2p(endpoint.get_remote_address());
-                self.redial.remove(&remote);
-                if let Some(addr) = self.dialing.remove(&connection_id) {
-                    self.redial.remove(&addr);
-                    self.dialed.insert(connection_id, addr);
-                } else if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                    self.dialed.insert(connection_id, without_p2p(address));
-                }
-                let mut peers = lock(&self.shared.peers);
-                let new = !peers.contains_key(&peer_id);
-                peers
-                    .entry(peer_id)
-                    .or_insert_with(|| PeerState {
-                        since: SystemTime::now(),
-                        listen: BTreeSet::new(),
-                        remote: BTreeSet::new(),
-                    })
-                    .remote
-                    .insert(remote.clone());
-                self.metrics.peers.set(peers.len() as i64);
-                drop(peers);
-                if new {
-                    info!(peer = %peer_id, addr = %remote, "p2p peer connected");
-                }
-            }
+            } => self.on_connected(peer_id, connection_id, &endpoint),
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
@@ -543,28 +518,7 @@ impl Driver {
                 peer_id,
                 info,
                 ..
-            })) => {
-                // A peer listening on 0.0.0.0 also reports 127.0.0.1, which from another
-                // host is this node itself: keep loopback only for a peer reached on it.
-                let mut peers = lock(&self.shared.peers);
-                let via_loopback = peers
-                    .get(&peer_id)
-                    .is_some_and(|state| state.remote.iter().any(is_loopback));
-                let listen: BTreeSet<Multiaddr> = info
-                    .listen_addrs
-                    .iter()
-                    .map(without_p2p)
-                    .filter(|a| via_loopback || !is_loopback(a))
-                    .collect();
-                if let Some(state) = peers.get_mut(&peer_id) {
-                    state.listen = listen.clone();
-                }
-                drop(peers);
-                for addr in listen {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
-                self.update_dht_peers();
-            }
+            })) => self.on_identified(peer_id, &info),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -584,6 +538,64 @@ impl Driver {
             }
             _ => {}
         }
+    }
+
+    /// A connection is up: remember the address it was dialled at (no redial for it), and
+    /// the peer and the address it is reached on.
+    fn on_connected(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) {
+        let remote = without_p2p(endpoint.get_remote_address());
+        self.redial.remove(&remote);
+        if let Some(addr) = self.dialing.remove(&connection_id) {
+            self.redial.remove(&addr);
+            self.dialed.insert(connection_id, addr);
+        } else if let ConnectedPoint::Dialer { address, .. } = endpoint {
+            self.dialed.insert(connection_id, without_p2p(address));
+        }
+        let mut peers = lock(&self.shared.peers);
+        let new = !peers.contains_key(&peer_id);
+        peers
+            .entry(peer_id)
+            .or_insert_with(|| PeerState {
+                since: SystemTime::now(),
+                listen: BTreeSet::new(),
+                remote: BTreeSet::new(),
+            })
+            .remote
+            .insert(remote.clone());
+        self.metrics.peers.set(peers.len() as i64);
+        drop(peers);
+        if new {
+            info!(peer = %peer_id, addr = %remote, "p2p peer connected");
+        }
+    }
+
+    /// A peer told us its listen addresses: record them and add them to the DHT.
+    fn on_identified(&mut self, peer_id: PeerId, info: &identify::Info) {
+        // A peer listening on 0.0.0.0 also reports 127.0.0.1, which from another
+        // host is this node itself: keep loopback only for a peer reached on it.
+        let mut peers = lock(&self.shared.peers);
+        let via_loopback = peers
+            .get(&peer_id)
+            .is_some_and(|state| state.remote.iter().any(is_loopback));
+        let listen: BTreeSet<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .map(without_p2p)
+            .filter(|a| via_loopback || !is_loopback(a))
+            .collect();
+        if let Some(state) = peers.get_mut(&peer_id) {
+            state.listen = listen.clone();
+        }
+        drop(peers);
+        for addr in listen {
+            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+        }
+        self.update_dht_peers();
     }
 
     fn on_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
