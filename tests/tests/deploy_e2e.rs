@@ -339,7 +339,7 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
             bind(&trust, Path::new("/host-trust"), "rw"),
             bind(socket_dir, socket_dir, "ro"),
             // The test's name for the upstream, and its CA (eddy verifies upstream TLS).
-            bind(&hosts, Path::new("/etc/hosts"), "ro"),
+            bind(hosts, Path::new("/etc/hosts"), "ro"),
             bind(&pki.ca_cert, Path::new("/etc/eddy/upstream-ca.crt"), "ro"),
         ]
         .into_iter()

@@ -7,6 +7,8 @@
 //! empty containerd, a `ctr run` of the image, and a summary of where the bytes came from:
 //! the registry's own log and eddy's metrics. Everything is torn down on the way out, on
 //! failure too: every resource is a guard from the eddy-tests harness.
+// unsafe: a SIGINT handler, and geteuid. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     collections::BTreeMap,
     fs,

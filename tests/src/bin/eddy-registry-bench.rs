@@ -20,6 +20,8 @@
 //! e. eddy's peak RSS during d (VmHWM, and the largest sampled VmRSS).
 //!
 //! Short measurements run `--runs` times (median); nothing is hard-coded.
+// unsafe: sysconf(_SC_CLK_TCK), to turn /proc ticks into seconds. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     ffi::OsString,
     fs,

@@ -25,6 +25,8 @@
 //! The figures are printed and written as JSON and Markdown to `--out`. Everything the run
 //! made is removed at the end, also on SIGINT/SIGTERM (the waits poll a flag the handler
 //! sets, then the guards drop).
+// unsafe: a SIGINT handler, and sysconf(_SC_CLK_TCK). Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
