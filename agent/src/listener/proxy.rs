@@ -35,7 +35,7 @@ use crate::{
     listener::registries::Registries,
     registry::{Origin, Registry},
     tls::{self, Ca, RegistryName},
-    trust::{self, ClientProcess, TrustGate, Verdict},
+    trust::{self, ClientProcess, TrustGate, TrustVerdict},
     upstream::client as upstream,
 };
 
@@ -158,7 +158,7 @@ impl Proxy {
                 }
             }
             Route::Tls { authority, ip } => match self.trust.judge(process).await {
-                Verdict::Untrusting(reason) => {
+                TrustVerdict::Untrusting(reason) => {
                     // A client that does not trust eddy's CA would fail the handshake:
                     // its pull must still work, so leave the connection alone.
                     self.metrics.connection(route::PASSTHROUGH_UNTRUSTED);
@@ -167,7 +167,9 @@ impl Proxy {
                         debug!(dst = %orig, error = %e, "passthrough ended with an error");
                     }
                 }
-                Verdict::Trusting => self.terminate(client, authority, ip, orig, process).await,
+                TrustVerdict::Trusting => {
+                    self.terminate(client, authority, ip, orig, process).await
+                }
             },
             Route::Http => {
                 self.metrics.connection(route::REGISTRY_HTTP);
