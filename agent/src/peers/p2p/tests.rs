@@ -195,7 +195,11 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         gauge_polls += 1;
     }
-    assert!(a.metrics.peers.get() >= 2, "a counts {} peers", a.metrics.peers.get());
+    assert!(
+        a.metrics.peers.get() >= 2,
+        "a counts {} peers",
+        a.metrics.peers.get()
+    );
     // Both reach a's routing table (identify, then the 1 s sweep counts them).
     let mut dht = 0;
     for _ in 0..40 {
