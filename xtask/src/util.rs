@@ -64,10 +64,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
+    // Declared here: avoids a libc dependency for one call.
     extern "C" {
         fn geteuid() -> u32;
     }
+    // SAFETY: geteuid has no preconditions.
     unsafe { geteuid() == 0 }
 }
 

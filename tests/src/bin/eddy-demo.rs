@@ -95,6 +95,8 @@ impl Log {
     }
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn run(started: Instant) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -192,7 +194,7 @@ fn run(started: Instant) -> Result<()> {
     let client = &world.client;
     let reference = format!("{REGISTRY_HOST}/{REPO}:{TAG}");
 
-    let before_cold = Snapshot::take(&upstream, &eddy, after_push)?;
+    let before_cold = Snapshot::take(upstream, eddy, after_push)?;
     log.say(format!(
         "COLD pull: ctr images pull {reference} (eddy's store is empty)…"
     ));

@@ -543,28 +543,7 @@ impl Driver {
                 peer_id,
                 info,
                 ..
-            })) => {
-                // A peer listening on 0.0.0.0 also reports 127.0.0.1, which from another
-                // host is this node itself: keep loopback only for a peer reached on it.
-                let mut peers = lock(&self.shared.peers);
-                let via_loopback = peers
-                    .get(&peer_id)
-                    .is_some_and(|state| state.remote.iter().any(is_loopback));
-                let listen: BTreeSet<Multiaddr> = info
-                    .listen_addrs
-                    .iter()
-                    .map(without_p2p)
-                    .filter(|a| via_loopback || !is_loopback(a))
-                    .collect();
-                if let Some(state) = peers.get_mut(&peer_id) {
-                    state.listen = listen.clone();
-                }
-                drop(peers);
-                for addr in listen {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                }
-                self.update_dht_peers();
-            }
+            })) => self.on_identified(peer_id, &info),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
@@ -584,6 +563,30 @@ impl Driver {
             }
             _ => {}
         }
+    }
+
+    /// A peer told its listen addresses (identify): they go into its state and the DHT.
+    fn on_identified(&mut self, peer_id: PeerId, info: &identify::Info) {
+        // A peer listening on 0.0.0.0 also reports 127.0.0.1, which from another
+        // host is this node itself: keep loopback only for a peer reached on it.
+        let mut peers = lock(&self.shared.peers);
+        let via_loopback = peers
+            .get(&peer_id)
+            .is_some_and(|state| state.remote.iter().any(is_loopback));
+        let listen: BTreeSet<Multiaddr> = info
+            .listen_addrs
+            .iter()
+            .map(without_p2p)
+            .filter(|a| via_loopback || !is_loopback(a))
+            .collect();
+        if let Some(state) = peers.get_mut(&peer_id) {
+            state.listen = listen.clone();
+        }
+        drop(peers);
+        for addr in listen {
+            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+        }
+        self.update_dht_peers();
     }
 
     fn on_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
