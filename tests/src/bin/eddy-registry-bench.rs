@@ -448,6 +448,8 @@ impl Series {
     }
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn measure(args: &Args, env: &Env) -> Result<String> {
     let load_start = loadavg();
     let image_bytes = env.image.total_bytes();

@@ -1001,6 +1001,8 @@ fn missed(r: &Report) -> Vec<String> {
     out
 }
 
+// The report, section after section in the order it reads; long but flat.
+#[allow(clippy::too_many_lines)]
 fn markdown(r: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(
