@@ -194,10 +194,15 @@ pub const fn is_v4_mapped(ip6: &[u8; 16]) -> bool {
 }
 
 #[cfg(feature = "user")]
+// unsafe: aya reads these from BPF maps as plain bytes, which needs `unsafe impl Pod`.
+#[allow(unsafe_code)]
 mod user {
-    // SAFETY: all of these are repr(C), Copy, contain only integers and explicit padding,
-    // so every bit pattern is valid and there are no implicit padding bytes.
+    // All of these are repr(C), Copy, contain only integers and explicit padding, so every
+    // bit pattern is valid and there are no implicit padding bytes.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::OrigDst {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ConnKey {}
 }

@@ -1,4 +1,6 @@
 //! Child cgroups under the cgroup v2 mount, removed on drop.
+// unsafe: kill(2) of the processes left in a test's cgroup. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     fs,
     path::{Path, PathBuf},

@@ -1,4 +1,6 @@
 //! Whether this machine can run the privileged tests: root, cgroup v2, BPF, the tools.
+// unsafe: geteuid and a probing bpf(2) call. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{fs, io::Write, path::Path, process::Command};
 
 use crate::cgroup::cgroup2_mount;

@@ -1,4 +1,6 @@
 //! Child processes that cannot outlive a test, and commands that cannot hang one.
+// unsafe: kill(2), sysconf and getrusage for the processes the tests start. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     io::Read,
     process::{Child, Command, ExitStatus, Output, Stdio},

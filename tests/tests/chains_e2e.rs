@@ -511,6 +511,8 @@ fn asks(upstream: &Upstream, uri: &str, skip: usize) -> Result<Vec<Ask>> {
 /// under the unrewritten names (`test/app` at registry.test, `app` at Docker Hub) would
 /// give a wrong digest if a rewrite were skipped.
 #[test]
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn chain_home_lab_fallbacks_in_order_with_prefix_and_docker_hub_library() -> Result<()> {
     let local_name = format!("{LOCAL_HOST}:{LOCAL_PORT}");
     let acme_endpoint = format!("https://{REGISTRY_HOST}/acme");

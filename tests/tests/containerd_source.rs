@@ -298,7 +298,9 @@ fn containerd_source_missing_socket_warns_once_and_connects_later() -> Result<()
 #[test]
 fn containerd_source_open_returns_the_blob_from_any_offset() -> Result<()> {
     use agent::{
-        oci::digest::Digest, sources::containerd::ContainerdSource, sources::source::ContentSource,
+        oci::digest::Digest,
+        sources::containerd::ContainerdSource,
+        sources::source::{ContentSource, SourceKind},
     };
     use futures_util::TryStreamExt;
 
@@ -340,7 +342,7 @@ fn containerd_source_open_returns_the_blob_from_any_offset() -> Result<()> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         ensure!(source.contains(&digest) == Some(bytes.len() as u64));
-        ensure!(source.name() == "containerd");
+        ensure!(source.kind() == SourceKind::Containerd);
         for from in [
             0u64,
             1,

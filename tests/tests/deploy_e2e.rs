@@ -263,6 +263,8 @@ fn deploy_cluster_ca_from_a_read_only_dir() -> Result<()> {
 /// to a test cgroup from inside the container and serves a second pull from its cache: a
 /// real docker-registry upstream in a network namespace, ctr pulling from the hooked cgroup.
 #[test]
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
     if !require_privileges() {
         return Ok(());
@@ -339,7 +341,7 @@ fn deploy_image_runs_with_the_daemonset_privileges() -> Result<()> {
             bind(&trust, Path::new("/host-trust"), "rw"),
             bind(socket_dir, socket_dir, "ro"),
             // The test's name for the upstream, and its CA (eddy verifies upstream TLS).
-            bind(&hosts, Path::new("/etc/hosts"), "ro"),
+            bind(hosts, Path::new("/etc/hosts"), "ro"),
             bind(&pki.ca_cert, Path::new("/etc/eddy/upstream-ca.crt"), "ro"),
         ]
         .into_iter()

@@ -1574,6 +1574,8 @@ impl TokenWorld {
 ///     terminated and cached. Public content is served warm from the store; private content
 ///     only to clients whose token upstream accepts for that repository.
 #[test]
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn bearer_token_auth_through_a_passed_through_token_host() -> Result<()> {
     if !require_privileges() {
         return Ok(());
@@ -1964,6 +1966,8 @@ fn content_requests(requests: &[eddy_tests::registry::LoggedRequest]) -> Vec<Str
 ///     after a restart, and through an outage of both the registry and its token host. A
 ///     private repository keeps the per-client check, and is never served in the outage.
 #[test]
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn public_content_of_a_token_registry_is_served_like_public_content() -> Result<()> {
     if !require_privileges() {
         return Ok(());
@@ -2712,6 +2716,8 @@ fn removals(report: &serde_json::Value) -> Result<std::collections::BTreeMap<Str
 ///      /store`; `eddy gc --admin` then removes exactly the entries the dry run named, with
 ///      the same bytes, and the files, `GET /store` and the eviction counter agree.
 #[test]
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn eddy_gc_through_the_running_agent_removes_what_its_dry_run_reported() -> Result<()> {
     let Some(mut setup) = setup(UpstreamOptions::default()) else {
         return Ok(());

@@ -370,6 +370,8 @@ const REQUIRED_PANELS: &[&str] = &[
 
 /// What the all-features renders hold, read as objects rather than text: the dashboard, the
 /// alerts and the metrics they use, the optional features' wiring, the DaemonSet's scheduling.
+// A checklist over the rendered objects, one check after another; long but flat.
+#[allow(clippy::too_many_lines)]
 fn check_contents(tools: &Tools, out: &Path) -> Result<()> {
     let exported = exported_metric_sources()?;
     for distro in DISTROS {

@@ -1,4 +1,4 @@
-//! `cargo xtask test`: unit tests, then the privileged end-to-end tests.
+//! `cargo xtask test`: clippy (warnings fail), unit tests, then the privileged end-to-end tests.
 //!
 //! The privileged tests (tests/tests/*.rs in the eddy-tests crate) need root, cgroup v2 and
 //! BPF, and drive the release `eddy` binary through `EDDY_BIN`. They run one at a time:
@@ -55,6 +55,10 @@ pub fn run(opts: &Options) -> Result<()> {
              Run `cargo xtask test` as root, or `cargo xtask test --unit-only` for the unit \
              tests alone, or set EDDY_ALLOW_SKIP=1 to let them report SKIPPED."
         );
+    }
+    // Minutes, before anything slower: a new clippy warning fails the run.
+    if !opts.privileged_only {
+        clippy()?;
     }
 
     if !opts.unit_only {
@@ -135,4 +139,37 @@ pub fn run(opts: &Options) -> Result<()> {
             .env("EDDY_BIN", &eddy),
     )?;
     Ok(())
+}
+
+/// `cargo clippy --workspace --all-targets -- -D warnings`: the lints are configured in the
+/// workspace's Cargo.toml (and clippy.toml), and any warning fails the run. Fails, rather than
+/// skips, when clippy is missing: CI gets it from rustup's stable toolchain (component
+/// `clippy`) or, with Debian's cargo-web, from the `rust-web-clippy` package (.ci/run).
+fn clippy() -> Result<()> {
+    let available = cargo()
+        .args(["clippy", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !available {
+        bail!(
+            "`cargo clippy` is not available, and `cargo xtask test` runs it.\n  \
+             With rustup: `rustup component add clippy`; with Debian's cargo-web: \
+             `apt-get install rust-web-clippy`."
+        );
+    }
+    // The agent's build script embeds the eBPF object, and containerd-client's generates
+    // its gRPC bindings with protoc: clippy runs build scripts too.
+    crate::build_ebpf::run(&Default::default())?;
+    util::ensure_programs(&[("protoc", "protobuf-compiler")])?;
+    eprintln!("xtask: clippy (warnings are errors)");
+    util::run(cargo().current_dir(workspace_root()).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }

@@ -1,4 +1,6 @@
 //! Shared helpers: locating the workspace and target directory, running commands.
+// unsafe: one geteuid call, without a libc dependency. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -62,10 +64,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions. Avoids a libc dependency for one call.
+    // Declared here: avoids a libc dependency for one call.
     extern "C" {
         fn geteuid() -> u32;
     }
+    // SAFETY: geteuid has no preconditions.
     unsafe { geteuid() == 0 }
 }
 

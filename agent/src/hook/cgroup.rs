@@ -106,14 +106,7 @@ pub fn open(path: &Path) -> Result<Cgroup, CgroupError> {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: statfs writes into the zeroed struct; `c` is a valid C string.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC
-    }
+    crate::node::sys::is_fs_type(path, CGROUP2_SUPER_MAGIC)
 }
 
 /// The cgroup v2 directory of the node's containerd (see `distro::detect`: the oldest

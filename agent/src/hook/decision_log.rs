@@ -7,6 +7,8 @@
 //! `RUST_LOG` enables `eddy::bpf` at debug. When off, the eBPF side is loaded with
 //! aya-log's `AYA_LOG_LEVEL` global at 0: a read-only constant, so the verifier removes the
 //! log calls and the hook runs exactly the code it ran without them.
+// unsafe: registering the logger's ring-buffer fd with tokio is unsafe (fd ownership). Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::os::fd::AsRawFd;
 
 use aya::Ebpf;

@@ -35,7 +35,7 @@ use crate::{
     listener::registries::Registries,
     registry::{Handler as RegistryHandler, Origin},
     tls::{self, Ca, RegistryName},
-    trust::{self, ClientProcess, TrustGate, Verdict},
+    trust::{self, ClientProcess, TrustGate, TrustVerdict},
     upstream::client as upstream,
 };
 
@@ -169,7 +169,7 @@ impl Proxy {
                 }
             }
             Route::Tls { authority, ip } => match self.trust.judge(process).await {
-                Verdict::Untrusting(reason) => {
+                TrustVerdict::Untrusting(reason) => {
                     // A client that does not trust eddy's CA would fail the handshake:
                     // its pull must still work, so leave the connection alone.
                     self.metrics.connection(route::PASSTHROUGH_UNTRUSTED);
@@ -178,7 +178,9 @@ impl Proxy {
                         debug!(dst = %orig, error = %e, "passthrough ended with an error");
                     }
                 }
-                Verdict::Trusting => self.terminate(client, authority, ip, orig, process).await,
+                TrustVerdict::Trusting => {
+                    self.terminate(client, authority, ip, orig, process).await
+                }
             },
             Route::Http => {
                 self.metrics.connection(route::REGISTRY_HTTP);

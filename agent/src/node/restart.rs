@@ -7,6 +7,8 @@
 //! the host's PID 1 (the chart runs it with hostPID) and runs the host's own
 //! `systemctl restart UNIT`, where UNIT is the systemd service whose cgroup holds containerd
 //! (containerd, k3s or k3s-agent, rke2-server or rke2-agent, microk8s' snap service).
+// unsafe: pre_exec (setns into the host's mount namespace before exec) is unsafe. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     fs::File,
     os::{fd::AsRawFd, unix::process::CommandExt},

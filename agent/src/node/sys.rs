@@ -1,4 +1,6 @@
 //! Thin, safe wrappers over the few syscalls eddy needs that std and aya do not offer.
+// This is where the crate's syscalls live: each `unsafe` block says why it is sound.
+#![allow(unsafe_code)]
 use std::{ffi::CString, io, os::fd::AsRawFd, path::Path};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -36,13 +38,18 @@ pub fn has_bpf_privileges() -> bool {
 }
 
 pub fn is_bpffs(path: &Path) -> bool {
+    is_fs_type(path, BPF_FS_MAGIC)
+}
+
+/// Whether the file system at `path` has the statfs(2) magic `magic`; false when statfs fails.
+pub fn is_fs_type(path: &Path, magic: i64) -> bool {
     let Ok(c) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return false;
     };
     // SAFETY: statfs writes into the zeroed struct; `c` is a valid C string.
     unsafe {
         let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == magic
     }
 }
 

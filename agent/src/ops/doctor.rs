@@ -299,7 +299,7 @@ fn check_socket(spec: &str, containerd: Option<&Containerd>) -> Check {
 /// containerd started after it got there (Go reads its roots once, at start). Without a
 /// containerd to look at, only `--bundle` can be checked.
 fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) -> Check {
-    use crate::trust::{ClientProcess, Host, Reason, TrustGate, Verdict};
+    use crate::trust::{ClientProcess, Host, Reason, TrustGate, TrustVerdict};
     use rustls::pki_types::{pem::PemObject, CertificateDer};
 
     let name = "containerd.trust";
@@ -339,14 +339,14 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
         cgroup_id: 0,
     };
     match gate.verdict(&client) {
-        Verdict::Trusting => pass(
+        TrustVerdict::Trusting => pass(
             name,
             format!(
                 "containerd (pid {}) reads eddy's CA from its roots and started after it got there",
                 c.pid
             ),
         ),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
             if bundle_contains(&std::fs::read(bundle).unwrap_or_default(), &ca) =>
         {
             fail(
@@ -359,7 +359,7 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
                 "give --bundle (the chart's trustBundle) as the bundle containerd reads",
             )
         }
-        Verdict::Untrusting(Reason::CaNotInRoots) => fail(
+        TrustVerdict::Untrusting(Reason::CaNotInRoots) => fail(
             name,
             format!(
                 "eddy's CA is in none of the roots containerd (pid {}) reads",
@@ -367,7 +367,7 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
             ),
             install_fix(c.distro, bundle),
         ),
-        Verdict::Untrusting(Reason::StartedBeforeCa) => fail(
+        TrustVerdict::Untrusting(Reason::StartedBeforeCa) => fail(
             name,
             format!(
                 "containerd (pid {}) started before eddy's CA entered its roots: it does not trust the CA yet",
@@ -380,7 +380,7 @@ fn check_trust(ca_dir: &Path, bundle: &Path, containerd: Option<&Containerd>) ->
                 None => "restart containerd once".into(),
             },
         ),
-        Verdict::Untrusting(_) => warn(
+        TrustVerdict::Untrusting(_) => warn(
             name,
             format!("containerd's roots could not be read (pid {})", c.pid),
             "run eddy doctor in the host's PID namespace, as root",

@@ -590,12 +590,15 @@ mod tests {
 
     use super::*;
 
+    /// What a peer serves: its content, and the bytes it sends before failing (None = all).
+    type Served = (Vec<u8>, Option<usize>);
+
     /// An in-memory network: which node provides which key, and what each peer serves.
     #[derive(Default)]
     struct World {
         records: Mutex<BTreeMap<Vec<u8>, BTreeSet<PeerKey>>>,
         /// peer → (content, bytes to send before failing; None = all)
-        content: Mutex<HashMap<PeerKey, (Vec<u8>, Option<usize>)>>,
+        content: Mutex<HashMap<PeerKey, Served>>,
         slow: Mutex<BTreeSet<PeerKey>>,
         failures: Mutex<Vec<(PeerKey, &'static str)>>,
         /// The next this many lookups find nothing: records that have not reached the

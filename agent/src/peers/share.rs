@@ -3,7 +3,7 @@
 //! records. Public content only: what upstream serves to anonymous clients. Content that
 //! arrived with a client's or the node's credentials, and was never found public, stays on
 //! this node. Answers come from local sources only: a peer's request never goes further.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use futures_util::{future::BoxFuture, StreamExt, TryStreamExt};
 
@@ -13,12 +13,8 @@ use crate::{
     sources::source::{ContentSource, Opened, PeerShare, TagAnswer},
     store::catalog::Catalog,
     store::{BoxError, Store},
-    upstream::visibility::{Verdict, Visibility},
+    upstream::visibility::{Verdict, Visibility, VERDICT_BOUND},
 };
-
-/// How long a peer's request waits for upstream's verdict on a repository this node never
-/// asked about (content containerd pulled before eddy saw it).
-const VERDICT_BOUND: Duration = Duration::from_secs(3);
 
 pub struct NodeShare {
     pub store: Arc<Store>,

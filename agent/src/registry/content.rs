@@ -1,6 +1,6 @@
 //! Content by digest (blobs, and manifests by digest): served from the store, else through
 //! the one shared fill of the digest (`fill`), which every client missing it streams from.
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use http::{
@@ -23,12 +23,8 @@ use crate::{
     sources::source::SourceKind,
     store::{Fill, StoreError},
     upstream::client::Body,
-    upstream::visibility::Verdict,
+    upstream::visibility::{Verdict, VERDICT_BOUND},
 };
-
-/// How long a miss waits for upstream's public/private verdict on a repository this node
-/// never asked about, before it decides whether peers may serve it.
-const VERDICT_BOUND: Duration = Duration::from_secs(3);
 
 impl Handler {
     /// A blob, or a manifest by digest: content-addressed, so cacheable.

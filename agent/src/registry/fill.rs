@@ -21,6 +21,7 @@ use super::{
     origin::{Kind, MAX_MANIFEST},
 };
 use crate::{
+    node::sync::lock,
     oci::digest::Digest,
     oci::repo_key::RepoKey,
     registry::metrics::RegistryMetrics,
@@ -50,9 +51,7 @@ struct Report {
 
 impl FillReport {
     fn report(&self) -> std::sync::MutexGuard<'_, Option<Report>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.0)
     }
 
     fn started(&self) {
@@ -110,7 +109,7 @@ impl UpstreamFetch {
 
     /// The fill fetches the whole content, or the rest from `from`; the client's own Range
     /// is served from the fill, so it is not sent.
-    pub async fn from(&self, from: u64) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn get_from(&self, from: u64) -> Result<Response<Incoming>, UpstreamError> {
         let mut headers = self.headers.clone();
         headers.remove(header::RANGE);
         headers.remove(header::IF_RANGE);
@@ -150,7 +149,7 @@ impl MissFill {
         // The fill fetches the whole blob, or the rest after the prefix a crashed run left.
         // Manifests are small: never resumed.
         let from = if self.kind == Kind::Blob { held } else { 0 };
-        let elected = match self.from_sources(from).await {
+        let elected = match self.try_sources(from).await {
             Ok(fetched) => return Ok(fetched),
             Err(elected) => elected,
         };
@@ -177,7 +176,7 @@ impl MissFill {
 
     /// This node's containerd, then peers, before the upstream. `Err(elected)`: nobody
     /// serves it, and `elected` says whether this node fetches it for the cluster.
-    async fn from_sources(&self, from: u64) -> Result<Fetched<ByteStream>, bool> {
+    async fn try_sources(&self, from: u64) -> Result<Fetched<ByteStream>, bool> {
         if self.sources.is_empty() {
             return Err(false);
         }
@@ -213,11 +212,11 @@ impl MissFill {
 
     /// Upstream's answer for the rest from `from`, and the offset its body starts at.
     async fn fetch_upstream(&self, from: u64) -> Result<(Response<Incoming>, u64), BoxError> {
-        let resp = self.fetch.from(from).await?;
+        let resp = self.fetch.get_from(from).await?;
         match resume_offset(from, resp.status(), resumed_at(&resp)) {
             Some(offset) => Ok((resp, offset)),
             // A 416, or an answer that does not fit: ask again for the whole blob.
-            None => Ok((self.fetch.from(0).await?, 0)),
+            None => Ok((self.fetch.get_from(0).await?, 0)),
         }
     }
 
@@ -231,7 +230,7 @@ impl MissFill {
     ) -> BoxError {
         let resp = if why == NotCached::DiskFull && offset > 0 {
             // The client gets the whole blob, uncached: a 206 is not what it asked for.
-            match self.fetch.from(0).await {
+            match self.fetch.get_from(0).await {
                 Ok(whole) => whole,
                 Err(e) => return Box::new(e),
             }
@@ -401,7 +400,7 @@ fn upstream_resume(
             if kind != Kind::Blob {
                 return None;
             }
-            let resp = fetch.from(pos).await.ok()?;
+            let resp = fetch.get_from(pos).await.ok()?;
             let (at, whole) = (resumed_at(&resp), resp.status() == StatusCode::OK);
             let body = resp
                 .into_body()

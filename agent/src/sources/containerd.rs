@@ -44,6 +44,7 @@ use tokio::{sync::watch, time::Instant};
 use tracing::{debug, info, warn};
 
 use crate::{
+    node::sync::lock,
     oci::digest::Digest,
     sources::source::{ContentSource, Opened, SourceKind},
     store::BoxError,
@@ -227,16 +228,16 @@ impl ContainerdSource {
     /// The size of `digest` when containerd holds it in one of the namespaces (as last
     /// listed or announced).
     pub fn contains(&self, digest: &Digest) -> Option<u64> {
-        self.lock().known.size(digest)
+        lock(&self.state).known.size(digest)
     }
 
     /// Every content digest known across the namespaces, sorted, each once.
     pub fn digests(&self) -> Vec<Digest> {
-        self.lock().known.digests()
+        lock(&self.state).known.digests()
     }
 
     pub fn status(&self) -> ContainerdStatus {
-        let state = self.lock();
+        let state = lock(&self.state);
         ContainerdStatus {
             socket: self.socket.clone(),
             namespaces: self.namespaces.clone(),
@@ -245,13 +246,8 @@ impl ContainerdSource {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock leaves plain data behind, still usable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn update(&self, change: impl FnOnce(&mut Known)) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         let before = state.known.count();
         change(&mut state.known);
         let after = state.known.count();
@@ -268,7 +264,7 @@ impl ContainerdSource {
     }
 
     fn channel(&self) -> Option<Channel> {
-        self.lock().channel.clone()
+        lock(&self.state).channel.clone()
     }
 
     /// Connect, list and follow events until `stop`; reconnect when containerd goes away.
@@ -279,7 +275,7 @@ impl ContainerdSource {
         loop {
             let mut up = false;
             let result = self.session(&mut stop, &mut up).await;
-            self.lock().channel = None;
+            lock(&self.state).channel = None;
             match result {
                 Ok(()) => return,
                 Err(e) if !warned => {
@@ -331,7 +327,7 @@ impl ContainerdSource {
             let content = list(&channel, namespace).await?;
             self.update(|k| k.replace(namespace, content));
         }
-        self.lock().channel = Some(channel.clone());
+        lock(&self.state).channel = Some(channel.clone());
         *up = true;
         info!(
             socket = %self.socket.display(),
@@ -459,7 +455,7 @@ impl ContainerdSource {
     async fn locate(&self, channel: &Channel, digest: &Digest) -> Option<(String, u64)> {
         let mut order: Vec<&String> = Vec::with_capacity(self.namespaces.len());
         {
-            let state = self.lock();
+            let state = lock(&self.state);
             order.extend(
                 self.namespaces
                     .iter()
@@ -495,7 +491,7 @@ impl ContainerdSource {
                     return Some((namespace.clone(), size));
                 }
                 Err(ContainerdError::Rpc { source, .. }) if source.code() == Code::NotFound => {
-                    if self.lock().known.has(namespace, digest) {
+                    if lock(&self.state).known.has(namespace, digest) {
                         self.update(|k| k.remove(namespace, digest));
                     }
                 }

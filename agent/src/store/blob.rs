@@ -15,8 +15,8 @@ use tracing::{info, warn};
 use super::disk::{hash_file, Layout};
 use super::error::StoreError;
 use super::index::{Entry, EntryInfo, EvictReason, Index};
-use super::lock::lock;
 use super::reader::{self, Progress, Source};
+use crate::node::sync::lock;
 use crate::oci::digest::Digest;
 
 /// A committed blob. Holds its file open, so it stays readable even if evicted meanwhile.

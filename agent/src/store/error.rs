@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::oci::digest::Digest;
 
-/// Any error the upstream body or fetch may produce.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// Any error the upstream body or fetch may produce (the crate's one boxed error).
+pub use crate::node::error::BoxError;
 
 /// Cloneable so a failed fill can hand the same error to every waiting reader.
 #[derive(Debug, Clone, thiserror::Error)]

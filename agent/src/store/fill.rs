@@ -16,9 +16,9 @@ use super::blob::{Blob, Blobs};
 use super::disk::Layout;
 use super::download::{download, Fetched, Target};
 use super::error::{BoxError, StoreError};
-use super::lock::lock;
 use super::reader::{self, Phase, Progress, Source};
 use super::resume;
+use crate::node::sync::lock;
 use crate::oci::digest::Digest;
 
 /// A handle on a download in progress (or finished). Clones observe the same download.

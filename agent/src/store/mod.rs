@@ -7,7 +7,7 @@
 //! cached content (`catalog`), the size and TTL policy (`lifecycle`), the store's gauges
 //! (`metrics`) and its single owner (`datadir_lock`).
 //!
-//! May import only `oci` and `node`. Inside, imports point one way: `error` and `lock` at the
+//! May import only `oci` and `node`. Inside, imports point one way: `error` at the
 //! bottom, then `disk`, `index`, `reader`, `blob`, `download`, `fill`; this file only re-exports
 //! and wires them into [`Store`], and no file below imports from it (but `lifecycle`, a policy on
 //! top of the [`Store`] API).
@@ -26,7 +26,6 @@ mod error;
 mod fill;
 mod index;
 pub mod lifecycle;
-mod lock;
 pub mod metrics;
 mod reader;
 pub mod resume;

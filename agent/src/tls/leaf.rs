@@ -13,6 +13,7 @@ use super::ca::Ca;
 use super::error::TlsError;
 use super::name::RegistryName;
 use super::provider::alpn_protocols;
+use crate::node::sync::lock;
 
 impl Ca {
     /// A leaf for `name`, from the cache or freshly minted. Does not check `covers`.
@@ -67,11 +68,7 @@ pub fn server_config(ca: Arc<Ca>) -> Arc<ServerConfig> {
 /// A client that does send SNI gets the leaf for that name, since that is what it will verify.
 /// Cached per IP.
 pub fn server_config_for_ip(ca: Arc<Ca>, ip: IpAddr) -> Arc<ServerConfig> {
-    let mut configs = ca
-        .leaves
-        .ip_configs
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let mut configs = lock(&ca.leaves.ip_configs);
     if let Some(config) = configs.get(&ip) {
         return config.clone();
     }

@@ -11,6 +11,7 @@ use rustls::ServerConfig;
 
 use super::error::TlsError;
 use super::name::RegistryName;
+use crate::node::sync::lock;
 
 /// Registries per node are few; the bound only stops a stream of odd SNIs from growing memory.
 const CAPACITY: usize = 1024;
@@ -53,7 +54,7 @@ impl Leaves {
         now: SystemTime,
         mint: impl FnOnce() -> Result<(Arc<CertifiedKey>, SystemTime), TlsError>,
     ) -> Result<Arc<CertifiedKey>, TlsError> {
-        let mut leaves = self.leaves.lock().unwrap_or_else(|e| e.into_inner());
+        let mut leaves = lock(&self.leaves);
         if let Some(cached) = leaves.get(name) {
             if now < cached.renew_at {
                 return Ok(cached.key.clone());

@@ -52,7 +52,7 @@ pub struct ClientProcess {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub enum TrustVerdict {
     /// eddy's CA was in the client's roots when it started: terminate TLS.
     Trusting,
     /// Pass the connection through untouched.
@@ -111,7 +111,7 @@ struct Known {
     exe: PathBuf,
     cgroup_id: u64,
     /// Never `RejectedCertificate`: the guard is checked per connection.
-    verdict: Verdict,
+    verdict: TrustVerdict,
     last_seen: Instant,
 }
 
@@ -160,20 +160,20 @@ impl TrustGate {
 
     /// The verdict for a connection of `client`. Cheap when the process was judged before;
     /// otherwise its roots are read on the blocking pool.
-    pub async fn judge(self: &Arc<Self>, client: ClientProcess) -> Verdict {
+    pub async fn judge(self: &Arc<Self>, client: ClientProcess) -> TrustVerdict {
         match self.known_verdict(&client) {
             Ok(v) => v,
             Err(start_ticks) => {
                 let gate = Arc::clone(self);
                 tokio::task::spawn_blocking(move || gate.judge_new(&client, start_ticks))
                     .await
-                    .unwrap_or(Verdict::Untrusting(Reason::Unidentified))
+                    .unwrap_or(TrustVerdict::Untrusting(Reason::Unidentified))
             }
         }
     }
 
     /// The verdict for a connection of `client`, reading its roots if needed (blocking).
-    pub fn verdict(&self, client: &ClientProcess) -> Verdict {
+    pub fn verdict(&self, client: &ClientProcess) -> TrustVerdict {
         match self.known_verdict(client) {
             Ok(v) => v,
             Err(start_ticks) => self.judge_new(client, start_ticks),
@@ -181,7 +181,7 @@ impl TrustGate {
     }
 
     /// `Ok`: decided without reading roots. `Err(start_ticks)`: a process not judged yet.
-    fn known_verdict(&self, client: &ClientProcess) -> Result<Verdict, u64> {
+    fn known_verdict(&self, client: &ClientProcess) -> Result<TrustVerdict, u64> {
         if client.tgid == 0 || !self.host.pids_visible {
             return Ok(self.unidentified(client, "no process id"));
         }
@@ -196,7 +196,7 @@ impl TrustGate {
             Some(known) if known.start_ticks == start_ticks => {
                 known.last_seen = Instant::now();
                 if is_guarded(guarded, &known.exe, client.cgroup_id) {
-                    return Ok(Verdict::Untrusting(Reason::RejectedCertificate));
+                    return Ok(TrustVerdict::Untrusting(Reason::RejectedCertificate));
                 }
                 Ok(known.verdict)
             }
@@ -204,17 +204,17 @@ impl TrustGate {
         }
     }
 
-    fn unidentified(&self, client: &ClientProcess, why: &str) -> Verdict {
+    fn unidentified(&self, client: &ClientProcess, why: &str) -> TrustVerdict {
         debug!(
             pid = client.tgid,
             why, "client process unidentified; passing through"
         );
         self.metrics.verdict(Reason::Unidentified.label());
-        Verdict::Untrusting(Reason::Unidentified)
+        TrustVerdict::Untrusting(Reason::Unidentified)
     }
 
     /// Read a new process's environment and roots, decide, remember.
-    fn judge_new(&self, client: &ClientProcess, start_ticks: u64) -> Verdict {
+    fn judge_new(&self, client: &ClientProcess, start_ticks: u64) -> TrustVerdict {
         let judging = Instant::now();
         let proc_root = &self.host.proc_root;
         let pid = client.tgid;
@@ -230,23 +230,23 @@ impl TrustGate {
         let started = process::started_at(boot, start_ticks, self.ticks_per_second);
         let places = roots::Places::of(&env);
         let verdict = match roots::ca_visible_since(&root, &places, &self.ca_der, &self.memo) {
-            None => Verdict::Untrusting(Reason::CaNotInRoots),
+            None => TrustVerdict::Untrusting(Reason::CaNotInRoots),
             // Process start times have clock-tick resolution (rounded down): a bundle
             // written in the same tick counts as later, which can only pass through.
-            Some(since) if since >= started => Verdict::Untrusting(Reason::StartedBeforeCa),
-            Some(_) => Verdict::Trusting,
+            Some(since) if since >= started => TrustVerdict::Untrusting(Reason::StartedBeforeCa),
+            Some(_) => TrustVerdict::Trusting,
         };
         let label = match verdict {
-            Verdict::Trusting => "trusting",
-            Verdict::Untrusting(r) => r.label(),
+            TrustVerdict::Trusting => "trusting",
+            TrustVerdict::Untrusting(r) => r.label(),
         };
         self.metrics.verdict(label);
         let judged_us = judging.elapsed().as_micros() as u64;
         match verdict {
-            Verdict::Trusting => {
+            TrustVerdict::Trusting => {
                 debug!(pid, exe = %exe.display(), judged_us, "client trusts eddy's CA")
             }
-            Verdict::Untrusting(reason) => info!(
+            TrustVerdict::Untrusting(reason) => info!(
                 pid,
                 exe = %exe.display(),
                 cgroup_id = client.cgroup_id,
@@ -272,7 +272,7 @@ impl TrustGate {
             },
         );
         if guarded {
-            Verdict::Untrusting(Reason::RejectedCertificate)
+            TrustVerdict::Untrusting(Reason::RejectedCertificate)
         } else {
             verdict
         }
@@ -317,8 +317,8 @@ impl TrustGate {
             .iter()
             .filter_map(|(&pid, k)| {
                 let reason = match k.verdict {
-                    Verdict::Untrusting(r) => r,
-                    Verdict::Trusting => return None,
+                    TrustVerdict::Untrusting(r) => r,
+                    TrustVerdict::Trusting => return None,
                 };
                 let alive = process::start_ticks(&self.host.proc_root, pid)
                     .is_ok_and(|t| t == k.start_ticks);

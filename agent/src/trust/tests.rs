@@ -118,7 +118,7 @@ fn ssl_cert_file_with_the_ca_trusts() {
     // The fake start time has tick resolution: keep the bundle strictly older.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(10, "r1", &["SSL_CERT_FILE=/certs/bundle.pem"], "/bin/ctr");
-    assert_eq!(host.gate().verdict(&client(10)), Verdict::Trusting);
+    assert_eq!(host.gate().verdict(&client(10)), TrustVerdict::Trusting);
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn ssl_cert_file_without_the_ca_does_not_trust() {
     host.restart(11, "r", &["SSL_CERT_FILE=/certs/bundle.pem"], "/bin/ctr");
     assert_eq!(
         host.gate().verdict(&client(11)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
 }
 
@@ -149,14 +149,14 @@ fn a_process_started_before_the_ca_entered_its_bundle_does_not_trust() {
     let gate = host.gate();
     assert_eq!(
         gate.verdict(&client(12)),
-        Verdict::Untrusting(Reason::StartedBeforeCa)
+        TrustVerdict::Untrusting(Reason::StartedBeforeCa)
     );
     assert_eq!(gate.report().untrusting.len(), 1);
     // After a restart (same pid, new start time) it reads the bundle with the CA. Start
     // times have tick resolution: let the restart fall in a later tick than the write.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(12, "r", &[], "/usr/bin/containerd");
-    assert_eq!(gate.verdict(&client(12)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(12)), TrustVerdict::Trusting);
     assert!(gate.report().untrusting.is_empty());
 }
 
@@ -173,13 +173,13 @@ fn only_the_first_readable_distro_bundle_counts() {
     host.process(13, "r", &[], Duration::ZERO, "/bin/ctr");
     assert_eq!(
         host.gate().verdict(&client(13)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
     // With no earlier bundle present, the same file is read.
     fs::remove_file(rootfs.join("etc/pki/tls/certs/ca-bundle.crt")).unwrap();
     std::thread::sleep(Duration::from_millis(20));
     host.restart(13, "r", &[], "/bin/ctr");
-    assert_eq!(host.gate().verdict(&client(13)), Verdict::Trusting);
+    assert_eq!(host.gate().verdict(&client(13)), TrustVerdict::Trusting);
 }
 
 #[test]
@@ -204,7 +204,7 @@ fn cert_dirs_are_read_even_with_ssl_cert_file_and_absolute_symlinks_stay_in_the_
         Duration::ZERO,
         "/bin/ctr",
     );
-    assert_eq!(host.gate().verdict(&client(14)), Verdict::Trusting);
+    assert_eq!(host.gate().verdict(&client(14)), TrustVerdict::Trusting);
 
     // SSL_CERT_DIR replaces the default directories.
     host.bundle(&rootfs, "/mydir/x.pem", false);
@@ -217,7 +217,7 @@ fn cert_dirs_are_read_even_with_ssl_cert_file_and_absolute_symlinks_stay_in_the_
     );
     assert_eq!(
         host.gate().verdict(&client(14)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
 }
 
@@ -236,7 +236,7 @@ fn a_relative_ssl_cert_file_is_read_from_the_working_directory() {
     );
     // /proc/PID/cwd names the directory as the process sees it, inside its root.
     symlink("/work", host.proc_root().join("19/cwd")).unwrap();
-    assert_eq!(host.gate().verdict(&client(19)), Verdict::Trusting);
+    assert_eq!(host.gate().verdict(&client(19)), TrustVerdict::Trusting);
 }
 
 #[test]
@@ -250,10 +250,10 @@ fn each_process_is_judged_by_its_own_root() {
     host.process(15, "with", &[], Duration::ZERO, "/bin/ctr");
     host.process(16, "without", &[], Duration::ZERO, "/bin/ctr");
     let gate = host.gate();
-    assert_eq!(gate.verdict(&client(15)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(15)), TrustVerdict::Trusting);
     assert_eq!(
         gate.verdict(&client(16)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
 }
 
@@ -265,19 +265,19 @@ fn verdicts_are_kept_per_process_and_a_reused_pid_is_judged_again() {
     std::thread::sleep(Duration::from_millis(20));
     host.process(17, "r", &[], Duration::ZERO, "/bin/ctr");
     let gate = host.gate();
-    assert_eq!(gate.verdict(&client(17)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(17)), TrustVerdict::Trusting);
     let remembered = gate.memo.remembered();
     // The bundle loses the CA: the same process keeps its verdict (it read its roots
     // already), and no file is read for it again.
     host.bundle(&rootfs, "/etc/ssl/certs/ca-certificates.crt", false);
-    assert_eq!(gate.verdict(&client(17)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(17)), TrustVerdict::Trusting);
     assert_eq!(gate.memo.remembered(), remembered);
     // A new process under the same pid reads the bundle as it is now.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(17, "r", &[], "/bin/ctr");
     assert_eq!(
         gate.verdict(&client(17)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
 }
 
@@ -288,11 +288,11 @@ fn unidentified_clients_pass_through() {
     // No tgid recorded, and a process that is gone.
     assert_eq!(
         gate.verdict(&client(0)),
-        Verdict::Untrusting(Reason::Unidentified)
+        TrustVerdict::Untrusting(Reason::Unidentified)
     );
     assert_eq!(
         gate.verdict(&client(999)),
-        Verdict::Untrusting(Reason::Unidentified)
+        TrustVerdict::Untrusting(Reason::Unidentified)
     );
     // eddy outside the host's pid namespace cannot map tgids to processes.
     let rootfs = host.dir.path().join("r");
@@ -303,9 +303,9 @@ fn unidentified_clients_pass_through() {
     blind.host.pids_visible = false;
     assert_eq!(
         blind.verdict(&client(18)),
-        Verdict::Untrusting(Reason::Unidentified)
+        TrustVerdict::Untrusting(Reason::Unidentified)
     );
-    assert_eq!(host.gate().verdict(&client(18)), Verdict::Trusting);
+    assert_eq!(host.gate().verdict(&client(18)), TrustVerdict::Trusting);
 }
 
 #[test]
@@ -318,20 +318,20 @@ fn a_rejection_guards_the_executable_in_its_cgroup_for_a_while() {
     host.process(21, "r", &[], Duration::ZERO, "/usr/bin/curl");
     host.process(22, "r", &[], Duration::ZERO, "/usr/bin/ctr");
     let gate = host.gate().with_guard_for(Duration::from_secs(1));
-    assert_eq!(gate.verdict(&client(20)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(20)), TrustVerdict::Trusting);
     gate.record_rejection(&client(20));
     assert_eq!(gate.metrics.rejections.get(), 1);
-    let guarded = Verdict::Untrusting(Reason::RejectedCertificate);
+    let guarded = TrustVerdict::Untrusting(Reason::RejectedCertificate);
     // The same process, and another process of the same executable in the same cgroup.
     assert_eq!(gate.verdict(&client(20)), guarded);
     assert_eq!(gate.verdict(&client(21)), guarded);
     // Another executable, or the same one in another cgroup, is judged on its own.
-    assert_eq!(gate.verdict(&client(22)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(22)), TrustVerdict::Trusting);
     let elsewhere = ClientProcess {
         tgid: 21,
         cgroup_id: 8,
     };
-    assert_eq!(gate.verdict(&elsewhere), Verdict::Trusting);
+    assert_eq!(gate.verdict(&elsewhere), TrustVerdict::Trusting);
     let report = gate.report();
     assert!(
         report
@@ -342,7 +342,7 @@ fn a_rejection_guards_the_executable_in_its_cgroup_for_a_while() {
     );
     // The guard expires.
     std::thread::sleep(Duration::from_millis(1100));
-    assert_eq!(gate.verdict(&client(21)), Verdict::Trusting);
+    assert_eq!(gate.verdict(&client(21)), TrustVerdict::Trusting);
     assert!(gate.report().untrusting.is_empty());
 }
 
@@ -366,7 +366,7 @@ fn an_oversized_bundle_is_not_read() {
     );
     assert_eq!(
         host.gate().verdict(&client(23)),
-        Verdict::Untrusting(Reason::CaNotInRoots)
+        TrustVerdict::Untrusting(Reason::CaNotInRoots)
     );
 }
 

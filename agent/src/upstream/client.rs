@@ -33,7 +33,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::{client::TlsStream, TlsConnector};
 use tokio_util::either::Either;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::node::error::BoxError;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// containerd follows up to 10 redirects; so do we.

@@ -39,6 +39,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Bounds on the in-memory maps (one entry per repository seen).
 const MAX_ENTRIES: usize = 10_000;
+/// How long a request (a miss, or a peer's request) waits for upstream's verdict on a repository
+/// this node never asked about (content containerd pulled before eddy saw it), before it goes on
+/// without one: peers do not serve such content, and a miss does not share it with peers.
+pub const VERDICT_BOUND: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -44,6 +44,8 @@ struct Args {
     out: Option<PathBuf>,
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(

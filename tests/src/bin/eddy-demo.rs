@@ -7,6 +7,8 @@
 //! empty containerd, a `ctr run` of the image, and a summary of where the bytes came from:
 //! the registry's own log and eddy's metrics. Everything is torn down on the way out, on
 //! failure too: every resource is a guard from the eddy-tests harness.
+// unsafe: a SIGINT handler, and geteuid. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     collections::BTreeMap,
     fs,
@@ -93,6 +95,8 @@ impl Log {
     }
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn run(started: Instant) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -190,7 +194,7 @@ fn run(started: Instant) -> Result<()> {
     let client = &world.client;
     let reference = format!("{REGISTRY_HOST}/{REPO}:{TAG}");
 
-    let before_cold = Snapshot::take(&upstream, &eddy, after_push)?;
+    let before_cold = Snapshot::take(upstream, eddy, after_push)?;
     log.say(format!(
         "COLD pull: ctr images pull {reference} (eddy's store is empty)…"
     ));

@@ -60,6 +60,8 @@ struct Args {
     open_swarm: bool,
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(

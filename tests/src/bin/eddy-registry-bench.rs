@@ -20,6 +20,8 @@
 //! e. eddy's peak RSS during d (VmHWM, and the largest sampled VmRSS).
 //!
 //! Short measurements run `--runs` times (median); nothing is hard-coded.
+// unsafe: sysconf(_SC_CLK_TCK), to turn /proc ticks into seconds. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     ffi::OsString,
     fs,
@@ -446,6 +448,8 @@ impl Series {
     }
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn measure(args: &Args, env: &Env) -> Result<String> {
     let load_start = loadavg();
     let image_bytes = env.image.total_bytes();

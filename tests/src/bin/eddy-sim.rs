@@ -25,6 +25,8 @@
 //! The figures are printed and written as JSON and Markdown to `--out`. Everything the run
 //! made is removed at the end, also on SIGINT/SIGTERM (the waits poll a flag the handler
 //! sets, then the guards drop).
+// unsafe: a SIGINT handler, and sysconf(_SC_CLK_TCK). Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -999,6 +1001,8 @@ fn missed(r: &Report) -> Vec<String> {
     out
 }
 
+// The report, section after section in the order it reads; long but flat.
+#[allow(clippy::too_many_lines)]
 fn markdown(r: &Report) -> String {
     let mut md = String::new();
     let _ = writeln!(

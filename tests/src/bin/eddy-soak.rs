@@ -53,6 +53,8 @@ struct Tally {
     failed: Vec<String>,
 }
 
+// One scenario (or run) read top to bottom, step after step; split it when it changes.
+#[allow(clippy::too_many_lines)]
 fn main() -> Result<()> {
     let args = Args::parse();
     if !require_privileges() {

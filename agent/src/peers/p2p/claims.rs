@@ -18,7 +18,7 @@ use std::{
 
 use libp2p::PeerId;
 
-use crate::oci::digest::Digest;
+use crate::{node::sync::lock, oci::digest::Digest};
 
 /// How long a claim stands at most. Long enough to cover the fetch of a large blob and the
 /// time until every node's content lookup finds the fetcher's provider record (records are
@@ -49,7 +49,7 @@ impl Claims {
         stale: Option<PeerId>,
         alive: impl Fn(&PeerId) -> bool,
     ) -> PeerId {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = lock(&self.held);
         if let Some(claim) = held.get(&digest) {
             let stands = claim.since.elapsed() < CLAIM_TTL
                 && alive(&claim.fetcher)
@@ -78,7 +78,7 @@ impl Claims {
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
+        lock(&self.held).len()
     }
 }
 

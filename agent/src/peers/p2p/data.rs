@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::protocol::{self, Response, Ticket, Token};
-use crate::sources::source::Opened;
+use crate::{node::sync::lock, sources::source::Opened};
 
 /// How long a ticket waits for its data connection.
 pub const TICKET_TTL: Duration = Duration::from_secs(10);
@@ -122,16 +122,13 @@ impl DataServer {
     /// Stops listening and closes every data connection, as the node leaving would.
     pub fn stop(&self) {
         self.stop.cancel();
-        self.tickets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.tickets).clear();
     }
 
     /// Holds `opened` for one data connection; None when too many tickets are out (the
     /// caller then streams `opened` in-band, so it is handed back).
     pub fn issue(&self, opened: Opened) -> Result<Ticket, Opened> {
-        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tickets = lock(&self.tickets);
         let now = Instant::now();
         tickets.retain(|_, held| held.expires > now);
         if tickets.len() >= MAX_TICKETS {
@@ -153,7 +150,7 @@ impl DataServer {
     }
 
     fn redeem(&self, token: &Token) -> Option<Opened> {
-        let mut tickets = self.tickets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tickets = lock(&self.tickets);
         let held = tickets.remove(token)?;
         (held.expires > Instant::now()).then_some(held.opened)
     }

@@ -47,6 +47,7 @@ use self::{
     swarm::{Command, Shared},
 };
 use crate::{
+    node::sync::lock,
     oci::digest::Digest,
     sources::source::{Opened, PeerShare, TagAnswer},
 };
@@ -639,10 +640,6 @@ async fn reconcile_loop(
             }
         }
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -4,8 +4,9 @@ use std::{str::FromStr, time::Duration};
 use futures_util::future::BoxFuture;
 use libp2p::PeerId;
 
-use super::{lock, P2p};
+use super::P2p;
 use crate::{
+    node::sync::lock,
     oci::digest::Digest,
     peers::{PeerKey, PeerNetwork},
     sources::source::{Opened, TagAnswer},

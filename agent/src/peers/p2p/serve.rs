@@ -26,7 +26,7 @@ use super::{
     protocol::{self, Request, Response},
     swarm::Shared,
 };
-use crate::sources::source::PeerShare;
+use crate::{node::sync::lock, sources::source::PeerShare};
 
 /// Streams one peer may have open at once: enough for a pull's parallel layers, not enough
 /// for one peer to take all of this node's file handles or bandwidth.
@@ -56,7 +56,7 @@ pub(super) async fn serve_inbound(mut incoming: libp2p_stream::IncomingStreams, 
     let limits: Mutex<HashMap<PeerId, Arc<Semaphore>>> = Mutex::new(HashMap::new());
     while let Some((peer, stream)) = incoming.next().await {
         let semaphore = {
-            let mut limits = limits.lock().unwrap_or_else(|e| e.into_inner());
+            let mut limits = lock(&limits);
             if limits.len() > 1024 {
                 limits.retain(|_, s| s.available_permits() < MAX_INBOUND_PER_PEER);
             }

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::{error::P2pError, metrics::P2pMetrics};
-use crate::oci::digest::Digest;
+use crate::{node::sync::lock, oci::digest::Digest};
 
 /// Kademlia under a protocol name of its own, so eddy's DHT never mixes with IPFS's (and a
 /// stray IPFS node could not join it even without a PSK).
@@ -633,10 +633,6 @@ impl Driver {
             _ => {}
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(super) fn without_p2p(addr: &Multiaddr) -> Multiaddr {

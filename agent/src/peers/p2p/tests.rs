@@ -1,4 +1,6 @@
 //! In-process nodes on loopback: discovery, provider records, fetches, the swarm key.
+// unsafe: getrusage, to measure the CPU time a test spends. Each block says why it is sound.
+#![allow(unsafe_code)]
 use std::{collections::HashMap, sync::Mutex};
 
 use futures_util::{future::BoxFuture, StreamExt};
@@ -669,8 +671,9 @@ async fn throughput_512mib_over_loopback() {
 }
 
 fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct it is given.
+    // SAFETY: rusage is plain integers, for which all zeroes is a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(usage.ru_utime) + tv(usage.ru_stime)

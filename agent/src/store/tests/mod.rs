@@ -21,9 +21,9 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use super::lock::lock;
 use super::reader::READ_CHUNK;
 use super::*;
+use crate::node::sync::lock;
 
 const T: Duration = Duration::from_secs(10);
 
