@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub const INTERCEPTED_PORT: u16 = 443;
 /// A port the upstream also serves but eddy does not intercept.
 pub const OTHER_PORT: u16 = 8080;
+/// Bytes in a mebibyte, for sizes given in MiB.
+pub const MIB: u64 = 1 << 20;
 
 static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 

@@ -476,6 +476,23 @@ impl Client {
         argv.push(url.into());
         self.run(&argv, timeout)
     }
+
+    /// [`Client::curl`] with the body and the headers kept as `<name>.body` and
+    /// `<name>.headers` in `dir`; also the HTTP status of the last response, if any.
+    pub fn curl_status(
+        &self,
+        dir: &Path,
+        name: &str,
+        url: &str,
+        extra: &[&str],
+        timeout: Duration,
+    ) -> Result<(Run, Option<u16>)> {
+        let body = dir.join(format!("{name}.body"));
+        let headers = dir.join(format!("{name}.headers"));
+        let run = self.curl(url, extra, &body, &headers, timeout)?;
+        let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
+        Ok((run, status))
+    }
 }
 
 /// The status code of the last response in a curl `-D` header dump.

@@ -27,7 +27,7 @@ pub mod token_auth;
 pub mod wire;
 pub mod world;
 
-pub use basics::{next_id, tail, unique_suffix, INTERCEPTED_PORT, OTHER_PORT};
+pub use basics::{next_id, tail, unique_suffix, INTERCEPTED_PORT, MIB, OTHER_PORT};
 pub use cgroup::CgroupGuard;
 pub use eddy::{Eddy, EddyConfig};
 pub use netns::Netns;
@@ -82,5 +82,17 @@ impl World {
             netns,
             cgroup,
         })
+    }
+
+    /// One echo of `bytes` to `dst` from the hooked cgroup but inside the upstream's own
+    /// network namespace: another netns than eddy's.
+    pub fn echo_from_upstream_netns(
+        &self,
+        probe: &Probe,
+        dst: std::net::SocketAddr,
+        bytes: u64,
+        timeout: std::time::Duration,
+    ) -> Result<wire::EchoReport> {
+        probe.echo_in_netns(&self.netns, dst, bytes, timeout, Some(self.cgroup.path()))
     }
 }

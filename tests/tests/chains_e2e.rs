@@ -8,14 +8,14 @@ use std::{ffi::OsString, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    containerd::{http_status, Client, Containerd},
+    containerd::{Client, Containerd},
     oci::{Image, ImageSpec},
     registry::{Upstream, UpstreamOptions, REGISTRY_HOST},
     registry_eddy::{connections_series, RegistryEddy, RegistryEddyConfig},
     world::{RegistryWorld, WorldSpec},
+    MIB,
 };
 
-const MIB: u64 = 1 << 20;
 const PULL_TIMEOUT: Duration = Duration::from_secs(60);
 const NS: &str = "chains";
 /// The port of the plain-HTTP registries (a home-lab registry's kind of port).
@@ -382,10 +382,10 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
     let local = w.first().ip_authority();
     let endpoint = format!("https://{REGISTRY_HOST}/acme");
 
-    let body = w.work.path().join("manifest.body");
-    let headers = w.work.path().join("manifest.headers");
     let creds = format!("{USER}:{PASSWORD}");
-    let run = w.client.curl(
+    let (run, status) = w.client.curl_status(
+        w.work.path(),
+        "manifest",
         &format!("http://{local}/v2/app/manifests/v1"),
         &[
             "-u",
@@ -393,11 +393,8 @@ fn chain_endpoints_get_node_credentials_never_the_clients() -> Result<()> {
             "-H",
             "Accept: application/vnd.oci.image.manifest.v1+json",
         ],
-        &body,
-        &headers,
         Duration::from_secs(30),
     )?;
-    let status = http_status(&std::fs::read_to_string(&headers).unwrap_or_default());
     let refused = w.endpoint_series(&local, &endpoint, "refused")?;
     let accepted = w
         .second()

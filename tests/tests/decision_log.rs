@@ -235,13 +235,7 @@ fn bpf_log_shows_other_netns_skip() -> Result<()> {
     let world = World::new(&ctx.probe)?;
     let eddy = start_logging(&ctx, &world, |_| {})?;
     let dst = world.netns.v4(INTERCEPTED_PORT);
-    let report = ctx.probe.echo_in_netns(
-        &world.netns,
-        dst,
-        1024,
-        ECHO_TIMEOUT,
-        Some(world.cgroup.path()),
-    )?;
+    let report = world.echo_from_upstream_netns(&ctx.probe, dst, 1024, ECHO_TIMEOUT)?;
     ensure!(
         report.ok && report.peer == Some(dst),
         "the connect from the other netns did not go direct: {report:?}"

@@ -22,10 +22,9 @@ use eddy_tests::{
     registry_eddy::{connections_series, store_has, verify_store, UPSTREAM_BYTES},
     require_privileges,
     world::{RegistryWorld, WorldSpec},
+    MIB,
 };
 use sha2::{Digest as _, Sha256};
-
-const MIB: u64 = 1 << 20;
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

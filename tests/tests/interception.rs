@@ -135,13 +135,7 @@ fn other_netns_goes_direct() -> Result<()> {
     let eddy = ctx.start_eddy(&EddyConfig::new(world.cgroup.path()))?;
     // The upstream's own namespace is "another netns" from eddy's point of view.
     let dst = world.netns.v4(INTERCEPTED_PORT);
-    let report = ctx.probe.echo_in_netns(
-        &world.netns,
-        dst,
-        4096,
-        ECHO_TIMEOUT,
-        Some(world.cgroup.path()),
-    )?;
+    let report = world.echo_from_upstream_netns(&ctx.probe, dst, 4096, ECHO_TIMEOUT)?;
     assert!(report.ok, "echo from the other netns failed: {report:?}");
     assert_eq!(
         report.peer,

@@ -17,10 +17,8 @@ use eddy_tests::{
     oci::ImageSpec,
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
     registry_eddy::{store_blob_dir, store_has, verify_store},
-    require_privileges,
+    require_privileges, MIB,
 };
-
-const MIB: u64 = 1 << 20;
 
 fn cluster(n: usize) -> Option<Cluster> {
     if !require_privileges() {

@@ -34,10 +34,10 @@ use eddy_tests::{
     require_privileges,
     token_auth::{Grants, SigningKey, TokenRequest, TokenServer, AUTH_HOST, TOKEN_SERVICE},
     world::{RegistryWorld, WorldSpec},
+    MIB,
 };
 use sha2::{Digest as _, Sha256};
 
-const MIB: u64 = 1 << 20;
 const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const NS: &str = "e2e";
 
@@ -1287,16 +1287,13 @@ fn registry_named_by_ip_address() -> Result<()> {
     // By hand: eddy's CA alone verifies the configured address (eddy terminated), ...
     let eddy_ca = setup.work.path().join("eddy-ca.pem");
     let url = format!("https://{}/v2/", setup.upstream.ip);
-    let body = setup.work.path().join("byip.body");
-    let headers = setup.work.path().join("byip.headers");
-    let run = setup.client.curl(
+    let (run, status) = setup.client.curl_status(
+        setup.work.path(),
+        "byip",
         &url,
         &["--cacert", eddy_ca.to_str().expect("utf-8 path")],
-        &body,
-        &headers,
         Duration::from_secs(30),
     )?;
-    let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
     println!(
         "curl {url} trusting only eddy's CA: ok={} HTTP {status:?}",
         run.ok()
@@ -1322,16 +1319,13 @@ fn registry_named_by_ip_address() -> Result<()> {
         setup.eddy().metric(&passthrough)?,
     );
     let url = format!("https://{}/v2/", other.ip);
-    let body = setup.work.path().join("other.body");
-    let headers = setup.work.path().join("other.headers");
-    let run = setup.client.curl(
+    let (run, status) = setup.client.curl_status(
+        setup.work.path(),
+        "other",
         &url,
         &["--cacert", other_pki.ca_cert.to_str().expect("utf-8 path")],
-        &body,
-        &headers,
         Duration::from_secs(30),
     )?;
-    let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
     let (tls_after, pass_after) = (
         setup.eddy().metric(&connections_series("registry_tls"))?,
         setup.eddy().metric(&passthrough)?,

@@ -6,7 +6,6 @@
 //!
 //! Run as root: `cargo xtask test --privileged-only -- trust_` (or `cargo xtask test`).
 use std::{
-    fs,
     ops::Deref,
     path::{Path, PathBuf},
     thread,
@@ -15,16 +14,16 @@ use std::{
 
 use anyhow::{ensure, Context, Result};
 use eddy_tests::{
-    containerd::{http_status, Client, Containerd},
+    containerd::{Client, Containerd},
     eddy::status_text,
     oci::{Image, ImageSpec},
     pki::write_bundle,
     registry::{CDN_HOST, REGISTRY_HOST},
     registry_eddy::{connections_series, verify_store},
     world::{RegistryWorld, WorldSpec},
+    MIB,
 };
 
-const MIB: u64 = 1 << 20;
 const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 const NS: &str = "trust";
 const REPO: &str = "trust/app";
@@ -221,16 +220,13 @@ fn trust_a_client_that_rejects_eddys_certificate_fails_once_then_passes_through(
         .to_string();
     let mut outcomes = Vec::new();
     for i in 0..3 {
-        let body = world.work.path().join(format!("curl{i}.body"));
-        let headers = world.work.path().join(format!("curl{i}.headers"));
-        let run = client.curl(
+        let (run, status) = client.curl_status(
+            world.work.path(),
+            &format!("curl{i}"),
             &url,
             &["--cacert", &cacert],
-            &body,
-            &headers,
             Duration::from_secs(30),
         )?;
-        let status = http_status(&fs::read_to_string(&headers).unwrap_or_default());
         println!(
             "curl #{i}: ok={} HTTP {status:?} {}",
             run.ok(),

@@ -224,6 +224,14 @@ mod tests {
         }
     }
 
+    /// clap's error for `eddy run` with `extra` (which must not parse).
+    fn clap_error(extra: &[&str]) -> String {
+        let argv = [&["eddy", "run"], extra].concat();
+        crate::app::cli::Cli::try_parse_from(argv)
+            .unwrap_err()
+            .to_string()
+    }
+
     #[test]
     fn defaults_parse() {
         let a = args(&[]);
@@ -253,15 +261,9 @@ mod tests {
         let a = args(&["--cache-max-size", "500MiB", "--cache-ttl", "12h"]);
         assert_eq!(a.cache.cache_max_size, CacheSize::Bytes(500 << 20));
         assert_eq!(a.cache.cache_ttl, Duration::from_secs(12 * 3600));
-        let argv = ["eddy", "run", "--cache-ttl", "soon"];
-        let e = crate::app::cli::Cli::try_parse_from(argv)
-            .unwrap_err()
-            .to_string();
+        let e = clap_error(&["--cache-ttl", "soon"]);
         assert!(e.contains("not a duration"), "{e}");
-        let argv = ["eddy", "run", "--cache-max-size", "lots"];
-        let e = crate::app::cli::Cli::try_parse_from(argv)
-            .unwrap_err()
-            .to_string();
+        let e = clap_error(&["--cache-max-size", "lots"]);
         assert!(e.contains("not a size"), "{e}");
     }
 
@@ -270,10 +272,7 @@ mod tests {
         assert_eq!(args(&[]).upstream_idle_timeout, Duration::from_secs(60));
         let a = args(&["--upstream-idle-timeout", "2s"]);
         assert_eq!(a.upstream_idle_timeout, Duration::from_secs(2));
-        let argv = ["eddy", "run", "--upstream-idle-timeout", "0s"];
-        let e = crate::app::cli::Cli::try_parse_from(argv)
-            .unwrap_err()
-            .to_string();
+        let e = clap_error(&["--upstream-idle-timeout", "0s"]);
         assert!(e.contains("not a duration"), "{e}");
     }
 
@@ -320,10 +319,7 @@ mod tests {
 
     #[test]
     fn a_bad_chain_flag_is_one_line_from_clap() {
-        let argv = ["eddy", "run", "--fallback", "anubis"];
-        let e = crate::app::cli::Cli::try_parse_from(argv)
-            .unwrap_err()
-            .to_string();
+        let e = clap_error(&["--fallback", "anubis"]);
         assert!(
             e.contains("--fallback") && e.contains("expected REGISTRY=ENDPOINT"),
             "{e}"

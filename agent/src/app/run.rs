@@ -349,45 +349,36 @@ struct Observed {
 
 /// Register the remaining metrics, and gather them with the cache lifecycle and the trust
 /// gate into the admin endpoint's state (not ready yet).
-fn observe(config: &Config, parts: Parts) -> Observed {
-    let Parts {
-        ca,
-        oci,
-        store,
-        catalog,
-        containerd,
-        p2p,
-        p2p_metrics,
-        mut registry,
-        bpf,
-    } = parts;
-    let metrics = ProxyMetrics::register(&mut registry);
-    if p2p.is_some() {
-        p2p_metrics.register_into(&mut registry);
+fn observe(config: &Config, mut parts: Parts) -> Observed {
+    let registry = &mut parts.registry;
+    let metrics = ProxyMetrics::register(registry);
+    if parts.p2p.is_some() {
+        parts.p2p_metrics.register_into(registry);
     }
-    registry.register_collector(Box::new(BpfCounters(Arc::clone(&bpf))));
+    registry.register_collector(Box::new(BpfCounters(Arc::clone(&parts.bpf))));
     let lifecycle = Arc::new(
-        Lifecycle::new(Arc::clone(&store), config.cache_policy).with_catalog(Arc::clone(&catalog)),
+        Lifecycle::new(Arc::clone(&parts.store), config.cache_policy)
+            .with_catalog(Arc::clone(&parts.catalog)),
     );
     registry.register_collector(Box::new(StoreGauges(Arc::clone(&lifecycle))));
     let trust = Arc::new(TrustGate::new(
-        ca.cert_der(),
+        parts.ca.cert_der(),
         Host::real(),
-        TrustMetrics::register(&mut registry),
+        TrustMetrics::register(registry),
     ));
     let admin_state = Arc::new(AdminState {
-        registry,
+        registry: parts.registry,
         ready: false.into(),
         trust: Some(Arc::clone(&trust)),
         lifecycle: Arc::clone(&lifecycle),
-        p2p,
-        containerd: containerd.clone(),
+        p2p: parts.p2p,
+        containerd: parts.containerd.clone(),
     });
     Observed {
-        ca,
-        oci,
-        bpf,
-        containerd,
+        ca: parts.ca,
+        oci: parts.oci,
+        bpf: parts.bpf,
+        containerd: parts.containerd,
         metrics,
         lifecycle,
         trust,
@@ -398,23 +389,13 @@ fn observe(config: &Config, parts: Parts) -> Observed {
 /// Start the background tasks and the admin endpoint, then accept redirected connections
 /// and report ready.
 fn serve(config: &Config, observed: Observed, listeners: Listeners) -> Running {
-    let Observed {
-        ca,
-        oci,
-        bpf,
-        containerd,
-        metrics,
-        lifecycle,
-        trust,
-        admin_state,
-    } = observed;
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(source) = &containerd {
+    if let Some(source) = &observed.containerd {
         tokio::spawn(Arc::clone(source).follow(stop_rx.clone()));
     }
-    tokio::spawn(lifecycle.run(stop_rx.clone()));
+    tokio::spawn(observed.lifecycle.run(stop_rx.clone()));
     let heartbeat = tokio::spawn(heartbeat(
-        Arc::clone(&bpf),
+        Arc::clone(&observed.bpf),
         config.heartbeat_interval(),
         stop_rx.clone(),
     ));
@@ -423,18 +404,18 @@ fn serve(config: &Config, observed: Observed, listeners: Listeners) -> Running {
     let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(admin::serve(
         listeners.admin,
-        Arc::clone(&admin_state),
+        Arc::clone(&observed.admin_state),
         admin_stop_rx,
     ));
 
     let proxy = Arc::new(Proxy::new(ProxyParts {
-        bpf: Arc::clone(&bpf),
-        metrics,
+        bpf: Arc::clone(&observed.bpf),
+        metrics: observed.metrics,
         socket_mark: config.socket_mark,
         registries: config.registries.clone(),
-        ca,
-        registry: oci,
-        trust,
+        ca: observed.ca,
+        registry: observed.oci,
+        trust: observed.trust,
         shutdown: stop_rx.clone(),
     }));
     let connections = TaskTracker::new();
@@ -450,12 +431,12 @@ fn serve(config: &Config, observed: Observed, listeners: Listeners) -> Running {
             connections.clone(),
         )));
     }
-    admin_state.ready.store(true, Ordering::Relaxed);
+    observed.admin_state.ready.store(true, Ordering::Relaxed);
     info!("ready");
     Running {
-        admin_state,
+        admin_state: observed.admin_state,
         heartbeat,
-        bpf,
+        bpf: observed.bpf,
         stop_tx,
         acceptors,
         connections,
@@ -468,38 +449,28 @@ impl Running {
     /// Stop redirecting first, then detach, then drain the connections already redirected to
     /// us (for at most `drain_timeout`), and only then unpin and stop the admin endpoint.
     async fn drain(self, drain_timeout: Duration) {
-        let Running {
-            admin_state,
-            heartbeat,
-            bpf,
-            stop_tx,
-            acceptors,
-            connections,
-            admin_stop_tx,
-            admin_task,
-        } = self;
-        admin_state.ready.store(false, Ordering::Relaxed);
-        heartbeat.abort();
-        bpf.stop_redirects();
-        bpf.detach();
+        self.admin_state.ready.store(false, Ordering::Relaxed);
+        self.heartbeat.abort();
+        self.bpf.stop_redirects();
+        self.bpf.detach();
         info!("detached; draining connections");
-        let _ = stop_tx.send(true);
-        for a in acceptors {
+        let _ = self.stop_tx.send(true);
+        for a in self.acceptors {
             let _ = a.await;
         }
-        connections.close();
-        if tokio::time::timeout(drain_timeout, connections.wait())
+        self.connections.close();
+        if tokio::time::timeout(drain_timeout, self.connections.wait())
             .await
             .is_err()
         {
             warn!(
-                open = connections.len(),
+                open = self.connections.len(),
                 "drain timeout; closing remaining connections"
             );
         }
-        bpf.unpin();
-        let _ = admin_stop_tx.send(true);
-        let _ = admin_task.await;
+        self.bpf.unpin();
+        let _ = self.admin_stop_tx.send(true);
+        let _ = self.admin_task.await;
     }
 }
 

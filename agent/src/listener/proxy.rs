@@ -50,17 +50,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection handler needs.
 pub struct Proxy {
-    pub bpf: Arc<Bpf>,
-    pub metrics: ProxyMetrics,
-    pub socket_mark: u32,
-    pub registries: Registries,
-    pub ca: Arc<Ca>,
-    pub registry: Arc<RegistryHandler>,
-    /// Decides, per client process, whether terminating TLS is safe.
-    pub trust: Arc<TrustGate>,
+    parts: ProxyParts,
     tls_by_sni: Arc<rustls::ServerConfig>,
-    /// Flips to true on SIGTERM: HTTP connections then close once idle.
-    shutdown: watch::Receiver<bool>,
     next_id: AtomicU64,
 }
 
@@ -84,6 +75,7 @@ pub struct ProxyParts {
     pub registries: Registries,
     pub ca: Arc<Ca>,
     pub registry: Arc<RegistryHandler>,
+    /// Decides, per client process, whether terminating TLS is safe.
     pub trust: Arc<TrustGate>,
     /// Flips to true on SIGTERM: HTTP connections then close once idle.
     pub shutdown: watch::Receiver<bool>,
@@ -91,26 +83,9 @@ pub struct ProxyParts {
 
 impl Proxy {
     pub fn new(parts: ProxyParts) -> Self {
-        let ProxyParts {
-            bpf,
-            metrics,
-            socket_mark,
-            registries,
-            ca,
-            registry,
-            trust,
-            shutdown,
-        } = parts;
         Proxy {
-            bpf,
-            metrics,
-            socket_mark,
-            registries,
-            tls_by_sni: tls::server_config(Arc::clone(&ca)),
-            ca,
-            registry,
-            trust,
-            shutdown,
+            tls_by_sni: tls::server_config(Arc::clone(&parts.ca)),
+            parts,
             next_id: AtomicU64::new(1),
         }
     }
@@ -153,26 +128,26 @@ impl Proxy {
         let Ok(local) = client.local_addr() else {
             return;
         };
-        let Some((orig, process)) = self.bpf.take_orig_dst(peer, local) else {
+        let Some((orig, process)) = self.parts.bpf.take_orig_dst(peer, local) else {
             // Someone dialled the proxy port directly: there is nowhere to send it.
-            self.metrics.connection(route::NO_ORIG_DST);
+            self.parts.metrics.connection(route::NO_ORIG_DST);
             debug!("no original destination recorded; closing");
             return;
         };
-        self.metrics.active.inc();
+        self.parts.metrics.active.inc();
         let hello = peek::classify(&client).await;
-        match route(&hello, orig, &self.registries, &self.ca) {
+        match route(&hello, orig, &self.parts.registries, &self.parts.ca) {
             Route::Passthrough => {
-                self.metrics.connection(route::PASSTHROUGH);
+                self.parts.metrics.connection(route::PASSTHROUGH);
                 if let Err(e) = self.passthrough(client, orig).await {
                     debug!(dst = %orig, error = %e, "passthrough ended with an error");
                 }
             }
-            Route::Tls { authority, ip } => match self.trust.judge(process).await {
+            Route::Tls { authority, ip } => match self.parts.trust.judge(process).await {
                 TrustVerdict::Untrusting(reason) => {
                     // A client that does not trust eddy's CA would fail the handshake:
                     // its pull must still work, so leave the connection alone.
-                    self.metrics.connection(route::PASSTHROUGH_UNTRUSTED);
+                    self.parts.metrics.connection(route::PASSTHROUGH_UNTRUSTED);
                     debug!(pid = process.tgid, reason = reason.label(), dst = %orig, "untrusting client; passing through");
                     if let Err(e) = self.passthrough(client, orig).await {
                         debug!(dst = %orig, error = %e, "passthrough ended with an error");
@@ -183,11 +158,11 @@ impl Proxy {
                 }
             },
             Route::Http => {
-                self.metrics.connection(route::REGISTRY_HTTP);
+                self.parts.metrics.connection(route::REGISTRY_HTTP);
                 self.serve_http(client, None, orig).await;
             }
         }
-        self.metrics.active.dec();
+        self.parts.metrics.active.dec();
     }
 
     /// Terminate TLS with a leaf from eddy's CA and serve the registry API. A client that
@@ -200,10 +175,10 @@ impl Proxy {
         orig: SocketAddr,
         process: ClientProcess,
     ) {
-        self.metrics.connection(route::REGISTRY_TLS);
-        self.registry.upstream().pins.pin(&authority, orig);
+        self.parts.metrics.connection(route::REGISTRY_TLS);
+        self.parts.registry.upstream().pins.pin(&authority, orig);
         let config = match ip {
-            Some(ip) => tls::server_config_for_ip(Arc::clone(&self.ca), ip),
+            Some(ip) => tls::server_config_for_ip(Arc::clone(&self.parts.ca), ip),
             None => Arc::clone(&self.tls_by_sni),
         };
         let handshake = tokio_rustls::TlsAcceptor::from(config).accept(client);
@@ -224,7 +199,7 @@ impl Proxy {
             }
             Err(e) if trust::is_certificate_rejection(&e) => {
                 debug!(error = %e, "the client rejected eddy's certificate");
-                self.trust.record_rejection(&process);
+                self.parts.trust.record_rejection(&process);
             }
             Err(e) => debug!(error = %e, "TLS handshake with the client failed"),
         }
@@ -235,7 +210,7 @@ impl Proxy {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let registry = Arc::clone(&self.registry);
+        let registry = Arc::clone(&self.parts.registry);
         let service = service_fn(move |req: Request<Incoming>| {
             let origin = match &origin {
                 Some(o) => Arc::clone(o),
@@ -259,7 +234,7 @@ impl Proxy {
             .max_frame_size(1 << 20);
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
-        let mut shutdown = self.shutdown.clone();
+        let mut shutdown = self.parts.shutdown.clone();
         let result = if *shutdown.borrow_and_update() {
             conn.as_mut().graceful_shutdown();
             conn.await
@@ -281,10 +256,10 @@ impl Proxy {
 
     async fn passthrough(&self, client: TcpStream, orig: SocketAddr) -> std::io::Result<()> {
         let _ = client.set_nodelay(true);
-        let upstream = match upstream::connect(orig, self.socket_mark).await {
+        let upstream = match upstream::connect(orig, self.parts.socket_mark).await {
             Ok(s) => s,
             Err(e) => {
-                self.metrics.upstream_connect_errors.inc();
+                self.parts.metrics.upstream_connect_errors.inc();
                 // Reset rather than close, so the client sees a failed connection as it
                 // would have dialling direct, not an empty response.
                 let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
@@ -293,7 +268,7 @@ impl Proxy {
         };
         debug!(dst = %orig, "passthrough");
         let (up, down) = crate::listener::splice::bidirectional(&client, &upstream).await?;
-        let bytes = &self.metrics.bytes;
+        let bytes = &self.parts.metrics.bytes;
         bytes
             .get_or_create(&DirectionLabels {
                 direction: "upload",

@@ -94,11 +94,7 @@ pub fn detect_where(
     })?;
     let mut found: Vec<Containerd> = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let dir = entry.path();

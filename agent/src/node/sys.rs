@@ -99,6 +99,12 @@ pub fn netns_cookie() -> io::Result<u64> {
 
 /// Bytes available to unprivileged writers on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    let st = statvfs(path)?;
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// statvfs(3) of the filesystem holding `path`.
+fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())?;
     // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
     unsafe {
@@ -106,7 +112,7 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
         if libc::statvfs(c.as_ptr(), &mut st) != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(st.f_bavail as u64 * st.f_frsize as u64)
+        Ok(st)
     }
 }
 
@@ -129,15 +135,8 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
 
 /// Size of the filesystem holding `path`.
 pub fn total_bytes(path: &Path) -> io::Result<u64> {
-    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statvfs writes into the zeroed struct; `c` is a valid C string.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(st.f_blocks as u64 * st.f_frsize as u64)
-    }
+    let st = statvfs(path)?;
+    Ok(st.f_blocks as u64 * st.f_frsize as u64)
 }
 
 /// Raise RLIMIT_NOFILE: every proxied connection costs two descriptors, and a spliced

@@ -757,6 +757,29 @@ mod tests {
         }))
     }
 
+    /// `name` announces itself in the DHT as a provider of `digest`.
+    async fn provide(world: &Arc<World>, name: &str, digest: &Digest) {
+        node(world, name)
+            .net
+            .provide(content_key(digest), LOOKUP_BOUND)
+            .await;
+    }
+
+    impl World {
+        /// What `name` serves when asked: `data`, failing after `fail_after` bytes if given.
+        fn serve(&self, name: &str, data: Vec<u8>, fail_after: Option<usize>) {
+            self.content
+                .lock()
+                .unwrap()
+                .insert(key(name), (data, fail_after));
+        }
+    }
+
+    /// The whole of `digest` as a new node "me" gets it from the peers holding it.
+    async fn held_body(world: &Arc<World>, digest: &Digest) -> Vec<u8> {
+        body(node(world, "me").open_held(digest, 0).await.unwrap()).await
+    }
+
     async fn body(b: PeerBody) -> Vec<u8> {
         b.opened
             .body
@@ -897,22 +920,14 @@ mod tests {
         let data = vec![3u8; 64];
         let digest = Digest::of(&data);
         for name in ["a", "b"] {
-            node(&world, name)
-                .net
-                .provide(content_key(&digest), LOOKUP_BOUND)
-                .await;
+            provide(&world, name, &digest).await;
         }
         world.departed.lock().unwrap().insert(key("a"));
-        world
-            .content
-            .lock()
-            .unwrap()
-            .insert(key("b"), (data.clone(), None));
+        world.serve("b", data.clone(), None);
         // Only the live provider is asked: no wait at all on the departed one.
         for _ in 0..4 {
             let started = tokio::time::Instant::now();
-            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
-            assert_eq!(body(got).await, data);
+            assert_eq!(held_body(&world, &digest).await, data);
             assert_eq!(
                 started.elapsed(),
                 Duration::ZERO,
@@ -932,20 +947,12 @@ mod tests {
         let data: Vec<u8> = (0..200u8).collect();
         let digest = Digest::of(&data);
         for (name, fail_after) in [("a", Some(50)), ("b", None)] {
-            node(&world, name)
-                .net
-                .provide(content_key(&digest), LOOKUP_BOUND)
-                .await;
-            world
-                .content
-                .lock()
-                .unwrap()
-                .insert(key(name), (data.clone(), fail_after));
+            provide(&world, name, &digest).await;
+            world.serve(name, data.clone(), fail_after);
         }
         // Whichever is asked first, the body is whole.
         for _ in 0..6 {
-            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
-            assert_eq!(body(got).await, data);
+            assert_eq!(held_body(&world, &digest).await, data);
         }
         let got = node(&world, "me").open_held(&digest, 120).await.unwrap();
         assert_eq!(got.opened.offset, 120);
@@ -958,21 +965,13 @@ mod tests {
         let data = vec![9u8; 40];
         let digest = Digest::of(&data);
         for name in ["a", "b"] {
-            node(&world, name)
-                .net
-                .provide(content_key(&digest), LOOKUP_BOUND)
-                .await;
-            world
-                .content
-                .lock()
-                .unwrap()
-                .insert(key(name), (data.clone(), None));
+            provide(&world, name, &digest).await;
+            world.serve(name, data.clone(), None);
         }
         world.slow.lock().unwrap().insert(key("a"));
         let started = tokio::time::Instant::now();
         for _ in 0..4 {
-            let got = node(&world, "me").open_held(&digest, 0).await.unwrap();
-            assert_eq!(body(got).await, data);
+            assert_eq!(held_body(&world, &digest).await, data);
         }
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -985,15 +984,8 @@ mod tests {
         let world = Arc::new(World::default());
         let data = vec![1u8; 10];
         let digest = Digest::of(&data);
-        node(&world, "rogue")
-            .net
-            .provide(content_key(&digest), LOOKUP_BOUND)
-            .await;
-        world
-            .content
-            .lock()
-            .unwrap()
-            .insert(key("rogue"), (data, None));
+        provide(&world, "rogue", &digest).await;
+        world.serve("rogue", data, None);
         let me = node(&world, "me");
         assert!(me.open_held(&digest, 0).await.is_some());
         me.blame(&[key("rogue")], "digest_mismatch");

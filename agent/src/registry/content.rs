@@ -3,10 +3,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use http::{
-    header::{self},
-    Method, Request, Response, StatusCode, Uri,
-};
+use http::{header, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use tracing::warn;
 

@@ -2,10 +2,7 @@
 use std::{sync::Arc, time::Instant};
 
 use bytes::Bytes;
-use http::{
-    header::{self},
-    Method, Request, Response, StatusCode,
-};
+use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 

@@ -5,7 +5,7 @@
 use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -17,30 +17,8 @@ use super::files::write_atomic;
 /// if the exact cert is already present, do nothing and return Ok(false); else append (atomic write:
 /// temp + fsync + rename, preserving mode and owner) and return Ok(true). A missing bundle is created.
 pub fn install_into_bundle(bundle: &Path, ca_pem: &str) -> Result<bool, TlsError> {
-    let ca_der =
-        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| TlsError::InvalidCaPem {
-            reason: e.to_string(),
-        })?;
-    // Write through symlinks (RHEL's ca-bundle.crt points into /etc/pki/ca-trust/extracted), so the
-    // distro's link stays a link instead of being replaced by our regular file.
-    let target = match fs::canonicalize(bundle) {
-        Ok(target) => target,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Ok(link) = fs::read_link(bundle) {
-                return Err(TlsError::DanglingBundleLink {
-                    path: bundle.to_path_buf(),
-                    target: link,
-                });
-            }
-            bundle.to_path_buf()
-        }
-        Err(source) => {
-            return Err(TlsError::Read {
-                path: bundle.to_path_buf(),
-                source,
-            })
-        }
-    };
+    let ca_der = parse_ca(ca_pem)?;
+    let target = resolve_bundle(bundle)?.unwrap_or_else(|| bundle.to_path_buf());
     let (mut contents, mode, owner) = match fs::read(&target) {
         Ok(contents) => {
             let meta = fs::metadata(&target).map_err(|source| TlsError::Read {
@@ -78,35 +56,43 @@ pub fn install_into_bundle(bundle: &Path, ca_pem: &str) -> Result<bool, TlsError
     Ok(true)
 }
 
+/// The certificate in `ca_pem`.
+fn parse_ca(ca_pem: &str) -> Result<CertificateDer<'static>, TlsError> {
+    CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| TlsError::InvalidCaPem {
+        reason: e.to_string(),
+    })
+}
+
+/// The file `bundle` stands for, through symlinks (RHEL's ca-bundle.crt points into
+/// /etc/pki/ca-trust/extracted), so that the distro's link stays a link instead of being
+/// replaced by our regular file. None when there is no bundle at all; a dangling link is an
+/// error, since the real bundle is elsewhere ("nothing there" would be wrong).
+fn resolve_bundle(bundle: &Path) -> Result<Option<PathBuf>, TlsError> {
+    match fs::canonicalize(bundle) {
+        Ok(target) => Ok(Some(target)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::read_link(bundle) {
+            Ok(target) => Err(TlsError::DanglingBundleLink {
+                path: bundle.to_path_buf(),
+                target,
+            }),
+            Err(_) => Ok(None),
+        },
+        Err(source) => Err(TlsError::Read {
+            path: bundle.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
 const END: &str = "-----END CERTIFICATE-----";
 
 /// Remove every copy of the certificate in `ca_pem` from `bundle`. Returns Ok(false) when it
 /// was not there (or the bundle does not exist): nothing is written then.
 pub fn remove_from_bundle(bundle: &Path, ca_pem: &str) -> Result<bool, TlsError> {
-    let ca =
-        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| TlsError::InvalidCaPem {
-            reason: e.to_string(),
-        })?;
-    // As install does: write through the distro's symlink, not over it.
-    let target = match fs::canonicalize(bundle) {
-        Ok(t) => t,
-        // A dangling link: the real bundle is elsewhere, so "nothing to remove" would be wrong.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::read_link(bundle) {
-            Ok(target) => {
-                return Err(TlsError::DanglingBundleLink {
-                    path: bundle.to_path_buf(),
-                    target,
-                })
-            }
-            Err(_) => return Ok(false),
-        },
-        Err(source) => {
-            return Err(TlsError::Read {
-                path: bundle.to_path_buf(),
-                source,
-            })
-        }
+    let ca = parse_ca(ca_pem)?;
+    let Some(target) = resolve_bundle(bundle)? else {
+        return Ok(false);
     };
     let read_err = |source| TlsError::Read {
         path: target.clone(),
@@ -159,14 +145,7 @@ fn without_cert(text: &str, ca: &CertificateDer<'_>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::Ca;
-
-    fn test_ca_pem(dir: &Path) -> String {
-        Ca::load_or_create(dir, None)
-            .unwrap()
-            .cert_pem()
-            .to_string()
-    }
+    use crate::tls::ca::{test_ca_pem, Ca};
 
     #[test]
     fn a_bundle_link_whose_target_is_missing_is_refused_and_left_alone() {

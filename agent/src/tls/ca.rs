@@ -480,6 +480,15 @@ fn tighten_key_mode(path: &PathBuf) -> Result<(), TlsError> {
     Ok(())
 }
 
+/// A fresh CA in `dir`, as PEM: for the tests of the files that take one.
+#[cfg(test)]
+pub(crate) fn test_ca_pem(dir: &Path) -> String {
+    Ca::load_or_create(dir, None)
+        .unwrap()
+        .cert_pem()
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

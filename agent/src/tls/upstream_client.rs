@@ -85,14 +85,7 @@ fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::Ca;
-
-    fn test_ca_pem(dir: &Path) -> String {
-        Ca::load_or_create(dir, None)
-            .unwrap()
-            .cert_pem()
-            .to_string()
-    }
+    use crate::tls::ca::test_ca_pem;
 
     #[test]
     fn upstream_client_config_reports_bad_files() {

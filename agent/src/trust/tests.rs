@@ -80,9 +80,14 @@ impl FakeHost {
         rootfs
     }
 
+    /// A process started just now (see [`FakeHost::process`]).
+    fn start(&self, pid: u32, root: &str, env: &[&str], exe: &str) -> PathBuf {
+        self.process(pid, root, env, Duration::ZERO, exe)
+    }
+
     /// Restart: same pid, a later start time.
     fn restart(&self, pid: u32, root: &str, env: &[&str], exe: &str) {
-        self.process(pid, root, env, Duration::ZERO, exe);
+        self.start(pid, root, env, exe);
     }
 
     fn bundle(&self, rootfs: &Path, path: &str, with_eddy: bool) {
@@ -98,6 +103,8 @@ impl FakeHost {
 
 const AN_HOUR: Duration = Duration::from_secs(3600);
 
+const NOT_IN_ROOTS: TrustVerdict = TrustVerdict::Untrusting(Reason::CaNotInRoots);
+
 fn client(tgid: u32) -> ClientProcess {
     ClientProcess { tgid, cgroup_id: 7 }
 }
@@ -108,13 +115,7 @@ fn ssl_cert_file_with_the_ca_trusts() {
     // Bundle first, then a process that started after it.
     let rootfs = host.dir.path().join("r1");
     host.bundle(&rootfs, "/certs/bundle.pem", true);
-    host.process(
-        10,
-        "r1",
-        &["SSL_CERT_FILE=/certs/bundle.pem"],
-        Duration::ZERO,
-        "/bin/ctr",
-    );
+    host.start(10, "r1", &["SSL_CERT_FILE=/certs/bundle.pem"], "/bin/ctr");
     // The fake start time has tick resolution: keep the bundle strictly older.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(10, "r1", &["SSL_CERT_FILE=/certs/bundle.pem"], "/bin/ctr");
@@ -135,10 +136,7 @@ fn ssl_cert_file_without_the_ca_does_not_trust() {
     // The distro bundle has it, but SSL_CERT_FILE replaces the bundle list.
     host.bundle(&rootfs, "/etc/ssl/cert.pem", true);
     host.restart(11, "r", &["SSL_CERT_FILE=/certs/bundle.pem"], "/bin/ctr");
-    assert_eq!(
-        host.gate().verdict(&client(11)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    assert_eq!(host.gate().verdict(&client(11)), NOT_IN_ROOTS);
 }
 
 #[test]
@@ -170,11 +168,8 @@ fn only_the_first_readable_distro_bundle_counts() {
     host.bundle(&rootfs, "/etc/pki/tls/certs/ca-bundle.crt", false);
     host.bundle(&rootfs, "/etc/ssl/ca-bundle.pem", true);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(13, "r", &[], Duration::ZERO, "/bin/ctr");
-    assert_eq!(
-        host.gate().verdict(&client(13)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    host.start(13, "r", &[], "/bin/ctr");
+    assert_eq!(host.gate().verdict(&client(13)), NOT_IN_ROOTS);
     // With no earlier bundle present, the same file is read.
     fs::remove_file(rootfs.join("etc/pki/tls/certs/ca-bundle.crt")).unwrap();
     std::thread::sleep(Duration::from_millis(20));
@@ -197,11 +192,10 @@ fn cert_dirs_are_read_even_with_ssl_cert_file_and_absolute_symlinks_stay_in_the_
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    host.process(
+    host.start(
         14,
         "r",
         &["SSL_CERT_FILE=/certs/only-other.pem"],
-        Duration::ZERO,
         "/bin/ctr",
     );
     assert_eq!(host.gate().verdict(&client(14)), TrustVerdict::Trusting);
@@ -215,10 +209,7 @@ fn cert_dirs_are_read_even_with_ssl_cert_file_and_absolute_symlinks_stay_in_the_
         &["SSL_CERT_FILE=/certs/only-other.pem", "SSL_CERT_DIR=/mydir"],
         "/bin/ctr",
     );
-    assert_eq!(
-        host.gate().verdict(&client(14)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    assert_eq!(host.gate().verdict(&client(14)), NOT_IN_ROOTS);
 }
 
 #[test]
@@ -227,13 +218,7 @@ fn a_relative_ssl_cert_file_is_read_from_the_working_directory() {
     let rootfs = host.dir.path().join("r");
     host.bundle(&rootfs, "/work/certs/bundle.pem", true);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(
-        19,
-        "r",
-        &["SSL_CERT_FILE=certs/bundle.pem"],
-        Duration::ZERO,
-        "/bin/ctr",
-    );
+    host.start(19, "r", &["SSL_CERT_FILE=certs/bundle.pem"], "/bin/ctr");
     // /proc/PID/cwd names the directory as the process sees it, inside its root.
     symlink("/work", host.proc_root().join("19/cwd")).unwrap();
     assert_eq!(host.gate().verdict(&client(19)), TrustVerdict::Trusting);
@@ -247,14 +232,11 @@ fn each_process_is_judged_by_its_own_root() {
     host.bundle(&with, "/etc/ssl/certs/ca-certificates.crt", true);
     host.bundle(&without, "/etc/ssl/certs/ca-certificates.crt", false);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(15, "with", &[], Duration::ZERO, "/bin/ctr");
-    host.process(16, "without", &[], Duration::ZERO, "/bin/ctr");
+    host.start(15, "with", &[], "/bin/ctr");
+    host.start(16, "without", &[], "/bin/ctr");
     let gate = host.gate();
     assert_eq!(gate.verdict(&client(15)), TrustVerdict::Trusting);
-    assert_eq!(
-        gate.verdict(&client(16)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    assert_eq!(gate.verdict(&client(16)), NOT_IN_ROOTS);
 }
 
 #[test]
@@ -263,7 +245,7 @@ fn verdicts_are_kept_per_process_and_a_reused_pid_is_judged_again() {
     let rootfs = host.dir.path().join("r");
     host.bundle(&rootfs, "/etc/ssl/certs/ca-certificates.crt", true);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(17, "r", &[], Duration::ZERO, "/bin/ctr");
+    host.start(17, "r", &[], "/bin/ctr");
     let gate = host.gate();
     assert_eq!(gate.verdict(&client(17)), TrustVerdict::Trusting);
     let remembered = gate.memo.remembered();
@@ -275,10 +257,7 @@ fn verdicts_are_kept_per_process_and_a_reused_pid_is_judged_again() {
     // A new process under the same pid reads the bundle as it is now.
     std::thread::sleep(Duration::from_millis(20));
     host.restart(17, "r", &[], "/bin/ctr");
-    assert_eq!(
-        gate.verdict(&client(17)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    assert_eq!(gate.verdict(&client(17)), NOT_IN_ROOTS);
 }
 
 #[test]
@@ -298,7 +277,7 @@ fn unidentified_clients_pass_through() {
     let rootfs = host.dir.path().join("r");
     host.bundle(&rootfs, "/etc/ssl/certs/ca-certificates.crt", true);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(18, "r", &[], Duration::ZERO, "/bin/ctr");
+    host.start(18, "r", &[], "/bin/ctr");
     let mut blind = host.gate();
     blind.host.pids_visible = false;
     assert_eq!(
@@ -314,9 +293,9 @@ fn a_rejection_guards_the_executable_in_its_cgroup_for_a_while() {
     let rootfs = host.dir.path().join("r");
     host.bundle(&rootfs, "/etc/ssl/certs/ca-certificates.crt", true);
     std::thread::sleep(Duration::from_millis(20));
-    host.process(20, "r", &[], Duration::ZERO, "/usr/bin/curl");
-    host.process(21, "r", &[], Duration::ZERO, "/usr/bin/curl");
-    host.process(22, "r", &[], Duration::ZERO, "/usr/bin/ctr");
+    host.start(20, "r", &[], "/usr/bin/curl");
+    host.start(21, "r", &[], "/usr/bin/curl");
+    host.start(22, "r", &[], "/usr/bin/ctr");
     let gate = host.gate().with_guard_for(Duration::from_secs(1));
     assert_eq!(gate.verdict(&client(20)), TrustVerdict::Trusting);
     gate.record_rejection(&client(20));
@@ -357,17 +336,8 @@ fn an_oversized_bundle_is_not_read() {
         .unwrap();
     f.set_len(9 << 20).unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    host.process(
-        23,
-        "r",
-        &["SSL_CERT_FILE=/big.pem"],
-        Duration::ZERO,
-        "/bin/ctr",
-    );
-    assert_eq!(
-        host.gate().verdict(&client(23)),
-        TrustVerdict::Untrusting(Reason::CaNotInRoots)
-    );
+    host.start(23, "r", &["SSL_CERT_FILE=/big.pem"], "/bin/ctr");
+    assert_eq!(host.gate().verdict(&client(23)), NOT_IN_ROOTS);
 }
 
 #[test]

@@ -689,6 +689,14 @@ mod tests {
         ChainFlag::parse(v).unwrap_or_else(|e| panic!("{v}: {e}"))
     }
 
+    /// Where `endpoint` asks for the `v1` manifest of the registry's `app`.
+    fn app_manifest_uri(endpoint: &Endpoint) -> String {
+        endpoint
+            .uri(&endpoint.repository("app"), "manifests/v1")
+            .unwrap()
+            .to_string()
+    }
+
     #[test]
     fn the_home_lab_example_rewrites_names() {
         let f = flag("anubis:32000=ghcr.io/acme,docker.io");
@@ -704,9 +712,7 @@ mod tests {
         };
         assert_eq!(ghcr.repository("app"), "acme/app");
         assert_eq!(
-            ghcr.uri(&ghcr.repository("app"), "manifests/v1")
-                .unwrap()
-                .to_string(),
+            app_manifest_uri(ghcr),
             "https://ghcr.io/v2/acme/app/manifests/v1"
         );
         // Docker Hub: its API host, and library/ for single-component names only.
@@ -714,9 +720,7 @@ mod tests {
         assert_eq!(hub.repository("app"), "library/app");
         assert_eq!(hub.repository("team/app"), "team/app");
         assert_eq!(
-            hub.uri(&hub.repository("app"), "manifests/v1")
-                .unwrap()
-                .to_string(),
+            app_manifest_uri(hub),
             "https://registry-1.docker.io/v2/library/app/manifests/v1"
         );
     }

@@ -19,11 +19,9 @@ use eddy_tests::{
     INTERCEPTED_PORT, OTHER_PORT,
 };
 
+/// Measure eddy's hook cost and passthrough throughput
 #[derive(Parser)]
-#[command(
-    name = "eddy-bench",
-    about = "Measure eddy's hook cost and passthrough throughput"
-)]
+#[command(name = "eddy-bench")]
 struct Args {
     /// connect() samples per path.
     #[arg(long, default_value_t = 2000)]

@@ -28,10 +28,10 @@ use eddy_tests::{
     registry_eddy::{RegistryEddy, STORE_BYTES, UPSTREAM_BYTES},
     require_privileges,
     world::WorldSpec,
+    MIB,
 };
 use serde_json::json;
 
-const MIB: u64 = 1 << 20;
 /// The containerd namespace the demo pulls into.
 const NS: &str = "eddy-demo";
 const REPO: &str = "demo/app";
@@ -472,11 +472,7 @@ fn foreign_containerds(ours: &Path) -> Result<Vec<u32>> {
     let mount = cgroup2_mount().context("no cgroup2 mount")?;
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc")?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm")) else {

@@ -26,16 +26,12 @@ use eddy_tests::{
     oci::ImageSpec,
     process::{cpu_seconds, peak_rss_kib},
     registry::{shape_link, UpstreamOptions, REGISTRY_HOST},
-    require_privileges,
+    require_privileges, MIB,
 };
 
-const MIB: u64 = 1 << 20;
-
+/// Measure eddy's P2P figures on a local cluster
 #[derive(Parser)]
-#[command(
-    name = "eddy-p2p-bench",
-    about = "Measure eddy's P2P figures on a local cluster"
-)]
+#[command(name = "eddy-p2p-bench")]
 struct Args {
     /// Nodes in the swarm.
     #[arg(long, default_value_t = 4)]

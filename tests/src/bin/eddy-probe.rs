@@ -29,11 +29,9 @@ const MAX_CONNS: u64 = 10_000;
 const MAX_COUNT: u64 = 100_000;
 const MAX_BYTES: u64 = 16 << 30;
 
+/// Test client and server for eddy's end-to-end tests
 #[derive(Parser)]
-#[command(
-    name = "eddy-probe",
-    about = "Test client and server for eddy's end-to-end tests"
-)]
+#[command(name = "eddy-probe")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -50,9 +50,9 @@ use eddy_tests::{
     require_privileges,
     wire::HttpsGetReport,
     world::trust_eddy_and_test_ca,
+    MIB,
 };
 
-const MIB: u64 = 1 << 20;
 const NS: &str = "bench";
 const REPO: &str = "bench/app";
 const BLOB_REPO: &str = "bench/blob";
@@ -61,11 +61,9 @@ const TAG: &str = "v1";
 const CACHE_HOST: &str = "cache.test";
 const PULL_TIMEOUT: Duration = Duration::from_secs(150);
 
+/// Measure eddy as a registry cache against direct pulls and distribution's pull-through cache
 #[derive(Parser)]
-#[command(
-    name = "eddy-registry-bench",
-    about = "Measure eddy as a registry cache against direct pulls and distribution's pull-through cache"
-)]
+#[command(name = "eddy-registry-bench")]
 struct Args {
     /// Repetitions of each short measurement (the median is reported).
     #[arg(long, default_value_t = 3)]

@@ -46,11 +46,10 @@ use eddy_tests::{
     process::ProcessGuard,
     process::{cpu_seconds, rss_kib},
     registry::{shape_link, REGISTRY_HOST},
-    require_privileges,
+    require_privileges, MIB,
 };
 use serde::Serialize;
 
-const MIB: u64 = 1 << 20;
 /// No pull in a scenario may take longer than this (a bound, not a figure).
 const PULL_BOUND: Duration = Duration::from_secs(300);
 /// Most nodes the simulated LAN has addresses for.
@@ -66,11 +65,9 @@ enum Scenario {
     Idle,
 }
 
+/// A simulated cluster of eddy nodes: cold waves, rollouts, churn, scale-down, idle cost
 #[derive(Parser)]
-#[command(
-    name = "eddy-sim",
-    about = "A simulated cluster of eddy nodes: cold waves, rollouts, churn, scale-down, idle cost"
-)]
+#[command(name = "eddy-sim")]
 struct Args {
     /// Nodes in the cluster (3..=240).
     #[arg(long, default_value_t = 50)]

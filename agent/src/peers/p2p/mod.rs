@@ -372,15 +372,10 @@ impl P2p {
         };
         let result = match self.request(peer, &request).await {
             Ok((_, Response::Tag(answer))) => Ok(answer.map(Into::into)),
-            Ok((_, other)) => Err(PeerError::Protocol(format!(
-                "answered {other:?} to a tag request"
-            ))),
+            Ok((_, other)) => Err(unexpected(&other, "a tag request")),
             Err(e) => Err(e),
         };
-        if let Err(e) = &result {
-            self.report_failure(peer, e.reason());
-        }
-        result
+        self.reported(peer, result)
     }
 
     /// The peers connected right now.
@@ -411,13 +406,16 @@ impl P2p {
             Ok((_, Response::Fetcher(peer))) => peer
                 .parse::<PeerId>()
                 .map_err(|e| PeerError::Protocol(format!("claim answered {peer:?}: {e}"))),
-            Ok((_, other)) => Err(PeerError::Protocol(format!(
-                "answered {other:?} to a claim"
-            ))),
+            Ok((_, other)) => Err(unexpected(&other, "a claim")),
             Err(e) => Err(e),
         };
+        self.reported(home, result)
+    }
+
+    /// `result`, a failure first reported against `peer`.
+    fn reported<T>(&self, peer: PeerId, result: Result<T, PeerError>) -> Result<T, PeerError> {
         if let Err(e) = &result {
-            self.report_failure(home, e.reason());
+            self.report_failure(peer, e.reason());
         }
         result
     }
@@ -517,6 +515,11 @@ impl P2p {
             .await
             .map_err(|_| PeerError::Timeout)?
     }
+}
+
+/// A peer's answer that does not fit `request` (e.g. "a claim").
+fn unexpected(answer: &Response, request: &str) -> PeerError {
+    PeerError::Protocol(format!("answered {answer:?} to {request}"))
 }
 
 /// The body of a fetch: exactly `remaining` bytes, or an error (a stall of

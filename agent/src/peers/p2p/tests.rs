@@ -89,6 +89,11 @@ async fn node_on(
     config.psk = psk;
     config.resolve_interval = resolve;
     config.reconcile_interval = Duration::from_millis(500);
+    started(config, share, dir).await
+}
+
+/// A node started with `config`, whose files are in `dir`.
+async fn started(config: P2pConfig, share: Arc<dyn PeerShare>, dir: tempfile::TempDir) -> Node {
     let metrics = P2pMetrics::default();
     let p2p = P2p::start(config, share, metrics.clone()).await.unwrap();
     Node {
@@ -100,14 +105,49 @@ async fn node_on(
 
 /// A node with nothing to share, bootstrapped from `a` and connected to it.
 async fn joined(a: &Node) -> Node {
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(a))],
-        None,
-    )
-    .await;
+    let b = node(MemShare::with(&[]), &[by_ip(a)], None).await;
     assert!(wait_connected(&b, a).await, "never connected");
     b
+}
+
+/// `a` as a bootstrap entry by IP:PORT.
+fn by_ip(a: &Node) -> String {
+    format!("127.0.0.1:{}", tcp_port(a))
+}
+
+/// `a` as a bootstrap entry by multiaddr with /p2p/ID.
+fn by_multiaddr(a: &Node) -> String {
+    format!(
+        "/ip4/127.0.0.1/tcp/{}/p2p/{}",
+        tcp_port(a),
+        a.p2p.local_peer_id()
+    )
+}
+
+/// `from` fetches `digest` from `offset` on `to`, which must answer.
+async fn fetch_from(from: &Node, to: &Node, digest: &Digest, offset: u64) -> Opened {
+    from.p2p
+        .fetch(to.p2p.local_peer_id(), digest, offset)
+        .await
+        .unwrap()
+}
+
+/// `n`'s count of failed peer fetches for `reason`.
+fn failures(n: &Node, reason: &'static str) -> u64 {
+    n.metrics
+        .peer_failures
+        .get_or_create(&metrics::ReasonLabels { reason })
+        .get()
+}
+
+/// Waits (bounded) until `n` advertises `want` digests.
+async fn wait_advertised(n: &Node, want: i64) {
+    for _ in 0..50 {
+        if n.metrics.advertised_digests.get() == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn tcp_port(n: &Node) -> u16 {
@@ -170,22 +210,8 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
     let digest = Digest::of(&data);
     let a = node(MemShare::with(&[&data]), &[], None).await;
     // b bootstraps by IP:PORT, c by multiaddr with /p2p/ID.
-    let b = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        None,
-    )
-    .await;
-    let c = node(
-        MemShare::with(&[]),
-        &[format!(
-            "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-            tcp_port(&a),
-            a.p2p.local_peer_id()
-        )],
-        None,
-    )
-    .await;
+    let b = node(MemShare::with(&[]), &[by_ip(&a)], None).await;
+    let c = node(MemShare::with(&[]), &[by_multiaddr(&a)], None).await;
     assert!(wait_connected(&b, &a).await, "b never connected to a");
     assert!(wait_connected(&c, &a).await, "c never connected to a");
     assert!(wait_connected(&a, &b).await && wait_connected(&a, &c).await);
@@ -217,19 +243,11 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
     assert_eq!(found, vec![a.p2p.local_peer_id()]);
     assert_eq!(a.metrics.advertised_digests.get(), 1);
 
-    let whole = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, 0)
-        .await
-        .unwrap();
+    let whole = fetch_from(&b, &a, &digest, 0).await;
     assert_eq!((whole.len, whole.offset), (data.len() as u64, 0));
     assert_eq!(body_of(whole).await, data.as_ref());
     let from = 1_234_567u64;
-    let tail = c
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, from)
-        .await
-        .unwrap();
+    let tail = fetch_from(&c, &a, &digest, from).await;
     assert_eq!((tail.len, tail.offset), (data.len() as u64, from));
     assert_eq!(body_of(tail).await, &data[from as usize..]);
 
@@ -237,14 +255,7 @@ async fn nodes_find_providers_and_fetch_with_ranges() {
     let missing = Digest::of(b"nobody has this");
     let e = err_of(b.p2p.fetch(a.p2p.local_peer_id(), &missing, 0).await);
     assert!(matches!(e, PeerError::NotFound), "{e}");
-    let not_found = b
-        .metrics
-        .peer_failures
-        .get_or_create(&metrics::ReasonLabels {
-            reason: "not_found",
-        })
-        .get();
-    assert_eq!(not_found, 1);
+    assert_eq!(failures(&b, "not_found"), 1);
     assert!(b
         .p2p
         .providers(missing.to_string().as_bytes(), Duration::from_millis(300))
@@ -330,20 +341,10 @@ async fn digests_that_disappear_are_no_longer_advertised() {
     let digest = Digest::of(&data);
     let share = MemShare::with(&[&data]);
     let a = node(Arc::clone(&share), &[], None).await;
-    for _ in 0..50 {
-        if a.metrics.advertised_digests.get() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_advertised(&a, 1).await;
     assert_eq!(a.metrics.advertised_digests.get(), 1);
     share.blobs.lock().unwrap().remove(&digest);
-    for _ in 0..50 {
-        if a.metrics.advertised_digests.get() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_advertised(&a, 0).await;
     assert_eq!(a.metrics.advertised_digests.get(), 0);
 }
 
@@ -352,41 +353,14 @@ async fn a_node_with_another_swarm_key_can_neither_join_nor_fetch() {
     let data = blob(4096, 3);
     let digest = Digest::of(&data);
     let a = node(MemShare::with(&[&data]), &[], Some([1; 32])).await;
-    let member = node(
-        MemShare::with(&[]),
-        &[format!("127.0.0.1:{}", tcp_port(&a))],
-        Some([1; 32]),
-    )
-    .await;
-    let outsider = node(
-        MemShare::with(&[]),
-        &[format!(
-            "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-            tcp_port(&a),
-            a.p2p.local_peer_id()
-        )],
-        Some([2; 32]),
-    )
-    .await;
-    let no_key = node(
-        MemShare::with(&[]),
-        &[format!(
-            "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-            tcp_port(&a),
-            a.p2p.local_peer_id()
-        )],
-        None,
-    )
-    .await;
+    let member = node(MemShare::with(&[]), &[by_ip(&a)], Some([1; 32])).await;
+    let outsider = node(MemShare::with(&[]), &[by_multiaddr(&a)], Some([2; 32])).await;
+    let no_key = node(MemShare::with(&[]), &[by_multiaddr(&a)], None).await;
     assert!(
         wait_connected(&member, &a).await,
         "a member with the key must join"
     );
-    let fetched = member
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, 0)
-        .await
-        .unwrap();
+    let fetched = fetch_from(&member, &a, &digest, 0).await;
     assert_eq!(body_of(fetched).await, data.as_ref());
     // Several resolve rounds (500 ms each) of dial attempts.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -440,35 +414,19 @@ async fn bodies_use_the_data_port_and_fall_back_in_band_without_it() {
     let digest = Digest::of(&data);
     let a = node(MemShare::with(&[&data]), &[], None).await;
     let b = joined(&a).await;
-    let data_port_failures = |n: &Node| {
-        n.metrics
-            .peer_failures
-            .get_or_create(&metrics::ReasonLabels {
-                reason: "data_port",
-            })
-            .get()
-    };
     // Over the data port: the ticket is spent, so none is left held.
-    let opened = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, 5)
-        .await
-        .unwrap();
+    let opened = fetch_from(&b, &a, &digest, 5).await;
     assert_eq!(body_of(opened).await, &data[5..]);
-    assert_eq!(data_port_failures(&b), 0);
+    assert_eq!(failures(&b, "data_port"), 0);
     assert!(a.p2p.inner.data.tickets.lock().unwrap().is_empty());
     // The data port goes away (a firewall between nodes): the same fetch comes in-band,
     // and later ones go in-band straight away.
     a.p2p.inner.data.stop();
     for _ in 0..2 {
-        let opened = b
-            .p2p
-            .fetch(a.p2p.local_peer_id(), &digest, 0)
-            .await
-            .unwrap();
+        let opened = fetch_from(&b, &a, &digest, 0).await;
         assert_eq!(body_of(opened).await, data.as_ref());
     }
-    assert_eq!(data_port_failures(&b), 1);
+    assert_eq!(failures(&b, "data_port"), 1);
 }
 
 fn closed_port() -> u16 {
@@ -539,11 +497,7 @@ async fn a_peer_that_stops_sending_fails_the_body_instead_of_hanging() {
     let stalling = Arc::new(StallShare);
     let a = node_with(stalling).await;
     let b = joined(&a).await;
-    let opened = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &Digest::of(b"x"), 0)
-        .await
-        .unwrap();
+    let opened = fetch_from(&b, &a, &Digest::of(b"x"), 0).await;
     assert_eq!(opened.len, 1 << 20);
     let mut body = opened.body;
     let first = body.next().await.unwrap().unwrap();
@@ -553,12 +507,7 @@ async fn a_peer_that_stops_sending_fails_the_body_instead_of_hanging() {
     assert!(e.to_string().contains("no byte"), "{e}");
     assert!(t.elapsed() >= STALL_TIMEOUT - Duration::from_secs(1));
     assert!(body.next().await.is_none());
-    let stalls = b
-        .metrics
-        .peer_failures
-        .get_or_create(&metrics::ReasonLabels { reason: "stall" })
-        .get();
-    assert_eq!(stalls, 1);
+    assert_eq!(failures(&b, "stall"), 1);
 }
 
 struct StallShare;
@@ -587,13 +536,7 @@ impl PeerShare for StallShare {
 async fn node_with(share: Arc<dyn PeerShare>) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let config = P2pConfig::new("/ip4/127.0.0.1/tcp/0".parse().unwrap(), dir.path());
-    let metrics = P2pMetrics::default();
-    let p2p = P2p::start(config, share, metrics.clone()).await.unwrap();
-    Node {
-        p2p,
-        metrics,
-        _dir: dir,
-    }
+    started(config, share, dir).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -640,19 +583,11 @@ async fn throughput_512mib_over_loopback() {
     let a = node(MemShare::with(&[&data]), &[], None).await;
     let b = joined(&a).await;
     // Warm the connection (yamux windows grow with use).
-    let warm = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, (512 << 20) - (8 << 20))
-        .await
-        .unwrap();
+    let warm = fetch_from(&b, &a, &digest, (512 << 20) - (8 << 20)).await;
     body_of(warm).await;
     let cpu_before = cpu_seconds();
     let t = Instant::now();
-    let opened = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &digest, 0)
-        .await
-        .unwrap();
+    let opened = fetch_from(&b, &a, &digest, 0).await;
     let mut n = 0usize;
     let mut body = opened.body;
     while let Some(chunk) = body.next().await {
@@ -690,11 +625,7 @@ fn err_of(r: Result<Opened, PeerError>) -> PeerError {
 async fn a_serving_node_that_goes_away_fails_the_body_promptly() {
     let a = node_with(Arc::new(StallShare)).await;
     let b = joined(&a).await;
-    let opened = b
-        .p2p
-        .fetch(a.p2p.local_peer_id(), &Digest::of(b"x"), 0)
-        .await
-        .unwrap();
+    let opened = fetch_from(&b, &a, &Digest::of(b"x"), 0).await;
     let mut body = opened.body;
     assert_eq!(body.next().await.unwrap().unwrap().len(), 10);
     let t = Instant::now();
