@@ -1,7 +1,6 @@
 //! Answers to clients: content from the store or a fill (with the registry's headers and
 //! Range), upstream's answers passed through, and eddy's own errors, each marked so that
 //! [`Handler::handle`](super::Handler) logs and counts it.
-
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::{
@@ -20,7 +19,7 @@ use crate::{
     upstream::client::{empty, Body, BoxError, UpstreamError},
 };
 
-/// Why eddy itself answered a client with an error: read back in [`Registry::handle`], which
+/// Why eddy itself answered a client with an error: read back in [`Handler::handle`](super::Handler), which
 /// logs and counts it.
 #[derive(Clone)]
 pub(super) struct EddyFailure {
